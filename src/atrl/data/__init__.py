@@ -1,0 +1,1 @@
+"""Inputs: procedural visual-reasoning tasks with verifiable answers."""

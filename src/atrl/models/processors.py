@@ -1,0 +1,28 @@
+"""Image-only processors for the Qwen families, so that no torchvision is needed.
+
+The stock Qwen2-VL / Qwen2.5-VL processors require a video processor, and the only video processor
+transformers ships for them is built on torchvision. These subclasses keep everything else of the
+stock processor (placeholder expansion from `image_grid_thw`, `mm_token_type_ids` for 3D M-RoPE) and
+simply have no video slot. With torchvision installed, a real checkpoint's own processor loads as usual.
+"""
+
+from __future__ import annotations
+
+from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+
+
+class Qwen2_5_VLImageProcessorOnly(Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` without the video slot (images and text only)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` without the video slot (images and text only)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+IMAGE_ONLY_PROCESSORS = {cls.__name__: cls for cls in (Qwen2_5_VLImageProcessorOnly, Qwen2VLImageProcessorOnly)}

@@ -1,0 +1,349 @@
+"""Tiny, offline vision-language models built from the real transformers classes.
+
+Each family is the genuine architecture (Qwen2.5-VL with its window-attention vision tower and 3D
+M-RoPE, Qwen2-VL, LLaVA with a CLIP tower and a Llama decoder) at toy width and depth, with a
+byte-level tokenizer carrying the family's special tokens and chat template, and the family's real
+image-processor class (its PIL backend, so no torchvision is needed). `build_tiny_vlm` returns a model
+and processor that are saved and reloaded with `save_pretrained` / `from_pretrained` like any
+checkpoint, so every later command takes a model path.
+
+Nothing here downloads anything: weights are random, seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+
+from .processors import IMAGE_ONLY_PROCESSORS
+from .tokenizer import build_byte_tokenizer
+
+# One chat template per family, written for this project. They accept the conversational format
+# TRL uses: content is a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
+_QWEN_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+_LLAVA_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>\\n' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '</s>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+)
+
+_QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+_LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Width and depth of a tiny model. The defaults train on two CPU cores in minutes.
+
+    Attributes:
+        hidden_size: decoder width.
+        num_layers: decoder layers.
+        num_heads: query heads; head size is hidden_size // num_heads.
+        num_kv_heads: key/value heads (grouped-query attention when smaller than num_heads).
+        intermediate_size: decoder MLP width.
+        vision_hidden_size: vision tower width.
+        vision_layers: vision tower depth.
+        image_size: side in pixels that images are resized to (a multiple of 28).
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vision_hidden_size: int = 32
+    vision_layers: int = 2
+    image_size: int = 112
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "vision_hidden_size", "vision_layers", "image_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TinySize.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"TinySize: hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) "
+                f"and num_heads by num_kv_heads ({self.num_kv_heads})"
+            )
+        if (self.hidden_size // self.num_heads) % 8:
+            raise ValueError(f"TinySize: head size {self.hidden_size // self.num_heads} must be a multiple of 8 "
+                             "(M-RoPE splits it in three sections)")
+        if self.image_size % 28:
+            raise ValueError(f"TinySize.image_size must be a multiple of 28 (patch 14, merge 2), got {self.image_size}")
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies into temporal, height, width sections (Qwen's 1:1.5:1.5)."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _qwen_text_config(size: TinySize, vocab_size: int, tok) -> dict[str, Any]:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_kv_heads,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": _mrope_section(size.hidden_size // size.num_heads)},
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def _qwen_ids(tok) -> dict[str, int]:
+    return dict(
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+    )
+
+
+def _qwen_tokenizer():
+    return build_byte_tokenizer(
+        _QWEN_SPECIALS,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=_QWEN_TEMPLATE,
+        extra_attributes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                          "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+    )
+
+
+def _qwen_image_processor(size: TinySize):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    pixels = size.image_size * size.image_size
+    return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14,
+                                    temporal_patch_size=2, merge_size=2)
+
+
+def _build_qwen2_5_vl(size: TinySize):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from .processors import Qwen2_5_VLImageProcessorOnly
+
+    tok = _qwen_tokenizer()
+    vocab = len(tok)
+    config = Qwen2_5_VLConfig(
+        text_config=_qwen_text_config(size, vocab, tok),
+        vision_config=dict(
+            depth=size.vision_layers,
+            hidden_size=size.vision_hidden_size,
+            intermediate_size=2 * size.vision_hidden_size,
+            num_heads=2,
+            out_hidden_size=size.hidden_size,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[size.vision_layers - 1],
+        ),
+        tie_word_embeddings=True,
+        **_qwen_ids(tok),
+    )
+    processor = Qwen2_5_VLImageProcessorOnly(image_processor=_qwen_image_processor(size), tokenizer=tok,
+                                    chat_template=_QWEN_TEMPLATE)
+    return Qwen2_5_VLForConditionalGeneration(config), processor
+
+
+def _build_qwen2_vl(size: TinySize):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from .processors import Qwen2VLImageProcessorOnly
+
+    tok = _qwen_tokenizer()
+    vocab = len(tok)
+    config = Qwen2VLConfig(
+        text_config=_qwen_text_config(size, vocab, tok),
+        vision_config=dict(
+            depth=size.vision_layers,
+            embed_dim=size.vision_hidden_size,
+            hidden_size=size.hidden_size,
+            mlp_ratio=2,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        tie_word_embeddings=True,
+        **_qwen_ids(tok),
+    )
+    processor = Qwen2VLImageProcessorOnly(image_processor=_qwen_image_processor(size), tokenizer=tok,
+                                 chat_template=_QWEN_TEMPLATE)
+    return Qwen2VLForConditionalGeneration(config), processor
+
+
+def _build_llava(size: TinySize):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    tok = build_byte_tokenizer(
+        _LLAVA_SPECIALS,
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="<s>",
+        chat_template=_LLAVA_TEMPLATE,
+        extra_attributes={"image_token": "<image>"},
+    )
+    patch = 14
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=size.vision_hidden_size,
+            intermediate_size=2 * size.vision_hidden_size,
+            num_hidden_layers=size.vision_layers,
+            num_attention_heads=2,
+            image_size=size.image_size,
+            patch_size=patch,
+            projection_dim=size.vision_hidden_size,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tok),
+            hidden_size=size.hidden_size,
+            intermediate_size=size.intermediate_size,
+            num_hidden_layers=size.num_layers,
+            num_attention_heads=size.num_heads,
+            num_key_value_heads=size.num_kv_heads,
+            max_position_embeddings=4096,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=(size.image_size // patch) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": size.image_size},
+        crop_size={"height": size.image_size, "width": size.image_size},
+    )
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                               vision_feature_select_strategy="default", chat_template=_LLAVA_TEMPLATE,
+                               num_additional_image_tokens=1)
+    return LlavaForConditionalGeneration(config), processor
+
+
+FAMILIES: dict[str, Callable[[TinySize], tuple[PreTrainedModel, ProcessorMixin]]] = {
+    "qwen2_5_vl": _build_qwen2_5_vl,
+    "qwen2_vl": _build_qwen2_vl,
+    "llava": _build_llava,
+}
+DEFAULT_FAMILY = "qwen2_5_vl"
+
+
+def build_tiny_vlm(
+    family: str = DEFAULT_FAMILY, *, size: TinySize | None = None, seed: int = 0
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Build a randomly initialised tiny VLM of `family` and its processor (no downloads).
+
+    Args:
+        family: one of `FAMILIES` ("qwen2_5_vl", "qwen2_vl", "llava").
+        size: width/depth knobs; `TinySize()` when omitted.
+        seed: seeds the weight initialisation, so the same seed gives the same weights.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(FAMILIES)}")
+    size = size or TinySize()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = FAMILIES[family](size)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.eval()
+    return model, processor
+
+
+def ensure_writable_dir(path: str | os.PathLike, *, argument: str) -> Path:
+    """Create `path` if needed and check that files can be written there; raise naming `argument`."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".atrl-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{argument}: cannot write to {str(out)!r} ({err.strerror or err})") from err
+    return out
+
+
+def save_model(model: PreTrainedModel, processor: ProcessorMixin, path: str | os.PathLike) -> Path:
+    """Save model (safetensors) and processor into the folder `path`."""
+    out = ensure_writable_dir(path, argument="output folder")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+               attn_implementation: str | None = None, device: str | torch.device | None = None):
+    """Load a VLM checkpoint and its processor from a local folder (or any Hugging Face model path)."""
+    if not Path(path).exists() and os.sep in str(path):
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    if device is not None:
+        model.to(device)
+    return model, load_processor(path)
+
+
+def load_processor(path: str | os.PathLike) -> ProcessorMixin:
+    """Load a processor; the image-only Qwen processors saved by this project load without torchvision."""
+    config_file = Path(path) / "processor_config.json"
+    if config_file.is_file():
+        name = json.loads(config_file.read_text()).get("processor_class")
+        if name in IMAGE_ONLY_PROCESSORS:
+            return IMAGE_ONLY_PROCESSORS[name].from_pretrained(path)
+    return AutoProcessor.from_pretrained(path)
