@@ -1,0 +1,317 @@
+"""Batched credit assignment: connectivity and region profiles in, per-token weights out.
+
+Shape legend: B responses, T response positions (padded), R image regions, n valid tokens of one
+response. Masks are boolean, True = the token counts.
+
+    weights_BT, result = assign_credit(conn_BT, profile_BTR, mask_BT, options)
+    advantages_BT = weights_BT * advantages_B[:, None]          # A_AT(i, t) = W(C_k(t)) * A(i)
+
+Credit modes (DESIGN 3.5; `visual_dependency` needs a model and lives in the trainer):
+
+    uniform       every valid token 1 (plain GRPO / DAPO)
+    atrl          W(C_k) from the graph partition, anchors up-weighted (default)
+    anchors_only  anchor tokens share the whole weight, others 0          (zeroes tokens by design)
+    low_only      the complement of the anchors, anchors 0                (zeroes tokens by design)
+    random        as atrl's two_level, on a random token set of the anchors' size
+    threshold     as atrl's two_level, on the top `anchor_ratio` tokens by connectivity (no graph)
+    entropy       the top `entropy_top` tokens by entropy share the weight, others 0 (the 80/20 baseline)
+
+Every mode's weights have mean 1 over each response's valid tokens and are 0 on padding. When a
+response's connectivity is all equal (no signal), the graph-based modes give uniform weights and the
+response is flagged `degenerate` in the statistics.
+
+CPU work: the per-response partition runs in numpy / METIS on the CPU; `n_workers > 1` spreads
+responses over a persistent pool of worker processes (METIS holds the GIL, so threads would not help).
+A trainer calls this from a background thread while the GPU computes, see docs/ALGORITHM.md.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .graph import PARTITION_METHODS, num_parts, partition_tokens
+from .weights import (
+    bimodality_coefficient,
+    cluster_densities,
+    cluster_weights,
+    mean_one,
+    otsu_threshold,
+    select_anchor_clusters,
+)
+
+CREDIT_MODES = ("uniform", "atrl", "anchors_only", "low_only", "random", "threshold", "entropy")
+_GRAPH_MODES = ("atrl", "anchors_only", "low_only", "random")
+
+
+@dataclass(frozen=True)
+class CreditOptions:
+    """How connectivity becomes per-token weights. Defaults are this project's reconstruction.
+
+    Attributes:
+        mode: one of CREDIT_MODES (see the module docstring).
+        partition: "metis" (token graph + METIS, the paper's choice), "kmeans" or "threshold" (quantile bins).
+        anchor_ratio: share of a response's tokens in anchor clusters (paper: about 0.15), or "auto" for a
+            two-class (Otsu) split of the connectivity distribution.
+        weighting: "two_level" (w_anchor / w_other) or "smooth" (clip(1 + beta * z_k, w_min, w_max)).
+        w_anchor, w_other: two_level weights before the mean-one rescaling; need 0 < w_other.
+        beta, w_min, w_max: smooth weighting slope and clip range.
+        target_cluster_size: tokens per part; K = round(n / target_cluster_size) clamped to [min_parts, max_parts].
+        knn, seq_weight, sim_scale: token-graph construction (see `credit.graph.token_graph`).
+        metis_ufactor: METIS load imbalance in thousandths (see `credit.graph.partition_metis`).
+        metis_recursive: recursive bisection instead of k-way METIS (faster, coarser; see partition_metis).
+        entropy_top: share of highest-entropy tokens kept by the `entropy` mode.
+        seed: seeds METIS, k-means and the `random` mode (which also mixes in the response's batch index).
+        n_workers: worker processes for the per-response work (1 = in the calling process).
+    """
+
+    mode: str = "atrl"
+    partition: str = "metis"
+    anchor_ratio: float | str = 0.15
+    weighting: str = "two_level"
+    w_anchor: float = 3.0
+    w_other: float = 1.0
+    beta: float = 1.0
+    w_min: float = 0.25
+    w_max: float = 4.0
+    target_cluster_size: int = 8
+    min_parts: int = 2
+    max_parts: int = 64
+    knn: int = 8
+    seq_weight: int = 4
+    sim_scale: int = 16
+    metis_ufactor: int = 500
+    metis_recursive: bool = False
+    entropy_top: float = 0.2
+    seed: int = 0
+    n_workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in CREDIT_MODES:
+            raise ValueError(f"credit mode {self.mode!r} is unknown; choose from {CREDIT_MODES}")
+        if self.partition not in PARTITION_METHODS:
+            raise ValueError(f"partition {self.partition!r} is unknown; choose from {PARTITION_METHODS}")
+        if self.anchor_ratio != "auto" and not (isinstance(self.anchor_ratio, (int, float))
+                                                and 0 < self.anchor_ratio < 1):
+            raise ValueError(f"anchor_ratio={self.anchor_ratio!r}: use a share in (0, 1) or 'auto'")
+        if self.weighting not in ("two_level", "smooth"):
+            raise ValueError(f"weighting {self.weighting!r} is unknown; choose 'two_level' or 'smooth'")
+        if not 0 < self.w_other:
+            raise ValueError(f"w_other={self.w_other} must be > 0 (use mode='anchors_only' to zero the rest)")
+        if self.w_anchor < self.w_other:
+            raise ValueError(f"w_anchor={self.w_anchor} < w_other={self.w_other}: anchors would get less credit; "
+                             "use mode='low_only' for that ablation")
+        if not 0 < self.w_min <= 1 <= self.w_max:
+            raise ValueError(f"need 0 < w_min <= 1 <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
+        if not 0 < self.entropy_top <= 1:
+            raise ValueError(f"entropy_top={self.entropy_top} must be in (0, 1]")
+        for name in ("target_cluster_size", "min_parts", "max_parts", "knn", "n_workers", "metis_ufactor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_parts < self.min_parts:
+            raise ValueError(f"max_parts={self.max_parts} < min_parts={self.min_parts}")
+
+
+@dataclass
+class CreditResult:
+    """Per-token outputs (B, T) and per-response statistics (B,). NaN marks a statistic that does not
+    apply (e.g. anchor connectivity in `uniform` mode, or an empty response)."""
+
+    weights: torch.Tensor  # (B, T) float32, 0 on padding
+    boosted_mask: torch.Tensor  # (B, T) bool: anchors (or the mode's chosen set)
+    parts: torch.Tensor  # (B, T) int64 part id, -1 on padding or when no partition was made
+    anchor_fraction: torch.Tensor  # (B,)
+    num_parts: torch.Tensor  # (B,) int64
+    anchor_conn: torch.Tensor  # (B,) mean connectivity of boosted tokens
+    other_conn: torch.Tensor  # (B,) mean connectivity of the rest
+    bimodality: torch.Tensor  # (B,) Sarle's coefficient of the connectivity
+    degenerate: torch.Tensor  # (B,) bool: connectivity all equal, uniform weights used
+    densities: list[np.ndarray] = field(default_factory=list)  # per response, (K,) cluster densities
+
+    def summary(self) -> dict[str, float]:
+        """Batch means for logging (NaNs ignored)."""
+        def m(x: torch.Tensor) -> float:
+            x = x.float()
+            ok = ~torch.isnan(x)
+            return float(x[ok].mean()) if ok.any() else float("nan")
+
+        return {"anchor_fraction": m(self.anchor_fraction), "num_parts": m(self.num_parts),
+                "anchor_conn": m(self.anchor_conn), "other_conn": m(self.other_conn),
+                "bimodality": m(self.bimodality), "degenerate": m(self.degenerate)}
+
+
+def _check_inputs(conn_BT, profile_BTR, mask_BT, entropy_BT, mode) -> None:
+    if conn_BT.ndim != 2:
+        raise ValueError(f"conn_BT must be (B, T), got shape {tuple(conn_BT.shape)}")
+    if mask_BT.shape != conn_BT.shape:
+        raise ValueError(f"mask_BT shape {tuple(mask_BT.shape)} != conn_BT shape {tuple(conn_BT.shape)}")
+    if mask_BT.dtype != torch.bool:
+        raise ValueError(f"mask_BT must be bool (True = token counts), got {mask_BT.dtype}")
+    if profile_BTR.ndim != 3 or profile_BTR.shape[:2] != conn_BT.shape:
+        raise ValueError(f"profile_BTR must be (B, T, R) with (B, T) = {tuple(conn_BT.shape)}, "
+                         f"got {tuple(profile_BTR.shape)}")
+    named = [("conn_BT", conn_BT, mask_BT), ("profile_BTR", profile_BTR, mask_BT[..., None])]
+    if mode == "entropy":
+        if entropy_BT is None:
+            raise ValueError("credit mode 'entropy' needs entropy_BT (per-token entropies)")
+        if entropy_BT.shape != conn_BT.shape:
+            raise ValueError(f"entropy_BT shape {tuple(entropy_BT.shape)} != conn_BT shape {tuple(conn_BT.shape)}")
+        named.append(("entropy_BT", entropy_BT, mask_BT))
+    for name, x, m in named:
+        bad = ~torch.isfinite(x) & m
+        if bad.any():
+            where = tuple(int(i) for i in bad.nonzero()[0][:2])
+            raise ValueError(f"{name} has a non-finite value (NaN or inf) at (batch, token) = {where}")
+
+
+def _top_set(scores_n: np.ndarray, count: int) -> np.ndarray:
+    chosen = np.zeros(scores_n.size, dtype=bool)
+    chosen[np.argsort(-scores_n, kind="stable")[:count]] = True
+    return chosen
+
+
+def _one_response(conn_n: np.ndarray, profile_nR: np.ndarray, entropy_n: np.ndarray | None,
+                  o: CreditOptions, row: int) -> dict:
+    """Weights for one response's n valid tokens. `row` (its batch index) only seeds the `random` mode, so
+    every other mode gives a response the same weights whatever batch it sits in."""
+    n = conn_n.size
+    out = {"weights": np.ones(n), "boosted": np.zeros(n, dtype=bool), "parts": np.full(n, -1),
+           "densities": np.zeros(0), "degenerate": False}
+    if n == 0 or o.mode == "uniform":
+        return out
+    if o.mode == "entropy":
+        chosen = _top_set(entropy_n, max(1, int(np.ceil(o.entropy_top * n))))
+        out.update(boosted=chosen, weights=mean_one(chosen.astype(np.float64)))
+        return out
+    if np.ptp(conn_n) <= 1e-12 * max(1.0, float(np.abs(conn_n).max())):
+        out["degenerate"] = True
+        return out
+    if o.mode == "threshold":
+        budget = max(1, int(np.ceil(o.anchor_ratio * n))) if o.anchor_ratio != "auto" else None
+        chosen = _top_set(conn_n, budget) if budget else conn_n >= otsu_threshold(conn_n)
+        out.update(boosted=chosen, weights=mean_one(np.where(chosen, o.w_anchor, o.w_other)))
+        return out
+
+    k = num_parts(n, o.target_cluster_size, o.min_parts, o.max_parts)
+    parts = partition_tokens(o.partition, conn_n, profile_nR, k, knn=o.knn, seq_weight=o.seq_weight,
+                             sim_scale=o.sim_scale, ufactor=o.metis_ufactor,
+                             recursive=o.metis_recursive, seed=o.seed)
+    dens = cluster_densities(conn_n, parts)
+    sizes = np.bincount(parts)
+    anchors_K = select_anchor_clusters(dens, sizes, o.anchor_ratio, conn_n)
+    anchors = anchors_K[parts]
+    out.update(parts=parts, densities=dens)
+    if o.mode == "atrl":
+        w_K = cluster_weights(dens, sizes, anchors_K, weighting=o.weighting, w_anchor=o.w_anchor,
+                              w_other=o.w_other, beta=o.beta, w_min=o.w_min, w_max=o.w_max)
+        out.update(boosted=anchors, weights=mean_one(w_K[parts]))
+    elif o.mode == "anchors_only":
+        out.update(boosted=anchors, weights=mean_one(anchors.astype(np.float64)))
+    elif o.mode == "low_only":
+        out.update(boosted=~anchors, weights=mean_one((~anchors).astype(np.float64)))
+    elif o.mode == "random":
+        rng = np.random.default_rng([o.seed, row])
+        chosen = np.zeros(n, dtype=bool)
+        chosen[rng.choice(n, size=int(anchors.sum()), replace=False)] = True
+        out.update(boosted=chosen, weights=mean_one(np.where(chosen, o.w_anchor, o.w_other)))
+    return out
+
+
+def _one_response_args(args: tuple) -> dict:
+    return _one_response(*args)
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _worker_pool(n_workers: int) -> ProcessPoolExecutor:
+    """A persistent pool of `n_workers` processes (spawned, one BLAS/torch thread each). METIS holds the
+    GIL, so threads would not run partitions in parallel; processes do."""
+    if n_workers not in _POOLS:
+        import multiprocessing
+
+        _POOLS[n_workers] = ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_init_worker)
+    return _POOLS[n_workers]
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def assign_credit(
+    conn_BT: torch.Tensor,
+    profile_BTR: torch.Tensor,
+    mask_BT: torch.Tensor,
+    options: CreditOptions = CreditOptions(),
+    entropy_BT: torch.Tensor | None = None,
+) -> CreditResult:
+    """Per-token weights W(C_k(t)) for a batch of responses.
+
+    Args:
+        conn_BT: (B, T) connectivity density c_t of each response token (from `atrl.probe`).
+        profile_BTR: (B, T, R) region masses (or profiles) of each token.
+        mask_BT: (B, T) bool, True on real response tokens.
+        options: the credit mode and its knobs.
+        entropy_BT: (B, T) per-token entropies, needed by the `entropy` mode only.
+    Returns:
+        CreditResult with (B, T) weights (mean 1 over each response's valid tokens, 0 on padding).
+    """
+    _check_inputs(conn_BT, profile_BTR, mask_BT, entropy_BT, options.mode)
+    B, T = conn_BT.shape
+    conn = conn_BT.detach().float().cpu().numpy().astype(np.float64)
+    prof = profile_BTR.detach().float().cpu().numpy().astype(np.float64)
+    mask = mask_BT.detach().cpu().numpy()
+    ent = entropy_BT.detach().float().cpu().numpy() if entropy_BT is not None else None
+
+    def work(b: int) -> dict:
+        m = mask[b]
+        return _one_response(conn[b, m], prof[b, m], ent[b, m] if ent is not None else None, options, b)
+
+    if options.n_workers > 1 and B > 1 and options.mode != "uniform":
+        args = [(conn[b, mask[b]], prof[b, mask[b]], ent[b, mask[b]] if ent is not None else None, options, b)
+                for b in range(B)]
+        results = list(_worker_pool(options.n_workers).map(_one_response_args, args,
+                                                           chunksize=max(1, B // (4 * options.n_workers))))
+    else:
+        results = [work(b) for b in range(B)]
+
+    weights = np.zeros((B, T))
+    boosted = np.zeros((B, T), dtype=bool)
+    parts = np.full((B, T), -1, dtype=np.int64)
+    stats = {k: np.full(B, np.nan) for k in ("anchor_fraction", "anchor_conn", "other_conn", "bimodality")}
+    n_parts = np.zeros(B, dtype=np.int64)
+    degenerate = np.zeros(B, dtype=bool)
+    for b, r in enumerate(results):
+        m = mask[b]
+        weights[b, m], boosted[b, m], parts[b, m] = r["weights"], r["boosted"], r["parts"]
+        c = conn[b, m]
+        n_parts[b] = len(r["densities"])
+        degenerate[b] = r["degenerate"]
+        if c.size:
+            stats["bimodality"][b] = bimodality_coefficient(c)
+        if c.size and options.mode != "uniform" and not r["degenerate"]:
+            stats["anchor_fraction"][b] = r["boosted"].mean()
+            if r["boosted"].any():
+                stats["anchor_conn"][b] = c[r["boosted"]].mean()
+            if (~r["boosted"]).any():
+                stats["other_conn"][b] = c[~r["boosted"]].mean()
+    t = torch.from_numpy
+    return CreditResult(
+        weights=t(weights).to(torch.float32),
+        boosted_mask=t(boosted),
+        parts=t(parts),
+        anchor_fraction=t(stats["anchor_fraction"]),
+        num_parts=t(n_parts),
+        anchor_conn=t(stats["anchor_conn"]),
+        other_conn=t(stats["other_conn"]),
+        bimodality=t(stats["bimodality"]),
+        degenerate=t(degenerate),
+        densities=[r["densities"] for r in results],
+    )
