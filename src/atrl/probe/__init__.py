@@ -1,0 +1,122 @@
+"""Measuring: which image regions each generated token attends to, inside the fused attention call.
+
+    probe = ConnectivityProbe(model)                       # registers "atrl_probe", selects layers
+    with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=T) as cap:
+        out = model(**batch, use_cache=False)              # the forward pass the trainer already makes
+    conn_BT, profile_BTR = cap.connectivity(completion_mask_BT)
+
+Response layout (TRL's): the T response tokens are the last T positions of the sequence, right-padded by
+`completion_mask`. Token t's connectivity is measured at the position that predicts it (t - 1), the row
+whose attention produced it (`shift=True`); `shift=False` uses the token's own position.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .attention import PROBE_ATTENTION, ProbeState, activate, deactivate, register_probe_attention
+from .connectivity import SINK_DEBIAS, connectivity_from_masses
+from .layout import ProbeError, VisionLayout
+
+__all__ = ["SINK_DEBIAS", "Capture", "ConnectivityProbe", "ProbeError", "VisionLayout", "connectivity_from_masses",
+           "default_probe_layers"]
+
+
+def default_probe_layers(num_layers: int, count: int = 4) -> list[int]:
+    """`count` layers spread over the second half of the decoder (e.g. 28 layers -> 14, 17, 21, 24)."""
+    if num_layers < 1:
+        raise ProbeError("the decoder has no layers")
+    half = num_layers // 2
+    picks = {min(num_layers - 1, half + (i * (num_layers - half)) // count) for i in range(count)}
+    return sorted(picks)
+
+
+@dataclass
+class Capture:
+    """Region masses recorded during one probed forward."""
+
+    state: ProbeState
+    layers: list[int]
+    response_len: int | None
+
+    def masses(self, shift: bool = True) -> torch.Tensor:
+        """(L, B, T, H, R) masses of the response rows (T = response_len)."""
+        if not self.state.masses:
+            raise ProbeError("no probe recorded anything: was the model called inside `capture`?")
+        missing = [layer for layer in self.layers if layer not in self.state.masses]
+        if missing:
+            raise ProbeError(f"probed layers {missing} did not run in the forward")
+        stacked = torch.stack([self.state.masses[layer] for layer in self.layers])  # (L, B, S_kept, H, R)
+        if self.response_len is None:
+            return stacked
+        T = self.response_len
+        return stacked[:, :, -T - 1:-1] if shift else stacked[:, :, -T:]
+
+    def connectivity(self, mask_BT: torch.Tensor, sink_debias: str = "head_baseline", shift: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) connectivity and (B, T, R) region profiles of the response tokens."""
+        masses = self.masses(shift)
+        if masses.shape[2] != mask_BT.shape[1]:
+            raise ProbeError(f"mask covers {mask_BT.shape[1]} response tokens, capture has {masses.shape[2]}")
+        return connectivity_from_masses(masses, mask_BT.to(masses.device), sink_debias)
+
+
+class ConnectivityProbe:
+    """Set up probes on a VLM's decoder (the vision tower is untouched).
+
+    Args:
+        model: a transformers VLM loaded with `attn_implementation="sdpa"` (the default).
+        layers: decoder layer indices to probe; default `default_probe_layers`.
+        region_grid: (rows, cols) cells each image's token grid is pooled into.
+        pad_qk: zero-pad Q/K to V's widened head size (default: on CUDA, where fused kernels want equal sizes).
+    """
+
+    def __init__(self, model, layers: Sequence[int] | None = None, region_grid: tuple[int, int] = (4, 4),
+                 pad_qk: bool | None = None):
+        self.model = model
+        self.layout = VisionLayout.from_model(model)
+        decoder = model.get_decoder()
+        attn_modules = [layer.self_attn for layer in decoder.layers]
+        self.layers = sorted(set(layers)) if layers is not None else default_probe_layers(len(attn_modules))
+        bad = [i for i in self.layers if not 0 <= i < len(attn_modules)]
+        if bad:
+            raise ProbeError(f"probe layers {bad} out of range: the decoder has {len(attn_modules)} layers")
+        self.layer_of_module = {id(attn_modules[i]): i for i in self.layers}
+        self.region_grid = region_grid
+        self.pad_qk = pad_qk
+        text_config = model.config.get_text_config()
+        self._base = text_config._attn_implementation
+        if self._base not in ("sdpa", PROBE_ATTENTION):
+            raise ProbeError(f"probes run on SDPA; this model's decoder uses {self._base!r}: load it with "
+                             "attn_implementation='sdpa'")
+        register_probe_attention()
+        model.set_attn_implementation({"text_config": PROBE_ATTENTION})
+
+    def detach(self) -> None:
+        """Give the decoder back its SDPA attention."""
+        self.model.set_attn_implementation({"text_config": "sdpa"})
+
+    @contextmanager
+    def capture(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                response_len: int | None = None) -> Iterator[Capture]:
+        """Record region masses for one forward of `input_ids` (B, S) run inside the `with` block.
+
+        `response_len` T keeps only the rows the response needs (the last T + 1 positions), which bounds the
+        memory at L x B x (T + 1) x H x R floats.
+        """
+        dtype = next(self.model.parameters()).dtype
+        indicators = self.layout.region_indicators(input_ids, image_grid_thw, self.region_grid, dtype=dtype)
+        if response_len is not None and not 0 < response_len < input_ids.shape[1]:
+            raise ProbeError(f"response_len={response_len} must be in [1, {input_ids.shape[1] - 1}]")
+        pad = self.pad_qk if self.pad_qk is not None else input_ids.is_cuda
+        state = ProbeState(indicators, self.layer_of_module, keep_last=response_len + 1 if response_len else None,
+                           pad_qk=pad)
+        token = activate(state)
+        try:
+            yield Capture(state, self.layers, response_len)
+        finally:
+            deactivate(token)

@@ -1,0 +1,119 @@
+"""Where the image tokens are, per model family, and how they pool into regions (the one family adapter).
+
+Shapes: B batch, S sequence, R regions. `region_indicators` returns the (B, S, R) 0/1 matrix whose column r
+marks the image tokens of region r. Regions: each image's merged token grid (h, w) is cut into a
+`region_grid` of (rh, rw) cells in raster order; the images of a sample come one after another, so
+R = (most images in one sample) x rh x rw, and region r of sample b is cell r % (rh*rw) of its image
+r // (rh*rw).
+
+Families:
+- Qwen2-VL / Qwen2.5-VL: `image_token_id`; image i has `prod(image_grid_thw[i]) / merge_size^2` tokens laid
+  out as (t, h/merge, w/merge) in raster order; images are numbered across the batch in order.
+- LLaVA: `image_token_index`; each image has `image_seq_length` tokens, a square grid.
+- anything else with `image_token_id` / `image_token_index`: each run of image tokens is one image, laid
+  out as a single row (1, n).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+class ProbeError(ValueError):
+    """A probe cannot be set up or used on this model or batch; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class VisionLayout:
+    family: str
+    image_token_id: int
+    merge_size: int | None = None  # Qwen families: tokens per image = prod(grid_thw) / merge_size**2
+    tokens_per_image: int | None = None  # LLaVA: a fixed square grid
+
+    @classmethod
+    def from_model(cls, model) -> "VisionLayout":
+        cfg = model.config
+        model_type = getattr(cfg, "model_type", type(model).__name__)
+        token = getattr(cfg, "image_token_id", None)
+        if token is None:
+            token = getattr(cfg, "image_token_index", None)
+        if token is None:
+            raise ProbeError(f"model type {model_type!r}: its config names no image token "
+                             "(image_token_id / image_token_index), so image positions are unknown")
+        if model_type in ("qwen2_vl", "qwen2_5_vl"):
+            return cls(model_type, int(token), merge_size=int(cfg.vision_config.spatial_merge_size))
+        if model_type == "llava":
+            return cls(model_type, int(token), tokens_per_image=int(cfg.image_seq_length))
+        return cls(model_type, int(token))
+
+    def image_grids(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None = None
+                    ) -> list[list[tuple[int, int]]]:
+        """Per sample, the (rows, cols) token grid of each image in order of appearance."""
+        is_image = (input_ids_BS == self.image_token_id).cpu()
+        counts = is_image.sum(dim=1).tolist()
+        grids: list[list[tuple[int, int]]] = []
+        if self.merge_size is not None:
+            if image_grid_thw is None:
+                if any(counts):
+                    raise ProbeError(f"{self.family}: image tokens present but image_grid_thw was not given")
+                return [[] for _ in counts]
+            sizes = [(int(t) * int(h) // self.merge_size, int(w) // self.merge_size)
+                     for t, h, w in image_grid_thw.tolist()]
+            k = 0
+            for b, n in enumerate(counts):
+                mine = []
+                while n > 0:
+                    if k >= len(sizes):
+                        raise ProbeError(f"{self.family}: sample {b} has more image tokens than image_grid_thw "
+                                         f"describes ({len(sizes)} images)")
+                    mine.append(sizes[k])
+                    n -= sizes[k][0] * sizes[k][1]
+                    k += 1
+                if n != 0:
+                    raise ProbeError(f"{self.family}: sample {b}'s image tokens do not match image_grid_thw")
+                grids.append(mine)
+            return grids
+        if self.tokens_per_image is not None:
+            side = math.isqrt(self.tokens_per_image)
+            shape = (side, side) if side * side == self.tokens_per_image else (1, self.tokens_per_image)
+            for b, n in enumerate(counts):
+                if n % self.tokens_per_image:
+                    raise ProbeError(f"{self.family}: sample {b} has {n} image tokens, not a multiple of "
+                                     f"{self.tokens_per_image} per image")
+                grids.append([shape] * (n // self.tokens_per_image))
+            return grids
+        for row in is_image:
+            padded = torch.cat([torch.tensor([False]), row, torch.tensor([False])]).int()
+            starts = (padded.diff() == 1).nonzero().flatten()
+            ends = (padded.diff() == -1).nonzero().flatten()
+            grids.append([(1, int(e - s)) for s, e in zip(starts, ends)])
+        return grids
+
+    def region_indicators(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                          region_grid: tuple[int, int] = (4, 4), dtype: torch.dtype = torch.float32
+                          ) -> torch.Tensor:
+        """(B, S, R) 0/1 indicators of each region's image tokens (see the module docstring)."""
+        rh, rw = region_grid
+        if rh < 1 or rw < 1:
+            raise ProbeError(f"region_grid={region_grid}: both sides must be >= 1")
+        grids = self.image_grids(input_ids_BS, image_grid_thw)
+        per_image = rh * rw
+        R = per_image * max(1, max((len(g) for g in grids), default=0))
+        B, S = input_ids_BS.shape
+        region_of_token = torch.full((B, S), -1, dtype=torch.long)
+        is_image = (input_ids_BS == self.image_token_id).cpu()
+        for b, sample_grids in enumerate(grids):
+            positions = is_image[b].nonzero().flatten()
+            offset = 0
+            for i, (h, w) in enumerate(sample_grids):
+                idx = torch.arange(h * w)
+                cy = (idx // w) * rh // h
+                cx = (idx % w) * rw // w
+                region_of_token[b, positions[offset:offset + h * w]] = i * per_image + cy * rw + cx
+                offset += h * w
+        out = torch.zeros(B, S, R + 1, dtype=dtype)
+        out.scatter_(2, (region_of_token + 1).clamp(min=0)[..., None], 1.0)
+        return out[..., 1:].to(input_ids_BS.device)

@@ -1,0 +1,223 @@
+"""atrl.probe against an independent computation: explicit softmax of eager attention."""
+
+import pytest
+import torch
+from PIL import Image
+
+from atrl.data.synthetic import generate
+from atrl.models.zoo import FAMILIES, build_tiny_vlm
+from atrl.probe import ConnectivityProbe, ProbeError, connectivity_from_masses, default_probe_layers
+
+RESPONSE = 12
+
+
+def _batch(processor, n_images=(1, 1, 1), padding_side="left", seed=1):
+    """Prompts with n_images[b] images each (0 allowed) followed by a reference response."""
+    examples = generate(sum(max(1, k) for k in n_images) + 3, seed=seed)
+    texts, images, k = [], [], 0
+    for b, n in enumerate(n_images):
+        content = [{"type": "image"}] * n + [{"type": "text", "text": examples[b].question}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        texts.append(prompt + examples[b].reasoning[: 10 + 7 * b])
+        images.append([examples[k + i].image for i in range(n)])
+        k += n
+    processor.tokenizer.padding_side = padding_side
+    flat = [im for group in images for im in group]
+    kwargs = {"images": images} if flat else {}
+    if flat and any(len(g) == 0 for g in images):
+        kwargs = {"images": flat}  # processors take a flat list when some samples have no image
+    return processor(text=texts, return_tensors="pt", padding=True, **kwargs)
+
+
+def _eager_masses(model, batch, indicators, layers):
+    """Reference: eager attention probabilities (B, H, S, S) @ indicators -> (B, S, H, R) per layer."""
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_attentions=True, use_cache=False)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return {layer: torch.einsum("bhqk,bkr->bqhr", out.attentions[layer].double(), indicators.double())
+            for layer in layers}
+
+
+def _fresh(family):
+    model, processor = build_tiny_vlm(family, seed=0)
+    return model.float(), processor
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("n_images", [(1, 1, 1), (2, 1, 0)], ids=["one-image", "multi-and-no-image"])
+@pytest.mark.parametrize("pad_qk", [False, True])
+def test_masses_match_explicit_softmax_of_eager_attention(family, padding_side, n_images, pad_qk):
+    model, processor = _fresh(family)
+    batch = _batch(processor, n_images, padding_side)
+    layers = [0, 2, 3]
+    probe = ConnectivityProbe(model, layers=layers, pad_qk=pad_qk)
+    try:
+        with torch.no_grad(), probe.capture(batch["input_ids"], batch.get("image_grid_thw")) as cap:
+            model(**batch, use_cache=False)
+        indicators = probe.layout.region_indicators(batch["input_ids"], batch.get("image_grid_thw"),
+                                                    probe.region_grid, dtype=torch.float64)
+        # the indicators mark exactly the image tokens, each in one region; sample with no image: none
+        is_image = batch["input_ids"] == probe.layout.image_token_id
+        assert torch.equal(indicators.sum(-1), is_image.double())
+        assert indicators.shape[-1] == 16 * max(n_images)
+        ref = _eager_masses(model, batch, indicators, layers)
+    finally:
+        probe.detach()
+    valid = batch["attention_mask"].bool()
+    for layer in layers:
+        got = cap.state.masses[layer].double()
+        assert got.shape == ref[layer].shape
+        err = (got - ref[layer])[valid].abs().max().item()
+        assert err <= 1e-5, (layer, err)
+        # and the masses are not trivially zero: image rows carry real mass
+        assert ref[layer][valid].sum() > 1.0
+    no_image = [b for b, n in enumerate(n_images) if n == 0]
+    for b in no_image:
+        assert cap.state.masses[layers[0]][b].abs().max() == 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_probe_changes_neither_logits_nor_gradients(family):
+    model, processor = _fresh(family)
+    model.train()
+    batch = _batch(processor, (1, 1, 1), "left")
+    ref_model, _ = _fresh(family)
+    ref_model.train()
+
+    def loss_and_grads(m, probe=None):
+        m.zero_grad()
+        if probe is None:
+            logits = m(**batch, use_cache=False).logits
+        else:
+            with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=RESPONSE):
+                logits = m(**batch, use_cache=False).logits
+        logits.float().pow(2).mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    logits_off, grads_off = loss_and_grads(ref_model)
+    probe = ConnectivityProbe(model, layers=[1, 3])
+    logits_on, grads_on = loss_and_grads(model, probe)
+    assert (logits_on - logits_off).abs().max().item() <= 1e-6
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_off:
+        assert (grads_on[name] - grads_off[name]).abs().max().item() <= 1e-6, name
+
+
+def test_bf16_masses_close_to_fp32():
+    model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
+    batch = _batch(processor, (1, 1), "left")
+    probe = ConnectivityProbe(model.float(), layers=[3])
+    with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=RESPONSE) as c32:
+        model(**batch, use_cache=False)
+    model.to(torch.bfloat16)
+    b16 = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in batch.items()}
+    with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=RESPONSE) as c16:
+        model(**b16, use_cache=False)
+    m32, m16 = c32.masses(), c16.masses()
+    assert m16.dtype == torch.float32 and m16.shape == m32.shape
+    assert (m16 - m32).abs().max().item() <= 2e-2
+    assert torch.isfinite(m16).all()
+
+
+def test_capture_connectivity_shapes_and_response_rows():
+    model, processor = _fresh("qwen2_5_vl")
+    batch = _batch(processor, (1, 1, 1), "left")
+    probe = ConnectivityProbe(model, layers=[2, 3])
+    with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"]) as full:
+        model(**batch, use_cache=False)
+    with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=RESPONSE) as cap:
+        model(**batch, use_cache=False)
+    mask = torch.ones(3, RESPONSE, dtype=torch.bool)
+    mask[2, -3:] = False
+    conn, prof = cap.connectivity(mask)
+    assert conn.shape == (3, RESPONSE) and prof.shape == (3, RESPONSE, 16)
+    assert (conn[~mask] == 0).all() and (prof[~mask] == 0).all()
+    assert torch.allclose(prof[mask].sum(-1), torch.ones(int(mask.sum())))
+    # shift=True reads the rows that predict each response token: positions S-T-1 .. S-2 of the full record
+    S = batch["input_ids"].shape[1]
+    assert torch.equal(cap.masses(shift=True), full.masses()[:, :, S - RESPONSE - 1:S - 1])
+    assert torch.equal(cap.masses(shift=False), full.masses()[:, :, S - RESPONSE:])
+
+
+def test_connectivity_from_masses_by_hand():
+    # L=1, B=1, T=4, H=2, R=2
+    m = torch.tensor([[[[[0.1, 0.1], [0.5, 0.0]],
+                        [[0.3, 0.1], [0.5, 0.0]],
+                        [[0.0, 0.0], [0.5, 0.2]],
+                        [[0.6, 0.2], [0.5, 0.0]]]]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    conn, prof = connectivity_from_masses(m, mask, "none")
+    assert torch.allclose(conn[0], torch.tensor([0.35, 0.45, 0.35, 0.65]))
+    assert torch.allclose(prof[0, 0], torch.tensor([0.6, 0.1]) / 0.7)
+    # head_baseline: head 0 visual masses [0.2, 0.4, 0.0, 0.8] median (lower) 0.2 -> [0, .2, 0, .6];
+    # head 1 [0.5, 0.5, 0.7, 0.5] median 0.5 -> [0, 0, .2, 0]
+    conn, _ = connectivity_from_masses(m, mask, "head_baseline")
+    assert torch.allclose(conn[0], torch.tensor([0.0, 0.1, 0.1, 0.3]))
+    # drop_sinks: per (head, region) minimum over tokens: head0 (0, 0), head1 (0.5, 0) -> head 1 keeps only 0.2
+    conn, _ = connectivity_from_masses(m, mask, "drop_sinks")
+    assert torch.allclose(conn[0], torch.tensor([0.1, 0.2, 0.1, 0.4]))
+
+
+@pytest.mark.parametrize("debias", ["none", "head_baseline", "drop_sinks"])
+def test_connectivity_padding_invariance(debias):
+    torch.manual_seed(0)
+    m = torch.rand(2, 1, 7, 3, 5)
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    base, base_prof = connectivity_from_masses(m, mask, debias)
+    padded = torch.cat([m, torch.full((2, 1, 4, 3, 5), 9.0)], dim=2)
+    pmask = torch.cat([mask, torch.zeros(1, 4, dtype=torch.bool)], dim=1)
+    conn, prof = connectivity_from_masses(padded, pmask, debias)
+    assert torch.allclose(conn[:, :7], base) and (conn[:, 7:] == 0).all()
+    assert torch.allclose(prof[:, :7], base_prof)
+
+
+def test_batch_without_images_gives_documented_zero_connectivity():
+    model, processor = _fresh("qwen2_5_vl")
+    batch = _batch(processor, (0, 0), "left")
+    probe = ConnectivityProbe(model, layers=[3])
+    with torch.no_grad(), probe.capture(batch["input_ids"], None, response_len=RESPONSE) as cap:
+        model(**batch, use_cache=False)
+    conn, prof = cap.connectivity(torch.ones(2, RESPONSE, dtype=torch.bool))
+    assert (conn == 0).all() and (prof == 0).all()
+
+
+def test_bad_setups_give_clear_errors():
+    model, processor = _fresh("qwen2_5_vl")
+    with pytest.raises(ProbeError, match="out of range"):
+        ConnectivityProbe(model, layers=[9])
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text_only = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ProbeError, match="'llama'.*names no image token"):
+        ConnectivityProbe(text_only)
+    model2, processor2 = _fresh("llava")
+    model2.set_attn_implementation("eager")
+    with pytest.raises(ProbeError, match="load it with attn_implementation='sdpa'"):
+        ConnectivityProbe(model2)
+    model2.set_attn_implementation("sdpa")
+    probe = ConnectivityProbe(model2, layers=[3])
+    batch = _batch(processor2, (1,), "left")
+    with pytest.raises(ProbeError, match="response_len"):
+        with probe.capture(batch["input_ids"], response_len=10_000):
+            pass
+    # cached generation is not what probes measure: a clear error, not a crash in the kernel
+    with pytest.raises(RuntimeError, match="use_cache=False"):
+        with torch.no_grad(), probe.capture(batch["input_ids"]):
+            model2.generate(**batch, max_new_tokens=2)
+
+
+def test_vision_tower_keeps_its_attention_and_default_layers():
+    model, _ = _fresh("qwen2_5_vl")
+    probe = ConnectivityProbe(model)
+    assert probe.layers == [2, 3]
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert model.config.text_config._attn_implementation == "atrl_probe"
+    probe.detach()
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert default_probe_layers(28) == [14, 17, 21, 24]
+    assert default_probe_layers(36) == [18, 22, 27, 31]
