@@ -1,0 +1,169 @@
+"""Step-time and peak-memory overhead of connectivity probes (not a test; run on the GPU machine).
+
+Qwen2.5-VL-3B / -7B shapes with random bf16 weights built directly on the GPU; one sample with about
+1,000 image tokens (a 64 x 64 patch grid, merged 2 x 2 -> 1,024 tokens) and 1,000 response tokens.
+One step = forward (logits for the response only) + backward of a token-level loss.
+
+Configurations, timed interleaved (round-robin) so drift hits all alike: probes off, off again (the noise
+floor: the same configuration timed twice), 1 probed layer, 4 probed layers. Each repetition is timed with
+CUDA events; the table gives medians, the inter-quartile range and ratios against `off`. Peak memory is
+`max_memory_allocated` of one step after a reset.
+
+    python benchmarks/probe_overhead.py --shape 3b --reps 30 [--out results.json]
+    python benchmarks/probe_overhead.py --shape tiny --device cpu --reps 3      # smoke run on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    # text: hidden, layers, heads, kv heads, intermediate; vision: depth, hidden, intermediate, heads
+    "3b": dict(text=(2048, 36, 16, 2, 11008), vision=(32, 1280, 3420, 16), vocab=151936),
+    "7b": dict(text=(3584, 28, 28, 4, 18944), vision=(32, 1280, 3420, 16), vocab=152064),
+    "tiny": dict(text=(64, 4, 4, 2, 128), vision=(2, 32, 64, 2), vocab=300),
+}
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    hidden, layers, heads, kv, inter = SHAPES[shape]["text"]
+    vdepth, vhidden, vinter, vheads = SHAPES[shape]["vision"]
+    vocab = SHAPES[shape]["vocab"]
+    head_dim = hidden // heads
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, bos_token_id=vocab - 6, eos_token_id=vocab - 6, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [t, h, half - t - h]}),
+        vision_config=dict(depth=vdepth, hidden_size=vhidden, intermediate_size=vinter, num_heads=vheads,
+                           out_hidden_size=hidden, fullatt_block_indexes=[vdepth // 4 - 1, vdepth // 2 - 1,
+                                                                          3 * vdepth // 4 - 1, vdepth - 1]),
+        image_token_id=vocab - 3, video_token_id=vocab - 2, vision_start_token_id=vocab - 4,
+        vision_end_token_id=vocab - 5,
+    )
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    model.train()
+    return model
+
+
+def make_inputs(model, grid: int, response: int, prompt_text: int, device, dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    n_image = (grid // 2) ** 2
+    vocab = cfg.text_config.vocab_size
+    ids = torch.randint(0, vocab - 10, (1, prompt_text + n_image + 2 + response), generator=g)
+    ids[0, prompt_text] = cfg.vision_start_token_id
+    ids[0, prompt_text + 1: prompt_text + 1 + n_image] = cfg.image_token_id
+    ids[0, prompt_text + 1 + n_image] = cfg.vision_end_token_id
+    mm = (ids == cfg.image_token_id).int()
+    patch_dim = 3 * 2 * 14 * 14
+    pixel_values = torch.randn(grid * grid, patch_dim, generator=g).to(dtype)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "mm_token_type_ids": mm.to(device), "pixel_values": pixel_values.to(device),
+            "image_grid_thw": torch.tensor([[1, grid, grid]]).to(device)}
+
+
+def step(model, batch, response: int, probe=None):
+    """Forward (logits for the response rows only) + backward of a mean token log-prob loss."""
+    labels = batch["input_ids"][:, -response:]
+    if probe is None:
+        out = model(**batch, use_cache=False, logits_to_keep=response + 1)
+    else:
+        with probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=response) as cap:
+            out = model(**batch, use_cache=False, logits_to_keep=response + 1)
+        cap.connectivity(torch.ones_like(labels, dtype=torch.bool))
+    logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1).gather(-1, labels[..., None])
+    (-logp.mean()).backward()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="3b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--grid", type=int, default=64, help="patch grid side (tokens = (grid/2)^2)")
+    ap.add_argument("--response", type=int, default=1000)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from atrl.probe import ConnectivityProbe, default_probe_layers
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = build(args.shape, device, dtype)
+    batch = make_inputs(model, args.grid, args.response, 64, device, dtype)
+    n_layers = model.config.text_config.num_hidden_layers
+    layers4 = default_probe_layers(n_layers, 4)
+    probes = {"off": None, "off (again)": None,
+              "1 layer": ("probe", layers4[len(layers4) // 2:len(layers4) // 2 + 1]), "4 layers": ("probe", layers4)}
+
+    def run(name):
+        spec = probes[name]
+        probe = None
+        if spec is not None:
+            probe = ConnectivityProbe(model, layers=spec[1])
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(model, batch, args.response, probe)
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            step(model, batch, args.response, probe)
+            ms = 1000 * (time.perf_counter() - t0)
+        if probe is not None:
+            probe.detach()
+        return ms
+
+    for name in probes:
+        for _ in range(args.warmup):
+            run(name)
+    peaks = {}
+    for name in probes:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        run(name)
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    times = {name: [] for name in probes}
+    for _ in range(args.reps):
+        for name in probes:
+            times[name].append(run(name))
+
+    base_t = statistics.median(times["off"])
+    base_m = peaks["off"]
+    dev = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"# probe overhead, Qwen2.5-VL-{args.shape} shape, bf16={cuda}, {(args.grid // 2) ** 2} image + "
+          f"{args.response} response tokens, {args.reps} interleaved reps, device {dev}")
+    print("| configuration | median ms | IQR ms | time ratio | peak GiB | memory ratio |")
+    print("|---|---|---|---|---|---|")
+    rows = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        med = statistics.median(ts)
+        rows[name] = dict(median_ms=med, q1=q[0], q3=q[2], peak_gib=peaks[name])
+        print(f"| {name} | {med:.2f} | {q[0]:.2f}-{q[2]:.2f} | {med / base_t:.4f} | {peaks[name]:.3f} | "
+              f"{peaks[name] / base_m:.4f} |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"device": dev, "shape": args.shape, "rows": rows, "raw_ms": times}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
