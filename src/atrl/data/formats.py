@@ -1,0 +1,328 @@
+"""Loaders for the data-set files users have, into one example schema, then TRL's conversational format.
+
+Supported shapes (local files only):
+
+    mathvista   parquet, JSON (a dict keyed by pid, or a list) or JSONL with MathVista's fields: pid, question,
+                image (path) and/or decoded_image (bytes), choices, unit, precision, answer, question_type,
+                answer_type, metadata, query. `query` (the prompt with its hint) is used as the question when present.
+    geometry3k  Geometry3K / ViRL39K style: problem, answer, images (paths or {"bytes": ...}); parquet or JSONL.
+    jsonl       generic JSONL: question (or prompt / problem), answer, image or images (paths), optional
+                answer_type, choices, precision.
+
+Image paths are resolved against `image_root` (default: the data file's folder). Images are loaded lazily
+(`Sample.load_images()` or by `datasets` when a row is read); `verify_images=True` opens each once at load
+time so that a corrupt file is found before training, not in the middle of it.
+
+Bad rows (no answer, unknown answer type, missing or unreadable image): with `on_error="raise"` (default) a
+`DataError` names the file and row; with `on_error="skip"` the row is left out and counted, by reason, in the
+returned `LoadReport`. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from PIL import Image
+
+from ..rl.rewards import ANSWER_TYPES
+from .synthetic import RESPONSE_INSTRUCTION
+
+FORMATS = ("mathvista", "geometry3k", "jsonl")
+
+
+class DataError(ValueError):
+    """A data-set row cannot be used; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image to load later: a file path or encoded bytes."""
+
+    path: str | None = None
+    data: bytes | None = None
+
+    def load(self) -> Image.Image:
+        try:
+            img = Image.open(self.path if self.data is None else io.BytesIO(self.data))
+            img.load()
+            return img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise DataError(f"image {self.path or '<embedded bytes>'} cannot be read: {err}") from err
+
+    def as_feature(self) -> dict[str, Any]:
+        """The value for a `datasets.Image()` column (decoded by datasets only when a row is read)."""
+        return {"path": self.path, "bytes": self.data}
+
+
+@dataclass
+class Sample:
+    """One example in the project's schema."""
+
+    uid: str
+    question: str
+    answer: str
+    answer_type: str
+    images: list[ImageRef]
+    choices: list[str] | None = None
+    precision: float | None = None
+    unit: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # "file:row"
+
+    def load_images(self) -> list[Image.Image]:
+        out = []
+        for ref in self.images:
+            try:
+                out.append(ref.load())
+            except DataError as err:
+                raise DataError(f"{self.source}: {err}") from err
+        return out
+
+
+@dataclass
+class LoadReport:
+    """What a loader kept and what it skipped, by reason (`on_error="skip"`)."""
+
+    path: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # the first skipped rows' messages
+
+    def __str__(self) -> str:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{self.path}: kept {self.kept} rows, skipped {sum(self.skipped.values())} ({reasons})"
+
+
+# --------------------------------------------------------------------------------------------------
+# reading rows
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from err
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
+        if isinstance(data, dict):
+            return [{"pid": key, **value} for key, value in data.items()]
+        if isinstance(data, list):
+            return data
+        raise DataError(f"{path}: expected a JSON list of rows or a dict keyed by id")
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use .parquet, .json or .jsonl)")
+
+
+def _image_ref(value: Any, root: Path, where: str) -> ImageRef:
+    if isinstance(value, (bytes, bytearray)):
+        return ImageRef(data=bytes(value))
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return ImageRef(path=value.get("path"), data=value["bytes"])
+        value = value.get("path")
+    if isinstance(value, str) and value:
+        p = Path(value)
+        p = p if p.is_absolute() else root / p
+        if not p.is_file():
+            raise DataError(f"{where}: image file {str(p)!r} does not exist")
+        return ImageRef(path=str(p))
+    raise DataError(f"{where}: no usable image (got {type(value).__name__})")
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, float) and value != value)
+
+
+def _mathvista_row(row: dict, root: Path, where: str) -> Sample:
+    if row.get("decoded_image") is not None:
+        images = [_image_ref(row["decoded_image"], root, where)]
+    elif not _blank(row.get("image")):
+        images = [_image_ref(row["image"], root, where)]
+    else:
+        raise DataError(f"{where}: no image (neither 'decoded_image' nor 'image')")
+    qtype = row.get("question_type") or "free_form"
+    kind = "choice" if qtype == "multi_choice" else (row.get("answer_type") or "text")
+    precision = row.get("precision")
+    meta = row.get("metadata") or {}
+    if isinstance(meta, str):
+        meta = json.loads(meta)
+    return Sample(
+        uid=str(row.get("pid", where)),
+        question=str(row.get("query") or row.get("question") or ""),
+        answer=row.get("answer"),
+        answer_type=kind,
+        images=images,
+        choices=list(row["choices"]) if row.get("choices") is not None else None,
+        precision=None if _blank(precision) else float(precision),
+        unit=row.get("unit") or None,
+        metadata={"question_type": qtype, **meta},
+    )
+
+
+def _geometry_row(row: dict, root: Path, where: str) -> Sample:
+    raw = row.get("images")
+    if raw is None and row.get("image") is not None:
+        raw = [row["image"]]
+    if not raw:
+        raise DataError(f"{where}: no images")
+    return Sample(uid=str(row.get("id", where)), question=str(row.get("problem") or row.get("question") or ""),
+                  answer=row.get("answer"), answer_type=row.get("answer_type") or "math",
+                  images=[_image_ref(v, root, where) for v in raw], choices=row.get("choices"),
+                  metadata={k: v for k, v in row.items() if k in ("source", "category", "level")})
+
+
+def _jsonl_row(row: dict, root: Path, where: str) -> Sample:
+    raw = row.get("images")
+    if raw is None:
+        raw = [row["image"]] if row.get("image") is not None else []
+    question = row.get("question") or row.get("prompt") or row.get("problem")
+    if _blank(question):
+        raise DataError(f"{where}: no question (expected a 'question', 'prompt' or 'problem' field)")
+    precision = row.get("precision")
+    return Sample(uid=str(row.get("id", row.get("uid", where))), question=str(question), answer=row.get("answer"),
+                  answer_type=row.get("answer_type") or "text", images=[_image_ref(v, root, where) for v in raw],
+                  choices=row.get("choices") or None, precision=None if _blank(precision) else float(precision),
+                  metadata=row.get("metadata") or {})
+
+
+_ROW_READERS = {"mathvista": _mathvista_row, "geometry3k": _geometry_row, "jsonl": _jsonl_row}
+
+
+def _reason(err: DataError) -> str:
+    msg = str(err)
+    for key in ("no answer", "answer_type", "does not exist", "cannot be read", "no image", "no question"):
+        if key in msg:
+            return key
+    return "other"
+
+
+def load_samples(path: str | Path, format: str = "auto", *, image_root: str | Path | None = None,
+                 on_error: str = "raise", verify_images: bool = True) -> tuple[list[Sample], LoadReport]:
+    """Read a data-set file into `Sample`s.
+
+    Args:
+        path: .parquet, .json or .jsonl file.
+        format: one of FORMATS, or "auto" (MathVista when rows have `pid` and `question_type`, Geometry3K when
+            they have `problem`, else generic JSONL).
+        image_root: folder relative image paths are resolved against (default: the file's folder).
+        on_error: "raise" (a DataError naming file and row) or "skip" (count the row in the report).
+        verify_images: open every image once now, so corrupt files are found before training.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r}: use 'raise' or 'skip'")
+    path = Path(path)
+    rows = _read_rows(path)
+    if format == "auto":
+        first = rows[0] if rows else {}
+        format = "mathvista" if "question_type" in first and "pid" in first else (
+            "geometry3k" if "problem" in first else "jsonl")
+    if format not in _ROW_READERS:
+        raise ValueError(f"unknown data format {format!r}; choose from {FORMATS} or 'auto'")
+    root = Path(image_root) if image_root is not None else path.parent
+    report = LoadReport(str(path))
+    samples = []
+    for i, row in enumerate(rows):
+        where = f"{path}:{i}"
+        try:
+            sample = _ROW_READERS[format](row, root, where)
+            sample.source = where
+            if _blank(sample.answer):
+                raise DataError(f"{where}: no answer")
+            sample.answer = str(sample.answer)
+            if sample.answer_type not in ANSWER_TYPES:
+                raise DataError(f"{where}: unknown answer_type {sample.answer_type!r}; choose from {ANSWER_TYPES}")
+            if verify_images:
+                sample.load_images()
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            report.skipped[_reason(err)] += 1
+            if len(report.examples) < 5:
+                report.examples.append(str(err))
+            continue
+        samples.append(sample)
+    report.kept = len(samples)
+    return samples, report
+
+
+def build_prompt_messages(sample: Sample, instruction: str = RESPONSE_INSTRUCTION) -> list[dict[str, Any]]:
+    """TRL conversational prompt: one user turn with the sample's images, then question (+ choices)."""
+    text = sample.question
+    if sample.choices and "Choices" not in text:
+        text += "\nChoices: " + " ".join(f"({chr(65 + k)}) {c}" for k, c in enumerate(sample.choices))
+    if instruction:
+        text += " " + instruction
+    content = [{"type": "image", "text": None} for _ in sample.images] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+def to_trl_dataset(samples: Iterable[Sample], instruction: str = RESPONSE_INSTRUCTION):
+    """A `datasets.Dataset` with prompt, images (lazy), answer, answer_type, choices, precision, uid, source."""
+    import datasets
+
+    rows = [{"prompt": build_prompt_messages(s, instruction), "images": [r.as_feature() for r in s.images],
+             "answer": s.answer, "answer_type": s.answer_type, "choices": s.choices or [],
+             "precision": s.precision, "uid": s.uid, "source": s.source,
+             "metadata": json.dumps(s.metadata, default=str)} for s in samples]
+    features = datasets.Features({
+        "prompt": [{"role": datasets.Value("string"),
+                    "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "images": datasets.Sequence(datasets.Image()),
+        "answer": datasets.Value("string"),
+        "answer_type": datasets.Value("string"),
+        "choices": [datasets.Value("string")],
+        "precision": datasets.Value("float64"),
+        "uid": datasets.Value("string"),
+        "source": datasets.Value("string"),
+        "metadata": datasets.Value("string"),
+    })
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def check_prompt_lengths(samples: Iterable[Sample], processor, max_prompt_length: int, *, on_error: str = "raise",
+                         report: LoadReport | None = None) -> list[Sample]:
+    """Keep samples whose processed prompt (text + image tokens) fits `max_prompt_length` tokens.
+
+    A prompt over the limit would be truncated from the left by the trainer, cutting image tokens, so it is an
+    error naming the row (or, with on_error="skip", counted in `report` under "prompt too long").
+    """
+    kept = []
+    for s in samples:
+        text = processor.apply_chat_template(build_prompt_messages(s), add_generation_prompt=True)
+        images = s.load_images()
+        ids = processor(text=[text], images=[images] if images else None, return_tensors="pt")["input_ids"]
+        n = ids.shape[1]
+        if n > max_prompt_length:
+            msg = (f"{s.source}: prompt is {n} tokens with its image tokens, over max_prompt_length="
+                   f"{max_prompt_length}; truncation would cut image tokens (raise the limit or shrink the image)")
+            if on_error == "raise":
+                raise DataError(msg)
+            if report is not None:
+                report.skipped["prompt too long"] += 1
+                report.kept -= 1
+                if len(report.examples) < 5:
+                    report.examples.append(msg)
+            continue
+        kept.append(s)
+    return kept

@@ -1,0 +1,1 @@
+"""Training: verifiable rewards (and, as it lands, the TRL trainer, callbacks and metrics)."""

@@ -1,0 +1,149 @@
+"""Fixture files in each supported format, written here, load into one schema; bad rows are named."""
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from atrl.data.formats import DataError, check_prompt_lengths, load_samples, to_trl_dataset
+
+
+def _png(path, colour="red", size=(40, 30)):
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def _png_bytes(colour="blue"):
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+MATHVISTA_ROWS = [
+    {"pid": "1", "question": "What is the value of x?", "image": "images/1.png", "choices": None, "unit": None,
+     "precision": 1.0, "answer": "2.5", "question_type": "free_form", "answer_type": "float",
+     "metadata": {"category": "math-targeted-vqa", "task": "geometry problem solving"},
+     "query": "Hint: answer with one decimal. Question: What is the value of x?"},
+    {"pid": "2", "question": "Which bar is tallest?", "image": "images/2.png", "choices": ["A", "B", "C"],
+     "unit": None, "precision": None, "answer": "B", "question_type": "multi_choice", "answer_type": "text",
+     "metadata": {"category": "general-vqa", "task": "figure question answering"}, "query": "Which bar?"},
+]
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "images").mkdir()
+    _png(tmp_path / "images" / "1.png", "red")
+    _png(tmp_path / "images" / "2.png", "green")
+    # MathVista JSON: a dict keyed by pid
+    (tmp_path / "mv.json").write_text(json.dumps({r["pid"]: {k: v for k, v in r.items() if k != "pid"}
+                                                  for r in MATHVISTA_ROWS}))
+    # MathVista parquet with decoded_image bytes (no image files needed)
+    rows = [dict(r, decoded_image={"bytes": _png_bytes(), "path": r["image"]}, metadata=json.dumps(r["metadata"]))
+            for r in MATHVISTA_ROWS]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mv.parquet")
+    # Geometry3K / ViRL39K style JSONL
+    with (tmp_path / "geo.jsonl").open("w") as fh:
+        fh.write(json.dumps({"id": "g1", "problem": "Find the angle.", "answer": "30", "images": ["images/1.png"]}) + "\n")
+        fh.write(json.dumps({"id": "g2", "problem": "Find x.", "answer": "\\frac{1}{2}",
+                             "images": ["images/1.png", "images/2.png"]}) + "\n")
+    # generic JSONL
+    with (tmp_path / "generic.jsonl").open("w") as fh:
+        fh.write(json.dumps({"question": "Colour?", "answer": "red", "image": "images/1.png"}) + "\n")
+        fh.write(json.dumps({"prompt": "How many?", "answer": 3, "answer_type": "integer",
+                             "images": ["images/2.png"]}) + "\n")
+    return tmp_path
+
+
+def test_each_format_loads_into_the_same_schema(files):
+    mv_json, _ = load_samples(files / "mv.json")
+    mv_parquet, _ = load_samples(files / "mv.parquet")
+    geo, _ = load_samples(files / "geo.jsonl")
+    gen, _ = load_samples(files / "generic.jsonl")
+    for samples in (mv_json, mv_parquet, geo, gen):
+        assert len(samples) == 2
+        for s in samples:
+            assert isinstance(s.answer, str) and s.question and s.images
+            assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in s.load_images())
+    a, b = mv_json
+    assert (a.answer_type, a.precision, a.metadata["category"]) == ("float", 1.0, "math-targeted-vqa")
+    assert a.question.startswith("Hint:")  # MathVista's query is the prompt
+    assert (b.answer_type, b.choices) == ("choice", ["A", "B", "C"])
+    assert [s.answer_type for s in mv_parquet] == ["float", "choice"]
+    assert mv_parquet[0].load_images()[0].getpixel((0, 0)) == (0, 0, 255)  # the embedded bytes, not the path
+    assert mv_json[0].load_images()[0].getpixel((0, 0)) == (255, 0, 0)
+    assert [len(s.images) for s in geo] == [1, 2] and geo[0].answer_type == "math"
+    assert gen[1].answer == "3" and gen[1].answer_type == "integer"
+    assert gen[0].source.endswith("generic.jsonl:0")
+
+
+def test_trl_dataset_is_conversational_and_lazy(files):
+    geo, _ = load_samples(files / "geo.jsonl")
+    ds = to_trl_dataset(geo)
+    row = ds[1]
+    assert [p["type"] for p in row["prompt"][0]["content"]] == ["image", "image", "text"]
+    assert len(row["images"]) == 2 and isinstance(row["images"][0], Image.Image)
+    assert row["answer"] == "\\frac{1}{2}" and row["answer_type"] == "math"
+    raw = ds.with_format("arrow")[:1]["images"].to_pylist()[0][0]
+    assert raw["path"].endswith("1.png") and raw["bytes"] is None  # stored as a path, decoded on read
+
+
+def test_missing_image_names_file_and_row(files):
+    with (files / "bad.jsonl").open("w") as fh:
+        fh.write(json.dumps({"question": "q", "answer": "1", "image": "images/1.png"}) + "\n")
+        fh.write(json.dumps({"question": "q", "answer": "1", "image": "images/missing.png"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: image file .*missing\.png' does not exist"):
+        load_samples(files / "bad.jsonl")
+
+
+def test_corrupt_image_names_file_and_row(files):
+    (files / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with (files / "corrupt.jsonl").open("w") as fh:
+        fh.write(json.dumps({"question": "q", "answer": "1", "image": "images/broken.png"}) + "\n")
+    with pytest.raises(DataError, match=r"corrupt\.jsonl:0: image .*broken\.png cannot be read"):
+        load_samples(files / "corrupt.jsonl")
+    # lazily: the same error surfaces when the image is first used
+    samples, _ = load_samples(files / "corrupt.jsonl", verify_images=False)
+    with pytest.raises(DataError, match=r"corrupt\.jsonl:0"):
+        samples[0].load_images()
+
+
+def test_row_without_answer_and_unknown_type(files):
+    with (files / "noanswer.jsonl").open("w") as fh:
+        fh.write(json.dumps({"question": "q", "answer": "1", "image": "images/1.png"}) + "\n")
+        fh.write(json.dumps({"question": "q", "answer": "", "image": "images/1.png"}) + "\n")
+        fh.write(json.dumps({"question": "q", "answer": "5", "answer_type": "date", "image": "images/1.png"}) + "\n")
+        fh.write(json.dumps({"question": "q", "answer": "5", "image": "images/nope.png"}) + "\n")
+    with pytest.raises(DataError, match=r"noanswer\.jsonl:1: no answer"):
+        load_samples(files / "noanswer.jsonl")
+    samples, report = load_samples(files / "noanswer.jsonl", on_error="skip")
+    assert len(samples) == 1 and report.kept == 1
+    assert report.skipped == {"no answer": 1, "answer_type": 1, "does not exist": 1}
+    assert "skipped 3" in str(report)
+    assert any("unknown answer_type 'date'" in e for e in report.examples)
+
+
+def test_prompt_that_would_cut_image_tokens(files, tiny_models):
+    _, processor = tiny_models["qwen2_5_vl"]
+    samples, report = load_samples(files / "geo.jsonl")
+    kept = check_prompt_lengths(samples, processor, max_prompt_length=10_000)
+    assert len(kept) == 2
+    # row 0 (one image) is 105 tokens with the byte tokenizer, row 1 (two images) longer
+    with pytest.raises(DataError, match=r"geo\.jsonl:1: prompt is \d+ tokens .* max_prompt_length=110"):
+        check_prompt_lengths(samples, processor, max_prompt_length=110)
+    kept = check_prompt_lengths(samples, processor, max_prompt_length=110, on_error="skip", report=report)
+    assert [s.uid for s in kept] == ["g1"] and report.skipped["prompt too long"] == 1 and report.kept == 1
+
+
+def test_unreadable_file_types(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
+        load_samples(tmp_path / "nothing.jsonl")
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+        load_samples(tmp_path / "x.csv")
+    (tmp_path / "broken.jsonl").write_text('{"question": "q"\n')
+    with pytest.raises(DataError, match=r"broken\.jsonl:0: not valid JSON"):
+        load_samples(tmp_path / "broken.jsonl")
