@@ -76,6 +76,20 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .rl.recipe import load_recipe, run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    recipe = load_recipe(args.config, args.overrides)
+    trainer = run_training(recipe)
+    out = recipe.trl["output_dir"]
+    print(f"trained {trainer.state.global_step} steps (mode {recipe.anchor.mode}) -> {out}/final; "
+          f"logs: tensorboard --logdir {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -106,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-eval", type=int, default=10, help="held-out tasks to answer")
     demo.set_defaults(func=_cmd_demo)
 
+    train = sub.add_parser("train", help="AT-RL training from a YAML recipe (no config: the embedded default)",
+                           description="Overrides after the options: --section.key value, e.g. "
+                                       "--anchor.mode uniform --trl.max_steps 100")
+    train.add_argument("--config", default=None, help="YAML recipe (see configs/)")
+    train.set_defaults(func=_cmd_train)
+
     data = sub.add_parser("data", help="synthetic visual-reasoning tasks").add_subparsers(dest="action",
                                                                                         required=True)
     export = data.add_parser("export", help="write a data set (JSONL + PNG, or a datasets folder)")
@@ -132,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -23,7 +23,7 @@ from .connectivity import SINK_DEBIAS, connectivity_from_masses
 from .layout import ProbeError, VisionLayout
 
 __all__ = ["SINK_DEBIAS", "Capture", "ConnectivityProbe", "ProbeError", "VisionLayout", "connectivity_from_masses",
-           "default_probe_layers"]
+           "connectivity_of_records", "default_probe_layers"]
 
 
 def default_probe_layers(num_layers: int, count: int = 4) -> list[int]:
@@ -120,3 +120,56 @@ class ConnectivityProbe:
             yield Capture(state, self.layers, response_len)
         finally:
             deactivate(token)
+
+    @contextmanager
+    def record_forwards(self, response_len: int) -> Iterator[list[Capture]]:
+        """Capture every call of the model inside the block, one `Capture` per call, in order.
+
+        For a trainer whose forward passes happen inside library code (e.g. TRL scoring chunks of a batch): the
+        model's own forward hooks read `input_ids` / `image_grid_thw` from each call, so nothing else changes.
+        """
+        records: list[Capture] = []
+        open_tokens: list = []
+
+        def before(module, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None:
+                raise ProbeError("record_forwards: the model was called without input_ids")
+            dtype = next(self.model.parameters()).dtype
+            indicators = self.layout.region_indicators(input_ids, kwargs.get("image_grid_thw"), self.region_grid,
+                                                       dtype=dtype)
+            pad = self.pad_qk if self.pad_qk is not None else input_ids.is_cuda
+            state = ProbeState(indicators, self.layer_of_module, keep_last=response_len + 1, pad_qk=pad)
+            open_tokens.append(activate(state))
+            records.append(Capture(state, self.layers, response_len))
+
+        def after(module, args, kwargs, output):
+            deactivate(open_tokens.pop())
+
+        h_before = self.model.register_forward_pre_hook(before, with_kwargs=True)
+        h_after = self.model.register_forward_hook(after, with_kwargs=True)
+        try:
+            yield records
+        finally:
+            h_before.remove()
+            h_after.remove()
+            while open_tokens:  # a forward that raised never reached its post-hook
+                deactivate(open_tokens.pop())
+
+
+def connectivity_of_records(records: Sequence[Capture], mask_BT: torch.Tensor, sink_debias: str = "head_baseline",
+                            shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate the captures of consecutive row chunks into (B, T) connectivity and (B, T, R) profiles.
+
+    Chunks may have different numbers of regions (most images per sample in the chunk); profiles are padded
+    with zero regions to the largest R.
+    """
+    if not records:
+        raise ProbeError("no forward was recorded")
+    masses = [rec.masses(shift) for rec in records]  # each (L, b, T, H, R_i)
+    R = max(m.shape[-1] for m in masses)
+    masses = [torch.nn.functional.pad(m, (0, R - m.shape[-1])) for m in masses]
+    stacked = torch.cat(masses, dim=1)
+    if stacked.shape[1:3] != mask_BT.shape:
+        raise ProbeError(f"recorded rows {tuple(stacked.shape[1:3])} do not match the mask {tuple(mask_BT.shape)}")
+    return connectivity_from_masses(stacked, mask_BT.to(stacked.device), sink_debias)

@@ -53,6 +53,16 @@ def probe_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
 
     state = _ACTIVE.get()
     layer = state.layer_of_module.get(id(module)) if state is not None else None
+    record = layer is not None
+    if layer is not None:
+        # Kept on the module so that activation checkpointing, which re-runs this forward inside backward
+        # (after the capture has closed), recomputes the same widened attention and finds the saved shapes.
+        module.__dict__["_atrl_probe_state"] = state
+    elif torch._C._current_graph_task_id() != -1 and "_atrl_probe_state" in module.__dict__:
+        state = module.__dict__["_atrl_probe_state"]
+        layer = state.layer_of_module.get(id(module))
+    else:  # a plain forward: a later recompute must take the plain path too
+        module.__dict__.pop("_atrl_probe_state", None)
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -73,8 +83,9 @@ def probe_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         key = F.pad(key, (0, R))
     out, _ = sdpa_attention_forward(module, query, key, widened, attention_mask, dropout=dropout, scaling=scaling,
                                     **kwargs)  # (B, S_q, H, D + R)
-    rows = out[:, -state.keep_last:] if state.keep_last else out
-    state.masses[layer] = rows[..., D:].detach().float()
+    if record:
+        rows = out[:, -state.keep_last:] if state.keep_last else out
+        state.masses[layer] = rows[..., D:].detach().float()
     return out[..., :D], None
 
 

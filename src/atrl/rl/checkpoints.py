@@ -1,0 +1,46 @@
+"""Checkpoints that are either complete or ignored, and finding the one to resume from.
+
+The Hugging Face Trainer writes `checkpoint-N/` file by file; a run killed while writing leaves a folder that
+looks like a checkpoint but is not. atrl writes a marker, `atrl_complete.json`, into the folder only after
+everything else is on disk (marker written to a temporary name, flushed, then renamed: atomic on POSIX), and
+resumes only from folders that carry it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+MARKER = "atrl_complete.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def mark_checkpoint_complete(folder: str | os.PathLike, step: int) -> Path:
+    folder = Path(folder)
+    tmp = folder / (MARKER + ".tmp")
+    with tmp.open("w") as fh:
+        json.dump({"step": step}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    final = folder / MARKER
+    os.replace(tmp, final)
+    return final
+
+
+def checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """(complete, incomplete) checkpoint folders under `output_dir`, each sorted by step."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return [], []
+    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))))
+    complete = [p for _, p in found if (p / MARKER).is_file()]
+    incomplete = [p for _, p in found if not (p / MARKER).is_file()]
+    return complete, incomplete
+
+
+def resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The latest complete checkpoint under `output_dir`, or None when there is none."""
+    complete, _ = checkpoints(output_dir)
+    return complete[-1] if complete else None

@@ -1,0 +1,70 @@
+"""AnchorConfig: how the trainer measures connectivity and turns it into per-token credit.
+
+Everything about the RL loop itself (batch sizes, loss type GRPO / DAPO / Dr.GRPO, KL, vLLM, optimiser) is
+TRL's `GRPOConfig`; this dataclass holds only what AT-RL adds. Cross-field checks run at construction and
+say what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..credit import CREDIT_MODES, CreditOptions
+from ..probe import SINK_DEBIAS
+
+TRAINER_MODES = CREDIT_MODES + ("visual_dependency",)
+CAPTURE_SITES = ("auto", "old_logps", "train_forward")
+
+
+@dataclass
+class AnchorConfig:
+    """AT-RL's knobs (arXiv 2602.11455; see docs/ALGORITHM.md for which parts are the paper's).
+
+    Attributes:
+        mode: credit mode: uniform (plain GRPO/DAPO, no probes), atrl (default), anchors_only, low_only, random,
+            threshold, entropy, or visual_dependency (VPPO-style: per-token KL between the policy with and
+            without the image, one extra no-grad forward; the top `anchor_ratio` tokens by that KL are boosted).
+        probe_layers: decoder layers to probe; default: four spread over the second half.
+        region_grid: (rows, cols) cells each image's token grid is pooled into for region profiles.
+        sink_debias: none | head_baseline | drop_sinks (see atrl.probe.connectivity).
+        capture: where connectivity is measured. "auto": on TRL's no-grad old-log-prob pass when TRL makes one
+            (num_iterations > 1, vLLM importance sampling, or more generation steps than accumulation steps),
+            else on the training forward; "old_logps" / "train_forward" force one (old_logps fails when TRL
+            makes no such pass: that would cost an extra forward).
+        credit: CreditOptions fields other than `mode` (partition, anchor_ratio, weighting, w_anchor, ...).
+        fallback_to_uniform: when credit assignment fails on a batch (e.g. non-finite connectivity), log it
+            and use uniform weights for that batch instead of stopping the run.
+    """
+
+    mode: str = "atrl"
+    probe_layers: list[int] | None = None
+    region_grid: tuple[int, int] = (4, 4)
+    sink_debias: str = "head_baseline"
+    capture: str = "auto"
+    credit: dict[str, Any] = field(default_factory=dict)
+    fallback_to_uniform: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in TRAINER_MODES:
+            raise ValueError(f"anchor.mode={self.mode!r}: choose from {TRAINER_MODES}")
+        if self.sink_debias not in SINK_DEBIAS:
+            raise ValueError(f"anchor.sink_debias={self.sink_debias!r}: choose from {SINK_DEBIAS}")
+        if self.capture not in CAPTURE_SITES:
+            raise ValueError(f"anchor.capture={self.capture!r}: choose from {CAPTURE_SITES}")
+        self.region_grid = tuple(self.region_grid)
+        if len(self.region_grid) != 2 or min(self.region_grid) < 1:
+            raise ValueError(f"anchor.region_grid={self.region_grid}: two positive integers, e.g. [4, 4]")
+        known = {f.name for f in fields(CreditOptions)} - {"mode"}
+        unknown = sorted(set(self.credit) - known)
+        if unknown:
+            raise ValueError(f"anchor.credit has unknown keys {unknown}; known: {sorted(known)}")
+        self.credit_options()  # validates the credit knobs now, not at the first step
+
+    @property
+    def needs_probe(self) -> bool:
+        return self.mode not in ("uniform", "entropy", "visual_dependency")
+
+    def credit_options(self) -> CreditOptions:
+        mode = "threshold" if self.mode == "visual_dependency" else self.mode
+        return CreditOptions(mode=mode, **self.credit)

@@ -1,0 +1,318 @@
+"""YAML recipes for `atrl train`: parsed into dataclasses, overridable from the command line, run top to bottom.
+
+A recipe has these sections (all optional; `configs/demo.yaml` is the embedded default written out):
+
+    model:    path (a local checkpoint folder or hub id; null = the embedded tiny default), dtype, attn_implementation
+    lora:     peft LoraConfig fields (r, lora_alpha, target_modules, ...), or null for full fine-tuning
+    data:     train ("synthetic" or a data file), format, n / seed / families (synthetic), on_error, max_prompt_length
+    rewards:  accuracy / format weights, overlong ({max_length, cache}) or null
+    anchor:   AnchorConfig (atrl.rl.config)
+    trl:      any GRPOConfig field (output_dir, learning_rate, num_generations, loss_type, use_vllm, ...)
+    resume:   "auto" (latest complete checkpoint in trl.output_dir, if any), false, or a checkpoint folder
+
+Overrides: `--section.key value` (the value is read as YAML: numbers, lists, null), e.g.
+`atrl train --config configs/qwen2.5-vl-3b.yaml --anchor.mode uniform --trl.max_steps 100`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import AnchorConfig
+
+logger = logging.getLogger("atrl")
+
+DEFAULT_TRL: dict[str, Any] = {
+    # The embedded default: small enough for two CPU cores, large enough to see rewards move.
+    "output_dir": "runs/atrl",
+    "per_device_train_batch_size": 8,
+    "num_generations": 8,
+    "max_completion_length": 48,
+    "learning_rate": 5e-5,
+    "max_steps": 30,
+    "logging_steps": 1,
+    "save_steps": 10,
+    "save_total_limit": 3,
+    "temperature": 1.0,
+    "beta": 0.0,
+    "loss_type": "dapo",
+    "report_to": ["tensorboard"],
+    "gradient_checkpointing": False,
+    "bf16": False,
+    "seed": 0,
+}
+
+
+@dataclass
+class ModelSection:
+    """path: checkpoint folder or hub id (null: the embedded tiny default). dtype: float32 | bfloat16 | float16.
+    attn_implementation: sdpa (required by the probes; eager only for debugging with mode uniform)."""
+
+    path: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype={self.dtype!r}: use float32, bfloat16 or float16")
+
+
+@dataclass
+class DataSection:
+    """train: "synthetic" or a data file (.parquet / .json / .jsonl). format: auto | mathvista | geometry3k | jsonl.
+    n, seed, families: synthetic data size, seed and task families. on_error: raise | skip (bad rows).
+    max_prompt_length: rows whose prompt with image tokens is longer are an error (or skipped)."""
+
+    train: str = "synthetic"
+    format: str = "auto"
+    n: int = 512
+    seed: int = 0
+    families: list[str] | None = None
+    image_root: str | None = None
+    on_error: str = "raise"
+    max_prompt_length: int | None = None
+
+
+@dataclass
+class RewardSection:
+    """accuracy, format: weights of the two rewards (0 drops one). overlong: {max_length, cache} for DAPO's soft
+    overlong penalty (weight 1), or null."""
+
+    accuracy: float = 1.0
+    format: float = 0.2
+    overlong: dict[str, int] | None = None
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: dict[str, Any] | None = None
+    data: DataSection = field(default_factory=DataSection)
+    rewards: RewardSection = field(default_factory=RewardSection)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    trl: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRL))
+    resume: str | bool = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "rewards": RewardSection, "anchor": AnchorConfig}
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--section.key value` / `section.key=value` pairs to a recipe dict (returns a new dict)."""
+    out = copy.deepcopy(raw)
+    items: list[tuple[str, str]] = []
+    i = 0
+    while i < len(overrides):
+        token = overrides[i]
+        key = token[2:] if token.startswith("--") else token
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(overrides):
+                raise ValueError(f"override {token!r} has no value")
+            value = overrides[i + 1]
+            i += 2
+        items.append((key, value))
+    for key, value in items:
+        parts = key.split(".")
+        if parts[0] not in (*_SECTIONS, "trl", "lora", "resume"):
+            raise ValueError(f"override {key!r}: unknown section {parts[0]!r}; use model., data., rewards., "
+                             "anchor., trl., lora. or resume")
+        node = out
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    """Build a Recipe, naming the section and key of anything unknown or invalid."""
+    unknown = set(raw) - {*_SECTIONS, "trl", "lora", "resume"}
+    if unknown:
+        raise ValueError(f"recipe has unknown sections {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"recipe section {name!r} must be a mapping, got {type(section).__name__}")
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(section) - known)
+        if bad:
+            raise ValueError(f"recipe section {name!r} has unknown keys {bad}; known: {sorted(known)}")
+        try:
+            kwargs[name] = cls(**section)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"recipe section {name!r}: {err}") from err
+    trl = dict(DEFAULT_TRL)
+    trl.update(raw.get("trl") or {})
+    return Recipe(trl=trl, lora=raw.get("lora"), resume=raw.get("resume", "auto"), **kwargs)
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"--config {str(p)!r} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"--config {str(p)!r}: a recipe is a YAML mapping of sections")
+    return recipe_from_dict(apply_overrides(raw, overrides or []))
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def grpo_config(recipe: Recipe):
+    from trl import GRPOConfig
+
+    trl = dict(recipe.trl)
+    report_to = trl.get("report_to", ["tensorboard"])
+    if isinstance(report_to, str):
+        report_to = [report_to]
+    if report_to == ["tensorboard"] and _wandb_ready():
+        report_to = ["tensorboard", "wandb"]
+    trl["report_to"] = report_to
+    weights = [recipe.rewards.accuracy, recipe.rewards.format] + ([1.0] if recipe.rewards.overlong else [])
+    trl.setdefault("reward_weights", weights)
+    trl.setdefault("use_cpu", not _cuda())
+    try:
+        return GRPOConfig(**trl)
+    except TypeError as err:
+        raise ValueError(f"recipe section 'trl': {err}") from err
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _wandb_ready() -> bool:
+    """W&B joins TensorBoard when it is installed and configured (an API key or an explicit WANDB_MODE)."""
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None and bool(
+        os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
+
+
+def build_model(recipe: Recipe):
+    import torch
+
+    from ..models.zoo import build_tiny_vlm, load_model
+
+    dtype = getattr(torch, recipe.model.dtype)
+    if recipe.model.path is None:
+        from ..models.default import default_base_model
+
+        path = default_base_model()
+        if path is None:
+            model, processor = build_tiny_vlm("qwen2_5_vl", seed=recipe.trl.get("seed", 0))
+            return model.to(dtype), processor
+        return load_model(path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+    return load_model(recipe.model.path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+
+
+def build_dataset(recipe: Recipe, processor):
+    from ..data.formats import check_prompt_lengths, load_samples, to_trl_dataset
+    from ..data.synthetic import generate, to_hf_dataset
+
+    d = recipe.data
+    if d.train == "synthetic":
+        return to_hf_dataset(generate(d.n, seed=d.seed, families=d.families)), None
+    samples, report = load_samples(d.train, d.format, image_root=d.image_root, on_error=d.on_error)
+    if d.max_prompt_length is not None:
+        samples = check_prompt_lengths(samples, processor, d.max_prompt_length, on_error=d.on_error, report=report)
+    logger.info("%s", report)
+    if not samples:
+        raise ValueError(f"data.train={d.train!r}: no usable rows ({report})")
+    return to_trl_dataset(samples), report
+
+
+def build_rewards(recipe: Recipe) -> list:
+    from .rewards import accuracy_reward, format_reward, make_overlong_penalty
+
+    funcs = [accuracy_reward, format_reward]
+    if recipe.rewards.overlong:
+        o = recipe.rewards.overlong
+        funcs.append(make_overlong_penalty(int(o["max_length"]), int(o["cache"])))
+    return funcs
+
+
+def build_trainer(recipe: Recipe, callbacks: list | None = None):
+    from .trainer import ATRLTrainer
+
+    args = grpo_config(recipe)
+    model, processor = build_model(recipe)
+    dataset, _ = build_dataset(recipe, processor)
+    peft_config = None
+    if recipe.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(**{"task_type": "CAUSAL_LM", **recipe.lora})
+    return ATRLTrainer(model=model, processing_class=processor, reward_funcs=build_rewards(recipe), args=args,
+                       train_dataset=dataset, peft_config=peft_config, anchor_config=recipe.anchor,
+                       callbacks=callbacks)
+
+
+def resolve_resume(recipe: Recipe, output_dir: str) -> str | None:
+    from .checkpoints import checkpoints, resume_checkpoint
+
+    if recipe.resume in (False, None, "false", "no"):
+        return None
+    if recipe.resume == "auto":
+        complete, incomplete = checkpoints(output_dir)
+        latest_complete = complete[-1] if complete else None
+        for folder in incomplete:
+            if latest_complete is None or int(folder.name.split("-")[1]) > int(latest_complete.name.split("-")[1]):
+                logger.warning("ignoring %s: it was not finished (no completion marker); resuming from %s",
+                               folder, latest_complete or "the start")
+        ckpt = resume_checkpoint(output_dir)
+        return str(ckpt) if ckpt else None
+    path = Path(str(recipe.resume))
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume={str(path)!r} is not a checkpoint folder")
+    return str(path)
+
+
+def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool = True):
+    """Train according to `recipe`; returns the trainer. Saves the final model + processor to
+    `<output_dir>/final` and the resolved recipe to `<output_dir>/recipe.yaml`."""
+    from ..models.zoo import ensure_writable_dir
+    from .progress import install_progress
+
+    out = ensure_writable_dir(recipe.trl["output_dir"], argument="trl.output_dir")
+    (out / "recipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict(), default=list)),
+                                                    sort_keys=False))
+    trainer = build_trainer(recipe, callbacks)
+    if progress:
+        install_progress(trainer)
+    resume = resolve_resume(recipe, str(out))
+    if resume:
+        logger.warning("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    final = out / "final"
+    trainer.save_model(str(final))
+    trainer.processing_class.save_pretrained(str(final))
+    return trainer

@@ -1,0 +1,227 @@
+"""ATRLTrainer: TRL's GRPOTrainer with anchor-token credit assignment.
+
+What it adds to GRPOTrainer, and where (the overrides are small on purpose):
+
+1. Measuring. `atrl.probe` rides on a forward pass TRL already makes: the no-grad old-log-prob pass in
+   `_generate_and_score_completions` when TRL makes one, else the training forward in `_compute_loss`.
+   Both go through `_get_per_token_logps_and_entropies`, which this class wraps in `record_forwards`.
+2. Deciding. `atrl.credit.assign_credit` turns (B, T) connectivity and (B, T, R) region profiles into (B, T)
+   weights with mean 1 over each completion.
+3. Applying. The (B,) group-normalised advantages become (B, T) per-token advantages
+   `A_AT(i, t) = W(C_k(t)) * A(i)`; TRL's loss (GRPO, DAPO, Dr.GRPO, ...) accepts (B, T) advantages as they are.
+   `mode: uniform` skips all of it, so it is exactly TRL's loss.
+
+Also: metrics every step (anchor fraction, anchor / other connectivity, bimodality, weight statistics, time in
+credit assignment), a non-finite loss zeroes that step's gradients and is counted instead of corrupting the
+weights, and checkpoints are marked complete only after every file is written (see `checkpoints.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from ..credit import assign_credit
+from ..probe import ConnectivityProbe, ProbeError, connectivity_of_records
+from .checkpoints import mark_checkpoint_complete
+from .config import AnchorConfig
+
+logger = logging.getLogger("atrl")
+
+
+class ATRLTrainer(GRPOTrainer):
+    """GRPOTrainer + AT-RL. Takes every GRPOTrainer argument, plus `anchor_config`."""
+
+    def __init__(self, *args, anchor_config: AnchorConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.anchor = anchor_config or AnchorConfig()
+        self.credit_options = self.anchor.credit_options()
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        trl_scores = (self.args.gradient_accumulation_steps % generate_every != 0) or bool(
+            self.use_vllm and getattr(self, "vllm_importance_sampling_correction", False))
+        site = self.anchor.capture
+        if site == "auto":
+            site = "old_logps" if trl_scores else "train_forward"
+        elif site == "old_logps" and not trl_scores:
+            raise ValueError("anchor.capture='old_logps' but TRL makes no old-log-prob pass with these settings "
+                             "(num_iterations=1, no vLLM importance sampling); use capture='auto' or "
+                             "'train_forward' rather than adding a forward pass")
+        self.capture_site = site
+        self.probe: ConnectivityProbe | None = None
+        if self.anchor.needs_probe:
+            self.probe = ConnectivityProbe(self.accelerator.unwrap_model(self.model), layers=self.anchor.probe_layers,
+                                           region_grid=self.anchor.region_grid)
+        self._scoring = False
+        self._scored: tuple | None = None
+        self._pending: dict[str, Any] | None = None
+        self.last_credit: dict[str, Any] | None = None  # the latest batch's inputs and outputs of assign_credit
+        self.nonfinite_losses = 0
+
+    # ---------------------------------------------------------------------------------------------- measuring
+
+    def _records_here(self, model) -> bool:
+        if self.anchor.mode in ("uniform", "visual_dependency"):
+            return False
+        if self._scoring:
+            return self.capture_site == "old_logps" and model is self.model
+        return self._pending is not None and self.capture_site == "train_forward"
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args,
+                                           compute_entropy: bool = False, **kwargs):
+        if not self._records_here(model):
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args,
+                                                               compute_entropy=compute_entropy, **kwargs)
+        want_entropy = compute_entropy or self.anchor.mode == "entropy"
+        mask = attention_mask[:, -logits_to_keep:].bool()
+        if self.probe is None:
+            logps, ent, aux = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=want_entropy, **kwargs)
+            conn = prof = None
+        else:
+            with self.probe.record_forwards(logits_to_keep) as records:
+                logps, ent, aux = super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=want_entropy, **kwargs)
+            conn, prof = connectivity_of_records(records, mask, self.anchor.sink_debias)
+        captured = (conn, prof, ent.detach() if ent is not None and self.anchor.mode == "entropy" else None, mask)
+        if self._scoring:
+            self._scored = captured
+        else:
+            self._pending["advantages"] = self._apply_credit(self._pending["advantages"], *captured)
+        return logps, (ent if compute_entropy else None), aux
+
+    # ---------------------------------------------------------------------------------------------- deciding
+
+    def _apply_credit(self, advantages: torch.Tensor, conn, prof, entropy, mask) -> torch.Tensor:
+        """(B,) or (B, T) advantages -> (B, T) weighted advantages."""
+        t0 = time.perf_counter()
+        B, T = mask.shape
+        measured = conn is not None
+        if not measured:  # modes without probes (entropy): a placeholder the credit module ignores
+            conn = torch.zeros(B, T)
+            prof = torch.zeros(B, T, 1)
+        try:
+            result = assign_credit(conn, prof, mask, self.credit_options, entropy_BT=entropy)
+        except (ValueError, ProbeError) as err:
+            if not self.anchor.fallback_to_uniform:
+                raise
+            logger.warning("step %d: credit assignment failed (%s); this batch uses uniform weights",
+                           self.state.global_step, err)
+            self._log_metric_values({"atrl/credit_fallback": [1.0]})
+            return advantages
+        weights = result.weights.to(device=advantages.device, dtype=advantages.dtype)
+        self.last_credit = {"conn": conn.detach().cpu(), "profile": prof.detach().cpu(), "mask": mask.cpu(),
+                            "entropy": entropy.cpu() if entropy is not None else None, "result": result,
+                            "advantages_in": advantages.detach().cpu()}
+        valid = mask.to(weights.device)
+        w = weights[valid]
+        stats = {
+            "atrl/credit_fallback": [0.0],
+            "atrl/anchor_fraction": result.anchor_fraction.tolist(),
+            "atrl/weight_max": [float(w.max())] if w.numel() else [],
+            "atrl/weight_min": [float(w.min())] if w.numel() else [],
+            "atrl/weight_std": [float(w.std())] if w.numel() > 1 else [],
+            "atrl/time/credit_s": [time.perf_counter() - t0],
+        }
+        if measured:  # statistics of the connectivity (or visual-dependency score) itself
+            stats.update({
+                "atrl/anchor_conn": result.anchor_conn.tolist(),
+                "atrl/other_conn": result.other_conn.tolist(),
+                "atrl/bimodality": result.bimodality.tolist(),
+                "atrl/num_parts": result.num_parts.float().tolist(),
+                "atrl/degenerate": result.degenerate.float().tolist(),
+                "atrl/mean_conn": [float(conn[mask].mean())] if mask.any() else [],
+            })
+        self._log_metric_values(stats)
+        base = advantages if advantages.dim() == 2 else advantages[:, None]
+        return weights * base
+
+    def _log_metric_values(self, values: dict[str, list[float]]) -> None:
+        """Append the mean over all processes of each metric's finite values (NaN where none)."""
+        mode = "train" if self.model.training else "eval"
+        for name, vals in values.items():
+            finite = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+            local = torch.tensor([sum(finite), len(finite)], dtype=torch.float64, device=self.accelerator.device)
+            total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+            if total[1] > 0:
+                self._metrics[mode][name].append(float(total[0] / total[1]))
+
+    # ---------------------------------------------------------------------------------------------- applying
+
+    def _generate_and_score_completions(self, inputs):
+        self._scoring, self._scored = True, None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._scoring = False
+        if self.anchor.mode == "visual_dependency":
+            kl, mask = self._visual_dependency(output)
+            output["advantages"] = self._apply_credit(output["advantages"], kl, torch.zeros(*kl.shape, 1), None, mask)
+        elif self._scored is not None:
+            output["advantages"] = self._apply_credit(output["advantages"], *self._scored)
+            self._scored = None
+        return output
+
+    def _compute_loss(self, model, inputs):
+        if not (self.capture_site == "train_forward" and self.anchor.mode not in ("uniform", "visual_dependency")):
+            return super()._compute_loss(model, inputs)
+        self._pending = dict(inputs)  # a copy: the buffered batch keeps its plain advantages
+        try:
+            return super()._compute_loss(model, self._pending)
+        finally:
+            self._pending = None
+
+    @torch.no_grad()
+    def _visual_dependency(self, output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) KL(policy with the image || policy with a blank image) per completion token (VPPO-style)."""
+        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        T = completion_ids.shape[1]
+        kwargs = {k: output[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes",
+                                         "pixel_attention_mask", "token_type_ids") if k in output}
+        if "pixel_values" not in kwargs:
+            raise ValueError("visual_dependency mode needs image inputs (pixel_values) in the batch")
+        model = self.model
+        with self.accelerator.autocast():
+            with_image = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1,
+                               **kwargs).logits[:, :-1].float()
+            blank = dict(kwargs, pixel_values=torch.zeros_like(kwargs["pixel_values"]))
+            without = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1,
+                            **blank).logits[:, :-1].float()
+        logp = torch.log_softmax(with_image, -1)
+        logq = torch.log_softmax(without, -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+        mask = output["completion_mask"].bool()
+        return kl.masked_fill(~mask, 0.0).cpu(), mask.cpu()
+
+    # ---------------------------------------------------------------------------------------------- robustness
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self.nonfinite_losses += 1
+            logger.warning("step %d: non-finite loss (%s); this step's gradients are zeroed and it is counted in "
+                           "atrl/nonfinite_loss", self.state.global_step, loss.item())
+            model.zero_grad(set_to_none=False)
+            self._metrics["train"]["atrl/nonfinite_loss"].append(1.0)
+            return torch.zeros_like(loss)
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}"
+            mark_checkpoint_complete(folder, step=self.state.global_step)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        step_time, credit = metrics.get("step_time"), metrics.get("atrl/time/credit_s")
+        if step_time and credit and sum(step_time) > 0:
+            # credit time summed over the logging window over step time summed over the same window
+            metrics["atrl/time/credit_share"] = [sum(credit) / sum(step_time)]
+        super().log(logs, start_time)
