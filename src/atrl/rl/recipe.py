@@ -84,11 +84,13 @@ class DataSection:
 @dataclass
 class RewardSection:
     """accuracy, format: weights of the two rewards (0 drops one). overlong: {max_length, cache} for DAPO's soft
-    overlong penalty (weight 1), or null."""
+    overlong penalty (weight 1), or null. custom: {"package.module:function": weight} for your own TRL reward
+    functions `f(prompts, completions, **columns) -> list[float]`."""
 
     accuracy: float = 1.0
     format: float = 0.2
     overlong: dict[str, int] | None = None
+    custom: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,10 +111,17 @@ _SECTIONS = {"model": ModelSection, "data": DataSection, "rewards": RewardSectio
 
 
 def _parse_value(raw: str) -> Any:
+    """A command-line value read as YAML; "1e-2" (a string to YAML 1.1) is read as the number it means."""
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -188,6 +197,9 @@ def grpo_config(recipe: Recipe):
     from trl import GRPOConfig
 
     trl = dict(recipe.trl)
+    for key, value in trl.items():  # YAML 1.1 reads a bare `no` as false
+        if key.endswith("_strategy") and value is False:
+            trl[key] = "no"
     report_to = trl.get("report_to", ["tensorboard"])
     if isinstance(report_to, str):
         report_to = [report_to]
@@ -195,6 +207,7 @@ def grpo_config(recipe: Recipe):
         report_to = ["tensorboard", "wandb"]
     trl["report_to"] = report_to
     weights = [recipe.rewards.accuracy, recipe.rewards.format] + ([1.0] if recipe.rewards.overlong else [])
+    weights += [float(w) for w in recipe.rewards.custom.values()]
     trl.setdefault("reward_weights", weights)
     trl.setdefault("use_cpu", not _cuda())
     try:
@@ -257,7 +270,24 @@ def build_rewards(recipe: Recipe) -> list:
     if recipe.rewards.overlong:
         o = recipe.rewards.overlong
         funcs.append(make_overlong_penalty(int(o["max_length"]), int(o["cache"])))
+    for ref in recipe.rewards.custom:
+        funcs.append(_import_function(ref))
     return funcs
+
+
+def _import_function(ref: str):
+    import importlib
+
+    module_name, sep, name = ref.partition(":")
+    if not sep:
+        raise ValueError(f"rewards.custom key {ref!r}: write it as 'package.module:function'")
+    try:
+        func = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"rewards.custom {ref!r} cannot be imported: {err}") from err
+    if not callable(func):
+        raise ValueError(f"rewards.custom {ref!r} is not callable")
+    return func
 
 
 def build_trainer(recipe: Recipe, callbacks: list | None = None):

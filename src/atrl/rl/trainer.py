@@ -212,6 +212,29 @@ class ATRLTrainer(GRPOTrainer):
             return torch.zeros_like(loss)
         return loss
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Restore weights through `from_pretrained`, which maps the checkpoint's key names back.
+
+        transformers 5 saves Qwen2-VL-family checkpoints under their legacy key names ("model.layers.0...") but
+        Trainer's resume path loads the file as a raw state dict for the current names
+        ("model.language_model.layers.0..."): every key is reported missing and the run silently resumes
+        from the initial weights. Plain (non-sharded) models are therefore reloaded here with the model
+        class's own loader; DeepSpeed, FSDP and adapter checkpoints keep Trainer's path.
+        """
+        from transformers import PreTrainedModel
+
+        model = model if model is not None else self.model
+        target = self.accelerator.unwrap_model(model)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not isinstance(target, PreTrainedModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(target.parameters()).dtype
+        restored = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        missing, unexpected = target.load_state_dict(restored.state_dict(), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        del restored
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:

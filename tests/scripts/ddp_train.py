@@ -1,0 +1,51 @@
+"""Two-process training for the multi-process test (launched with `accelerate launch`).
+
+    accelerate launch --config_file configs/accelerate/multi_cpu.yaml tests/scripts/ddp_train.py OUT_DIR
+
+Each rank trains the tiny default for 2 steps together, then measures connectivity and credit on the same
+fixed batch with its (synchronised) model copy and writes rank<k>.pt for the test to compare.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from atrl.credit import assign_credit
+from atrl.data.synthetic import build_prompt, generate
+from atrl.rl.recipe import load_recipe, run_training
+
+
+def diversity_reward(prompts, completions, **columns):
+    return [len(set(c[-1]["content"])) / 10 for c in completions]
+
+
+def main():
+    out = sys.argv[1]
+    recipe = load_recipe(None, ["--trl.output_dir", out, "--trl.max_steps", "2", "--trl.save_strategy", "no",
+                                "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4",
+                                "--trl.max_completion_length", "10", "--trl.learning_rate", "1e-2",
+                                "--trl.report_to", "[]", "--trl.disable_tqdm", "true", "--data.n", "16",
+                                "--rewards.custom", "{ddp_train:diversity_reward: 1.0}"])
+    trainer = run_training(recipe, progress=False)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    processor = trainer.processing_class
+    examples = generate(3, seed=99)
+    processor.tokenizer.padding_side = "left"
+    texts = [processor.apply_chat_template(build_prompt(e.question), add_generation_prompt=True) + e.reasoning
+             for e in examples]
+    batch = processor(text=texts, images=[[e.image] for e in examples], return_tensors="pt", padding=True)
+    T = 16
+    with torch.no_grad(), trainer.probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=T) as cap:
+        model(**batch, use_cache=False)
+    mask = torch.ones(3, T, dtype=torch.bool)
+    conn, prof = cap.connectivity(mask)
+    weights = assign_credit(conn, prof, mask, trainer.credit_options).weights
+    rank = dist.get_rank()
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.save({"rank": rank, "world": dist.get_world_size(), "weights": weights, "conn": conn,
+                "params": params, "steps": trainer.state.global_step}, f"{out}/rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

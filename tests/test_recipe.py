@@ -1,0 +1,77 @@
+"""YAML recipes and `atrl train` command-line overrides."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from atrl.cli import main
+from atrl.rl.recipe import apply_overrides, grpo_config, load_recipe, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_recipe_parses():
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {p.name for p in paths} >= {"demo.yaml", "qwen2.5-vl-3b.yaml", "qwen2.5-vl-7b.yaml"}
+    for path in paths:
+        recipe = load_recipe(path)
+        assert recipe.anchor.mode == "atrl"
+        assert recipe.trl["output_dir"].startswith("runs/")
+    for path in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["num_processes"] >= 2 and cfg["distributed_type"] in ("MULTI_GPU", "DEEPSPEED", "FSDP")
+
+
+def test_demo_recipe_is_the_default():
+    demo, default = load_recipe(ROOT / "configs" / "demo.yaml"), load_recipe(None)
+    assert demo.anchor.credit_options() == default.anchor.credit_options()
+    for section in ("model", "data", "rewards"):
+        assert getattr(demo, section) == getattr(default, section)
+    assert demo.anchor.mode == default.anchor.mode and demo.resume == default.resume
+    assert {**demo.trl, "output_dir": None} == {**default.trl, "output_dir": None}
+
+
+def test_overrides_are_typed_and_nested():
+    raw = apply_overrides({}, ["--anchor.mode", "uniform", "--trl.learning_rate", "1e-5", "--anchor.credit.anchor_ratio",
+                               "0.2", "trl.max_steps=7", "--anchor.region_grid", "[2, 3]", "--model.path", "null"])
+    recipe = recipe_from_dict(raw)
+    assert recipe.anchor.mode == "uniform" and recipe.anchor.region_grid == (2, 3)
+    assert recipe.trl["learning_rate"] == 1e-5 and recipe.trl["max_steps"] == 7
+    assert recipe.anchor.credit_options().anchor_ratio == 0.2
+    args = grpo_config(recipe)
+    assert args.learning_rate == 1e-5 and args.max_steps == 7 and args.reward_weights == [1.0, 0.2]
+
+
+@pytest.mark.parametrize("override,match", [
+    (["--anchor.mode", "bogus"], "anchor.mode='bogus'"),
+    (["--anchor.credit.w_other", "0"], "w_other"),
+    (["--anchor.credit.nope", "1"], r"anchor.credit has unknown keys \['nope'\]"),
+    (["--model.typo", "1"], r"section 'model' has unknown keys \['typo'\]"),
+    (["--foo.bar", "1"], "unknown section 'foo'"),
+    (["--anchor.mode"], "has no value"),
+    (["--model.dtype", "float8"], "model.dtype"),
+])
+def test_bad_recipes_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_recipe(None, override)
+
+
+def test_bad_trl_field_and_cli_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="recipe section 'trl'"):
+        grpo_config(load_recipe(None, ["--trl.not_a_field", "1"]))
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert main(["train", "--anchor.mode", "bogus"]) == 2
+    assert "anchor.mode='bogus'" in capsys.readouterr().err
+
+
+def test_cli_train_runs_and_writes_final_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--trl.output_dir", str(out), "--trl.max_steps", "1", "--data.n", "8",
+                 "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4",
+                 "--trl.max_completion_length", "8", "--trl.report_to", "[tensorboard]", "--trl.disable_tqdm", "true"])
+    assert code == 0
+    assert (out / "final" / "model.safetensors").is_file() and (out / "recipe.yaml").is_file()
+    assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard logs are written by default"
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["anchor"]["mode"] == "atrl"

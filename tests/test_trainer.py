@@ -1,0 +1,204 @@
+"""ATRLTrainer on the tiny Qwen2.5-VL, on CPU: every mode, exactness of `uniform`, where the weights go,
+robustness, resume after a kill, and two processes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from atrl.credit import CreditOptions, assign_credit
+from atrl.data.synthetic import generate, to_hf_dataset
+from atrl.models.zoo import build_tiny_vlm
+from atrl.rl.config import TRAINER_MODES, AnchorConfig
+from atrl.rl.trainer import ATRLTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def diversity_reward(prompts, completions, **columns):
+    """Varies between completions of an untrained model, so that advantages are not all zero."""
+    return [len(set(c[-1]["content"])) / 10 for c in completions]
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=12,
+                max_steps=2, use_cpu=True, report_to=[], logging_steps=1, bf16=False, save_strategy="no",
+                learning_rate=1e-2, disable_tqdm=True, seed=0)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def _trainer(tmp_path, cls=ATRLTrainer, reward=diversity_reward, n=8, anchor=None, **kw):
+    torch.manual_seed(0)
+    model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
+    extra = {} if cls is not ATRLTrainer else {"anchor_config": anchor or AnchorConfig()}
+    return cls(model=model, processing_class=processor, reward_funcs=[reward], args=_args(tmp_path, **kw),
+               train_dataset=to_hf_dataset(generate(n, seed=0)), **extra)
+
+
+def _params(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", TRAINER_MODES)
+def test_every_mode_trains_a_few_steps(tmp_path, mode):
+    trainer = _trainer(tmp_path, anchor=AnchorConfig(mode=mode))
+    before = _params(trainer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    after = _params(trainer)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "parameters did not change"
+    if mode != "uniform":
+        assert all("atrl/anchor_fraction" in h and 0 < h["atrl/anchor_fraction"] <= 1 for h in logs)
+        assert trainer.last_credit["result"].weights.shape == trainer.last_credit["mask"].shape
+    else:
+        assert not any(k.startswith("atrl/") for h in logs for k in h)
+
+
+def test_capture_rides_on_the_old_logps_pass_when_trl_makes_one(tmp_path):
+    trainer = _trainer(tmp_path, num_iterations=2)
+    assert trainer.capture_site == "old_logps"
+    calls = []
+    original = trainer.probe.record_forwards
+
+    def counting(*a, **k):
+        calls.append(trainer._scoring)
+        return original(*a, **k)
+
+    trainer.probe.record_forwards = counting
+    trainer.train()
+    assert calls and all(calls), "probes must only run on the scoring pass, never add a forward"
+    with pytest.raises(ValueError, match="makes no old-log-prob pass"):
+        _trainer(tmp_path, anchor=AnchorConfig(capture="old_logps"))
+
+
+def test_uniform_is_exactly_trls_loss(tmp_path):
+    plain = _trainer(tmp_path / "trl", cls=GRPOTrainer)  # built and trained one after the other: the
+    plain.train()                                          # sampling RNG is global and seeded at construction
+    ours = _trainer(tmp_path / "atrl", anchor=AnchorConfig(mode="uniform"))
+    ours.train()
+    lp = [h["loss"] for h in plain.state.log_history if "loss" in h]
+    lo = [h["loss"] for h in ours.state.log_history if "loss" in h]
+    assert lp == lo
+    p1, p2 = _params(plain), _params(ours)
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+
+
+def test_atrl_changes_the_gradient_only_through_the_recorded_weights(tmp_path):
+    # SGD: the step is proportional to the gradient (Adam's first step is about lr * sign(g), which turns
+    # 1e-7 rounding differences in near-zero gradient entries into full-size steps)
+    ours = _trainer(tmp_path / "atrl", max_steps=1, optim="sgd", learning_rate=1.0)
+    ours.train()
+    rec = ours.last_credit
+    # 1. the weights used are those atrl.credit returns for the recorded connectivity
+    again = assign_credit(rec["conn"], rec["profile"], rec["mask"], ours.credit_options)
+    assert torch.equal(again.weights, rec["result"].weights)
+    assert not torch.allclose(rec["result"].weights[rec["mask"]], torch.ones(int(rec["mask"].sum())))
+    weights, adv = rec["result"].weights, rec["advantages_in"]
+    assert adv.abs().sum() > 0
+
+    # 2. an unmodified GRPOTrainer fed W * A as its advantages takes the same step
+    class Weighted(GRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            inputs = dict(inputs, advantages=weights.to(inputs["advantages"]) * inputs["advantages"][:, None])
+            return super()._compute_loss(model, inputs)
+
+    reference = _trainer(tmp_path / "ref", cls=Weighted, max_steps=1, optim="sgd", learning_rate=1.0)
+    reference.train()
+    uniform = _trainer(tmp_path / "uni", cls=GRPOTrainer, max_steps=1, optim="sgd", learning_rate=1.0)
+    uniform.train()
+    pa, pr, pu = _params(ours), _params(reference), _params(uniform)
+    for k in pa:
+        assert torch.allclose(pa[k], pr[k], atol=1e-6, rtol=0), k
+    assert any((pa[k] - pu[k]).abs().max() > 1e-5 for k in pa), "atrl should change the step"
+
+
+def test_nonfinite_loss_and_flat_rewards_are_handled(tmp_path):
+    def constant(prompts, completions, **columns):
+        return [1.0] * len(completions)
+
+    trainer = _trainer(tmp_path, reward=diversity_reward, max_steps=3)
+    state = {"calls": 0}
+
+    def poison(module, args, output):
+        if module.training and torch.is_grad_enabled() and state["calls"] == 0:
+            state["calls"] += 1
+            name = "log_probs" if getattr(output, "log_probs", None) is not None else "logits"  # TRL's fused head
+            setattr(output, name, getattr(output, name) * float("nan"))
+        return output
+
+    handle = trainer.model.register_forward_hook(poison)
+    trainer.train()
+    handle.remove()
+    assert trainer.nonfinite_losses == 1
+    assert any(h.get("atrl/nonfinite_loss") == 1.0 for h in trainer.state.log_history)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+    flat = _trainer(tmp_path / "flat", reward=constant)
+    flat.train()
+    logs = [h for h in flat.state.log_history if "loss" in h]
+    assert all(h["frac_reward_zero_std"] == 1.0 and h["loss"] == 0.0 for h in logs)
+
+
+def _run(out, steps, crash, *extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "scripts"))
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "run_recipe.py"), str(out), str(steps),
+                           str(crash), *extra], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _final(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "final" / "model.safetensors"))
+
+
+def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_would(tmp_path):
+    straight = _run(tmp_path / "a", 4, 0)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _run(tmp_path / "b", 4, 3)
+    assert killed.returncode == 3  # died at the end of step 3, after the step-2 checkpoint
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-2"]
+    # a half-written checkpoint (no completion marker) must be ignored, not resumed from
+    half = tmp_path / "b" / "checkpoint-3"
+    half.mkdir()
+    (half / "config.json").write_text("{")
+    resumed = _run(tmp_path / "b", 4, 0)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-2" in resumed.stderr
+    assert "checkpoint-3: it was not finished" in resumed.stderr
+    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    start = _final_from(tmp_path / "a" / "checkpoint-2")
+    assert any(not torch.equal(a[k], start[k]) for k in a), "training must have moved the weights"
+    history = lambda d: [(h["step"], h["reward"]) for h in  # noqa: E731
+                         json.loads((d / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]]
+    assert history(tmp_path / "a") == history(tmp_path / "b")
+
+
+def _final_from(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_two_processes_train_together_and_agree_on_weights(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "scripts"))
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "configs" / "accelerate" / "multi_cpu.yaml"), "--main_process_port", "29541",
+                           str(ROOT / "tests" / "scripts" / "ddp_train.py"), str(out)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
+    assert r0["steps"] == r1["steps"] == 2
+    assert torch.equal(r0["params"], r1["params"])  # gradients were synchronised
+    assert torch.equal(r0["weights"], r1["weights"]) and torch.equal(r0["conn"], r1["conn"])
+    assert not torch.equal(r0["weights"], torch.ones_like(r0["weights"]))
