@@ -93,7 +93,78 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=Path(args.out), seed=args.seed, n_eval=args.n_eval)
+    run_demo(out_dir=Path(args.out), seed=args.seed, n_eval=args.n_eval, steps=args.steps, mode=args.mode)
+    return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from .data.synthetic import generate, to_hf_dataset
+    from .models.default import DEFAULT_BASE_RECIPE, build_default_base
+    from .models.zoo import build_tiny_vlm, load_model
+    from .rl.sft import run_sft
+
+    if args.default:
+        out = build_default_base(args.out)
+        print(f"default base built with {DEFAULT_BASE_RECIPE} -> {out}")
+        return 0
+    model, processor = load_model(args.model) if args.model else build_tiny_vlm(seed=args.seed)
+    rows = to_hf_dataset(generate(args.n, seed=args.data_seed))
+    out = run_sft(model, processor, rows, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                  learning_rate=args.lr, seed=args.seed)
+    print(f"supervised on {args.n} synthetic traces for {args.epochs} epochs -> {out}")
+    return 0
+
+
+def _eval_rows(args: argparse.Namespace) -> list[dict]:
+    from .data.formats import load_samples, to_trl_dataset
+    from .data.synthetic import generate, to_hf_dataset
+
+    if args.data == "synthetic":
+        return [dict(r) for r in to_hf_dataset(generate(args.n, seed=args.seed))]
+    samples, report = load_samples(args.data, args.format, on_error=args.on_error)
+    print(report)
+    return [dict(r) for r in to_trl_dataset(samples)][: args.n if args.n else None]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import evaluate
+    from .models.zoo import load_model
+
+    model, processor = load_model(args.model, device=args.device)
+    rows = _eval_rows(args)
+    result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    json_path, md_path = result.write(args.out, title=f"Evaluation of {args.model} on {args.data}")
+    print(result.to_markdown(f"Evaluation of {args.model}"))
+    print(f"-> {json_path}, {md_path}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from .data.synthetic import generate
+    from .eval.analyze import analyze
+    from .models.zoo import ensure_writable_dir, load_model
+    from .viz.plots import connectivity_histogram, highlighted_html, highlighted_png, token_heatmap
+
+    if args.data != "synthetic":
+        raise ValueError("--data: analyze needs perception spans, which the synthetic tasks carry; use synthetic")
+    out = ensure_writable_dir(args.out, argument="--out")
+    model, processor = load_model(args.model, device=args.device)
+    result = analyze(model, processor, generate(args.n, seed=args.seed), sink_debias=args.sink_debias)
+    anchors = np.concatenate([v.anchor for v in result.views])
+    connectivity_histogram(result.connectivity, anchors, result.bimodality, out / "connectivity_histogram.png")
+    highlighted_html(result.views, out / "anchors.html")
+    highlighted_png(result.views, out / "anchors.png")
+    view = result.views[0]
+    token_heatmap(view, int(view.conn.argmax()), out / "token_heatmap.png")
+    summary = result.summary()
+    (out / "analysis.json").write_text(json.dumps(summary, indent=1))
+    for key, value in summary.items():
+        print(f"{key:>18}: {value:.3f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    print(f"-> {out}")
     return 0
 
 
@@ -117,8 +188,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the embedded default end to end on the CPU")
     demo.add_argument("--out", default="atrl-demo", help="report folder")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--n-eval", type=int, default=10, help="held-out tasks to answer")
+    demo.add_argument("--n-eval", type=int, default=100, help="held-out tasks to answer")
+    demo.add_argument("--steps", type=int, default=40, help="AT-RL steps")
+    demo.add_argument("--mode", default="atrl", help="credit mode (see atrl.rl.config.TRAINER_MODES)")
     demo.set_defaults(func=_cmd_demo)
+
+    sft = sub.add_parser("sft", help="warm-start a VLM on the synthetic tasks' reference traces")
+    sft.add_argument("--out", required=True, help="output checkpoint folder")
+    sft.add_argument("--default", action="store_true", help="rebuild the embedded default base (recorded recipe)")
+    sft.add_argument("--model", default=None, help="checkpoint to start from (default: a fresh tiny Qwen2.5-VL)")
+    sft.add_argument("--n", type=int, default=4000, help="synthetic training examples")
+    sft.add_argument("--data-seed", type=int, default=1)
+    sft.add_argument("--epochs", type=float, default=6.0)
+    sft.add_argument("--batch-size", type=int, default=32)
+    sft.add_argument("--lr", type=float, default=2e-3)
+    sft.add_argument("--seed", type=int, default=0)
+    sft.set_defaults(func=_cmd_sft)
+
+    for name, helptext in (("eval", "accuracy of a checkpoint, overall and by category"),
+                           ("analyze", "connectivity, anchors and perception spans of a checkpoint")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", required=True, help="checkpoint folder or hub id")
+        p.add_argument("--data", default="synthetic", help="'synthetic' or a data file (MathVista, Geometry3K, JSONL)")
+        p.add_argument("--format", default="auto")
+        p.add_argument("--on-error", default="raise", choices=["raise", "skip"])
+        p.add_argument("--n", type=int, default=200 if name == "eval" else 50, help="examples")
+        p.add_argument("--seed", type=int, default=12345, help="synthetic data seed (held out from training)")
+        p.add_argument("--out", default=f"atrl-{name}", help="output folder")
+        p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
+        if name == "eval":
+            p.add_argument("--max-new-tokens", type=int, default=64)
+            p.add_argument("--batch-size", type=int, default=16)
+            p.set_defaults(func=_cmd_eval)
+        else:
+            p.add_argument("--sink-debias", default="head_baseline")
+            p.set_defaults(func=_cmd_analyze)
 
     train = sub.add_parser("train", help="AT-RL training from a YAML recipe (no config: the embedded default)",
                            description="Overrides after the options: --section.key value, e.g. "

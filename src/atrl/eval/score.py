@@ -1,0 +1,113 @@
+"""Evaluate a VLM checkpoint on a data set: greedy answers, rule-based scoring, accuracy by category.
+
+Rows are dicts with `prompt` (TRL conversational), `image` or `images`, `answer`, `answer_type`, optional
+`choices`, `precision` and a category: `family` (synthetic tasks) or MathVista's `metadata.category`.
+Scoring uses `atrl.rl.rewards`: the answer is extracted from the response and compared by answer type.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..rl.rewards import extract_answer, is_equivalent
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    n: int
+    by_category: dict[str, dict[str, float]]
+    rows: list[dict[str, Any]] = field(default_factory=list)  # per row: uid, category, answer, extracted, correct
+
+    def to_json(self) -> str:
+        return json.dumps({"accuracy": self.accuracy, "n": self.n, "by_category": self.by_category,
+                           "rows": self.rows}, indent=1, ensure_ascii=False)
+
+    def to_markdown(self, title: str = "Evaluation") -> str:
+        lines = [f"# {title}", "", f"Overall accuracy: **{100 * self.accuracy:.1f}%** ({self.n} questions)", "",
+                 "| category | n | accuracy |", "|---|---|---|"]
+        for cat, v in sorted(self.by_category.items()):
+            lines.append(f"| {cat} | {int(v['n'])} | {100 * v['accuracy']:.1f}% |")
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: str | Path, title: str = "Evaluation") -> tuple[Path, Path]:
+        from ..models.zoo import ensure_writable_dir
+
+        out = ensure_writable_dir(out_dir, argument="--out")
+        (out / "eval.json").write_text(self.to_json())
+        (out / "eval.md").write_text(self.to_markdown(title))
+        return out / "eval.json", out / "eval.md"
+
+
+def _images(row: dict) -> list:
+    if row.get("images") is not None:
+        return list(row["images"])
+    return [row["image"]] if row.get("image") is not None else []
+
+
+def _category(row: dict) -> str:
+    if row.get("family"):
+        return str(row["family"])
+    meta = row.get("metadata")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except json.JSONDecodeError:
+            meta = {}
+    return str((meta or {}).get("category", "all"))
+
+
+@torch.no_grad()
+def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens: int = 64, batch_size: int = 16,
+                       progress=None) -> list[str]:
+    """Greedy responses for `rows` (left-padded batches)."""
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        texts = [processor.apply_chat_template(r["prompt"], add_generation_prompt=True) for r in chunk]
+        images = [_images(r) for r in chunk]
+        kwargs = {"images": images} if any(images) else {}
+        batch = processor(text=texts, return_tensors="pt", padding=True, **kwargs).to(device)
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        out.extend(tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+        if progress is not None:
+            progress(len(chunk))
+    if was_training:
+        model.train()
+    return out
+
+
+def score_responses(rows: Sequence[dict], responses: Sequence[str]) -> EvalResult:
+    if len(rows) != len(responses):
+        raise ValueError(f"{len(rows)} rows but {len(responses)} responses")
+    per_cat: dict[str, list[bool]] = defaultdict(list)
+    scored = []
+    for row, response in zip(rows, responses):
+        pred, rule = extract_answer(response)
+        ok = is_equivalent(pred, row["answer"], row.get("answer_type") or "text",
+                           choices=row.get("choices") or None, precision=row.get("precision"))
+        cat = _category(row)
+        per_cat[cat].append(ok)
+        scored.append({"uid": row.get("uid"), "category": cat, "answer": row["answer"], "extracted": pred,
+                       "rule": rule, "correct": ok, "response": response})
+    n = len(scored)
+    acc = sum(r["correct"] for r in scored) / n if n else float("nan")
+    by_cat = {c: {"n": len(v), "accuracy": sum(v) / len(v)} for c, v in per_cat.items()}
+    return EvalResult(acc, n, by_cat, scored)
+
+
+def evaluate(model, processor, rows: Iterable[dict], **kwargs) -> EvalResult:
+    rows = list(rows)
+    return score_responses(rows, generate_responses(model, processor, rows, **kwargs))
