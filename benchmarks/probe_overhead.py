@@ -41,7 +41,8 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
     t = half // 4
     h = (half - t) // 2
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab, bos_token_id=vocab - 6, eos_token_id=vocab - 6, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        text_config=dict(vocab_size=vocab, bos_token_id=vocab - 6, eos_token_id=vocab - 6, hidden_size=hidden,
+                         intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                           "mrope_section": [t, h, half - t - h]}),

@@ -1,11 +1,19 @@
+import json
+
 from PIL import Image
 
 from atrl.cli import main
 
 
-def test_demo_runs_and_writes_its_report(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--n-eval", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "accuracy" in out
-    assert Image.open(tmp_path / "demo" / "tasks.png").format == "PNG"
-    assert (tmp_path / "demo" / "base-model" / "config.json").is_file()
+def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n-eval", "10", "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out accuracy" in printed and "after 2 AT-RL steps" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and 0 <= summary["accuracy_before"] <= 1 and 0 <= summary["accuracy_after"] <= 1
+    assert 0 < summary["analysis"]["anchor_fraction"] < 1
+    for name in ("tasks.png", "training_curves.png", "connectivity_histogram.png", "anchors.png", "token_heatmap.png"):
+        assert Image.open(out / name).format == "PNG", name
+    assert "<span class='tok" in (out / "anchors.html").read_text()
+    assert (out / "run" / "final" / "model.safetensors").is_file()

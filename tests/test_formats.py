@@ -47,7 +47,8 @@ def files(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mv.parquet")
     # Geometry3K / ViRL39K style JSONL
     with (tmp_path / "geo.jsonl").open("w") as fh:
-        fh.write(json.dumps({"id": "g1", "problem": "Find the angle.", "answer": "30", "images": ["images/1.png"]}) + "\n")
+        fh.write(json.dumps({"id": "g1", "problem": "Find the angle.", "answer": "30",
+                             "images": ["images/1.png"]}) + "\n")
         fh.write(json.dumps({"id": "g2", "problem": "Find x.", "answer": "\\frac{1}{2}",
                              "images": ["images/1.png", "images/2.png"]}) + "\n")
     # generic JSONL

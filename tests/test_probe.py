@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from PIL import Image
 
 from atrl.data.synthetic import generate
 from atrl.models.zoo import FAMILIES, build_tiny_vlm

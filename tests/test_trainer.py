@@ -12,7 +12,7 @@ import pytest
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from atrl.credit import CreditOptions, assign_credit
+from atrl.credit import assign_credit
 from atrl.data.synthetic import generate, to_hf_dataset
 from atrl.models.zoo import build_tiny_vlm
 from atrl.rl.config import TRAINER_MODES, AnchorConfig

@@ -93,7 +93,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=Path(args.out), seed=args.seed, n_eval=args.n_eval, steps=args.steps, mode=args.mode)
+    run_demo(out_dir=Path(args.out), seed=args.seed, n_eval=args.n_eval, steps=args.steps, mode=args.mode,
+             overrides=args.overrides)
     return 0
 
 
@@ -185,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atrl", description="Anchor-Token RL for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the embedded default end to end on the CPU")
+    demo = sub.add_parser("demo", help="run the embedded default end to end on the CPU",
+                          description="Recipe overrides may follow, as for `atrl train` (--trl.learning_rate 1e-5)")
     demo.add_argument("--out", default="atrl-demo", help="report folder")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--n-eval", type=int, default=100, help="held-out tasks to answer")
@@ -258,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "demo"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     try:

@@ -15,10 +15,12 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
-def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 40, mode: str = "atrl") -> dict:
+def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 40, mode: str = "atrl",
+             overrides: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
@@ -43,7 +45,7 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 40, m
     task_grid(held_out[:10], out / "tasks.png")
 
     model, processor = load_model(base_path)
-    before = evaluate(model, processor, held_rows, max_new_tokens=48, batch_size=50)
+    before = evaluate(model, processor, held_rows, max_new_tokens=96, batch_size=50)
     console.print(f"held-out accuracy of the base: {100 * before.accuracy:.1f}%")
     del model
 
@@ -51,12 +53,12 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 40, m
     recipe = load_recipe(None, [
         "--model.path", str(base_path), "--anchor.mode", mode, "--trl.output_dir", str(run_dir),
         "--trl.max_steps", str(steps), "--trl.seed", str(seed), "--data.seed", str(seed + 1), "--resume", "false",
-        "--trl.save_steps", str(max(steps, 1)), "--trl.report_to", "[tensorboard]"])
+        "--trl.save_steps", str(max(steps, 1)), "--trl.report_to", "[tensorboard]", *(overrides or [])])
     console.print(f"AT-RL: {steps} steps, mode {mode} (recipe: {run_dir / 'recipe.yaml'})")
     trainer = run_training(recipe)
     history = trainer.state.log_history
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    after = evaluate(trained, processor, held_rows, max_new_tokens=48, batch_size=50)
+    after = evaluate(trained, processor, held_rows, max_new_tokens=96, batch_size=50)
 
     table = Table(title=f"held-out accuracy, {n_eval} tasks (greedy)")
     table.add_column("family")
@@ -71,7 +73,7 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 40, m
 
     analysis = analyze(trained, processor, held_out[:40], credit=trainer.credit_options,
                        sink_debias=recipe.anchor.sink_debias)
-    anchors = __import__("numpy").concatenate([v.anchor for v in analysis.views])
+    anchors = np.concatenate([v.anchor for v in analysis.views])
     files = {
         "training_curves": training_curves(history, out / "training_curves.png"),
         "connectivity_histogram": connectivity_histogram(analysis.connectivity, anchors, analysis.bimodality,

@@ -59,6 +59,7 @@ def build_byte_tokenizer(
         bos_token=bos_token,
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 16,
+        padding_side="left",  # generation and TRL's GRPO expect left-padded prompts
         **({"extra_special_tokens": dict(extra_attributes)} if extra_attributes else {}),
     )
     if chat_template is not None:

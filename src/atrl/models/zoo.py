@@ -164,33 +164,29 @@ def _qwen_image_processor(size: TinySize):
                                     temporal_patch_size=2, merge_size=2)
 
 
+def _build_qwen(size: TinySize, config_cls, model_cls, processor_cls, vision: dict[str, Any]):
+    """Both Qwen families: same tokenizer, text config and image processor; only the vision tower differs."""
+    tok = _qwen_tokenizer()
+    config = config_cls(
+        text_config=_qwen_text_config(size, len(tok), tok),
+        vision_config=dict(depth=size.vision_layers, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, **vision),
+        tie_word_embeddings=True,
+        **_qwen_ids(tok),
+    )
+    processor = processor_cls(image_processor=_qwen_image_processor(size), tokenizer=tok, chat_template=_QWEN_TEMPLATE)
+    return model_cls(config), processor
+
+
 def _build_qwen2_5_vl(size: TinySize):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from .processors import Qwen2_5_VLImageProcessorOnly
 
-    tok = _qwen_tokenizer()
-    vocab = len(tok)
-    config = Qwen2_5_VLConfig(
-        text_config=_qwen_text_config(size, vocab, tok),
-        vision_config=dict(
-            depth=size.vision_layers,
-            hidden_size=size.vision_hidden_size,
-            intermediate_size=2 * size.vision_hidden_size,
-            num_heads=2,
-            out_hidden_size=size.hidden_size,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=56,
-            fullatt_block_indexes=[size.vision_layers - 1],
-        ),
-        tie_word_embeddings=True,
-        **_qwen_ids(tok),
-    )
-    processor = Qwen2_5_VLImageProcessorOnly(image_processor=_qwen_image_processor(size), tokenizer=tok,
-                                    chat_template=_QWEN_TEMPLATE)
-    return Qwen2_5_VLForConditionalGeneration(config), processor
+    return _build_qwen(size, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessorOnly,
+                       dict(hidden_size=size.vision_hidden_size, intermediate_size=2 * size.vision_hidden_size,
+                            out_hidden_size=size.hidden_size, window_size=56,
+                            fullatt_block_indexes=[size.vision_layers - 1]))
 
 
 def _build_qwen2_vl(size: TinySize):
@@ -198,26 +194,8 @@ def _build_qwen2_vl(size: TinySize):
 
     from .processors import Qwen2VLImageProcessorOnly
 
-    tok = _qwen_tokenizer()
-    vocab = len(tok)
-    config = Qwen2VLConfig(
-        text_config=_qwen_text_config(size, vocab, tok),
-        vision_config=dict(
-            depth=size.vision_layers,
-            embed_dim=size.vision_hidden_size,
-            hidden_size=size.hidden_size,
-            mlp_ratio=2,
-            num_heads=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
-        tie_word_embeddings=True,
-        **_qwen_ids(tok),
-    )
-    processor = Qwen2VLImageProcessorOnly(image_processor=_qwen_image_processor(size), tokenizer=tok,
-                                 chat_template=_QWEN_TEMPLATE)
-    return Qwen2VLForConditionalGeneration(config), processor
+    return _build_qwen(size, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorOnly,
+                       dict(embed_dim=size.vision_hidden_size, hidden_size=size.hidden_size, mlp_ratio=2))
 
 
 def _build_llava(size: TinySize):

@@ -33,10 +33,10 @@ logger = logging.getLogger("atrl")
 DEFAULT_TRL: dict[str, Any] = {
     # The embedded default: small enough for two CPU cores, large enough to see rewards move.
     "output_dir": "runs/atrl",
-    "per_device_train_batch_size": 8,
+    "per_device_train_batch_size": 32,
     "num_generations": 8,
-    "max_completion_length": 48,
-    "learning_rate": 5e-5,
+    "max_completion_length": 96,
+    "learning_rate": 1e-4,
     "max_steps": 30,
     "logging_steps": 1,
     "save_steps": 10,

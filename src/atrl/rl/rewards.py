@@ -33,7 +33,6 @@ import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from fractions import Fraction
 from typing import Any, Callable, Sequence
 
 ANSWER_TYPES = ("integer", "float", "number", "choice", "multi_choice", "math", "expression", "list", "text",

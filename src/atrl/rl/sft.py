@@ -8,14 +8,13 @@ reading of the image; RL then has groups whose rewards are neither all 0 nor all
 
 from __future__ import annotations
 
-import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-logger = logging.getLogger("atrl")
 
 
 @dataclass
@@ -50,7 +49,8 @@ def run_sft(model, processor, train_rows, out_dir: str | Path, *, epochs: float 
 
     out = ensure_writable_dir(out_dir, argument="--out")
     args = TrainingArguments(
-        output_dir=str(out / "trainer"), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+        output_dir=tempfile.mkdtemp(prefix="atrl-sft-"),  # nothing is saved there (save_strategy="no")
+        num_train_epochs=epochs, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0,
         logging_steps=10, save_strategy="no", report_to=report_to or [], seed=seed, data_seed=seed,
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=not progress,

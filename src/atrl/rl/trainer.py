@@ -38,6 +38,13 @@ class ATRLTrainer(GRPOTrainer):
     """GRPOTrainer + AT-RL. Takes every GRPOTrainer argument, plus `anchor_config`."""
 
     def __init__(self, *args, anchor_config: AnchorConfig | None = None, **kwargs):
+        processing_class = kwargs.get("processing_class")
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer is not None and getattr(tokenizer, "padding_side", "left") != "left":
+            # TRL left-pads prompt_ids but re-runs the processor for the image inputs with the tokenizer's own
+            # padding side; with right padding, mm_token_type_ids no longer line up with the prompt and Qwen's
+            # M-RoPE positions are wrong (or get_rope_index fails when an image's tokens are cut).
+            tokenizer.padding_side = "left"
         super().__init__(*args, **kwargs)
         self.anchor = anchor_config or AnchorConfig()
         self.credit_options = self.anchor.credit_options()
