@@ -34,7 +34,8 @@ def test_demo_recipe_is_the_default():
 
 def test_overrides_are_typed_and_nested():
     raw = apply_overrides({}, ["--anchor.mode", "uniform", "--trl.learning_rate", "1e-5",
-                               "--anchor.credit.anchor_ratio", "0.2", "trl.max_steps=7", "--anchor.region_grid", "[2, 3]", "--model.path", "null"])
+                               "--anchor.credit.anchor_ratio", "0.2", "trl.max_steps=7",
+                               "--anchor.region_grid", "[2, 3]", "--model.path", "null"])
     recipe = recipe_from_dict(raw)
     assert recipe.anchor.mode == "uniform" and recipe.anchor.region_grid == (2, 3)
     assert recipe.trl["learning_rate"] == 1e-5 and recipe.trl["max_steps"] == 7
