@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="atrl-demo", help="report folder")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--n-eval", type=int, default=100, help="held-out tasks to answer")
-    demo.add_argument("--steps", type=int, default=40, help="AT-RL steps")
+    demo.add_argument("--steps", type=int, default=100, help="AT-RL steps")
     demo.add_argument("--mode", default="atrl", help="credit mode (see atrl.rl.config.TRAINER_MODES)")
     demo.set_defaults(func=_cmd_demo)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 
-def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 40, mode: str = "atrl",
+def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 100, mode: str = "atrl",
              overrides: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table

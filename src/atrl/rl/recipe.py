@@ -36,7 +36,7 @@ DEFAULT_TRL: dict[str, Any] = {
     "per_device_train_batch_size": 32,
     "num_generations": 8,
     "max_completion_length": 96,
-    "learning_rate": 1e-4,
+    "learning_rate": 2e-5,
     "max_steps": 30,
     "logging_steps": 1,
     "save_steps": 10,
