@@ -199,6 +199,7 @@ def test_two_processes_train_together_and_agree_on_weights(tmp_path):
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
     assert r0["steps"] == r1["steps"] == 2
+    assert all(g > 0 for g in r0["grad_norms"]) and len(r0["grad_norms"]) == 2  # a real update each step
     assert torch.equal(r0["params"], r1["params"])  # gradients were synchronised
     assert torch.equal(r0["weights"], r1["weights"]) and torch.equal(r0["conn"], r1["conn"])
     assert not torch.equal(r0["weights"], torch.ones_like(r0["weights"]))

@@ -24,7 +24,7 @@ def main():
     out = sys.argv[1]
     recipe = load_recipe(None, ["--trl.output_dir", out, "--trl.max_steps", "2", "--trl.save_strategy", "no",
                                 "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4",
-                                "--trl.max_completion_length", "10", "--trl.learning_rate", "1e-2",
+                                "--trl.max_completion_length", "40", "--trl.learning_rate", "1e-2",
                                 "--trl.report_to", "[]", "--trl.disable_tqdm", "true", "--data.n", "16",
                                 "--rewards.custom", "{ddp_train:diversity_reward: 1.0}"])
     trainer = run_training(recipe, progress=False)
@@ -44,7 +44,9 @@ def main():
     rank = dist.get_rank()
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.save({"rank": rank, "world": dist.get_world_size(), "weights": weights, "conn": conn,
-                "params": params, "steps": trainer.state.global_step}, f"{out}/rank{rank}.pt")
+                "params": params, "steps": trainer.state.global_step,
+                "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]},
+               f"{out}/rank{rank}.pt")
 
 
 if __name__ == "__main__":

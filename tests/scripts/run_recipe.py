@@ -33,7 +33,7 @@ def main():
     crash = int(sys.argv[3])
     recipe = load_recipe(None, ["--trl.output_dir", out, "--trl.max_steps", str(max_steps), "--trl.save_steps", "2",
                                 "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4",
-                                "--trl.max_completion_length", "12", "--trl.learning_rate", "1e-2",
+                                "--trl.max_completion_length", "40", "--trl.learning_rate", "1e-3",
                                 "--trl.report_to", "[]", "--trl.disable_tqdm", "true", "--data.n", "32",
                                 "--trl.save_total_limit", "null",
                                 "--rewards.custom", "{run_recipe:diversity_reward: 1.0}", *sys.argv[4:]])
