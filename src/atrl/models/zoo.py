@@ -109,6 +109,12 @@ class TinySize:
         if self.image_size % 28:
             raise ValueError(f"TinySize.image_size must be a multiple of 28 (patch 14, merge 2), got {self.image_size}")
 
+    def decoder_dims(self) -> dict[str, int]:
+        """The decoder fields every family's text config shares."""
+        return dict(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                    num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                    num_key_value_heads=self.num_kv_heads, max_position_embeddings=4096)
+
 
 def _mrope_section(head_dim: int) -> list[int]:
     """Split head_dim/2 rotary frequencies into temporal, height, width sections (Qwen's 1:1.5:1.5)."""
@@ -121,12 +127,7 @@ def _mrope_section(head_dim: int) -> list[int]:
 def _qwen_text_config(size: TinySize, vocab_size: int, tok) -> dict[str, Any]:
     return dict(
         vocab_size=vocab_size,
-        hidden_size=size.hidden_size,
-        intermediate_size=size.intermediate_size,
-        num_hidden_layers=size.num_layers,
-        num_attention_heads=size.num_heads,
-        num_key_value_heads=size.num_kv_heads,
-        max_position_embeddings=4096,
+        **size.decoder_dims(),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "mrope_section": _mrope_section(size.hidden_size // size.num_heads)},
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
@@ -225,12 +226,7 @@ def _build_llava(size: TinySize):
         text_config=dict(
             model_type="llama",
             vocab_size=len(tok),
-            hidden_size=size.hidden_size,
-            intermediate_size=size.intermediate_size,
-            num_hidden_layers=size.num_layers,
-            num_attention_heads=size.num_heads,
-            num_key_value_heads=size.num_kv_heads,
-            max_position_embeddings=4096,
+            **size.decoder_dims(),
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
