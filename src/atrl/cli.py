@@ -181,8 +181,6 @@ def _add_data_args(p: argparse.ArgumentParser, n: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models.zoo import DEFAULT_FAMILY, FAMILIES
-
     parser = argparse.ArgumentParser(prog="atrl", description="Anchor-Token RL for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -247,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="tiny offline VLMs").add_subparsers(dest="action", required=True)
     build = model.add_parser("build", help="build a tiny random VLM and save it as a checkpoint folder")
-    build.add_argument("--family", choices=sorted(FAMILIES), default=DEFAULT_FAMILY)
+    build.add_argument("--family", default="qwen2_5_vl", help="qwen2_5_vl (default), qwen2_vl or llava")
     build.add_argument("--out", required=True, help="checkpoint folder")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--layers", type=int, default=4)
