@@ -118,7 +118,9 @@ class ATRLTrainer(GRPOTrainer):
                 raise
             logger.warning("step %d: credit assignment failed (%s); this batch uses uniform weights",
                            self.state.global_step, err)
-            self._log_metric_values({"atrl/credit_fallback": [1.0]})
+            # every process reduces the same metric names in the same order, whatever happened on it
+            self._log_metric_values({name: [] for name in self._metric_names(measured)} |
+                                    {"atrl/credit_fallback": [1.0]})
             return advantages
         weights = result.weights.to(device=advantages.device, dtype=advantages.dtype)
         self.last_credit = {"conn": conn.detach().cpu(), "profile": prof.detach().cpu(), "mask": mask.cpu(),
@@ -143,12 +145,24 @@ class ATRLTrainer(GRPOTrainer):
                 "atrl/degenerate": result.degenerate.float().tolist(),
                 "atrl/mean_conn": [float(conn[mask].mean())] if mask.any() else [],
             })
+        assert list(stats) == self._metric_names(measured)
         self._log_metric_values(stats)
         base = advantages if advantages.dim() == 2 else advantages[:, None]
         return weights * base
 
+    @staticmethod
+    def _metric_names(measured: bool) -> list[str]:
+        names = ["atrl/credit_fallback", "atrl/anchor_fraction", "atrl/weight_max", "atrl/weight_min",
+                 "atrl/weight_std", "atrl/time/credit_s"]
+        if measured:
+            names += ["atrl/anchor_conn", "atrl/other_conn", "atrl/bimodality", "atrl/num_parts", "atrl/degenerate",
+                      "atrl/mean_conn"]
+        return names
+
     def _log_metric_values(self, values: dict[str, list[float]]) -> None:
-        """Append the mean over all processes of each metric's finite values (NaN where none)."""
+        """Append the mean over all processes of each metric's finite values (nothing where none).
+
+        A collective: every process must call it with the same names in the same order."""
         mode = "train" if self.model.training else "eval"
         for name, vals in values.items():
             finite = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
@@ -210,10 +224,14 @@ class ATRLTrainer(GRPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
+        # Gradients are checked too: under data parallelism one process's NaN reaches every process through the
+        # gradient all-reduce while their own losses stay finite, and all must skip the step alike.
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads_finite = bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+        if not (torch.isfinite(loss).all() and grads_finite):
             self.nonfinite_losses += 1
-            logger.warning("step %d: non-finite loss (%s); this step's gradients are zeroed and it is counted in "
-                           "atrl/nonfinite_loss", self.state.global_step, loss.item())
+            logger.warning("step %d: non-finite loss or gradient (loss %s); this step's gradients are zeroed and "
+                           "it is counted in atrl/nonfinite_loss", self.state.global_step, loss.item())
             model.zero_grad(set_to_none=False)
             self._metrics["train"]["atrl/nonfinite_loss"].append(1.0)
             return torch.zeros_like(loss)
