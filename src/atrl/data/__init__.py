@@ -1,1 +1,1 @@
-"""Inputs: procedural visual-reasoning tasks with verifiable answers."""
+"""Inputs: procedural visual-reasoning tasks (`synthetic`) and loaders for users' data-set files (`formats`)."""

@@ -1,1 +1,2 @@
-"""Training: verifiable rewards (and, as it lands, the TRL trainer, callbacks and metrics)."""
+"""Training: the AT-RL trainer on TRL (`trainer`), its config (`config`), YAML recipes (`recipe`), verifiable
+rewards (`rewards`), the SFT warm start (`sft`), checkpoints and the progress bar. Import the submodules."""
