@@ -100,6 +100,17 @@ class ConnectivityProbe:
         """Give the decoder back its SDPA attention."""
         self.model.set_attn_implementation({"text_config": "sdpa"})
 
+    def _new_state(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                   response_len: int | None) -> ProbeState:
+        """Region indicators for this batch and an empty record, keeping the last response_len + 1 rows."""
+        if response_len is not None and not 0 < response_len < input_ids.shape[1]:
+            raise ProbeError(f"response_len={response_len} must be in [1, {input_ids.shape[1] - 1}]")
+        dtype = next(self.model.parameters()).dtype
+        indicators = self.layout.region_indicators(input_ids, image_grid_thw, self.region_grid, dtype=dtype)
+        pad = self.pad_qk if self.pad_qk is not None else input_ids.is_cuda
+        return ProbeState(indicators, self.layer_of_module, keep_last=response_len + 1 if response_len else None,
+                          pad_qk=pad)
+
     @contextmanager
     def capture(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
                 response_len: int | None = None) -> Iterator[Capture]:
@@ -108,13 +119,7 @@ class ConnectivityProbe:
         `response_len` T keeps only the rows the response needs (the last T + 1 positions), which bounds the
         memory at L x B x (T + 1) x H x R floats.
         """
-        dtype = next(self.model.parameters()).dtype
-        indicators = self.layout.region_indicators(input_ids, image_grid_thw, self.region_grid, dtype=dtype)
-        if response_len is not None and not 0 < response_len < input_ids.shape[1]:
-            raise ProbeError(f"response_len={response_len} must be in [1, {input_ids.shape[1] - 1}]")
-        pad = self.pad_qk if self.pad_qk is not None else input_ids.is_cuda
-        state = ProbeState(indicators, self.layer_of_module, keep_last=response_len + 1 if response_len else None,
-                           pad_qk=pad)
+        state = self._new_state(input_ids, image_grid_thw, response_len)
         token = activate(state)
         try:
             yield Capture(state, self.layers, response_len)
@@ -135,11 +140,7 @@ class ConnectivityProbe:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
                 raise ProbeError("record_forwards: the model was called without input_ids")
-            dtype = next(self.model.parameters()).dtype
-            indicators = self.layout.region_indicators(input_ids, kwargs.get("image_grid_thw"), self.region_grid,
-                                                       dtype=dtype)
-            pad = self.pad_qk if self.pad_qk is not None else input_ids.is_cuda
-            state = ProbeState(indicators, self.layer_of_module, keep_last=response_len + 1, pad_qk=pad)
+            state = self._new_state(input_ids, kwargs.get("image_grid_thw"), response_len)
             open_tokens.append(activate(state))
             records.append(Capture(state, self.layers, response_len))
 
