@@ -143,24 +143,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import json
 
-    import numpy as np
-
     from .data.synthetic import generate
     from .eval.analyze import analyze
     from .models.zoo import ensure_writable_dir, load_model
-    from .viz.plots import connectivity_histogram, highlighted_html, highlighted_png, token_heatmap
+    from .viz.plots import write_analysis_report
 
     if args.data != "synthetic":
         raise ValueError("--data: analyze needs perception spans, which the synthetic tasks carry; use synthetic")
     out = ensure_writable_dir(args.out, argument="--out")
     model, processor = load_model(args.model, device=args.device)
     result = analyze(model, processor, generate(args.n, seed=args.seed), sink_debias=args.sink_debias)
-    anchors = np.concatenate([v.anchor for v in result.views])
-    connectivity_histogram(result.connectivity, anchors, result.bimodality, out / "connectivity_histogram.png")
-    highlighted_html(result.views, out / "anchors.html")
-    highlighted_png(result.views, out / "anchors.png")
-    view = result.views[0]
-    token_heatmap(view, int(view.conn.argmax()), out / "token_heatmap.png")
+    write_analysis_report(result, out)
     summary = result.summary()
     (out / "analysis.json").write_text(json.dumps(summary, indent=1))
     for key, value in summary.items():

@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -31,7 +30,7 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 100, 
     from .models.zoo import ensure_writable_dir, load_model
     from .rl.recipe import load_recipe, run_training
     from .viz.grid import task_grid
-    from .viz.plots import connectivity_histogram, highlighted_html, highlighted_png, token_heatmap, training_curves
+    from .viz.plots import training_curves, write_analysis_report
 
     console = Console()
     out = ensure_writable_dir(out_dir, argument="--out")
@@ -73,16 +72,8 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 100, 
 
     analysis = analyze(trained, processor, held_out[:40], credit=trainer.credit_options,
                        sink_debias=recipe.anchor.sink_debias)
-    anchors = np.concatenate([v.anchor for v in analysis.views])
-    files = {
-        "training_curves": training_curves(history, out / "training_curves.png"),
-        "connectivity_histogram": connectivity_histogram(analysis.connectivity, anchors, analysis.bimodality,
-                                                         out / "connectivity_histogram.png"),
-        "responses_html": highlighted_html(analysis.views[:12], out / "anchors.html"),
-        "responses_png": highlighted_png(analysis.views[:6], out / "anchors.png"),
-    }
-    view = analysis.views[0]
-    files["heatmap"] = token_heatmap(view, int(view.conn.argmax()), out / "token_heatmap.png")
+    files = {"training_curves": training_curves(history, out / "training_curves.png"),
+             **write_analysis_report(analysis, out, html_views=12)}
     s = analysis.summary()
     console.print(f"anchors vs perception spans (reference traces, {s['tokens']} tokens): precision "
                   f"{s['anchor_precision']:.2f} (random {s['random_precision']:.2f}), recall {s['anchor_recall']:.2f} "

@@ -162,3 +162,20 @@ def token_heatmap(view, token_index: int, out: str | Path) -> Path:
     fig.colorbar(shown, ax=ax2, label="share of the token's visual attention")
     fig.tight_layout()
     return _save(fig, out)
+
+
+def write_analysis_report(result, out_dir: str | Path, *, html_views: int | None = None,
+                          png_views: int = 6) -> dict[str, Path]:
+    """The views of an `atrl.eval.analyze.AnalysisResult`: connectivity histogram, anchor-highlighted responses
+    (HTML, PNG) and the heatmap of the first response's most visual token. Returns the written files."""
+    out = Path(out_dir)
+    views = result.views
+    anchors = np.concatenate([v.anchor for v in views])
+    view = views[0]
+    return {
+        "connectivity_histogram": connectivity_histogram(result.connectivity, anchors, result.bimodality,
+                                                         out / "connectivity_histogram.png"),
+        "responses_html": highlighted_html(views[:html_views], out / "anchors.html"),
+        "responses_png": highlighted_png(views, out / "anchors.png", max_views=png_views),
+        "heatmap": token_heatmap(view, int(view.conn.argmax()), out / "token_heatmap.png"),
+    }
