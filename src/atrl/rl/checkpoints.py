@@ -29,12 +29,17 @@ def mark_checkpoint_complete(folder: str | os.PathLike, step: int) -> Path:
     return final
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step N of a `checkpoint-N` folder."""
+    return int(_CHECKPOINT.match(folder.name).group(1))
+
+
 def checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     """(complete, incomplete) checkpoint folders under `output_dir`, each sorted by step."""
     root = Path(output_dir)
     if not root.is_dir():
         return [], []
-    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))))
+    found = sorted((checkpoint_step(p), p) for p in root.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name))
     complete = [p for _, p in found if (p / MARKER).is_file()]
     incomplete = [p for _, p in found if not (p / MARKER).is_file()]
     return complete, incomplete

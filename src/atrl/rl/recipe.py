@@ -307,7 +307,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
 
 
 def resolve_resume(recipe: Recipe, output_dir: str) -> str | None:
-    from .checkpoints import checkpoints, resume_checkpoint
+    from .checkpoints import checkpoint_step, checkpoints
 
     if recipe.resume in (False, None, "false", "no"):
         return None
@@ -315,11 +315,10 @@ def resolve_resume(recipe: Recipe, output_dir: str) -> str | None:
         complete, incomplete = checkpoints(output_dir)
         latest_complete = complete[-1] if complete else None
         for folder in incomplete:
-            if latest_complete is None or int(folder.name.split("-")[1]) > int(latest_complete.name.split("-")[1]):
+            if latest_complete is None or checkpoint_step(folder) > checkpoint_step(latest_complete):
                 logger.warning("ignoring %s: it was not finished (no completion marker); resuming from %s",
                                folder, latest_complete or "the start")
-        ckpt = resume_checkpoint(output_dir)
-        return str(ckpt) if ckpt else None
+        return str(latest_complete) if latest_complete else None
     path = Path(str(recipe.resume))
     if not path.is_dir():
         raise FileNotFoundError(f"resume={str(path)!r} is not a checkpoint folder")
