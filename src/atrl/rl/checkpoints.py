@@ -43,9 +43,3 @@ def checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     complete = [p for _, p in found if (p / MARKER).is_file()]
     incomplete = [p for _, p in found if not (p / MARKER).is_file()]
     return complete, incomplete
-
-
-def resume_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The latest complete checkpoint under `output_dir`, or None when there is none."""
-    complete, _ = checkpoints(output_dir)
-    return complete[-1] if complete else None
