@@ -123,6 +123,34 @@ def test_qwen_forward_really_uses_3d_mrope(tiny_models, family):
     assert not torch.allclose(logits_3d, logits_1d)
 
 
+def _width_phase_gap(model, processor) -> float:
+    """Largest change of the rotary cos between two image tokens of one row, half the image width apart."""
+    batch = _batch(processor, generate(1, seed=6))
+    pos, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                        image_grid_thw=batch["image_grid_thw"],
+                                        attention_mask=batch["attention_mask"])
+    image = (batch["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    h, w = pos[1, 0, image], pos[2, 0, image]
+    cols = int(batch["image_grid_thw"][0, 2]) // 2  # merged tokens per row
+    left = image[(h == h[0]) & (w == w.min())][0]
+    right = image[(h == h[0]) & (w == w.min() + cols // 2)][0]
+    two = pos[:, :, torch.stack([left, right])]
+    cos, _ = model.model.language_model.rotary_emb(torch.zeros(1, dtype=torch.float32), two)
+    return (cos[0, 0] - cos[0, 1]).abs().max().item()
+
+
+def test_decoder_rotary_phases_tell_image_columns_apart():
+    """Tokens a half-image apart along the width must differ in rotary phase, or left and right look alike.
+
+    Qwen's M-RoPE gives the width axis the lowest frequencies of the head; the tiny models use a small
+    rotary base so that those frequencies still turn by a visible angle across a 4-token-wide image.
+    """
+    model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
+    assert _width_phase_gap(model, processor) > 0.05
+    model, processor = build_tiny_vlm("qwen2_5_vl", size=TinySize(rope_theta=10_000.0), seed=0)
+    assert _width_phase_gap(model, processor) < 1e-3
+
+
 def test_unknown_family_names_the_family():
     with pytest.raises(ValueError, match="unknown model family 'gpt5'"):
         build_tiny_vlm("gpt5")

@@ -82,6 +82,12 @@ class TinySize:
         vision_hidden_size: vision tower width.
         vision_layers: vision tower depth.
         image_size: side in pixels that images are resized to (a multiple of 28).
+        rope_theta: base of the decoder's rotary frequencies. Small on purpose: Qwen's M-RoPE gives an image's
+            height and width axes the lowest frequencies of the head, and with a 32-wide head and the usual
+            base of 10,000 two image tokens a quadrant apart differ by under 0.01 rad along the width, so the
+            decoder cannot tell left from right. With base 10 a tiny Qwen2.5-VL names the colour of an asked
+            quadrant of a four-colour image 70% of the time after 3,000 traces x 3 epochs, against 26% (chance)
+            with base 10,000.
     """
 
     hidden_size: int = 64
@@ -92,10 +98,11 @@ class TinySize:
     vision_hidden_size: int = 32
     vision_layers: int = 2
     image_size: int = 112
+    rope_theta: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                     "vision_hidden_size", "vision_layers", "image_size"):
+                     "vision_hidden_size", "vision_layers", "image_size", "rope_theta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TinySize.{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -128,7 +135,7 @@ def _qwen_text_config(size: TinySize, vocab_size: int, tok) -> dict[str, Any]:
     return dict(
         vocab_size=vocab_size,
         **size.decoder_dims(),
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": size.rope_theta,
                          "mrope_section": _mrope_section(size.hidden_size // size.num_heads)},
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
@@ -227,6 +234,7 @@ def _build_llava(size: TinySize):
             model_type="llama",
             vocab_size=len(tok),
             **size.decoder_dims(),
+            rope_parameters={"rope_type": "default", "rope_theta": size.rope_theta},
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
