@@ -1,5 +1,6 @@
 """YAML recipes and `atrl train` command-line overrides."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,10 +53,27 @@ def test_overrides_are_typed_and_nested():
     (["--foo.bar", "1"], "unknown section 'foo'"),
     (["--anchor.mode"], "has no value"),
     (["--model.dtype", "float8"], "model.dtype"),
+    (["--data.knobs", "{quadrant: {size: 1}}"], "knobs.quadrant: quadrant has no knob 'size'"),
+    (["--data.knobs", "{colour: {size: 1}}"], "knobs: unknown task family 'colour'"),
+    (["--data.knobs", "{quadrant: {jitter: 0.3}}"], "knobs.quadrant: QuadrantKnobs.jitter=0.3"),
 ])
 def test_bad_recipes_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):
         load_recipe(None, override)
+
+
+def test_synthetic_knobs_reach_the_training_data():
+    from atrl.rl.recipe import build_dataset
+
+    recipe = load_recipe(None, ["--data.n", "8", "--data.families", "[quadrant, count]",
+                                "--data.knobs", "{quadrant: {shapes: [square], jitter: 0}, count: {max_objects: 3}}"])
+    rows = build_dataset(recipe, processor=None)[0]
+    scenes = [json.loads(r["scene"]) for r in rows]
+    families = [r["family"] for r in rows]
+    assert families == ["quadrant", "count"] * 4
+    quadrant = [o for s, f in zip(scenes, families) if f == "quadrant" for o in s["objects"]]
+    assert quadrant and {o["shape"] for o in quadrant} == {"square"}
+    assert all(len(s["objects"]) <= 3 for s, f in zip(scenes, families) if f == "count")
 
 
 def test_bad_trl_field_and_cli_errors(tmp_path, capsys):

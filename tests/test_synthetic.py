@@ -134,6 +134,18 @@ def test_knobs_change_difficulty():
     assert all(ex.scene["op"] == "*" for ex in mult)
 
 
+def test_quadrant_tiles_fill_their_quadrant():
+    """Squares of size 0.5 with no jitter are tiles: every pixel of a quadrant has that quadrant's colour."""
+    knobs = QuadrantKnobs(shape_size=0.5, jitter=0.0, shapes=("square",), image_size=112)
+    for ex in generate(6, seed=2, families=["quadrant"], knobs={"quadrant": knobs}):
+        pixels = ex.image.load()
+        for obj in ex.scene["objects"]:
+            x0, y0 = int(obj["x"] // 56) * 56, int(obj["y"] // 56) * 56
+            inside = {pixels[x, y] for x in range(x0 + 1, x0 + 55, 6) for y in range(y0 + 1, y0 + 55, 6)}
+            assert inside == {COLOURS[obj["colour"]]}
+        assert ex.answer == _recompute(ex)
+
+
 @pytest.mark.parametrize("family,knobs,match", [
     ("count", CountKnobs(min_objects=-1), "CountKnobs.min_objects"),
     ("count", CountKnobs(max_objects=40), "CountKnobs.max_objects=40: more objects than fit"),
@@ -143,6 +155,8 @@ def test_knobs_change_difficulty():
     ("compare", CompareKnobs(max_dots=500), "CompareKnobs.max_dots=500: more objects than fit"),
     ("arithmetic", ArithmeticKnobs(ops=("/",)), "ArithmeticKnobs.ops"),
     ("quadrant", QuadrantKnobs(num_colours=2), "QuadrantKnobs.num_colours"),
+    ("quadrant", QuadrantKnobs(shape_size=0.4), "QuadrantKnobs.shape_size=0.4"),
+    ("quadrant", QuadrantKnobs(shapes=("star",)), "QuadrantKnobs.shapes"),
 ])
 def test_impossible_knobs_name_the_knob(family, knobs, match):
     with pytest.raises(ValueError, match=match):

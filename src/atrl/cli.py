@@ -24,10 +24,9 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
 
 def _knob_overrides(pairs: list[str]) -> dict:
     """Parse `family.knob=value` pairs into per-family knob dataclasses."""
-    import dataclasses
     import json
 
-    from .data.synthetic import TASK_FAMILIES
+    from .data.synthetic import knobs_from_mapping
 
     per_family: dict[str, dict] = {}
     for pair in pairs:
@@ -35,17 +34,12 @@ def _knob_overrides(pairs: list[str]) -> dict:
         family, dot, knob = key.partition(".")
         if not sep or not dot:
             raise ValueError(f"--knob {pair!r}: expected FAMILY.KNOB=VALUE, e.g. count.max_objects=10")
-        if family not in TASK_FAMILIES:
-            raise ValueError(f"--knob {pair!r}: unknown task family {family!r}; choose from {sorted(TASK_FAMILIES)}")
-        names = {f.name for f in dataclasses.fields(TASK_FAMILIES[family].knobs)}
-        if knob not in names:
-            raise ValueError(f"--knob {pair!r}: {family} has no knob {knob!r}; knobs: {sorted(names)}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        per_family.setdefault(family, {})[knob] = tuple(value) if isinstance(value, list) else value
-    return {f: TASK_FAMILIES[f].knobs(**kw) for f, kw in per_family.items()}
+        per_family.setdefault(family, {})[knob] = value
+    return knobs_from_mapping(per_family, where="--knob")
 
 
 def _examples(args: argparse.Namespace):

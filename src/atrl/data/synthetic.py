@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -370,11 +370,16 @@ class QuadrantKnobs:
     Attributes:
         num_colours: size of the colour pool the four shapes are drawn from (at least 4).
         jitter: how far (as a share of the quadrant) a shape may move from the quadrant's centre.
+        shape_size: a shape's radius as a share of the quadrant's side (bigger is easier to see); squares of
+            size 0.5 with no jitter fill their quadrant.
+        shapes: the shapes drawn from.
     """
 
     num_colours: int = 4
     jitter: float = 0.2
     image_size: int = 224
+    shape_size: float = 0.22
+    shapes: tuple[str, ...] = SHAPES
 
     def validate(self) -> None:
         _check_positive(self, "num_colours", "image_size")
@@ -382,6 +387,11 @@ class QuadrantKnobs:
             raise ValueError(f"QuadrantKnobs.num_colours={self.num_colours}: need 4 to {len(COLOURS)}")
         if not 0 <= self.jitter < 0.25:
             raise ValueError(f"QuadrantKnobs.jitter={self.jitter}: must be in [0, 0.25) to stay in the quadrant")
+        if not 0 < self.shape_size <= 0.5 - self.jitter:
+            raise ValueError(f"QuadrantKnobs.shape_size={self.shape_size}: must be in (0, 0.5 - jitter] "
+                             f"= (0, {0.5 - self.jitter:g}] to stay in the quadrant")
+        if not self.shapes or set(self.shapes) - set(SHAPES):
+            raise ValueError(f"QuadrantKnobs.shapes={self.shapes!r}: choose one or more of {SHAPES}")
 
 
 def _make_quadrant(rng: random.Random, k: QuadrantKnobs) -> dict[str, Any]:
@@ -392,8 +402,8 @@ def _make_quadrant(rng: random.Random, k: QuadrantKnobs) -> dict[str, Any]:
         qx, qy = q % 2, q // 2
         cx = (qx + 0.5) * half + rng.uniform(-k.jitter, k.jitter) * half
         cy = (qy + 0.5) * half + rng.uniform(-k.jitter, k.jitter) * half
-        objects.append({"shape": rng.choice(SHAPES), "colour": colour, "x": round(cx, 2), "y": round(cy, 2),
-                        "r": round(half * 0.22, 2)})
+        objects.append({"shape": rng.choice(k.shapes), "colour": colour, "x": round(cx, 2), "y": round(cy, 2),
+                        "r": round(half * k.shape_size, 2)})
     return {"image_size": k.image_size, "objects": objects, "asked": rng.choice(QUADRANTS)}
 
 
@@ -485,6 +495,35 @@ def generate(
     if unknown:
         raise ValueError(f"unknown task family {unknown[0]!r}; choose from {sorted(TASK_FAMILIES)}")
     return [make_example(names[i % len(names)], seed, i, knobs.get(names[i % len(names)])) for i in range(n)]
+
+
+def knobs_from_mapping(raw: dict[str, dict[str, Any]] | None, where: str = "knobs") -> dict[str, Any]:
+    """Per-family knob dataclasses from plain mappings, e.g. {"quadrant": {"shape_size": 0.4}} (YAML recipes).
+
+    Errors name `where`, the family and the knob. Lists become tuples (the dataclasses are frozen).
+    """
+    out: dict[str, Any] = {}
+    if not raw:
+        return out
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping of task family -> {{knob: value}}, got {type(raw).__name__}")
+    for family, values in raw.items():
+        if family not in TASK_FAMILIES:
+            raise ValueError(f"{where}: unknown task family {family!r}; choose from {sorted(TASK_FAMILIES)}")
+        cls = TASK_FAMILIES[family].knobs
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}.{family}: expected a mapping of knob -> value, got {type(values).__name__}")
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(values) - names)
+        if bad:
+            raise ValueError(f"{where}.{family}: {family} has no knob {bad[0]!r}; knobs: {sorted(names)}")
+        knobs = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        try:
+            knobs.validate()
+        except ValueError as err:
+            raise ValueError(f"{where}.{family}: {err}") from err
+        out[family] = knobs
+    return out
 
 
 def build_prompt(question: str) -> list[dict[str, Any]]:

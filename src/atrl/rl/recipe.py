@@ -4,7 +4,8 @@ A recipe has these sections (all optional; `configs/demo.yaml` is the embedded d
 
     model:    path (a local checkpoint folder or hub id; null = the embedded tiny default), dtype, attn_implementation
     lora:     peft LoraConfig fields (r, lora_alpha, target_modules, ...), or null for full fine-tuning
-    data:     train ("synthetic" or a data file), format, n / seed / families (synthetic), on_error, max_prompt_length
+    data:     train ("synthetic" or a data file), format, n / seed / families / knobs (synthetic), on_error,
+              max_prompt_length
     rewards:  accuracy / format weights, overlong ({max_length, cache}) or null
     anchor:   AnchorConfig (atrl.rl.config)
     trl:      any GRPOConfig field (output_dir, learning_rate, num_generations, loss_type, use_vllm, ...)
@@ -68,7 +69,8 @@ class ModelSection:
 @dataclass
 class DataSection:
     """train: "synthetic" or a data file (.parquet / .json / .jsonl). format: auto | mathvista | geometry3k | jsonl.
-    n, seed, families: synthetic data size, seed and task families. on_error: raise | skip (bad rows).
+    n, seed, families, knobs: synthetic data size, seed, task families and per-family difficulty knobs
+    ({family: {knob: value}}, see atrl.data.synthetic). on_error: raise | skip (bad rows).
     max_prompt_length: rows whose prompt with image tokens is longer are an error (or skipped)."""
 
     train: str = "synthetic"
@@ -76,9 +78,20 @@ class DataSection:
     n: int = 512
     seed: int = 0
     families: list[str] | None = None
+    knobs: dict[str, dict[str, Any]] | None = None
     image_root: str | None = None
     on_error: str = "raise"
     max_prompt_length: int | None = None
+
+    def __post_init__(self) -> None:
+        from ..data.synthetic import knobs_from_mapping
+
+        knobs_from_mapping(self.knobs, where="knobs")  # fail at load time, naming the family and knob
+
+    def synthetic_knobs(self) -> dict[str, Any]:
+        from ..data.synthetic import knobs_from_mapping
+
+        return knobs_from_mapping(self.knobs, where="data.knobs")
 
 
 @dataclass
@@ -253,7 +266,7 @@ def build_dataset(recipe: Recipe, processor):
 
     d = recipe.data
     if d.train == "synthetic":
-        return to_hf_dataset(generate(d.n, seed=d.seed, families=d.families)), None
+        return to_hf_dataset(generate(d.n, seed=d.seed, families=d.families, knobs=d.synthetic_knobs())), None
     samples, report = load_samples(d.train, d.format, image_root=d.image_root, on_error=d.on_error)
     if d.max_prompt_length is not None:
         samples = check_prompt_lengths(samples, processor, d.max_prompt_length, on_error=d.on_error, report=report)
