@@ -42,6 +42,27 @@ def _knob_overrides(pairs: list[str]) -> dict:
     return knobs_from_mapping(per_family, where="--knob")
 
 
+def _task(args: argparse.Namespace) -> tuple[list[str] | None, dict]:
+    """Families and knobs from --families / --knob; neither given: the embedded default's colour-tile task."""
+    from .data.synthetic import DEFAULT_FAMILIES, DEFAULT_KNOBS, knobs_from_mapping
+
+    if args.families is None and not args.knob:
+        return list(DEFAULT_FAMILIES), knobs_from_mapping(DEFAULT_KNOBS)
+    return args.families, _knob_overrides(args.knob or [])
+
+
+_DEFAULT_TASK_HELP = "with no --knob either: the embedded default's colour-tile quadrant task"
+
+
+def _add_task_args(p: argparse.ArgumentParser, default: str = _DEFAULT_TASK_HELP) -> None:
+    from .data.synthetic import TASK_FAMILIES
+
+    p.add_argument("--families", nargs="+", choices=sorted(TASK_FAMILIES), default=None,
+                   help=f"synthetic task families (default: {default})")
+    p.add_argument("--knob", action="append", metavar="FAMILY.KNOB=VALUE",
+                   help="difficulty knob, e.g. count.max_objects=10 (repeatable)")
+
+
 def _examples(args: argparse.Namespace):
     from .data.synthetic import generate
 
@@ -102,8 +123,9 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         out = build_default_base(args.out)
         print(f"default base built with {DEFAULT_BASE_RECIPE} -> {out}")
         return 0
+    families, knobs = _task(args)
     model, processor = load_model(args.model) if args.model else build_tiny_vlm(seed=args.seed)
-    rows = to_hf_dataset(generate(args.n, seed=args.data_seed))
+    rows = to_hf_dataset(generate(args.n, seed=args.data_seed, families=families, knobs=knobs))
     out = run_sft(model, processor, rows, args.out, epochs=args.epochs, batch_size=args.batch_size,
                   learning_rate=args.lr, seed=args.seed)
     print(f"supervised on {args.n} synthetic traces for {args.epochs} epochs -> {out}")
@@ -115,7 +137,8 @@ def _eval_rows(args: argparse.Namespace) -> list[dict]:
     from .data.synthetic import generate, to_hf_dataset
 
     if args.data == "synthetic":
-        return [dict(r) for r in to_hf_dataset(generate(args.n, seed=args.seed))]
+        families, knobs = _task(args)
+        return [dict(r) for r in to_hf_dataset(generate(args.n, seed=args.seed, families=families, knobs=knobs))]
     samples, report = load_samples(args.data, args.format, on_error=args.on_error)
     print(report)
     return [dict(r) for r in to_trl_dataset(samples)][: args.n if args.n else None]
@@ -146,7 +169,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise ValueError("--data: analyze needs perception spans, which the synthetic tasks carry; use synthetic")
     out = ensure_writable_dir(args.out, argument="--out")
     model, processor = load_model(args.model, device=args.device)
-    result = analyze(model, processor, generate(args.n, seed=args.seed), sink_debias=args.sink_debias)
+    families, knobs = _task(args)
+    result = analyze(model, processor, generate(args.n, seed=args.seed, families=families, knobs=knobs),
+                     sink_debias=args.sink_debias)
     write_analysis_report(result, out)
     summary = result.summary()
     (out / "analysis.json").write_text(json.dumps(summary, indent=1))
@@ -157,14 +182,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _add_data_args(p: argparse.ArgumentParser, n: int) -> None:
-    from .data.synthetic import TASK_FAMILIES
-
     p.add_argument("--n", type=int, default=n, help="number of examples")
     p.add_argument("--seed", type=int, default=0, help="data-set seed (same seed, same data)")
-    p.add_argument("--families", nargs="+", choices=sorted(TASK_FAMILIES), default=None,
-                   help="task families (default: all)")
-    p.add_argument("--knob", action="append", metavar="FAMILY.KNOB=VALUE",
-                   help="difficulty knob, e.g. count.max_objects=10 (repeatable)")
+    _add_task_args(p, default="all five")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,12 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--out", required=True, help="output checkpoint folder")
     sft.add_argument("--default", action="store_true", help="rebuild the embedded default base (recorded recipe)")
     sft.add_argument("--model", default=None, help="checkpoint to start from (default: a fresh tiny Qwen2.5-VL)")
-    sft.add_argument("--n", type=int, default=4000, help="synthetic training examples")
+    sft.add_argument("--n", type=int, default=3000, help="synthetic training examples")
     sft.add_argument("--data-seed", type=int, default=1)
-    sft.add_argument("--epochs", type=float, default=6.0)
+    sft.add_argument("--epochs", type=float, default=2.0)
     sft.add_argument("--batch-size", type=int, default=32)
     sft.add_argument("--lr", type=float, default=2e-3)
     sft.add_argument("--seed", type=int, default=0)
+    _add_task_args(sft)
     sft.set_defaults(func=_cmd_sft)
 
     for name, helptext in (("eval", "accuracy of a checkpoint, overall and by category"),
@@ -203,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=12345, help="synthetic data seed (held out from training)")
         p.add_argument("--out", default=f"atrl-{name}", help="output folder")
         p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
+        _add_task_args(p)
         if name == "eval":
             p.add_argument("--max-new-tokens", type=int, default=64)
             p.add_argument("--batch-size", type=int, default=16)

@@ -39,7 +39,13 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 100, 
     console.rule("[bold]atrl demo[/bold]: AT-RL on a tiny Qwen2.5-VL, synthetic visual-reasoning tasks, CPU")
     base_path = ensure_default_base(console=console)
     console.print(f"base model: {base_path}")
-    held_out = generate(n_eval, seed=10_000 + seed)
+    run_dir = out / "run"
+    recipe = load_recipe(None, [
+        "--model.path", str(base_path), "--anchor.mode", mode, "--trl.output_dir", str(run_dir),
+        "--trl.max_steps", str(steps), "--trl.seed", str(seed), "--data.seed", str(seed + 1), "--resume", "false",
+        "--trl.save_steps", str(max(steps, 1)), "--trl.report_to", "[tensorboard]", *(overrides or [])])
+    # Held-out tasks: the training mix (families and knobs), drawn with a seed that training never uses.
+    held_out = generate(n_eval, seed=10_000 + seed, families=recipe.data.families, knobs=recipe.data.synthetic_knobs())
     held_rows = [dict(r) for r in to_hf_dataset(held_out)]
     task_grid(held_out[:10], out / "tasks.png")
 
@@ -48,11 +54,6 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 100, 
     console.print(f"held-out accuracy of the base: {100 * before.accuracy:.1f}%")
     del model
 
-    run_dir = out / "run"
-    recipe = load_recipe(None, [
-        "--model.path", str(base_path), "--anchor.mode", mode, "--trl.output_dir", str(run_dir),
-        "--trl.max_steps", str(steps), "--trl.seed", str(seed), "--data.seed", str(seed + 1), "--resume", "false",
-        "--trl.save_steps", str(max(steps, 1)), "--trl.report_to", "[tensorboard]", *(overrides or [])])
     console.print(f"AT-RL: {steps} steps, mode {mode} (recipe: {run_dir / 'recipe.yaml'})")
     trainer = run_training(recipe)
     history = trainer.state.log_history

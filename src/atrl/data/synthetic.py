@@ -497,6 +497,14 @@ def generate(
     return [make_example(names[i % len(names)], seed, i, knobs.get(names[i % len(names)])) for i in range(n)]
 
 
+# The embedded default's task (`atrl demo`, `atrl train` with no recipe, the default base): four colour tiles,
+# "what colour is the top-left quadrant's shape?". The tiny default model learns to read it from supervision in a
+# couple of minutes and keeps room to improve under RL; at that size the other families stay near chance
+# (docs/benchmarks.md), so they would show the trainer nothing. As plain mappings, the way a recipe writes them.
+DEFAULT_FAMILIES: tuple[str, ...] = ("quadrant",)
+DEFAULT_KNOBS: dict[str, dict[str, Any]] = {"quadrant": {"shape_size": 0.5, "jitter": 0.0, "shapes": ["square"]}}
+
+
 def knobs_from_mapping(raw: dict[str, dict[str, Any]] | None, where: str = "knobs") -> dict[str, Any]:
     """Per-family knob dataclasses from plain mappings, e.g. {"quadrant": {"shape_size": 0.4}} (YAML recipes).
 

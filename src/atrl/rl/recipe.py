@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from ..data.synthetic import DEFAULT_FAMILIES, DEFAULT_KNOBS, knobs_from_mapping
 from .config import AnchorConfig
 
 logger = logging.getLogger("atrl")
@@ -69,28 +70,25 @@ class ModelSection:
 @dataclass
 class DataSection:
     """train: "synthetic" or a data file (.parquet / .json / .jsonl). format: auto | mathvista | geometry3k | jsonl.
-    n, seed, families, knobs: synthetic data size, seed, task families and per-family difficulty knobs
-    ({family: {knob: value}}, see atrl.data.synthetic). on_error: raise | skip (bad rows).
+    n, seed, families, knobs: synthetic data size, seed, task families (null: all five) and per-family difficulty
+    knobs ({family: {knob: value}}, see atrl.data.synthetic); the defaults are the embedded default's colour-tile
+    task. on_error: raise | skip (bad rows).
     max_prompt_length: rows whose prompt with image tokens is longer are an error (or skipped)."""
 
     train: str = "synthetic"
     format: str = "auto"
     n: int = 512
     seed: int = 0
-    families: list[str] | None = None
-    knobs: dict[str, dict[str, Any]] | None = None
+    families: list[str] | None = field(default_factory=lambda: list(DEFAULT_FAMILIES))
+    knobs: dict[str, dict[str, Any]] | None = field(default_factory=lambda: copy.deepcopy(DEFAULT_KNOBS))
     image_root: str | None = None
     on_error: str = "raise"
     max_prompt_length: int | None = None
 
     def __post_init__(self) -> None:
-        from ..data.synthetic import knobs_from_mapping
-
         knobs_from_mapping(self.knobs, where="knobs")  # fail at load time, naming the family and knob
 
     def synthetic_knobs(self) -> dict[str, Any]:
-        from ..data.synthetic import knobs_from_mapping
-
         return knobs_from_mapping(self.knobs, where="data.knobs")
 
 

@@ -57,8 +57,10 @@ def run_sft(model, processor, train_rows, out_dir: str | Path, *, epochs: float 
         dataloader_num_workers=0,
     )
     model.train()
+    side = processor.tokenizer.padding_side  # the collator pads on the right; the saved tokenizer keeps its own
     trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=SFTCollator(processor))
     trainer.train()
+    processor.tokenizer.padding_side = side
     model.eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
