@@ -144,6 +144,7 @@ def test_quadrant_tiles_fill_their_quadrant():
             inside = {pixels[x, y] for x in range(x0 + 1, x0 + 55, 6) for y in range(y0 + 1, y0 + 55, 6)}
             assert inside == {COLOURS[obj["colour"]]}
         assert ex.answer == _recompute(ex)
+        assert ex.perception_texts() == [ex.answer]  # all tiles are squares: only the colour is read
 
 
 @pytest.mark.parametrize("family,knobs,match", [

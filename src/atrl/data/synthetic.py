@@ -86,7 +86,9 @@ def _response(parts: list[tuple[str, bool]], answer: str) -> tuple[str, list[tup
     text = "<think>"
     spans = []
     for part, perceived in parts:
-        if perceived:
+        if perceived and spans and spans[-1][1] == len(text):  # adjacent perceived parts form one span
+            spans[-1] = (spans[-1][0], len(text) + len(part))
+        elif perceived:
             spans.append((len(text), len(text) + len(part)))
         text += part
     return text + f"</think><answer>{answer}</answer>", spans
@@ -404,7 +406,7 @@ def _make_quadrant(rng: random.Random, k: QuadrantKnobs) -> dict[str, Any]:
         cy = (qy + 0.5) * half + rng.uniform(-k.jitter, k.jitter) * half
         objects.append({"shape": rng.choice(k.shapes), "colour": colour, "x": round(cx, 2), "y": round(cy, 2),
                         "r": round(half * k.shape_size, 2)})
-    return {"image_size": k.image_size, "objects": objects, "asked": rng.choice(QUADRANTS)}
+    return {"image_size": k.image_size, "objects": objects, "asked": rng.choice(QUADRANTS), "shapes": list(k.shapes)}
 
 
 def _quadrant_of(x: float, y: float, size: float) -> str:
@@ -416,9 +418,11 @@ def _text_quadrant(scene: dict[str, Any], rng: random.Random):
     (obj,) = [o for o in scene["objects"] if _quadrant_of(o["x"], o["y"], scene["image_size"]) == asked]
     question = f"What colour is the shape in the {asked} quadrant?"
     article = "an" if obj["colour"][0] in "aeiou" else "a"
+    # The shape is read from the image only when more than one shape can be drawn.
+    read_shape = len(scene.get("shapes", SHAPES)) > 1
     reasoning, spans = _response(
-        [(f"The {asked} shape is {article} ", False), (f"{obj['colour']} {obj['shape']}", True), (".", False)],
-        obj["colour"])
+        [(f"The {asked} shape is {article} ", False), (obj["colour"], True), (f" {obj['shape']}", read_shape),
+         (".", False)], obj["colour"])
     return question, obj["colour"], "text", None, reasoning, spans
 
 
