@@ -12,6 +12,10 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
     assert "held-out accuracy" in printed and "after 2 AT-RL steps" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and 0 <= summary["accuracy_before"] <= 1 and 0 <= summary["accuracy_after"] <= 1
+    assert 0 <= summary["sampled_accuracy_before"] <= 1 and 0 <= summary["sampled_accuracy_after"] <= 1
+    assert summary["sampling"] == {"temperature": 0.7, "samples_per_task": 4}
+    # The held-out tasks are the training mix: the embedded default's colour tiles.
+    assert list(summary["by_family_before"]) == ["quadrant"] and summary["by_family_before"]["quadrant"]["n"] == 10
     assert 0 < summary["analysis"]["anchor_fraction"] < 1
     for name in ("tasks.png", "training_curves.png", "connectivity_histogram.png", "anchors.png", "token_heatmap.png"):
         assert Image.open(out / name).format == "PNG", name

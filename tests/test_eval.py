@@ -68,6 +68,12 @@ def test_eval_and_analyze_commands_on_a_tiny_checkpoint(tmp_path, tiny_models, m
     assert report["n"] == len(ROWS) and set(report["by_category"]) == {"math-targeted-vqa", "general-vqa"}
     assert main(["eval", "--model", str(ckpt), "--n", "6", "--out", str(tmp_path / "ev2"),
                  "--max-new-tokens", "8"]) == 0
+    default_task = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert [(c, v["n"]) for c, v in default_task["by_category"].items()] == [("quadrant", 6)]  # colour tiles
+    assert main(["eval", "--model", str(ckpt), "--n", "4", "--families", "count", "bar_value", "--temperature",
+                 "1.0", "--samples", "2", "--out", str(tmp_path / "ev3"), "--max-new-tokens", "8"]) == 0
+    sampled = json.loads((tmp_path / "ev3" / "eval.json").read_text())
+    assert sampled["n"] == 8 and {c: v["n"] for c, v in sampled["by_category"].items()} == {"count": 4, "bar_value": 4}
     assert main(["analyze", "--model", str(ckpt), "--n", "6", "--out", str(tmp_path / "an")]) == 0
     summary = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert summary["tokens"] > 100 and 0 < summary["anchor_fraction"] < 1
@@ -119,3 +125,25 @@ def test_plots_have_labelled_axes(tmp_path, monkeypatch):
     assert len(labels) == 2 and all(x and y for fig in labels for x, y in fig), labels
     for name in ("curves.png", "hist.png"):
         assert Image.open(tmp_path / name).format == "PNG"
+
+
+def test_sampled_evaluation_repeats_rows_and_matches_greedy_when_cold(tiny_models):
+    """Sampling at a vanishing temperature gives the greedy responses; at temperature 1 the samples differ."""
+    from atrl.data.synthetic import generate, to_hf_dataset
+    from atrl.eval.score import evaluate, generate_responses
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    rows = [dict(r) for r in to_hf_dataset(generate(3, seed=8))]
+    greedy = generate_responses(model, processor, rows, max_new_tokens=12)
+    cold = generate_responses(model, processor, rows, max_new_tokens=12, temperature=1e-4, samples=2)
+    assert cold == [g for g in greedy for _ in range(2)]
+    hot = generate_responses(model, processor, rows, max_new_tokens=12, temperature=1.0, samples=3, seed=1)
+    assert hot == generate_responses(model, processor, rows, max_new_tokens=12, temperature=1.0, samples=3, seed=1)
+    assert len(set(hot)) > len(rows)  # a random tiny model's samples differ from each other
+    result = evaluate(model, processor, rows, max_new_tokens=12, temperature=1.0, samples=3, seed=1)
+    assert result.n == 9 and [r["uid"] for r in result.rows] == [r["uid"] for r in rows for _ in range(3)]
+    assert [r["response"] for r in result.rows] == hot
+    with pytest.raises(ValueError, match="samples=2: several responses per row need a sampling temperature"):
+        generate_responses(model, processor, rows, samples=2)
+    with pytest.raises(ValueError, match="temperature=0"):
+        generate_responses(model, processor, rows, temperature=0)

@@ -20,6 +20,14 @@ from atrl.data.synthetic import (
 )
 
 
+def _asked_quadrant_object(s) -> dict:
+    vert, horiz = s["asked"].split("-")
+    half = s["image_size"] / 2
+    inside = [o for o in s["objects"] if (o["y"] < half) == (vert == "top") and (o["x"] < half) == (horiz == "left")]
+    assert len(inside) == 1
+    return inside[0]
+
+
 def _recompute(ex) -> str:
     """The answer from the scene description alone (geometry and values), not from the drawn text."""
     s = ex.scene
@@ -38,12 +46,7 @@ def _recompute(ex) -> str:
         a, b = s["a"], s["b"]
         return str({"+": a + b, "-": a - b, "*": a * b}[s["op"]])
     if ex.family == "quadrant":
-        vert, horiz = s["asked"].split("-")
-        half = s["image_size"] / 2
-        inside = [o for o in s["objects"]
-                  if (o["y"] < half) == (vert == "top") and (o["x"] < half) == (horiz == "left")]
-        assert len(inside) == 1
-        return inside[0]["colour"]
+        return _asked_quadrant_object(s)["colour"]
     raise AssertionError(ex.family)
 
 
@@ -105,7 +108,8 @@ def test_reasoning_format_and_perception_spans():
         elif ex.family == "arithmetic":
             assert texts == [f"{s['a']}{s['op']}{s['b']}"]
         elif ex.family == "quadrant":
-            assert texts[0].split()[0] == ex.answer and texts[0].split()[1] in ("circle", "square", "triangle")
+            obj = _asked_quadrant_object(s)
+            assert texts == [ex.answer, obj["shape"]] and ex.answer == obj["colour"]
 
 
 def _fingerprint(examples):

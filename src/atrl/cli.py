@@ -150,7 +150,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     model, processor = load_model(args.model, device=args.device)
     rows = _eval_rows(args)
-    result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      temperature=args.temperature, samples=args.samples, seed=args.seed)
     json_path, md_path = result.write(args.out, title=f"Evaluation of {args.model} on {args.data}")
     print(result.to_markdown(f"Evaluation of {args.model}"))
     print(f"-> {json_path}, {md_path}")
@@ -195,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Recipe overrides may follow, as for `atrl train` (--trl.learning_rate 1e-5)")
     demo.add_argument("--out", default="atrl-demo", help="report folder")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--n-eval", type=int, default=100, help="held-out tasks to answer")
-    demo.add_argument("--steps", type=int, default=100, help="AT-RL steps")
+    demo.add_argument("--n-eval", type=int, default=200, help="held-out tasks to answer")
+    demo.add_argument("--steps", type=int, default=150, help="AT-RL steps")
     demo.add_argument("--mode", default="atrl", help="credit mode (see atrl.rl.config.TRAINER_MODES)")
     demo.set_defaults(func=_cmd_demo)
 
@@ -206,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--model", default=None, help="checkpoint to start from (default: a fresh tiny Qwen2.5-VL)")
     sft.add_argument("--n", type=int, default=3000, help="synthetic training examples")
     sft.add_argument("--data-seed", type=int, default=1)
-    sft.add_argument("--epochs", type=float, default=2.0)
+    sft.add_argument("--epochs", type=float, default=3.0)
     sft.add_argument("--batch-size", type=int, default=32)
     sft.add_argument("--lr", type=float, default=2e-3)
     sft.add_argument("--seed", type=int, default=0)
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--max-new-tokens", type=int, default=64)
             p.add_argument("--batch-size", type=int, default=16)
+            p.add_argument("--temperature", type=float, default=None,
+                           help="sample at this temperature instead of greedy decoding")
+            p.add_argument("--samples", type=int, default=1, help="responses sampled per question (with --temperature)")
             p.set_defaults(func=_cmd_eval)
         else:
             p.add_argument("--sink-debias", default="head_baseline")

@@ -1,9 +1,10 @@
 """`atrl demo`: the embedded default, end to end on two CPU cores in about ten minutes.
 
 1. the base: the warm-started tiny Qwen2.5-VL shipped with the package (or the one `atrl sft` cached);
-2. held-out accuracy of the base on synthetic tasks it never saw (greedy decoding);
+2. held-out accuracy of the base on tasks of the training mix it never saw: greedy, and sampled at the rollout
+   temperature (the policy that RL trains);
 3. AT-RL (`atrl train` with configs/demo.yaml's settings) for `--steps` steps;
-4. held-out accuracy after, printed next to the base's, by task family;
+4. the same accuracies after, printed next to the base's, by task family;
 5. a report folder: reward and anchor-fraction curves, the connectivity histogram with its bimodality
    coefficient, anchor-highlighted responses (HTML and PNG), one token's attention heatmap, and
    summary.json with every number printed.
@@ -18,7 +19,10 @@ from pathlib import Path
 import torch
 
 
-def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 100, mode: str = "atrl",
+SAMPLES = 4  # responses sampled per held-out task for the sampled accuracy
+
+
+def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, mode: str = "atrl",
              overrides: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -49,27 +53,44 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 100, 
     held_rows = [dict(r) for r in to_hf_dataset(held_out)]
     task_grid(held_out[:10], out / "tasks.png")
 
+    # Greedy accuracy, and the accuracy of the policy RL trains: responses sampled at the rollout temperature.
+    temperature = float(recipe.trl.get("temperature", 1.0))
+
+    def accuracies(model):
+        greedy = evaluate(model, processor, held_rows, max_new_tokens=96, batch_size=50)
+        sampled = evaluate(model, processor, held_rows, max_new_tokens=96, batch_size=50, temperature=temperature,
+                           samples=SAMPLES, seed=seed)
+        return greedy, sampled
+
     model, processor = load_model(base_path)
-    before = evaluate(model, processor, held_rows, max_new_tokens=96, batch_size=50)
-    console.print(f"held-out accuracy of the base: {100 * before.accuracy:.1f}%")
+    before, before_s = accuracies(model)
+    console.print(f"held-out accuracy of the base: {100 * before.accuracy:.1f}% greedy, "
+                  f"{100 * before_s.accuracy:.1f}% sampled (temperature {temperature:g}, {SAMPLES} per task)")
     del model
 
     console.print(f"AT-RL: {steps} steps, mode {mode} (recipe: {run_dir / 'recipe.yaml'})")
     trainer = run_training(recipe)
     history = trainer.state.log_history
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    after = evaluate(trained, processor, held_rows, max_new_tokens=96, batch_size=50)
+    after, after_s = accuracies(trained)
 
-    table = Table(title=f"held-out accuracy, {n_eval} tasks (greedy)")
+    table = Table(title=f"held-out accuracy, {n_eval} tasks")
     table.add_column("family")
-    table.add_column("base", justify="right")
-    table.add_column(f"after {steps} AT-RL steps", justify="right")
+    for kind in ("greedy", f"sampled x{SAMPLES}, t={temperature:g}"):
+        table.add_column(f"base, {kind}", justify="right")
+        table.add_column(f"after {steps} steps, {kind}", justify="right")
+
+    def cell(result, fam):
+        return f"{100 * result.by_category.get(fam, {'accuracy': float('nan')})['accuracy']:.1f}%"
+
     for fam in sorted(before.by_category):
-        table.add_row(fam, f"{100 * before.by_category[fam]['accuracy']:.0f}%",
-                      f"{100 * after.by_category.get(fam, {'accuracy': float('nan')})['accuracy']:.0f}%")
-    table.add_row("[bold]all[/bold]", f"[bold]{100 * before.accuracy:.1f}%[/bold]",
-                  f"[bold]{100 * after.accuracy:.1f}%[/bold]")
+        table.add_row(fam, *(cell(r, fam) for r in (before, after, before_s, after_s)))
+    if len(before.by_category) > 1:
+        table.add_row("[bold]all[/bold]", *(f"[bold]{100 * r.accuracy:.1f}%[/bold]"
+                                            for r in (before, after, before_s, after_s)))
     console.print(table)
+    console.print(f"after {steps} AT-RL steps: greedy {100 * before.accuracy:.1f}% -> {100 * after.accuracy:.1f}%, "
+                  f"sampled {100 * before_s.accuracy:.1f}% -> {100 * after_s.accuracy:.1f}%")
 
     analysis = analyze(trained, processor, held_out[:40], credit=trainer.credit_options,
                        sink_debias=recipe.anchor.sink_debias)
@@ -82,6 +103,8 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 100, steps: int = 100, 
     summary = {
         "base_model": str(base_path), "mode": mode, "steps": steps, "seed": seed, "n_eval": n_eval,
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
+        "sampled_accuracy_before": before_s.accuracy, "sampled_accuracy_after": after_s.accuracy,
+        "sampling": {"temperature": temperature, "samples_per_task": SAMPLES},
         "by_family_before": before.by_category, "by_family_after": after.by_category,
         "analysis": s, "seconds": round(time.time() - t_start, 1),
         "files": {k: str(v) for k, v in files.items()},

@@ -417,12 +417,13 @@ def _text_quadrant(scene: dict[str, Any], rng: random.Random):
     asked = scene["asked"]
     (obj,) = [o for o in scene["objects"] if _quadrant_of(o["x"], o["y"], scene["image_size"]) == asked]
     question = f"What colour is the shape in the {asked} quadrant?"
-    article = "an" if obj["colour"][0] in "aeiou" else "a"
-    # The shape is read from the image only when more than one shape can be drawn.
-    read_shape = len(scene.get("shapes", SHAPES)) > 1
-    reasoning, spans = _response(
-        [(f"The {asked} shape is {article} ", False), (obj["colour"], True), (f" {obj['shape']}", read_shape),
-         (".", False)], obj["colour"])
+    # The colour comes straight after "is", so the one word that needs the image is the colour itself (an
+    # article in front would have to be "a" or "an" before the colour is written). The shape is read from the
+    # image, and named, only when more than one shape can be drawn.
+    parts = [(f"The {asked} shape is ", False), (obj["colour"], True)]
+    if len(scene.get("shapes", SHAPES)) > 1:
+        parts += [(", a ", False), (obj["shape"], True)]
+    reasoning, spans = _response([*parts, (".", False)], obj["colour"])
     return question, obj["colour"], "text", None, reasoning, spans
 
 

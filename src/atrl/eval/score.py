@@ -65,8 +65,22 @@ def _category(row: dict) -> str:
 
 @torch.no_grad()
 def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens: int = 64, batch_size: int = 16,
+                       temperature: float | None = None, samples: int = 1, seed: int = 0,
                        progress=None) -> list[str]:
-    """Greedy responses for `rows` (left-padded batches)."""
+    """Responses for `rows` (left-padded batches): greedy, or `samples` per row drawn at `temperature`.
+
+    Sampled responses come row by row (row 0's samples first) and are seeded by `seed`.
+    """
+    if temperature is None and samples != 1:
+        raise ValueError(f"samples={samples}: several responses per row need a sampling temperature")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature={temperature}: must be positive (use None for greedy decoding)")
+    if samples < 1:
+        raise ValueError(f"samples={samples}: must be at least 1")
+    sampling = {} if temperature is None else {"do_sample": True, "temperature": temperature, "top_k": 0,
+                                                 "top_p": 1.0, "num_return_sequences": samples}
+    if temperature is not None:
+        torch.manual_seed(seed)
     tok = processor.tokenizer
     tok.padding_side = "left"
     device = next(model.parameters()).device
@@ -79,8 +93,8 @@ def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens
         images = [_images(r) for r in chunk]
         kwargs = {"images": images} if any(images) else {}
         batch = processor(text=texts, return_tensors="pt", padding=True, **kwargs).to(device)
-        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             **(sampling or {"do_sample": False}))
         out.extend(tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
         if progress is not None:
             progress(len(chunk))
@@ -109,5 +123,7 @@ def score_responses(rows: Sequence[dict], responses: Sequence[str]) -> EvalResul
 
 
 def evaluate(model, processor, rows: Iterable[dict], **kwargs) -> EvalResult:
+    """Accuracy of `model` on `rows`; with `temperature` (and `samples`), the mean accuracy of sampled responses."""
     rows = list(rows)
-    return score_responses(rows, generate_responses(model, processor, rows, **kwargs))
+    repeat = kwargs.get("samples", 1)
+    return score_responses([r for r in rows for _ in range(repeat)], generate_responses(model, processor, rows, **kwargs))
