@@ -53,7 +53,7 @@ def test_overrides_are_typed_and_nested():
     (["--foo.bar", "1"], "unknown section 'foo'"),
     (["--anchor.mode"], "has no value"),
     (["--model.dtype", "float8"], "model.dtype"),
-    (["--data.knobs", "{quadrant: {size: 1}}"], "knobs.quadrant: quadrant has no knob 'size'"),
+    (["--data.knobs", "{quadrant: {size: 1}}"], r"knobs.quadrant has unknown keys \['size'\]"),
     (["--data.knobs", "{colour: {size: 1}}"], "knobs: unknown task family 'colour'"),
     (["--data.knobs", "{quadrant: {jitter: 0.3}}"], "knobs.quadrant: QuadrantKnobs.jitter=0.3"),
 ])

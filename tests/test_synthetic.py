@@ -216,4 +216,4 @@ def test_cli_export_and_bad_arguments(tmp_path, capsys):
     assert main(["data", "preview", "--knob", "count.max_objects=99", "--out", str(tmp_path / "g.png")]) == 2
     assert "max_objects=99" in capsys.readouterr().err
     assert main(["data", "preview", "--knob", "count.bogus=1", "--out", str(tmp_path / "g.png")]) == 2
-    assert "no knob 'bogus'" in capsys.readouterr().err
+    assert "--knob.count has unknown keys ['bogus']" in capsys.readouterr().err

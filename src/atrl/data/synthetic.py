@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .._checks import check_keys
 
 RESPONSE_INSTRUCTION = "Reply as <think>...</think><answer>...</answer>."
 
@@ -524,12 +526,7 @@ def knobs_from_mapping(raw: dict[str, dict[str, Any]] | None, where: str = "knob
         if family not in TASK_FAMILIES:
             raise ValueError(f"{where}: unknown task family {family!r}; choose from {sorted(TASK_FAMILIES)}")
         cls = TASK_FAMILIES[family].knobs
-        if not isinstance(values, dict):
-            raise ValueError(f"{where}.{family}: expected a mapping of knob -> value, got {type(values).__name__}")
-        names = {f.name for f in fields(cls)}
-        bad = sorted(set(values) - names)
-        if bad:
-            raise ValueError(f"{where}.{family}: {family} has no knob {bad[0]!r}; knobs: {sorted(names)}")
+        check_keys(values, cls, f"{where}.{family}")
         knobs = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
         try:
             knobs.validate()

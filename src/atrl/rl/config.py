@@ -7,9 +7,10 @@ say what to change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
+from .._checks import check_keys
 from ..credit import CREDIT_MODES, CreditOptions
 from ..probe import SINK_DEBIAS
 
@@ -55,10 +56,7 @@ class AnchorConfig:
         self.region_grid = tuple(self.region_grid)
         if len(self.region_grid) != 2 or min(self.region_grid) < 1:
             raise ValueError(f"anchor.region_grid={self.region_grid}: two positive integers, e.g. [4, 4]")
-        known = {f.name for f in fields(CreditOptions)} - {"mode"}
-        unknown = sorted(set(self.credit) - known)
-        if unknown:
-            raise ValueError(f"anchor.credit has unknown keys {unknown}; known: {sorted(known)}")
+        check_keys(self.credit, CreditOptions, "anchor.credit", exclude=("mode",))
         self.credit_options()  # validates the credit knobs now, not at the first step
 
     @property

@@ -21,12 +21,13 @@ import copy
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .._checks import check_keys
 from ..data.synthetic import DEFAULT_FAMILIES, DEFAULT_KNOBS, knobs_from_mapping
 from .config import AnchorConfig
 
@@ -176,12 +177,7 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     kwargs: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         section = raw.get(name) or {}
-        if not isinstance(section, dict):
-            raise ValueError(f"recipe section {name!r} must be a mapping, got {type(section).__name__}")
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(section) - known)
-        if bad:
-            raise ValueError(f"recipe section {name!r} has unknown keys {bad}; known: {sorted(known)}")
+        check_keys(section, cls, f"recipe section {name!r}")
         try:
             kwargs[name] = cls(**section)
         except (TypeError, ValueError) as err:
