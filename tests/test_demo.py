@@ -21,3 +21,12 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
         assert Image.open(out / name).format == "PNG", name
     assert "<span class='tok" in (out / "anchors.html").read_text()
     assert (out / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_demo_in_uniform_mode_still_analyses_anchors(tmp_path):
+    """Plain GRPO picks no anchors; the report shows where AT-RL's partition puts them in the trained model."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n-eval", "4", "--steps", "1", "--mode", "uniform"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "uniform"
+    assert 0 < summary["analysis"]["anchor_fraction"] < 1 and 0 <= summary["analysis"]["anchor_precision"] <= 1

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -92,8 +93,11 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
     console.print(f"after {steps} AT-RL steps: greedy {100 * before.accuracy:.1f}% -> {100 * after.accuracy:.1f}%, "
                   f"sampled {100 * before_s.accuracy:.1f}% -> {100 * after_s.accuracy:.1f}%")
 
-    analysis = analyze(trained, processor, held_out[:40], credit=trainer.credit_options,
-                       sink_debias=recipe.anchor.sink_debias)
+    # Modes that choose no anchors (uniform, entropy) are analysed with AT-RL's partition of the trained model.
+    credit = trainer.credit_options
+    if credit.mode in ("uniform", "entropy"):
+        credit = dataclasses.replace(credit, mode="atrl")
+    analysis = analyze(trained, processor, held_out[:40], credit=credit, sink_debias=recipe.anchor.sink_debias)
     files = {"training_curves": training_curves(history, out / "training_curves.png"),
              **write_analysis_report(analysis, out, html_views=12)}
     s = analysis.summary()
