@@ -9,7 +9,7 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--n-eval", "10", "--steps", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "held-out accuracy" in printed and "after 2 AT-RL steps" in printed
+    assert "held-out accuracy" in printed and "after 2 steps (atrl): greedy" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and 0 <= summary["accuracy_before"] <= 1 and 0 <= summary["accuracy_after"] <= 1
     assert 0 <= summary["sampled_accuracy_before"] <= 1 and 0 <= summary["sampled_accuracy_after"] <= 1

@@ -69,7 +69,7 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
                   f"{100 * before_s.accuracy:.1f}% sampled (temperature {temperature:g}, {SAMPLES} per task)")
     del model
 
-    console.print(f"AT-RL: {steps} steps, mode {mode} (recipe: {run_dir / 'recipe.yaml'})")
+    console.print(f"RL: {steps} steps, credit mode {mode} (recipe: {run_dir / 'recipe.yaml'})")
     trainer = run_training(recipe)
     history = trainer.state.log_history
     trained = trainer.accelerator.unwrap_model(trainer.model)
@@ -90,7 +90,7 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
         table.add_row("[bold]all[/bold]", *(f"[bold]{100 * r.accuracy:.1f}%[/bold]"
                                             for r in (before, after, before_s, after_s)))
     console.print(table)
-    console.print(f"after {steps} AT-RL steps: greedy {100 * before.accuracy:.1f}% -> {100 * after.accuracy:.1f}%, "
+    console.print(f"after {steps} steps ({mode}): greedy {100 * before.accuracy:.1f}% -> {100 * after.accuracy:.1f}%, "
                   f"sampled {100 * before_s.accuracy:.1f}% -> {100 * after_s.accuracy:.1f}%")
 
     # Modes that choose no anchors (uniform, entropy) are analysed with AT-RL's partition of the trained model.
