@@ -41,7 +41,7 @@ DEFAULT_TRL: dict[str, Any] = {
     "per_device_train_batch_size": 64,
     "num_generations": 4,
     "max_completion_length": 96,
-    "learning_rate": 1e-4,
+    "learning_rate": 5e-5,
     "max_steps": 150,
     "logging_steps": 1,
     "save_steps": 10,
