@@ -423,7 +423,7 @@ def _text_quadrant(scene: dict[str, Any], rng: random.Random):
     # article in front would have to be "a" or "an" before the colour is written). The shape is read from the
     # image, and named, only when more than one shape can be drawn.
     parts = [(f"The {asked} shape is ", False), (obj["colour"], True)]
-    if len(scene.get("shapes", SHAPES)) > 1:
+    if len(scene["shapes"]) > 1:
         parts += [(", a ", False), (obj["shape"], True)]
     reasoning, spans = _response([*parts, (".", False)], obj["colour"])
     return question, obj["colour"], "text", None, reasoning, spans

@@ -77,8 +77,8 @@ def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens
         raise ValueError(f"temperature={temperature}: must be positive (use None for greedy decoding)")
     if samples < 1:
         raise ValueError(f"samples={samples}: must be at least 1")
-    sampling = {} if temperature is None else {"do_sample": True, "temperature": temperature, "top_k": 0,
-                                                 "top_p": 1.0, "num_return_sequences": samples}
+    decoding = {"do_sample": False} if temperature is None else {
+        "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": samples}
     if temperature is not None:
         torch.manual_seed(seed)
     tok = processor.tokenizer
@@ -94,7 +94,7 @@ def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens
         kwargs = {"images": images} if any(images) else {}
         batch = processor(text=texts, return_tensors="pt", padding=True, **kwargs).to(device)
         ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             **(sampling or {"do_sample": False}))
+                             **decoding)
         out.extend(tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
         if progress is not None:
             progress(len(chunk))
