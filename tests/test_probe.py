@@ -1,5 +1,7 @@
 """atrl.probe against an independent computation: explicit softmax of eager attention."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -220,3 +222,69 @@ def test_vision_tower_keeps_its_attention_and_default_layers():
     assert model.config.text_config._attn_implementation == "sdpa"
     assert default_probe_layers(28) == [14, 17, 21, 24]
     assert default_probe_layers(36) == [18, 22, 27, 31]
+
+
+FLASH_STANDIN = "flash_standin_cpu"
+
+
+def _flash_standin(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """A CPU stand-in with transformers' FlashAttention wrapper semantics: V is cut or padded to Q's head size
+    (the kernel takes one size), the mask is the 2D padding mask or None, padded query rows come back zero."""
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) as flash kernels take them
+    D, D_v = q.shape[-1], v.shape[-1]
+    v = torch.nn.functional.pad(v, (0, D - D_v))
+    B, S_q, H, _ = q.shape
+    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    v = v.repeat_interleave(H // v.shape[2], dim=2)
+    keep = torch.ones(B, k.shape[1], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    causal = torch.ones(S_q, k.shape[1], dtype=torch.bool).tril(k.shape[1] - S_q)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scaling
+    scores = scores.masked_fill(~(causal[None, None] & keep[:, None, None, :]), float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1).nan_to_num(), v)
+    out = out * keep[:, -S_q:, None, None]
+    return out[..., :D_v], None
+
+
+def test_flash_route_wraps_the_kernel_and_matches_eager():
+    """A FlashAttention-flavoured decoder keeps its implementation name (transformers' flash plumbing keys on
+    it); the probe wraps that entry, pads Q/K to V's widened size, and the masses equal eager softmax."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(FLASH_STANDIN, _flash_standin)
+    AttentionMaskInterface.register(FLASH_STANDIN, flash_attention_mask)
+    model, processor = _fresh("qwen2_5_vl")
+    batch = _batch(processor, (2, 1, 0), "left")
+    with torch.no_grad():
+        ref_logits = model(**batch, use_cache=False).logits
+    model.config.text_config._attn_implementation = FLASH_STANDIN  # stands for "flash_attention_2"
+    with torch.no_grad():
+        plain_logits = model(**batch, use_cache=False).logits
+    valid = batch["attention_mask"].bool()
+    assert (plain_logits - ref_logits)[valid].abs().max() <= 1e-5  # the stand-in is a faithful kernel
+    probe = ConnectivityProbe(model, layers=[1, 3], pad_qk=False)  # flash needs the padding: forced
+    assert model.config.text_config._attn_implementation == FLASH_STANDIN
+    assert ALL_ATTENTION_FUNCTIONS[FLASH_STANDIN].atrl_base is _flash_standin
+    ConnectivityProbe(model, layers=[1])  # a second probe does not wrap the wrapper
+    assert ALL_ATTENTION_FUNCTIONS[FLASH_STANDIN].atrl_base is _flash_standin
+    with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"]) as cap:
+        logits = model(**batch, use_cache=False).logits
+    assert (logits - plain_logits)[valid].abs().max() <= 1e-6  # the probe changes nothing else
+    grads = []
+    for capture in (False, True):  # parameter gradients through the wrapped kernel, probe off and on
+        model.zero_grad()
+        with probe.capture(batch["input_ids"], batch["image_grid_thw"]) if capture else contextlib.nullcontext():
+            model(**batch, use_cache=False).logits[valid].float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert (grads[0][name] - grads[1][name]).abs().max().item() <= 1e-6, name
+    indicators = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid,
+                                                dtype=torch.float64)
+    model.config.text_config._attn_implementation = "sdpa"
+    ref = _eager_masses(model, batch, indicators, [1, 3])
+    for layer in (1, 3):
+        err = (cap.state.masses[layer].double() - ref[layer])[valid].abs().max().item()
+        assert err <= 1e-5, (layer, err)
+        assert ref[layer][valid].sum() > 1.0

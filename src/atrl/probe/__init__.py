@@ -1,6 +1,6 @@
 """Measuring: which image regions each generated token attends to, inside the fused attention call.
 
-    probe = ConnectivityProbe(model)                       # registers "atrl_probe", selects layers
+    probe = ConnectivityProbe(model)                       # probe-capable attention, selects layers
     with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=T) as cap:
         out = model(**batch, use_cache=False)              # the forward pass the trainer already makes
     conn_BT, profile_BTR = cap.connectivity(completion_mask_BT)
@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .attention import PROBE_ATTENTION, ProbeState, activate, deactivate, register_probe_attention
+from .attention import PROBE_ATTENTION, ProbeState, activate, deactivate, install_probe_attention, is_flash
 from .connectivity import SINK_DEBIAS, connectivity_from_masses
 from .layout import ProbeError, VisionLayout
 
@@ -69,14 +69,18 @@ class ConnectivityProbe:
     """Set up probes on a VLM's decoder (the vision tower is untouched).
 
     Args:
-        model: a transformers VLM loaded with `attn_implementation="sdpa"` (the default).
+        model: a transformers VLM whose decoder runs SDPA (the default) or a FlashAttention flavour
+            (`attn_implementation="flash_attention_2"` etc.; the probe then runs inside that kernel).
         layers: decoder layer indices to probe; default `default_probe_layers`.
         region_grid: (rows, cols) cells each image's token grid is pooled into.
-        pad_qk: zero-pad Q/K to V's widened head size (default: on CUDA, where fused kernels want equal sizes).
+        pad_qk: zero-pad Q/K to V's widened head size (default: on CUDA, where fused kernels want equal sizes;
+            always on under FlashAttention, which needs it).
     """
 
     def __init__(self, model, layers: Sequence[int] | None = None, region_grid: tuple[int, int] = (4, 4),
                  pad_qk: bool | None = None):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
         self.model = model
         self.layout = VisionLayout.from_model(model)
         decoder = model.get_decoder()
@@ -88,17 +92,20 @@ class ConnectivityProbe:
         self.layer_of_module = {id(attn_modules[i]): i for i in self.layers}
         self.region_grid = region_grid
         self.pad_qk = pad_qk
-        text_config = model.config.get_text_config()
-        self._base = text_config._attn_implementation
-        if self._base not in ("sdpa", PROBE_ATTENTION):
-            raise ProbeError(f"probes run on SDPA; this model's decoder uses {self._base!r}: load it with "
-                             "attn_implementation='sdpa'")
-        register_probe_attention()
-        model.set_attn_implementation({"text_config": PROBE_ATTENTION})
+        self._base = model.config.get_text_config()._attn_implementation or "sdpa"
+        if self._base == PROBE_ATTENTION:  # a second probe on the same model
+            self._base = "sdpa"
+        if self._base != "sdpa" and not (is_flash(self._base) and self._base in ALL_ATTENTION_FUNCTIONS):
+            raise ProbeError(f"probes run inside SDPA or FlashAttention; this model's decoder uses {self._base!r}: "
+                             "load it with attn_implementation='sdpa' (or 'flash_attention_2' where installed)")
+        name = install_probe_attention(self._base)
+        if name != self._base:
+            model.set_attn_implementation({"text_config": name})
 
     def detach(self) -> None:
-        """Give the decoder back its SDPA attention."""
-        self.model.set_attn_implementation({"text_config": "sdpa"})
+        """Give the decoder back its own attention (a FlashAttention entry stays wrapped, as a pass-through)."""
+        if self._base == "sdpa":
+            self.model.set_attn_implementation({"text_config": "sdpa"})
 
     def _new_state(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
                    response_len: int | None) -> ProbeState:

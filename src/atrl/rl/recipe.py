@@ -59,7 +59,8 @@ DEFAULT_TRL: dict[str, Any] = {
 @dataclass
 class ModelSection:
     """path: checkpoint folder or hub id (null: the embedded tiny default). dtype: float32 | bfloat16 | float16.
-    attn_implementation: sdpa (required by the probes; eager only for debugging with mode uniform)."""
+    attn_implementation: sdpa, or flash_attention_2 / _3 where installed (the probes run inside
+    either); eager only for debugging with mode uniform."""
 
     path: str | None = None
     dtype: str = "float32"
