@@ -9,7 +9,7 @@ floor: the same configuration timed twice), 1 probed layer, 4 probed layers. Eac
 CUDA events; the table gives medians, the inter-quartile range and ratios against `off`. Peak memory is
 `max_memory_allocated` of one step after a reset.
 
-    python benchmarks/probe_overhead.py --shape 3b --reps 30 [--out results.json]
+    python benchmarks/probe_overhead.py --shape 3b --reps 30 [--attn flash_attention_2] [--out results.json]
     python benchmarks/probe_overhead.py --shape tiny --device cpu --reps 3      # smoke run on a CPU
 """
 
@@ -30,7 +30,7 @@ SHAPES = {
 }
 
 
-def build(shape: str, device: torch.device, dtype: torch.dtype):
+def build(shape: str, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     hidden, layers, heads, kv, inter = SHAPES[shape]["text"]
@@ -52,7 +52,7 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
         image_token_id=vocab - 3, video_token_id=vocab - 2, vision_start_token_id=vocab - 4,
         vision_end_token_id=vocab - 5,
     )
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn  # "flash_attention_2" needs flash-attn installed
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
     model.train()
@@ -89,6 +89,30 @@ def step(model, batch, response: int, probe=None):
     (-logp.mean()).backward()
 
 
+def check_against_eager(model, batch, layer: int) -> float:
+    """Max abs difference between the probe's region masses on `layer` and eager attention's probabilities
+    summed over each region's image tokens (the independent computation), in the model's dtype."""
+    from atrl.probe import ConnectivityProbe
+
+    impl = model.config.text_config._attn_implementation
+    probe = ConnectivityProbe(model, layers=[layer])
+    try:
+        with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"]) as cap:
+            model(**batch, use_cache=False, logits_to_keep=1)
+    finally:
+        probe.detach()
+    ind = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid,
+                                         dtype=torch.float32)
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            attn = model(**batch, use_cache=False, output_attentions=True, logits_to_keep=1).attentions[layer]
+    finally:
+        model.config.text_config._attn_implementation = impl
+    ref = torch.einsum("bhqk,bkr->bqhr", attn.float(), ind)
+    return (cap.state.masses[layer] - ref).abs().max().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="3b")
@@ -98,13 +122,17 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 (the decoder's attention kernel)")
     args = ap.parse_args()
     from atrl.probe import ConnectivityProbe, default_probe_layers
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = build(args.shape, device, dtype)
+    model = build(args.shape, device, dtype, args.attn)
+    small = make_inputs(model, 16, 64, 16, device, dtype, seed=1)
+    print(f"probe vs eager softmax on a short sequence ({dtype}): max abs error "
+          f"{check_against_eager(model, small, model.config.text_config.num_hidden_layers // 2):.2e}", flush=True)
     batch = make_inputs(model, args.grid, args.response, 64, device, dtype)
     n_layers = model.config.text_config.num_hidden_layers
     layers4 = default_probe_layers(n_layers, 4)
@@ -150,7 +178,7 @@ def main() -> None:
     base_t = statistics.median(times["off"])
     base_m = peaks["off"]
     dev = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"# probe overhead, Qwen2.5-VL-{args.shape} shape, bf16={cuda}, {(args.grid // 2) ** 2} image + "
+    print(f"# probe overhead, Qwen2.5-VL-{args.shape} shape, {args.attn}, bf16={cuda}, {(args.grid // 2) ** 2} image + "
           f"{args.response} response tokens, {args.reps} interleaved reps, device {dev}")
     print("| configuration | median ms | IQR ms | time ratio | peak GiB | memory ratio |")
     print("|---|---|---|---|---|---|")
@@ -163,7 +191,7 @@ def main() -> None:
               f"{peaks[name] / base_m:.4f} |")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"device": dev, "shape": args.shape, "rows": rows, "raw_ms": times}, fh, indent=1)
+            json.dump({"device": dev, "shape": args.shape, "attn": args.attn, "rows": rows, "raw_ms": times}, fh, indent=1)
 
 
 if __name__ == "__main__":

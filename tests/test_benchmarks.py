@@ -1,0 +1,41 @@
+"""The GPU benchmark scripts run end to end (tiny shapes, CPU), so a lent GPU's minutes go to measuring.
+
+These check that the scripts work and record what they claim to; the timings of a CPU smoke run mean nothing.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_probe_overhead_smoke(tmp_path):
+    out = tmp_path / "probe.json"
+    stdout = _run("probe_overhead.py", "--shape", "tiny", "--device", "cpu", "--reps", "2", "--warmup", "1",
+                  "--grid", "8", "--response", "16", "--out", str(out))
+    err = float(re.search(r"probe vs eager softmax .*max abs error (\S+)", stdout).group(1))
+    assert err <= 1e-5  # fp32 on the CPU: the probe reproduces eager attention's region masses
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"off", "off (again)", "1 layer", "4 layers"}
+    assert all(len(ts) == 2 and min(ts) > 0 for ts in result["raw_ms"].values())
+    assert "| 4 layers |" in stdout
+
+
+def test_trainer_overhead_smoke(tmp_path):
+    out = tmp_path / "trainer.json"
+    stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "2", "--blocks", "1", "--completion", "8",
+                  "--image-size", "112", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert {m: len(ts) for m, ts in result["results"].items()} == {"uniform": 1, "atrl": 1}  # warm-up step dropped
+    assert [mode for mode, _ in result["blocks"]] == ["uniform", "atrl"]
+    assert re.search(r"\| atrl \| [\d.]+ \| 1 \| [\d.]+ \|", stdout)
