@@ -5,7 +5,9 @@ Qwen2.5-VL-3B / -7B shapes with random bf16 weights built directly on the GPU; o
 One step = forward (logits for the response only) + backward of a token-level loss.
 
 Configurations, timed interleaved (round-robin) so drift hits all alike: probes off, off again (the noise
-floor: the same configuration timed twice), 1 probed layer, 4 probed layers. Each repetition is timed with
+floor: the same configuration timed twice), 1 probed layer, 4 probed layers (the default Q/K handling:
+padded on CUDA), and 4 layers with Q/K padded and with V widened only, to see which the kernels prefer.
+First it prints which SDPA backends take each of those head-size combinations. Each repetition is timed with
 CUDA events; the table gives medians, the inter-quartile range and ratios against `off`. Peak memory is
 `max_memory_allocated` of one step after a reset.
 
@@ -113,6 +115,42 @@ def check_against_eager(model, batch, layer: int) -> float:
     return (cap.state.masses[layer] - ref).abs().max().item()
 
 
+def sdpa_backends(model, n_tokens: int, regions: int, device, dtype, reps: int = 10) -> list[str]:
+    """Which SDPA backends take the probed layer's shapes, and how fast: plain (Q, K, V of head size D),
+    V widened to D + R (Q/K as they are), and all three padded to D + R. Markdown rows."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg = model.config.text_config
+    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = cfg.hidden_size // H
+    R = regions
+    shapes = {"plain": (D, D), "V widened": (D, D + R), "Q/K padded": (D + R, D + R)}
+    rows = []
+    for name, (d_qk, d_v) in shapes.items():
+        q = torch.randn(1, H, n_tokens, d_qk, device=device, dtype=dtype)
+        k = torch.randn(1, H_kv, n_tokens, d_qk, device=device, dtype=dtype)
+        v = torch.randn(1, H_kv, n_tokens, d_v, device=device, dtype=dtype)
+        cells = []
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                        SDPBackend.MATH):
+            def call():
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                                        scale=D ** -0.5)
+            try:
+                with sdpa_kernel(backend):
+                    call()
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        call()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                cells.append(f"{1000 * (time.perf_counter() - t0) / reps:.3f} ms")
+            except RuntimeError:
+                cells.append("refused")
+        rows.append(f"| {name} (Q/K {d_qk}, V {d_v}) | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="3b")
@@ -134,16 +172,22 @@ def main() -> None:
     print(f"probe vs eager softmax on a short sequence ({dtype}): max abs error "
           f"{check_against_eager(model, small, model.config.text_config.num_hidden_layers // 2):.2e}", flush=True)
     batch = make_inputs(model, args.grid, args.response, 64, device, dtype)
+    print(f"# SDPA backends at one probed layer's shapes ({batch['input_ids'].shape[1]} tokens, causal, GQA, "
+          "forward only; `refused`: the backend does not take these shapes)")
+    print("| Q, K, V head sizes | flash | efficient | cudnn | math |\n|---|---|---|---|---|")
+    print("\n".join(sdpa_backends(model, batch["input_ids"].shape[1], 16, device, dtype)), flush=True)
     n_layers = model.config.text_config.num_hidden_layers
     layers4 = default_probe_layers(n_layers, 4)
     probes = {"off": None, "off (again)": None,
-              "1 layer": ("probe", layers4[len(layers4) // 2:len(layers4) // 2 + 1]), "4 layers": ("probe", layers4)}
+              "1 layer": ("probe", layers4[len(layers4) // 2:len(layers4) // 2 + 1], None),
+              "4 layers": ("probe", layers4, None),
+              "4 layers, Q/K padded": ("probe", layers4, True), "4 layers, V widened only": ("probe", layers4, False)}
 
     def run(name):
         spec = probes[name]
         probe = None
         if spec is not None:
-            probe = ConnectivityProbe(model, layers=spec[1])
+            probe = ConnectivityProbe(model, layers=spec[1], pad_qk=spec[2])
         model.zero_grad(set_to_none=True)
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

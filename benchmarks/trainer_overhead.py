@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--completion", type=int, default=256)
     ap.add_argument("--image-size", type=int, default=448)
+    ap.add_argument("--workers", type=int, default=8, help="credit n_workers (the recipes' value)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -62,13 +63,15 @@ def main() -> None:
 
     class Times(TrainerCallback):
         def __init__(self):
-            self.times = []
+            self.times, self.credit = [], []
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "step_time" in logs:
                 self.times.append(logs["step_time"])
+                self.credit.append(logs.get("atrl/time/credit_share", float("nan")))
 
     results: dict[str, list[float]] = {"uniform": [], "atrl": []}
+    credit_share: list[float] = []  # atrl: time in credit assignment (copy to CPU, partition, weights) / step
     blocks: list[tuple[str, float]] = []
     for block in range(args.blocks):
         for mode in ("uniform", "atrl"):
@@ -81,12 +84,14 @@ def main() -> None:
                              generation_kwargs={"min_new_tokens": args.completion})
             trainer = ATRLTrainer(model=base, processing_class=processor, args=cfg, train_dataset=data,
                                   reward_funcs=[accuracy_reward, format_reward], callbacks=[cb],
-                                  anchor_config=AnchorConfig(mode=mode))
+                                  anchor_config=AnchorConfig(mode=mode, credit={"n_workers": args.workers}))
             trainer.train()
             if trainer.probe is not None:
                 trainer.probe.detach()
             kept = cb.times[1:]
             results[mode].extend(kept)
+            if mode == "atrl":
+                credit_share.extend(cb.credit[1:])
             blocks.append((mode, statistics.median(kept)))
             print(f"block {block} {mode}: median step {statistics.median(kept):.3f} s over {len(kept)} steps",
                   flush=True)
@@ -100,9 +105,12 @@ def main() -> None:
     print(f"| uniform | {med_u:.3f} | {len(results['uniform'])} | 1.0000 |")
     print(f"| atrl | {med_a:.3f} | {len(results['atrl'])} | {med_a / med_u:.4f} |")
     print(f"spread of the uniform blocks (noise floor): {100 * noise:.2f}%")
+    print(f"atrl: credit assignment (n_workers={args.workers}) took a median "
+          f"{100 * statistics.median(credit_share):.2f}% of the step (logged atrl/time/credit_share)")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"device": dev, "shape": args.shape, "results": results, "blocks": blocks}, fh, indent=1)
+            json.dump({"device": dev, "shape": args.shape, "results": results, "blocks": blocks,
+                       "credit_share": credit_share, "workers": args.workers}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -26,16 +26,19 @@ def test_probe_overhead_smoke(tmp_path):
     err = float(re.search(r"probe vs eager softmax .*max abs error (\S+)", stdout).group(1))
     assert err <= 1e-5  # fp32 on the CPU: the probe reproduces eager attention's region masses
     result = json.loads(out.read_text())
-    assert set(result["rows"]) == {"off", "off (again)", "1 layer", "4 layers"}
+    assert set(result["rows"]) == {"off", "off (again)", "1 layer", "4 layers", "4 layers, Q/K padded",
+                                   "4 layers, V widened only"}
     assert all(len(ts) == 2 and min(ts) > 0 for ts in result["raw_ms"].values())
     assert "| 4 layers |" in stdout
+    assert re.search(r"\| Q/K padded \(Q/K 32, V 32\) \| ", stdout)  # the SDPA backend table
 
 
 def test_trainer_overhead_smoke(tmp_path):
     out = tmp_path / "trainer.json"
     stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "2", "--blocks", "1", "--completion", "8",
-                  "--image-size", "112", "--out", str(out))
+                  "--image-size", "112", "--workers", "1", "--out", str(out))
     result = json.loads(out.read_text())
     assert {m: len(ts) for m, ts in result["results"].items()} == {"uniform": 1, "atrl": 1}  # warm-up step dropped
     assert [mode for mode, _ in result["blocks"]] == ["uniform", "atrl"]
+    assert len(result["credit_share"]) == 1 and 0 < result["credit_share"][0] < 1
     assert re.search(r"\| atrl \| [\d.]+ \| 1 \| [\d.]+ \|", stdout)
