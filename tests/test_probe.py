@@ -282,6 +282,10 @@ def test_flash_route_wraps_the_kernel_and_matches_eager():
         assert (grads[0][name] - grads[1][name]).abs().max().item() <= 1e-6, name
     indicators = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid,
                                                 dtype=torch.float64)
+    too_many = ConnectivityProbe(model, layers=[1], region_grid=(8, 16))  # 32-wide heads + 2 x 128 regions
+    with pytest.raises(ProbeError, match="exceeds FlashAttention's 256; use a smaller anchor.region_grid"):
+        with torch.no_grad(), too_many.capture(batch["input_ids"], batch["image_grid_thw"]):
+            model(**batch, use_cache=False)
     model.config.text_config._attn_implementation = "sdpa"
     ref = _eager_masses(model, batch, indicators, [1, 3])
     for layer in (1, 3):

@@ -28,7 +28,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .layout import ProbeError
+
 PROBE_ATTENTION = "atrl_probe"
+FLASH_MAX_HEAD_SIZE = 256  # FlashAttention 2 and 3 take head sizes up to 256
 
 _ACTIVE: contextvars.ContextVar["ProbeState | None"] = contextvars.ContextVar("atrl_probe_state", default=None)
 
@@ -89,6 +92,11 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False) -> Callable
                 f"{ind.shape[1]} (batch {ind.shape[0]} vs {B}); probes measure a full-sequence forward, not "
                 "cached generation: call the model with use_cache=False on the whole sequence")
         R = ind.shape[-1]
+        if equal_head_sizes and D + R > FLASH_MAX_HEAD_SIZE:
+            raise ProbeError(
+                f"atrl probe on layer {layer}: head size {D} + {R} region channels exceeds FlashAttention's "
+                f"{FLASH_MAX_HEAD_SIZE}; use a smaller anchor.region_grid (regions = most images in one sample x "
+                "cells per image) or load the model with attn_implementation='sdpa'")
         # (B, H_kv, S_k, D + R): one shared indicator block per KV head; GQA query heads read their group's copy.
         widened = torch.cat([value, ind.to(value.dtype)[:, None].expand(B, H_kv, S_k, R)], dim=-1)
         if scaling is None:
