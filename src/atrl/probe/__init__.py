@@ -73,12 +73,13 @@ class ConnectivityProbe:
             (`attn_implementation="flash_attention_2"` etc.; the probe then runs inside that kernel).
         layers: decoder layer indices to probe; default `default_probe_layers`.
         region_grid: (rows, cols) cells each image's token grid is pooled into.
-        pad_qk: zero-pad Q/K to V's widened head size (default: on CUDA, where fused kernels want equal sizes;
-            always on under FlashAttention, which needs it).
+        pad_qk: zero-pad Q/K to V's widened head size (default). SDPA's fused kernels (flash on CUDA and on
+            the CPU) take only equal head sizes; without the padding a probed layer falls back to a slower
+            kernel (the math path on the CPU). Always on under FlashAttention.
     """
 
     def __init__(self, model, layers: Sequence[int] | None = None, region_grid: tuple[int, int] = (4, 4),
-                 pad_qk: bool | None = None):
+                 pad_qk: bool = True):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         self.model = model
@@ -114,9 +115,8 @@ class ConnectivityProbe:
             raise ProbeError(f"response_len={response_len} must be in [1, {input_ids.shape[1] - 1}]")
         dtype = next(self.model.parameters()).dtype
         indicators = self.layout.region_indicators(input_ids, image_grid_thw, self.region_grid, dtype=dtype)
-        pad = self.pad_qk if self.pad_qk is not None else input_ids.is_cuda
         return ProbeState(indicators, self.layer_of_module, keep_last=response_len + 1 if response_len else None,
-                          pad_qk=pad)
+                          pad_qk=self.pad_qk)
 
     @contextmanager
     def capture(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
