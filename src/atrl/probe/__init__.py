@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .attention import PROBE_ATTENTION, ProbeState, activate, deactivate, install_probe_attention, is_flash
+from .attention import PROBE_ATTENTION, ProbeState, activate, deactivate, install_probe_attention
 from .connectivity import SINK_DEBIAS, connectivity_from_masses
 from .layout import ProbeError, VisionLayout
 
@@ -81,6 +81,7 @@ class ConnectivityProbe:
     def __init__(self, model, layers: Sequence[int] | None = None, region_grid: tuple[int, int] = (4, 4),
                  pad_qk: bool = True):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.utils.generic import is_flash_attention_requested
 
         self.model = model
         self.layout = VisionLayout.from_model(model)
@@ -96,7 +97,8 @@ class ConnectivityProbe:
         self._base = model.config.get_text_config()._attn_implementation or "sdpa"
         if self._base == PROBE_ATTENTION:  # a second probe on the same model
             self._base = "sdpa"
-        if self._base != "sdpa" and not (is_flash(self._base) and self._base in ALL_ATTENTION_FUNCTIONS):
+        flash = is_flash_attention_requested(requested_attention_implementation=self._base)
+        if self._base != "sdpa" and not (flash and self._base in ALL_ATTENTION_FUNCTIONS):
             raise ProbeError(f"probes run inside SDPA or FlashAttention; this model's decoder uses {self._base!r}: "
                              "load it with attn_implementation='sdpa' (or 'flash_attention_2' where installed)")
         name = install_probe_attention(self._base)

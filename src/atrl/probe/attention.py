@@ -115,11 +115,6 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False) -> Callable
     return forward
 
 
-def is_flash(implementation: str) -> bool:
-    """Whether transformers treats this attention implementation name as a FlashAttention flavour."""
-    return "flash" in implementation
-
-
 def install_probe_attention(implementation: str) -> str:
     """Make `implementation` ("sdpa" or a flash flavour) probe-capable; returns the name the decoder must use.
 
