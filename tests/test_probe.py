@@ -215,13 +215,15 @@ def test_bad_setups_give_clear_errors():
 def test_vision_tower_keeps_its_attention_and_default_layers():
     model, _ = _fresh("qwen2_5_vl")
     probe = ConnectivityProbe(model)
-    assert probe.layers == [2, 3]
+    assert probe.layers == [2]
     assert model.config.vision_config._attn_implementation == "sdpa"
     assert model.config.text_config._attn_implementation == "atrl_probe"
     probe.detach()
     assert model.config.text_config._attn_implementation == "sdpa"
     assert default_probe_layers(28) == [14, 17, 21, 24]
     assert default_probe_layers(36) == [18, 22, 27, 31]
+    assert default_probe_layers(4) == [2] and default_probe_layers(3) == [1]  # never the last of 3 or more
+    assert default_probe_layers(2) == [1] and default_probe_layers(1) == [0]
 
 
 FLASH_STANDIN = "flash_standin_cpu"

@@ -97,7 +97,8 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
     credit = trainer.credit_options
     if credit.mode in ("uniform", "entropy"):
         credit = dataclasses.replace(credit, mode="atrl")
-    analysis = analyze(trained, processor, held_out[:40], credit=credit, sink_debias=recipe.anchor.sink_debias)
+    analysis = analyze(trained, processor, held_out[:40], credit=credit, sink_debias=recipe.anchor.sink_debias,
+                       region_grid=recipe.anchor.region_grid, layers=recipe.anchor.probe_layers)
     files = {"training_curves": training_curves(history, out / "training_curves.png"),
              **write_analysis_report(analysis, out, html_views=12)}
     s = analysis.summary()

@@ -26,7 +26,8 @@ class AnchorConfig:
         mode: credit mode: uniform (plain GRPO/DAPO, no probes), atrl (default), anchors_only, low_only, random,
             threshold, entropy, or visual_dependency (VPPO-style: per-token KL between the policy with and
             without the image, one extra no-grad forward; the top `anchor_ratio` tokens by that KL are boosted).
-        probe_layers: decoder layers to probe; default: four spread over the second half.
+        probe_layers: decoder layers to probe; default: up to four spread over the second half, not the last
+            (atrl.probe.default_probe_layers; the embedded 4-layer default probes layer 2).
         region_grid: (rows, cols) cells each image's token grid is pooled into for region profiles.
         sink_debias: none | head_baseline | drop_sinks (see atrl.probe.connectivity).
         capture: where connectivity is measured. "auto": on TRL's no-grad old-log-prob pass when TRL makes one
