@@ -80,6 +80,14 @@ def test_eval_and_analyze_commands_on_a_tiny_checkpoint(tmp_path, tiny_models, m
     # random baseline: precision = base rate of perception tokens, recall = anchor fraction
     assert summary["random_recall"] == pytest.approx(summary["anchor_fraction"])
     assert 0 < summary["random_precision"] < 1
+    assert main(["analyze", "--model", str(ckpt), "--n", "6", "--out", str(tmp_path / "an1"),
+                 "--probe-layers", "0", "--region-grid", "2", "2"]) == 0
+    other = json.loads((tmp_path / "an1" / "analysis.json").read_text())
+    assert other["tokens"] == summary["tokens"] and other["anchor_fraction"] != summary["anchor_fraction"]
+    capsys.readouterr()
+    assert main(["analyze", "--model", str(ckpt), "--n", "2", "--out", str(tmp_path / "an2"),
+                 "--probe-layers", "9"]) == 2
+    assert "probe layers [9] out of range: the decoder has 4 layers" in capsys.readouterr().err
     for name in ("connectivity_histogram.png", "anchors.png", "token_heatmap.png"):
         img = Image.open(tmp_path / "an" / name)
         assert img.format == "PNG" and img.width > 300

@@ -172,7 +172,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model, device=args.device)
     families, knobs = _task(args)
     result = analyze(model, processor, generate(args.n, seed=args.seed, families=families, knobs=knobs),
-                     sink_debias=args.sink_debias)
+                     sink_debias=args.sink_debias, layers=args.probe_layers, region_grid=tuple(args.region_grid))
     write_analysis_report(result, out)
     summary = result.summary()
     (out / "analysis.json").write_text(json.dumps(summary, indent=1))
@@ -235,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=_cmd_eval)
         else:
             p.add_argument("--sink-debias", default="head_baseline")
+            p.add_argument("--probe-layers", type=int, nargs="+", default=None, metavar="LAYER",
+                           help="decoder layers to probe, as the training recipe's anchor.probe_layers "
+                                "(default: atrl.probe.default_probe_layers)")
+            p.add_argument("--region-grid", type=int, nargs=2, default=(4, 4), metavar=("ROWS", "COLS"),
+                           help="cells each image is pooled into, as anchor.region_grid")
             p.set_defaults(func=_cmd_analyze)
 
     train = sub.add_parser("train", help="AT-RL training from a YAML recipe (no config: the embedded default)",
