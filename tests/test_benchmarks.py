@@ -34,10 +34,15 @@ def test_probe_overhead_smoke(tmp_path):
 
 def test_trainer_overhead_smoke(tmp_path):
     out = tmp_path / "trainer.json"
-    stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "2", "--blocks", "1", "--completion", "8",
-                  "--image-size", "112", "--workers", "1", "--out", str(out))
+    stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "4", "--blocks", "1", "--completion", "8",
+                  "--image-size", "112", "--workers", "2", "--batch", "4", "--steps-per-generation", "2",
+                  "--modes", "uniform", "atrl", "atrl-overlap-off", "--out", str(out))
     result = json.loads(out.read_text())
-    assert {m: len(ts) for m, ts in result["results"].items()} == {"uniform": 1, "atrl": 1}  # warm-up step dropped
-    assert [mode for mode, _ in result["blocks"]] == ["uniform", "atrl"]
-    assert len(result["credit_share"]) == 1 and 0 < result["credit_share"][0] < 1
-    assert re.search(r"\| atrl \| [\d.]+ \| 1 \| [\d.]+ \|", stdout)
+    modes = ["uniform", "atrl", "atrl-overlap-off"]
+    assert {m: len(ts) for m, ts in result["results"].items()} == dict.fromkeys(modes, 1)  # warm-up cycle dropped
+    assert [mode for mode, _ in result["blocks"]] == modes
+    for mode in modes[1:]:
+        assert len(result["credit_share"][mode]) == 1 and 0 < result["credit_share"][mode][0] < 1
+        assert result["credit_cpu"][mode][0] > 0
+    assert result["credit_share"]["uniform"] == [] and result["credit_cpu"]["uniform"] == []
+    assert re.search(r"\| atrl \| [\d.]+ \| 1 \| [\d.]+ \| [\d.]+% \| [\d.]+ \|", stdout)

@@ -8,6 +8,7 @@ import torch
 from atrl.credit import (
     CREDIT_MODES,
     CreditOptions,
+    PendingCredit,
     assign_credit,
     bimodality_coefficient,
     cluster_densities,
@@ -253,6 +254,44 @@ def test_deterministic_and_threads_equal_serial():
     r1 = assign_credit(conn, prof, mask, CreditOptions(mode="random", seed=1))
     r2 = assign_credit(conn, prof, mask, CreditOptions(mode="random", seed=2))
     assert not torch.equal(r1.boosted_mask, r2.boosted_mask)
+
+
+def test_pending_credit_in_blocks_equals_one_batch():
+    # rows arriving in blocks (one per forward chunk), read back in any order, in workers or in-process
+    conn, prof, mask = _random_batch(8, lengths=(64, 40, 64, 12, 64, 30))
+    for mode in ("atrl", "random", "threshold"):
+        whole = assign_credit(conn, prof, mask, CreditOptions(mode=mode, seed=3))
+        for workers in (1, 2):
+            pending = PendingCredit(CreditOptions(mode=mode, seed=3, n_workers=workers))
+            for start in (0, 2, 4):
+                pending.submit(conn[start:start + 2], prof[start:start + 2], mask[start:start + 2], row_offset=start)
+            assert pending.rows == list(range(6))
+            order = [5, 0, 3]
+            part = pending.result(order)
+            assert torch.equal(part.weights, whole.weights[order])
+            assert torch.equal(part.parts, whole.parts[order])
+            assert torch.allclose(part.anchor_conn, whole.anchor_conn[order], equal_nan=True)
+            assert torch.equal(pending.result().weights, whole.weights)
+            assert pending.done() and pending.cpu_seconds > 0
+            c, p, m, e = pending.inputs(order)
+            assert torch.equal(m, mask[order]) and e is None
+            as_sent = lambda x: x.float().double()  # noqa: E731  (submit reads float32)
+            assert torch.equal(c, as_sent(conn[order] * mask[order])) and torch.equal(p, as_sent(prof[order]))
+
+
+def test_pending_credit_errors_name_the_rows():
+    conn, prof, mask = _random_batch(9, lengths=(20, 20))
+    pending = PendingCredit().submit(conn, prof, mask)
+    with pytest.raises(ValueError, match=r"rows \[0, 1\] were already submitted"):
+        pending.submit(conn, prof, mask)
+    with pytest.raises(ValueError, match="have 10 response positions, earlier rows 20"):
+        pending.submit(conn[:, :10], prof[:, :10], mask[:, :10], row_offset=2)
+    with pytest.raises(KeyError, match="row 7 was never submitted"):
+        pending.result([7])
+    pending.fail([2, 3], ValueError("connectivity of rows 2-3 is NaN"))
+    assert pending.result([1]).weights.shape == (1, 20)
+    with pytest.raises(ValueError, match="rows 2-3 is NaN"):
+        pending.result([0, 3])
 
 
 def test_edge_cases_t1_few_tokens_all_equal():

@@ -79,6 +79,41 @@ def test_capture_rides_on_the_old_logps_pass_when_trl_makes_one(tmp_path):
         _trainer(tmp_path, anchor=AnchorConfig(capture="old_logps"))
 
 
+def test_overlapped_credit_waits_per_micro_batch_and_changes_nothing(tmp_path):
+    # TRL scores 8 rows in two chunks of 4 and trains them as two shuffled micro-batches of 4. With overlap,
+    # each chunk's rows go to the workers as soon as it is scored and each micro-batch waits for its own rows;
+    # without, the whole batch is partitioned and waited for right after scoring. Same weights, same step.
+    kw = dict(steps_per_generation=2, max_steps=2, optim="sgd", learning_rate=1.0)
+    credit = {"n_workers": 2}
+    off = _trainer(tmp_path / "off", anchor=AnchorConfig(overlap=False, credit=credit), **kw)
+    off.train()
+    on = _trainer(tmp_path / "on", anchor=AnchorConfig(credit=credit), **kw)
+    assert on.capture_site == "old_logps"
+    waits, submits = [], []
+    original_weighted, original_submit = on._weighted_advantages, on._submit
+
+    def weighted(advantages, pending, rows=None):
+        waits.append((on._scoring, None if rows is None else sorted(rows)))
+        return original_weighted(advantages, pending, rows)
+
+    def submit(pending, start, mask_BT, *a):
+        submits.append((start, mask_BT.shape[0]))
+        return original_submit(pending, start, mask_BT, *a)
+
+    on._weighted_advantages, on._submit = weighted, submit
+    on.train()
+    assert submits == [(0, 4), (4, 4)], "each scored chunk is handed on by itself"
+    assert all(not scoring and len(rows) == 4 for scoring, rows in waits), waits
+    assert sorted(waits[0][1] + waits[1][1]) == list(range(8)), "the two micro-batches share the batch's rows"
+    p_off, p_on = _params(off), _params(on)
+    assert all(torch.equal(p_off[k], p_on[k]) for k in p_off)
+    logs = [h for h in on.state.log_history if "loss" in h]
+    assert all(h["atrl/time/credit_cpu_s"] > 0 for h in logs)
+    rec = on.last_credit
+    again = assign_credit(rec["conn"], rec["profile"], rec["mask"], on.credit_options)
+    assert torch.equal(again.weights, rec["result"].weights)
+
+
 def test_uniform_is_exactly_trls_loss(tmp_path):
     plain = _trainer(tmp_path / "trl", cls=GRPOTrainer)  # built and trained one after the other: the
     plain.train()                                          # sampling RNG is global and seeded at construction

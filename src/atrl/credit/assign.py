@@ -22,13 +22,16 @@ response is flagged `degenerate` in the statistics.
 
 CPU work: the per-response partition runs in numpy / METIS on the CPU; `n_workers > 1` spreads
 responses over a persistent pool of worker processes (METIS holds the GIL, so threads would not help).
-A trainer calls this from a background thread while the GPU computes, see docs/ALGORITHM.md.
+`PendingCredit` is the asynchronous form a trainer uses: it hands each block of rows to the workers as soon
+as its connectivity exists and waits only when a row's weights are needed (see docs/ALGORITHM.md).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -220,8 +223,13 @@ def _one_response(conn_n: np.ndarray, profile_nR: np.ndarray, entropy_n: np.ndar
     return out
 
 
-def _one_response_args(args: tuple) -> dict:
-    return _one_response(*args)
+def _job(args_list: list[tuple]) -> list[tuple[dict, float]]:
+    """Worker-side: several responses, each with the CPU seconds it took."""
+    out = []
+    for args in args_list:
+        t0 = time.process_time()
+        out.append((_one_response(*args), time.process_time() - t0))
+    return out
 
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}
@@ -245,6 +253,130 @@ def _init_worker() -> None:
     threadpool_limits(1)
 
 
+@dataclass
+class _Row:
+    conn_n: np.ndarray  # the valid tokens' connectivity (for the statistics)
+    mask_T: np.ndarray
+    args: tuple  # _one_response's arguments
+    job: Future | None = None  # the worker job holding this row (None: computed in this process on demand)
+    slot: int = 0  # position in that job's output
+    error: BaseException | None = None
+
+
+class PendingCredit:
+    """Credit assignment in progress, for a batch whose rows may arrive in blocks (e.g. one per forward chunk).
+
+    `submit` checks a block and, with `n_workers > 1`, hands its responses to the worker processes at once, so
+    the partitions run while the caller goes on (the GPU computes the next chunk, the rewards are scored, an
+    earlier micro-batch trains); `result(rows)` waits for just those rows. With `n_workers == 1` the work
+    happens in `result`, in the calling process. Rows are numbered across blocks (`row_offset`); a row's
+    weights do not depend on which block or batch it came in (the `random` mode is seeded by this number).
+
+        pending = PendingCredit(options)
+        pending.submit(conn_bT, profile_bTR, mask_bT, row_offset=0)     # as each block's connectivity arrives
+        pending.submit(conn_bT, profile_bTR, mask_bT, row_offset=4)
+        weights_BT = pending.result([5, 0, 2]).weights                   # rows in the order asked for
+    """
+
+    def __init__(self, options: CreditOptions = CreditOptions()):
+        self.options = options
+        self.T: int | None = None
+        self._rows: dict[int, _Row] = {}
+        self._done: dict[int, dict] = {}
+        self.cpu_seconds = 0.0  # partition work finished so far, summed over responses (in workers or here)
+
+    @property
+    def rows(self) -> list[int]:
+        return sorted(self._rows)
+
+    def submit(self, conn_BT: torch.Tensor, profile_BTR: torch.Tensor, mask_BT: torch.Tensor,
+               entropy_BT: torch.Tensor | None = None, row_offset: int = 0) -> "PendingCredit":
+        """Add rows `row_offset .. row_offset + B - 1` (shapes as in `assign_credit`); raises on bad input."""
+        _check_inputs(conn_BT, profile_BTR, mask_BT, entropy_BT, self.options.mode)
+        B, T = conn_BT.shape
+        if self.T is None:
+            self.T = T
+        elif T != self.T:
+            raise ValueError(f"rows {row_offset}..{row_offset + B - 1} have {T} response positions, earlier rows "
+                             f"{self.T}")
+        taken = [row_offset + b for b in range(B) if row_offset + b in self._rows]
+        if taken:
+            raise ValueError(f"rows {taken} were already submitted")
+        conn = conn_BT.detach().float().cpu().numpy().astype(np.float64)
+        prof = profile_BTR.detach().float().cpu().numpy().astype(np.float64)
+        mask = mask_BT.detach().cpu().numpy()
+        ent = entropy_BT.detach().float().cpu().numpy() if entropy_BT is not None else None
+        new = []
+        for b in range(B):
+            m = mask[b]
+            args = (conn[b, m], prof[b, m], ent[b, m] if ent is not None else None, self.options, row_offset + b)
+            self._rows[row_offset + b] = row = _Row(conn[b, m], m, args)
+            new.append(row)
+        workers = self.options.n_workers
+        if workers > 1 and B > 1 and self.options.mode != "uniform":
+            size = max(1, B // (4 * workers))
+            pool = _worker_pool(workers)
+            for i in range(0, B, size):
+                chunk = new[i:i + size]
+                job = pool.submit(_job, [r.args for r in chunk])
+                for slot, r in enumerate(chunk):
+                    r.job, r.slot = job, slot
+        return self
+
+    def fail(self, rows: Sequence[int], error: BaseException) -> None:
+        """Mark rows whose inputs could not be produced; `result` on any of them raises `error`."""
+        for r in rows:
+            self._rows[r] = _Row(np.zeros(0), np.zeros(0, dtype=bool), (), error=error)
+
+    def done(self) -> bool:
+        return all(r.job is None or r.job.done() for r in self._rows.values())
+
+    def _row_result(self, r: int) -> dict:
+        if r not in self._done:
+            if r not in self._rows:
+                raise KeyError(f"row {r} was never submitted (rows: {self.rows})")
+            row = self._rows[r]
+            if row.error is not None:
+                raise row.error
+            if row.job is None:
+                t0 = time.process_time()
+                self._done[r] = _one_response(*row.args)
+                self.cpu_seconds += time.process_time() - t0
+            else:
+                self._done[r], seconds = row.job.result()[row.slot]
+                self.cpu_seconds += seconds
+        return self._done[r]
+
+    def inputs(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(conn_BT, profile_BTR, mask_BT, entropy_BT or None) of `rows` as submitted (zeros on padding;
+        profiles padded with zero regions to the widest block's R)."""
+        picked = [self._rows[int(r)] for r in rows]
+        if any(row.error is not None for row in picked):
+            raise ValueError("inputs of rows marked failed are unknown")
+        B, T = len(picked), self.T or 0
+        R = max((row.args[1].shape[1] for row in picked), default=1)
+        conn, prof = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, R, dtype=torch.float64)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        has_ent = bool(picked) and picked[0].args[2] is not None
+        ent = torch.zeros(B, T, dtype=torch.float32) if has_ent else None
+        for b, row in enumerate(picked):
+            m = torch.from_numpy(row.mask_T)
+            mask[b] = m
+            conn[b, m] = torch.from_numpy(row.args[0])
+            prof[b, m, :row.args[1].shape[1]] = torch.from_numpy(row.args[1])
+            if ent is not None:
+                ent[b, m] = torch.from_numpy(row.args[2])
+        return conn, prof, mask, ent
+
+    def result(self, rows: Sequence[int] | None = None) -> CreditResult:
+        """CreditResult for `rows` (default: all, in order), waiting for their partitions to finish."""
+        rows = self.rows if rows is None else [int(r) for r in rows]
+        if self.T is None:
+            raise ValueError("no rows were submitted")
+        results = [self._row_result(r) for r in rows]
+        return _assemble([self._rows[r] for r in rows], results, self.T, self.options)
+
+
 def assign_credit(
     conn_BT: torch.Tensor,
     profile_BTR: torch.Tensor,
@@ -263,35 +395,20 @@ def assign_credit(
     Returns:
         CreditResult with (B, T) weights (mean 1 over each response's valid tokens, 0 on padding).
     """
-    _check_inputs(conn_BT, profile_BTR, mask_BT, entropy_BT, options.mode)
-    B, T = conn_BT.shape
-    conn = conn_BT.detach().float().cpu().numpy().astype(np.float64)
-    prof = profile_BTR.detach().float().cpu().numpy().astype(np.float64)
-    mask = mask_BT.detach().cpu().numpy()
-    ent = entropy_BT.detach().float().cpu().numpy() if entropy_BT is not None else None
+    return PendingCredit(options).submit(conn_BT, profile_BTR, mask_BT, entropy_BT).result()
 
-    def work(b: int) -> dict:
-        m = mask[b]
-        return _one_response(conn[b, m], prof[b, m], ent[b, m] if ent is not None else None, options, b)
 
-    if options.n_workers > 1 and B > 1 and options.mode != "uniform":
-        args = [(conn[b, mask[b]], prof[b, mask[b]], ent[b, mask[b]] if ent is not None else None, options, b)
-                for b in range(B)]
-        results = list(_worker_pool(options.n_workers).map(_one_response_args, args,
-                                                           chunksize=max(1, B // (4 * options.n_workers))))
-    else:
-        results = [work(b) for b in range(B)]
-
+def _assemble(rows: list[_Row], results: list[dict], T: int, options: CreditOptions) -> CreditResult:
+    B = len(rows)
     weights = np.zeros((B, T))
     boosted = np.zeros((B, T), dtype=bool)
     parts = np.full((B, T), -1, dtype=np.int64)
     stats = {k: np.full(B, np.nan) for k in ("anchor_fraction", "anchor_conn", "other_conn", "bimodality")}
     n_parts = np.zeros(B, dtype=np.int64)
     degenerate = np.zeros(B, dtype=bool)
-    for b, r in enumerate(results):
-        m = mask[b]
+    for b, (row, r) in enumerate(zip(rows, results)):
+        m, c = row.mask_T, row.conn_n
         weights[b, m], boosted[b, m], parts[b, m] = r["weights"], r["boosted"], r["parts"]
-        c = conn[b, m]
         n_parts[b] = len(r["densities"])
         degenerate[b] = r["degenerate"]
         if c.size:

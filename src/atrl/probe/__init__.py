@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -49,6 +49,10 @@ class Capture:
     state: ProbeState
     layers: list[int]
     response_len: int | None
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.indicators.shape[0]
 
     def masses(self, shift: bool = True) -> torch.Tensor:
         """(L, B, T, H, R) masses of the response rows (T = response_len)."""
@@ -143,11 +147,14 @@ class ConnectivityProbe:
             deactivate(token)
 
     @contextmanager
-    def record_forwards(self, response_len: int) -> Iterator[list[Capture]]:
+    def record_forwards(self, response_len: int, on_record: Callable[[Capture], None] | None = None
+                        ) -> Iterator[list[Capture]]:
         """Capture every call of the model inside the block, one `Capture` per call, in order.
 
         For a trainer whose forward passes happen inside library code (e.g. TRL scoring chunks of a batch): the
         model's own forward hooks read `input_ids` / `image_grid_thw` from each call, so nothing else changes.
+        `on_record(capture)` runs as each call returns, so its rows can be handed on (e.g. to the credit
+        workers) while the next chunk computes.
         """
         records: list[Capture] = []
         open_tokens: list = []
@@ -162,6 +169,8 @@ class ConnectivityProbe:
 
         def after(module, args, kwargs, output):
             deactivate(open_tokens.pop())
+            if on_record is not None:
+                on_record(records[-1])
 
         h_before = self.model.register_forward_pre_hook(before, with_kwargs=True)
         h_after = self.model.register_forward_hook(after, with_kwargs=True)

@@ -34,6 +34,10 @@ class AnchorConfig:
             (num_iterations > 1, vLLM importance sampling, or more generation steps than accumulation steps),
             else on the training forward; "old_logps" / "train_forward" force one (old_logps fails when TRL
             makes no such pass: that would cost an extra forward).
+        overlap: keep partitioning off the GPU's critical path: each forward chunk's rows go to the credit
+            workers (`credit.n_workers` > 1) as soon as its connectivity exists, and on the old-log-prob pass a
+            micro-batch waits only for its own rows, when its loss is formed. false: the whole batch is
+            partitioned, and waited for, right after the pass (same weights; for comparison).
         credit: CreditOptions fields other than `mode` (partition, anchor_ratio, weighting, w_anchor, ...).
         fallback_to_uniform: when credit assignment fails on a batch (e.g. non-finite connectivity), log it
             and use uniform weights for that batch instead of stopping the run.
@@ -44,6 +48,7 @@ class AnchorConfig:
     region_grid: tuple[int, int] = (4, 4)
     sink_debias: str = "head_baseline"
     capture: str = "auto"
+    overlap: bool = True
     credit: dict[str, Any] = field(default_factory=dict)
     fallback_to_uniform: bool = True
 

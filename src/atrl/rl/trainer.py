@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from ..credit import assign_credit
+from ..credit import PendingCredit
 from ..probe import ConnectivityProbe, ProbeError, connectivity_of_records
 from .checkpoints import mark_checkpoint_complete
 from .config import AnchorConfig
@@ -64,9 +64,12 @@ class ATRLTrainer(GRPOTrainer):
             self.probe = ConnectivityProbe(self.accelerator.unwrap_model(self.model), layers=self.anchor.probe_layers,
                                            region_grid=self.anchor.region_grid)
         self._scoring = False
-        self._scored: tuple | None = None
-        self._pending: dict[str, Any] | None = None
-        self.last_credit: dict[str, Any] | None = None  # the latest batch's inputs and outputs of assign_credit
+        self._scored: PendingCredit | None = None  # rows scored on the old-log-prob pass, being partitioned
+        self._pending: dict[str, Any] | None = None  # the micro-batch whose training forward is being probed
+        self._credit_batch = 0
+        self._credit_batches: dict[str, tuple[int, PendingCredit]] = {}  # "train" / "eval" -> (number, credit)
+        self._credit_seconds = 0.0  # trainer time in credit since the last weights were applied
+        self.last_credit: dict[str, Any] | None = None  # the latest micro-batch's credit inputs and outputs
         self.nonfinite_losses = 0
 
     # ---------------------------------------------------------------------------------------------- measuring
@@ -85,56 +88,93 @@ class ATRLTrainer(GRPOTrainer):
                                                                compute_entropy=compute_entropy, **kwargs)
         want_entropy = compute_entropy or self.anchor.mode == "entropy"
         mask = attention_mask[:, -logits_to_keep:].bool()
-        if self.probe is None:
+        pending = PendingCredit(self.credit_options)
+        if self.probe is None:  # entropy mode: no probes, the entropies decide
             logps, ent, aux = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=want_entropy, **kwargs)
-            conn = prof = None
+            self._submit(pending, 0, mask, None, None, ent.detach())
         else:
-            with self.probe.record_forwards(logits_to_keep) as records:
+            records: list = []
+
+            def hand_on(capture) -> None:  # each chunk's rows go to the workers while the next chunk computes
+                if self.anchor.overlap:
+                    self._submit_capture(pending, records, capture, mask)
+                records.append(capture)
+
+            with self.probe.record_forwards(logits_to_keep, on_record=hand_on):
                 logps, ent, aux = super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=want_entropy, **kwargs)
-            conn, prof = connectivity_of_records(records, mask, self.anchor.sink_debias)
-        captured = (conn, prof, ent.detach() if ent is not None and self.anchor.mode == "entropy" else None, mask)
+            if not self.anchor.overlap:
+                done: list = []
+                for capture in records:
+                    self._submit_capture(pending, done, capture, mask)
+                    done.append(capture)
+            if sum(c.batch_size for c in records) != mask.shape[0]:
+                raise ProbeError(f"the probes recorded {sum(c.batch_size for c in records)} rows in "
+                                 f"{len(records)} forward calls, the batch has {mask.shape[0]}")
         if self._scoring:
-            self._scored = captured
+            self._scored = pending
         else:
-            self._pending["advantages"] = self._apply_credit(self._pending["advantages"], *captured)
+            self._pending["advantages"] = self._weighted_advantages(self._pending["advantages"], pending)
         return logps, (ent if compute_entropy else None), aux
+
+    def _submit_capture(self, pending: PendingCredit, earlier: list, capture, mask_BT: torch.Tensor) -> None:
+        """Hand one forward call's rows (they follow the `earlier` calls' rows) to the credit workers."""
+        start = sum(c.batch_size for c in earlier)
+        rows_mask = mask_BT[start:start + capture.batch_size]
+        conn, prof = capture.connectivity(rows_mask, self.anchor.sink_debias)
+        self._submit(pending, start, rows_mask, conn, prof)
+
+    def _submit(self, pending: PendingCredit, start: int, mask_BT: torch.Tensor, conn, prof, entropy=None) -> None:
+        """`pending.submit` of rows start.., timed; a block whose inputs are unusable (e.g. non-finite
+        connectivity) is marked failed, so that its micro-batches fall back to uniform weights (or raise)."""
+        t0 = time.perf_counter()
+        B, T = mask_BT.shape
+        if conn is None:  # modes without probes (entropy): a placeholder the credit module ignores
+            conn, prof = torch.zeros(B, T), torch.zeros(B, T, 1)
+        try:
+            pending.submit(conn, prof, mask_BT, entropy, row_offset=start)
+        except ValueError as err:
+            pending.fail(range(start, start + B), err)
+        self._credit_seconds += time.perf_counter() - t0
 
     # ---------------------------------------------------------------------------------------------- deciding
 
-    def _apply_credit(self, advantages: torch.Tensor, conn, prof, entropy, mask) -> torch.Tensor:
-        """(B,) or (B, T) advantages -> (B, T) weighted advantages."""
-        t0 = time.perf_counter()
-        B, T = mask.shape
-        measured = conn is not None
-        if not measured:  # modes without probes (entropy): a placeholder the credit module ignores
-            conn = torch.zeros(B, T)
-            prof = torch.zeros(B, T, 1)
+    def _weighted_advantages(self, advantages: torch.Tensor, pending: PendingCredit,
+                             rows: list[int] | None = None) -> torch.Tensor:
+        """(b,) or (b, T) advantages of `rows` (default: all) -> (b, T) `W(C_k(t)) * A(i)`.
+
+        Waits for those rows' partitions; logs the step's credit statistics and the time the trainer spent on
+        credit (submitting, waiting, assembling: `atrl/time/credit_s`) next to the workers' CPU time."""
+        t0, cpu0 = time.perf_counter(), pending.cpu_seconds
+        measured = self.anchor.mode != "entropy"
         try:
-            result = assign_credit(conn, prof, mask, self.credit_options, entropy_BT=entropy)
+            result = pending.result(rows)
         except (ValueError, ProbeError) as err:
             if not self.anchor.fallback_to_uniform:
                 raise
-            logger.warning("step %d: credit assignment failed (%s); this batch uses uniform weights",
+            logger.warning("step %d: credit assignment failed (%s); these rows use uniform weights",
                            self.state.global_step, err)
+            self._credit_seconds = 0.0
             # every process reduces the same metric names in the same order, whatever happened on it
             self._log_metric_values({name: [] for name in self._metric_names(measured)} |
                                     {"atrl/credit_fallback": [1.0]})
             return advantages
         weights = result.weights.to(device=advantages.device, dtype=advantages.dtype)
-        self.last_credit = {"conn": conn.detach().cpu(), "profile": prof.detach().cpu(), "mask": mask.cpu(),
-                            "entropy": entropy.cpu() if entropy is not None else None, "result": result,
-                            "advantages_in": advantages.detach().cpu()}
-        valid = mask.to(weights.device)
-        w = weights[valid]
+        conn, prof, mask, entropy = pending.inputs(rows if rows is not None else pending.rows)
+        self.last_credit = {"conn": conn, "profile": prof, "mask": mask, "entropy": entropy, "result": result,
+                            "advantages_in": advantages.detach().cpu(), "options": pending.options}
+        credit_s = self._credit_seconds + time.perf_counter() - t0
+        self._credit_seconds = 0.0
+        w = result.weights[mask]
         stats = {
             "atrl/credit_fallback": [0.0],
             "atrl/anchor_fraction": result.anchor_fraction.tolist(),
             "atrl/weight_max": [float(w.max())] if w.numel() else [],
             "atrl/weight_min": [float(w.min())] if w.numel() else [],
             "atrl/weight_std": [float(w.std())] if w.numel() > 1 else [],
-            "atrl/time/credit_s": [time.perf_counter() - t0],
+            "atrl/time/credit_s": [credit_s],
+            "atrl/time/credit_cpu_s": [pending.cpu_seconds - cpu0],
         }
         if measured:  # statistics of the connectivity (or visual-dependency score) itself
             stats.update({
@@ -153,7 +193,7 @@ class ATRLTrainer(GRPOTrainer):
     @staticmethod
     def _metric_names(measured: bool) -> list[str]:
         names = ["atrl/credit_fallback", "atrl/anchor_fraction", "atrl/weight_max", "atrl/weight_min",
-                 "atrl/weight_std", "atrl/time/credit_s"]
+                 "atrl/weight_std", "atrl/time/credit_s", "atrl/time/credit_cpu_s"]
         if measured:
             names += ["atrl/anchor_conn", "atrl/other_conn", "atrl/bimodality", "atrl/num_parts", "atrl/degenerate",
                       "atrl/mean_conn"]
@@ -181,13 +221,33 @@ class ATRLTrainer(GRPOTrainer):
             self._scoring = False
         if self.anchor.mode == "visual_dependency":
             kl, mask = self._visual_dependency(output)
-            output["advantages"] = self._apply_credit(output["advantages"], kl, torch.zeros(*kl.shape, 1), None, mask)
+            pending = PendingCredit(self.credit_options)
+            self._submit(pending, 0, mask, kl, torch.zeros(*kl.shape, 1))
         elif self._scored is not None:
-            output["advantages"] = self._apply_credit(output["advantages"], *self._scored)
-            self._scored = None
+            pending, self._scored = self._scored, None
+        else:
+            return output
+        if not self.anchor.overlap:
+            output["advantages"] = self._weighted_advantages(output["advantages"], pending)
+            return output
+        # The weights are applied per micro-batch in _compute_loss. TRL shuffles and splits this batch into
+        # micro-batches, so each row carries its index (and the batch its number) through the shuffle.
+        B = output["completion_ids"].shape[0]
+        self._credit_batch += 1
+        self._credit_batches["train" if self.model.training else "eval"] = (self._credit_batch, pending)
+        output["atrl_row"] = torch.arange(B, device=output["completion_ids"].device)
+        output["atrl_batch"] = torch.tensor(self._credit_batch)
         return output
 
     def _compute_loss(self, model, inputs):
+        if "atrl_row" in inputs:  # scored earlier: wait for this micro-batch's rows only
+            inputs = dict(inputs)
+            rows, batch = inputs.pop("atrl_row").tolist(), int(inputs.pop("atrl_batch"))
+            number, pending = self._credit_batches["train" if self.model.training else "eval"]
+            if number != batch:
+                raise RuntimeError(f"micro-batch of generation batch {batch} met the credit of batch {number}")
+            inputs["advantages"] = self._weighted_advantages(inputs["advantages"], pending, rows)
+            return super()._compute_loss(model, inputs)
         if not (self.capture_site == "train_forward" and self.anchor.mode not in ("uniform", "visual_dependency")):
             return super()._compute_loss(model, inputs)
         self._pending = dict(inputs)  # a copy: the buffered batch keeps its plain advantages
