@@ -3,7 +3,7 @@
 #
 #   ../shared/tools/gpu-wheels                      # here, once: trl, datasets, pymetis, ... into .whl/
 #   run(command="bash benchmarks/gpu.sh probe", carry=[".whl"])     # ~5 min: 3B and 7B probe overhead
-#   run(command="bash benchmarks/gpu.sh trainer", carry=[".whl"])   # ~10 min: atrl / uniform step time
+#   run(command="bash benchmarks/gpu.sh trainer", carry=[".whl"])   # ~7 min: atrl / uniform step time
 #
 # Each phase writes its tables and JSON under $OUT (or ./gpu-results) and prints the tables last.
 # `probe_overhead.py` first checks the probe against eager attention at the real shape, in bf16; `probe`
@@ -36,8 +36,13 @@ case $phase in
     fi
     grep -h "^#\|^|\|^probe vs" "$out"/probe-*.txt ;;
   trainer)
-    timeout 560 python3 benchmarks/trainer_overhead.py --shape 3b --steps 6 --blocks 2 --out "$out/trainer-3b.json" \
+    # 1. generation aligned with the optimizer step (TRL's default without vLLM): probes on the training forward
+    timeout 270 python3 benchmarks/trainer_overhead.py --shape 3b --steps 4 --blocks 2 --out "$out/trainer-3b.json" \
       2>&1 | tee "$out/trainer-3b.txt" | grep -v "it/s\]"
-    grep -h "^#\|^|\|spread" "$out/trainer-3b.txt" ;;
+    # 2. an old-log-prob pass (as always with vLLM): probes ride on it, partitions overlap; overlap off for contrast
+    timeout 300 python3 benchmarks/trainer_overhead.py --shape 3b --steps 6 --blocks 2 --steps-per-generation 2 \
+      --modes uniform atrl atrl-overlap-off --out "$out/trainer-3b-spg2.json" \
+      2>&1 | tee "$out/trainer-3b-spg2.txt" | grep -v "it/s\]"
+    grep -h "^#\|^|\|spread" "$out"/trainer-3b*.txt ;;
   *) echo "unknown phase $phase: use probe or trainer" >&2; exit 2 ;;
 esac

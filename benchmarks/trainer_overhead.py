@@ -95,6 +95,7 @@ def main() -> None:
 
     results: dict[str, list[float]] = {m: [] for m in args.modes}
     credit_share: dict[str, list[float]] = {m: [] for m in args.modes}  # time the loop spent on credit / step
+    credit_loop: dict[str, list[float]] = {m: [] for m in args.modes}  # seconds the loop spent on credit per step
     credit_cpu: dict[str, list[float]] = {m: [] for m in args.modes}  # workers' partition CPU seconds per step
     blocks: list[tuple[str, float]] = []
     for block in range(args.blocks):
@@ -116,6 +117,7 @@ def main() -> None:
             kept = cb.cycles(cb.times)
             results[mode].extend(kept)
             if mode != "uniform":
+                credit_loop[mode].extend(cb.cycles(cb.credit))
                 credit_share[mode].extend(c / t for c, t in zip(cb.cycles(cb.credit), kept))
                 credit_cpu[mode].extend(cb.cycles(cb.cpu))
             blocks.append((mode, statistics.median(kept)))
@@ -129,21 +131,23 @@ def main() -> None:
     print(f"# trainer step time, Qwen2.5-VL-{args.shape} shape, {args.completion}-token completions, "
           f"{args.batch} x {args.steps_per_generation} completions per step, credit n_workers={args.workers}, "
           f"device {dev}")
-    print(f"| mode | median step s | steps | ratio to {first} | loop time in credit (share of step) | "
+    print(f"| mode | median step s | steps | ratio to {first} | loop time in credit, s per step (share) | "
           "partition CPU s per step |")
     # a "step" here is one generation cycle: steps_per_generation optimizer steps (the first cycle is warm-up)
     print("|---|---|---|---|---|---|")
     for mode in args.modes:
         med = statistics.median(results[mode])
         share, cpu = credit_share[mode], credit_cpu[mode]
-        share_s = f"{100 * statistics.median(share):.2f}%" if share else "-"
+        share_s = (f"{statistics.median(credit_loop[mode]):.4f} ({100 * statistics.median(share):.2f}%)"
+                   if share else "-")
         cpu_s = f"{statistics.median(cpu):.3f}" if cpu else "-"
         print(f"| {mode} | {med:.3f} | {len(results[mode])} | {med / med_0:.4f} | {share_s} | {cpu_s} |")
     print(f"spread of the {first} blocks (noise floor): {100 * noise:.2f}%")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": dev, "shape": args.shape, "results": results, "blocks": blocks,
-                       "credit_share": credit_share, "credit_cpu": credit_cpu, "workers": args.workers,
+                       "credit_share": credit_share, "credit_loop": credit_loop,
+                       "credit_cpu": credit_cpu, "workers": args.workers,
                        "steps_per_generation": args.steps_per_generation, "batch": args.batch}, fh, indent=1)
 
 

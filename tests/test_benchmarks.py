@@ -45,4 +45,4 @@ def test_trainer_overhead_smoke(tmp_path):
         assert len(result["credit_share"][mode]) == 1 and 0 < result["credit_share"][mode][0] < 1
         assert result["credit_cpu"][mode][0] > 0
     assert result["credit_share"]["uniform"] == [] and result["credit_cpu"]["uniform"] == []
-    assert re.search(r"\| atrl \| [\d.]+ \| 1 \| [\d.]+ \| [\d.]+% \| [\d.]+ \|", stdout)
+    assert re.search(r"\| atrl \| [\d.]+ \| 1 \| [\d.]+ \| [\d.]+ \([\d.]+%\) \| [\d.]+ \|", stdout)

@@ -16,7 +16,7 @@ from atrl.credit import assign_credit
 from atrl.data.synthetic import generate, to_hf_dataset
 from atrl.models.zoo import build_tiny_vlm
 from atrl.rl.config import TRAINER_MODES, AnchorConfig
-from atrl.rl.trainer import ATRLTrainer
+from atrl.rl.trainer import ATRLTrainer, grads_finite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,6 +180,25 @@ def test_nonfinite_loss_and_flat_rewards_are_handled(tmp_path):
     flat.train()
     logs = [h for h in flat.state.log_history if "loss" in h]
     assert all(h["frac_reward_zero_std"] == 1.0 and h["loss"] == 0.0 for h in logs)
+
+
+def test_grads_finite_equals_a_check_of_every_entry():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, dtype=dt)) for n, dt in
+              ((7, torch.float32), (300, torch.bfloat16), (1, torch.float32), (64, torch.float64))]
+    assert grads_finite(params)  # no gradients yet
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e30 if p.dtype != torch.bfloat16 else torch.randn_like(p)
+    params[2].grad = None
+    for bad in (None, float("nan"), float("inf"), -float("inf"), 3e38):
+        for i in (0, 1, 3):
+            g = params[i].grad
+            saved = g.clone()
+            if bad is not None:
+                g.view(-1)[min(5, g.numel() - 1)] = bad
+            expected = all(bool(p.grad.isfinite().all()) for p in params if p.grad is not None)
+            assert grads_finite(params) == expected, (bad, i)
+            g.copy_(saved)
 
 
 def _run(out, steps, crash, *extra):
