@@ -52,6 +52,7 @@ def test_overrides_are_typed_and_nested():
     (["--model.typo", "1"], r"section 'model' has unknown keys \['typo'\]"),
     (["--foo.bar", "1"], "unknown section 'foo'"),
     (["--anchor.mode"], "has no value"),
+    (["--anchor.overlap", "maybe"], "anchor.overlap=.maybe.: use true or false"),
     (["--model.dtype", "float8"], "model.dtype"),
     (["--data.knobs", "{quadrant: {size: 1}}"], r"knobs.quadrant has unknown keys \['size'\]"),
     (["--data.knobs", "{colour: {size: 1}}"], "knobs: unknown task family 'colour'"),

@@ -59,6 +59,9 @@ class AnchorConfig:
             raise ValueError(f"anchor.sink_debias={self.sink_debias!r}: choose from {SINK_DEBIAS}")
         if self.capture not in CAPTURE_SITES:
             raise ValueError(f"anchor.capture={self.capture!r}: choose from {CAPTURE_SITES}")
+        for name in ("overlap", "fallback_to_uniform"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"anchor.{name}={getattr(self, name)!r}: use true or false")
         self.region_grid = tuple(self.region_grid)
         if len(self.region_grid) != 2 or min(self.region_grid) < 1:
             raise ValueError(f"anchor.region_grid={self.region_grid}: two positive integers, e.g. [4, 4]")
