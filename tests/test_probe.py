@@ -144,6 +144,31 @@ def test_capture_connectivity_shapes_and_response_rows():
     assert torch.equal(cap.masses(shift=False), full.masses()[:, :, S - RESPONSE:])
 
 
+def test_record_forwards_hands_each_call_on_right_after_its_last_probed_layer():
+    model, processor = _fresh("qwen2_5_vl")
+    batch = _batch(processor, (1, 1, 1), "left")
+    probe = ConnectivityProbe(model, layers=[1])
+    events, seen = [], []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: events.append(f"layer {i}"))
+             for i, layer in enumerate(model.get_decoder().layers)]
+
+    def on_record(capture):
+        events.append("record")
+        seen.append(capture.masses().clone())  # readable now, in the middle of the forward
+
+    patches = torch.cat([torch.zeros(1, dtype=torch.long), batch["image_grid_thw"].prod(-1).cumsum(0)])
+    with torch.no_grad(), probe.record_forwards(RESPONSE, on_record=on_record) as records:
+        for a, b in ((0, 2), (2, 3)):  # two calls (one image per sample), as a trainer scoring in chunks makes
+            model(input_ids=batch["input_ids"][a:b], attention_mask=batch["attention_mask"][a:b],
+                  pixel_values=batch["pixel_values"][patches[a]:patches[b]],
+                  image_grid_thw=batch["image_grid_thw"][a:b], use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert events == ["layer 0", "layer 1", "record", "layer 2", "layer 3"] * 2
+    assert len(records) == 2 and [c.batch_size for c in records] == [2, 1]
+    assert all(torch.equal(a, c.masses()) for a, c in zip(seen, records))
+
+
 def test_connectivity_from_masses_by_hand():
     # L=1, B=1, T=4, H=2, R=2
     m = torch.tensor([[[[[0.1, 0.1], [0.5, 0.0]],

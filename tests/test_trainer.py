@@ -16,6 +16,7 @@ from atrl.credit import assign_credit
 from atrl.data.synthetic import generate, to_hf_dataset
 from atrl.models.zoo import build_tiny_vlm
 from atrl.rl.config import TRAINER_MODES, AnchorConfig
+from atrl.rl.handoff import CreditInFlight
 from atrl.rl.trainer import ATRLTrainer, grads_finite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,30 +80,31 @@ def test_capture_rides_on_the_old_logps_pass_when_trl_makes_one(tmp_path):
         _trainer(tmp_path, anchor=AnchorConfig(capture="old_logps"))
 
 
-def test_overlapped_credit_waits_per_micro_batch_and_changes_nothing(tmp_path):
+def test_overlapped_credit_waits_per_micro_batch_and_changes_nothing(tmp_path, monkeypatch):
     # TRL scores 8 rows in two chunks of 4 and trains them as two shuffled micro-batches of 4. With overlap,
-    # each chunk's rows go to the workers as soon as it is scored and each micro-batch waits for its own rows;
-    # without, the whole batch is partitioned and waited for right after scoring. Same weights, same step.
+    # each chunk's rows are handed to the workers from inside its forward and each micro-batch waits for its own
+    # rows; without, the whole batch is partitioned and waited for right after scoring. Same weights, same step.
     kw = dict(steps_per_generation=2, max_steps=2, optim="sgd", learning_rate=1.0)
     credit = {"n_workers": 2}
     off = _trainer(tmp_path / "off", anchor=AnchorConfig(overlap=False, credit=credit), **kw)
     off.train()
     on = _trainer(tmp_path / "on", anchor=AnchorConfig(credit=credit), **kw)
     assert on.capture_site == "old_logps"
-    waits, submits = [], []
-    original_weighted, original_submit = on._weighted_advantages, on._submit
+    waits, handed = [], []
+    original_weighted, original_hand_on = on._weighted_advantages, CreditInFlight.hand_on
 
-    def weighted(advantages, pending, rows=None):
+    def weighted(advantages, credit, rows=None):
         waits.append((on._scoring, None if rows is None else sorted(rows)))
-        return original_weighted(advantages, pending, rows)
+        return original_weighted(advantages, credit, rows)
 
-    def submit(pending, start, mask_BT, *a):
-        submits.append((start, mask_BT.shape[0]))
-        return original_submit(pending, start, mask_BT, *a)
+    def hand_on(self, start, mask_BT, *a):
+        handed.append((start, mask_BT.shape[0], torch.is_grad_enabled()))
+        return original_hand_on(self, start, mask_BT, *a)
 
-    on._weighted_advantages, on._submit = weighted, submit
+    on._weighted_advantages = weighted
+    monkeypatch.setattr(CreditInFlight, "hand_on", hand_on)
     on.train()
-    assert submits == [(0, 4), (4, 4)], "each scored chunk is handed on by itself"
+    assert handed == [(0, 4, False), (4, 4, False)], "each scored chunk is handed on by itself, from its forward"
     assert all(not scoring and len(rows) == 4 for scoring, rows in waits), waits
     assert sorted(waits[0][1] + waits[1][1]) == list(range(8)), "the two micro-batches share the batch's rows"
     p_off, p_on = _params(off), _params(on)
@@ -199,6 +201,30 @@ def test_grads_finite_equals_a_check_of_every_entry():
             expected = all(bool(p.grad.isfinite().all()) for p in params if p.grad is not None)
             assert grads_finite(params) == expected, (bad, i)
             g.copy_(saved)
+
+
+def test_credit_handoff_submits_from_the_helper_thread_and_keeps_errors():
+    from atrl.credit import CreditOptions
+
+    g = torch.Generator().manual_seed(0)
+    conn, prof = torch.rand(6, 30, generator=g), torch.rand(6, 30, 5, generator=g)
+    mask = torch.ones(6, 30, dtype=torch.bool)
+    mask[1, 20:] = False
+    conn[4, 3] = float("nan")  # rows 4-5 arrive unusable
+    credit = CreditInFlight(CreditOptions(n_workers=2))
+    for start in (0, 2, 4):
+        credit.hand_on(start, mask[start:start + 2], conn[start:start + 2], prof[start:start + 2])
+    pending = credit.ready()
+    assert pending.rows == list(range(6))
+    expected = assign_credit(conn[:4], prof[:4], mask[:4], CreditOptions())
+    assert torch.equal(pending.result([0, 1, 2, 3]).weights, expected.weights)
+    with pytest.raises(ValueError, match=r"conn_BT has a non-finite value .* at \(batch, token\) = \(0, 3\)"):
+        pending.result([5, 4])
+
+    broken = CreditInFlight(CreditOptions())
+    broken.hand_on(0, mask[:2], conn[:2], prof[:2, :, :, None])  # a 4-D profile: reported when read
+    with pytest.raises(ValueError, match="profile_BTR must be"):
+        broken.ready().result()
 
 
 def _run(out, steps, crash, *extra):

@@ -371,9 +371,9 @@ class PendingCredit:
     def result(self, rows: Sequence[int] | None = None) -> CreditResult:
         """CreditResult for `rows` (default: all, in order), waiting for their partitions to finish."""
         rows = self.rows if rows is None else [int(r) for r in rows]
+        results = [self._row_result(r) for r in rows]  # a failed row raises its error here
         if self.T is None:
             raise ValueError("no rows were submitted")
-        results = [self._row_result(r) for r in rows]
         return _assemble([self._rows[r] for r in rows], results, self.T, self.options)
 
 

@@ -153,8 +153,10 @@ class ConnectivityProbe:
 
         For a trainer whose forward passes happen inside library code (e.g. TRL scoring chunks of a batch): the
         model's own forward hooks read `input_ids` / `image_grid_thw` from each call, so nothing else changes.
-        `on_record(capture)` runs as each call returns, so its rows can be handed on (e.g. to the credit
-        workers) while the next chunk computes.
+        `on_record(capture)` runs once per call, as soon as the call's last probed layer has recorded (inside
+        the forward: the layers after it, the LM head and the next chunk are still to compute), so that its
+        rows can be handed on early, e.g. to the credit workers. A call whose probed layers did not all run
+        gets it as the call returns, and reading that capture raises the ProbeError that says so.
         """
         records: list[Capture] = []
         open_tokens: list = []
@@ -164,13 +166,18 @@ class ConnectivityProbe:
             if input_ids is None:
                 raise ProbeError("record_forwards: the model was called without input_ids")
             state = self._new_state(input_ids, kwargs.get("image_grid_thw"), response_len)
+            capture = Capture(state, self.layers, response_len)
+            if on_record is not None:
+                state.on_complete = lambda: on_record(capture)
             open_tokens.append(activate(state))
-            records.append(Capture(state, self.layers, response_len))
+            records.append(capture)
 
         def after(module, args, kwargs, output):
             deactivate(open_tokens.pop())
-            if on_record is not None:
-                on_record(records[-1])
+            state = records[-1].state
+            if state.on_complete is not None:  # the probed layers did not all run
+                done, state.on_complete = state.on_complete, None
+                done()
 
         h_before = self.model.register_forward_pre_hook(before, with_kwargs=True)
         h_after = self.model.register_forward_hook(after, with_kwargs=True)

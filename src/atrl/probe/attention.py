@@ -44,6 +44,8 @@ class ProbeState:
     layer_of_module: id(attention module) -> decoder layer index, for the probed layers only.
     keep_last: keep only the last `keep_last` query rows (the response rows) of each record; None = all.
     pad_qk: zero-pad Q and K to V's widened head size (for kernels that need equal sizes).
+    on_complete: called once, inside the forward, right after the last probed layer has recorded (the rest of
+        the forward is still to run), so that the masses can be handed on early.
     masses: decoder layer index -> (B, S_kept, H, R) float32 attention mass on each region (detached).
     """
 
@@ -51,7 +53,12 @@ class ProbeState:
     layer_of_module: dict[int, int]
     keep_last: int | None = None
     pad_qk: bool = False
+    on_complete: Callable[[], None] | None = None
     masses: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.masses) == len(set(self.layer_of_module.values()))
 
 
 def _probe_of(module: torch.nn.Module) -> tuple[ProbeState | None, int | None, bool]:
@@ -109,6 +116,9 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False) -> Callable
         if record:
             rows = out[:, -state.keep_last:] if state.keep_last else out
             state.masses[layer] = rows[..., D:].detach().float()
+            if state.on_complete is not None and state.complete:
+                done, state.on_complete = state.on_complete, None
+                done()
         return out[..., :D], None
 
     forward.atrl_base = base

@@ -27,10 +27,10 @@ import torch
 from torch.nn.utils import get_total_norm
 from trl import GRPOTrainer
 
-from ..credit import PendingCredit
 from ..probe import ConnectivityProbe, ProbeError, connectivity_of_records
 from .checkpoints import mark_checkpoint_complete
 from .config import AnchorConfig
+from .handoff import CreditInFlight
 
 logger = logging.getLogger("atrl")
 
@@ -72,10 +72,10 @@ class ATRLTrainer(GRPOTrainer):
             self.probe = ConnectivityProbe(self.accelerator.unwrap_model(self.model), layers=self.anchor.probe_layers,
                                            region_grid=self.anchor.region_grid)
         self._scoring = False
-        self._scored: PendingCredit | None = None  # rows scored on the old-log-prob pass, being partitioned
+        self._scored: CreditInFlight | None = None  # rows scored on the old-log-prob pass, being partitioned
         self._pending: dict[str, Any] | None = None  # the micro-batch whose training forward is being probed
         self._credit_batch = 0
-        self._credit_batches: dict[str, tuple[int, PendingCredit]] = {}  # "train" / "eval" -> (number, credit)
+        self._credit_batches: dict[str, tuple[int, CreditInFlight]] = {}  # "train" / "eval" -> (number, credit)
         self._credit_seconds = 0.0  # trainer time in credit since the last weights were applied
         self.last_credit: dict[str, Any] | None = None  # the latest micro-batch's credit inputs and outputs
         self.nonfinite_losses = 0
@@ -96,65 +96,59 @@ class ATRLTrainer(GRPOTrainer):
                                                                compute_entropy=compute_entropy, **kwargs)
         want_entropy = compute_entropy or self.anchor.mode == "entropy"
         mask = attention_mask[:, -logits_to_keep:].bool()
-        pending = PendingCredit(self.credit_options)
+        credit = CreditInFlight(self.credit_options)
         if self.probe is None:  # entropy mode: no probes, the entropies decide
             logps, ent, aux = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=want_entropy, **kwargs)
-            self._submit(pending, 0, mask, None, None, ent.detach())
+            t0 = time.perf_counter()
+            credit.submit_now(0, mask.cpu(), None, None, ent.detach().cpu())
+            self._credit_seconds += time.perf_counter() - t0
         else:
             records: list = []
 
-            def hand_on(capture) -> None:  # each chunk's rows go to the workers while the next chunk computes
+            def rows_of(capture) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+                start = sum(c.batch_size for c in records)
+                rows_mask = mask[start:start + capture.batch_size]
+                return (start, rows_mask, *capture.connectivity(rows_mask, self.anchor.sink_debias))
+
+            def hand_on(capture) -> None:  # inside the forward, right after the call's last probed layer
                 if self.anchor.overlap:
-                    self._submit_capture(pending, records, capture, mask)
+                    t0 = time.perf_counter()
+                    credit.hand_on(*rows_of(capture))
+                    self._credit_seconds += time.perf_counter() - t0
                 records.append(capture)
 
             with self.probe.record_forwards(logits_to_keep, on_record=hand_on):
                 logps, ent, aux = super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=want_entropy, **kwargs)
-            if not self.anchor.overlap:
-                done: list = []
-                for capture in records:
-                    self._submit_capture(pending, done, capture, mask)
-                    done.append(capture)
             if sum(c.batch_size for c in records) != mask.shape[0]:
                 raise ProbeError(f"the probes recorded {sum(c.batch_size for c in records)} rows in "
                                  f"{len(records)} forward calls, the batch has {mask.shape[0]}")
+            if not self.anchor.overlap:  # the whole batch, now
+                t0 = time.perf_counter()
+                done, records = records, []
+                for capture in done:
+                    start, rows_mask, conn, prof = rows_of(capture)
+                    credit.submit_now(start, rows_mask.cpu(), conn.cpu(), prof.cpu())
+                    records.append(capture)
+                self._credit_seconds += time.perf_counter() - t0
         if self._scoring:
-            self._scored = pending
+            self._scored = credit
         else:
-            self._pending["advantages"] = self._weighted_advantages(self._pending["advantages"], pending)
+            self._pending["advantages"] = self._weighted_advantages(self._pending["advantages"], credit)
         return logps, (ent if compute_entropy else None), aux
-
-    def _submit_capture(self, pending: PendingCredit, earlier: list, capture, mask_BT: torch.Tensor) -> None:
-        """Hand one forward call's rows (they follow the `earlier` calls' rows) to the credit workers."""
-        start = sum(c.batch_size for c in earlier)
-        rows_mask = mask_BT[start:start + capture.batch_size]
-        conn, prof = capture.connectivity(rows_mask, self.anchor.sink_debias)
-        self._submit(pending, start, rows_mask, conn, prof)
-
-    def _submit(self, pending: PendingCredit, start: int, mask_BT: torch.Tensor, conn, prof, entropy=None) -> None:
-        """`pending.submit` of rows start.., timed; a block whose inputs are unusable (e.g. non-finite
-        connectivity) is marked failed, so that its micro-batches fall back to uniform weights (or raise)."""
-        t0 = time.perf_counter()
-        B, T = mask_BT.shape
-        if conn is None:  # modes without probes (entropy): a placeholder the credit module ignores
-            conn, prof = torch.zeros(B, T), torch.zeros(B, T, 1)
-        try:
-            pending.submit(conn, prof, mask_BT, entropy, row_offset=start)
-        except ValueError as err:
-            pending.fail(range(start, start + B), err)
-        self._credit_seconds += time.perf_counter() - t0
 
     # ---------------------------------------------------------------------------------------------- deciding
 
-    def _weighted_advantages(self, advantages: torch.Tensor, pending: PendingCredit,
+    def _weighted_advantages(self, advantages: torch.Tensor, credit: CreditInFlight,
                              rows: list[int] | None = None) -> torch.Tensor:
         """(b,) or (b, T) advantages of `rows` (default: all) -> (b, T) `W(C_k(t)) * A(i)`.
 
         Waits for those rows' partitions; logs the step's credit statistics and the time the trainer spent on
         credit (submitting, waiting, assembling: `atrl/time/credit_s`) next to the workers' CPU time."""
-        t0, cpu0 = time.perf_counter(), pending.cpu_seconds
+        t0 = time.perf_counter()
+        pending = credit.ready()
+        cpu0 = pending.cpu_seconds
         measured = self.anchor.mode != "entropy"
         try:
             result = pending.result(rows)
@@ -229,20 +223,22 @@ class ATRLTrainer(GRPOTrainer):
             self._scoring = False
         if self.anchor.mode == "visual_dependency":
             kl, mask = self._visual_dependency(output)
-            pending = PendingCredit(self.credit_options)
-            self._submit(pending, 0, mask, kl, torch.zeros(*kl.shape, 1))
+            credit = CreditInFlight(self.credit_options)
+            t0 = time.perf_counter()
+            credit.submit_now(0, mask, kl, torch.zeros(*kl.shape, 1))
+            self._credit_seconds += time.perf_counter() - t0
         elif self._scored is not None:
-            pending, self._scored = self._scored, None
+            credit, self._scored = self._scored, None
         else:
             return output
         if not self.anchor.overlap:
-            output["advantages"] = self._weighted_advantages(output["advantages"], pending)
+            output["advantages"] = self._weighted_advantages(output["advantages"], credit)
             return output
         # The weights are applied per micro-batch in _compute_loss. TRL shuffles and splits this batch into
         # micro-batches, so each row carries its index (and the batch its number) through the shuffle.
         B = output["completion_ids"].shape[0]
         self._credit_batch += 1
-        self._credit_batches["train" if self.model.training else "eval"] = (self._credit_batch, pending)
+        self._credit_batches["train" if self.model.training else "eval"] = (self._credit_batch, credit)
         output["atrl_row"] = torch.arange(B, device=output["completion_ids"].device)
         output["atrl_batch"] = torch.tensor(self._credit_batch)
         return output
@@ -251,10 +247,10 @@ class ATRLTrainer(GRPOTrainer):
         if "atrl_row" in inputs:  # scored earlier: wait for this micro-batch's rows only
             inputs = dict(inputs)
             rows, batch = inputs.pop("atrl_row").tolist(), int(inputs.pop("atrl_batch"))
-            number, pending = self._credit_batches["train" if self.model.training else "eval"]
+            number, credit = self._credit_batches["train" if self.model.training else "eval"]
             if number != batch:
                 raise RuntimeError(f"micro-batch of generation batch {batch} met the credit of batch {number}")
-            inputs["advantages"] = self._weighted_advantages(inputs["advantages"], pending, rows)
+            inputs["advantages"] = self._weighted_advantages(inputs["advantages"], credit, rows)
             return super()._compute_loss(model, inputs)
         if not (self.capture_site == "train_forward" and self.anchor.mode not in ("uniform", "visual_dependency")):
             return super()._compute_loss(model, inputs)

@@ -1,0 +1,73 @@
+"""Getting connectivity to the credit workers without making the GPU wait (docs/ALGORITHM.md, "Trainer").
+
+    credit = CreditInFlight(options)
+    credit.hand_on(start, mask_bT, conn_bT, profile_bTR)   # inside the forward, right after the last probed layer
+    ...                                                     # the GPU computes the rest; METIS runs in the workers
+    weights = credit.ready().result(rows).weights           # when the loss needs them
+
+`hand_on` runs on the training thread and returns at once: it queues an asynchronous device-to-host copy of
+the rows' connectivity behind the kernels that produce it and marks the point with a CUDA event. One helper
+thread per process waits for that event (the training thread goes on launching kernels) and submits the rows
+to `PendingCredit`, whose worker processes partition them. `ready()` joins the hand-offs made so far.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ..credit import CreditOptions, PendingCredit
+
+_HELPER: ThreadPoolExecutor | None = None
+
+
+def _helper() -> ThreadPoolExecutor:
+    global _HELPER
+    if _HELPER is None:
+        _HELPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atrl-credit-handoff")
+    return _HELPER
+
+
+class CreditInFlight:
+    """One batch's credit: rows handed on as their connectivity appears, read back when a loss needs them."""
+
+    def __init__(self, options: CreditOptions):
+        self.pending = PendingCredit(options)
+        self._handoffs: list[Future] = []
+
+    def hand_on(self, start: int, mask_BT: torch.Tensor, conn_BT: torch.Tensor, profile_BTR: torch.Tensor) -> None:
+        """Rows start .. start + B - 1: copy to the host asynchronously, submit from the helper thread."""
+        tensors = (mask_BT, conn_BT, profile_BTR)
+        host = [t.detach().to("cpu", non_blocking=True) for t in tensors]
+        event = None
+        if any(t.is_cuda for t in tensors):
+            event = torch.cuda.Event()
+            event.record()
+
+        def submit() -> None:
+            if event is not None:
+                event.synchronize()  # the copy has landed; the GPU may be far ahead by now
+            self.submit_now(start, *host)
+
+        self._handoffs.append(_helper().submit(submit))
+
+    def submit_now(self, start: int, mask_BT: torch.Tensor, conn_BT: torch.Tensor | None,
+                   profile_BTR: torch.Tensor | None, entropy_BT: torch.Tensor | None = None) -> None:
+        """Submit rows on this thread. `conn_BT` None: a mode without probes (entropy), zeros stand in. Rows whose
+        inputs are unusable (e.g. non-finite connectivity) are marked failed, so that reading them raises and
+        the trainer can fall back to uniform weights for them."""
+        B, T = mask_BT.shape
+        if conn_BT is None:
+            conn_BT, profile_BTR = torch.zeros(B, T), torch.zeros(B, T, 1)
+        try:
+            self.pending.submit(conn_BT, profile_BTR, mask_BT, entropy_BT, row_offset=start)
+        except ValueError as err:
+            self.pending.fail(range(start, start + B), err)
+
+    def ready(self) -> PendingCredit:
+        """The PendingCredit once every hand-off so far has been submitted (a hand-off's own error is raised)."""
+        handoffs, self._handoffs = self._handoffs, []
+        for f in handoffs:
+            f.result()
+        return self.pending
