@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch.nn.utils import get_total_norm
@@ -100,9 +101,8 @@ class ATRLTrainer(GRPOTrainer):
         if self.probe is None:  # entropy mode: no probes, the entropies decide
             logps, ent, aux = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=want_entropy, **kwargs)
-            t0 = time.perf_counter()
-            credit.submit_now(0, mask.cpu(), None, None, ent.detach().cpu())
-            self._credit_seconds += time.perf_counter() - t0
+            with self._credit_clock():
+                credit.submit_now(0, mask.cpu(), None, None, ent.detach().cpu())
         else:
             records: list = []
 
@@ -113,9 +113,8 @@ class ATRLTrainer(GRPOTrainer):
 
             def hand_on(capture) -> None:  # inside the forward, right after the call's last probed layer
                 if self.anchor.overlap:
-                    t0 = time.perf_counter()
-                    credit.hand_on(*rows_of(capture))
-                    self._credit_seconds += time.perf_counter() - t0
+                    with self._credit_clock():
+                        credit.hand_on(*rows_of(capture))
                 records.append(capture)
 
             with self.probe.record_forwards(logits_to_keep, on_record=hand_on):
@@ -125,18 +124,26 @@ class ATRLTrainer(GRPOTrainer):
                 raise ProbeError(f"the probes recorded {sum(c.batch_size for c in records)} rows in "
                                  f"{len(records)} forward calls, the batch has {mask.shape[0]}")
             if not self.anchor.overlap:  # the whole batch, now
-                t0 = time.perf_counter()
                 done, records = records, []
-                for capture in done:
-                    start, rows_mask, conn, prof = rows_of(capture)
-                    credit.submit_now(start, rows_mask.cpu(), conn.cpu(), prof.cpu())
-                    records.append(capture)
-                self._credit_seconds += time.perf_counter() - t0
+                with self._credit_clock():
+                    for capture in done:
+                        start, rows_mask, conn, prof = rows_of(capture)
+                        credit.submit_now(start, rows_mask.cpu(), conn.cpu(), prof.cpu())
+                        records.append(capture)
         if self._scoring:
             self._scored = credit
         else:
             self._pending["advantages"] = self._weighted_advantages(self._pending["advantages"], credit)
         return logps, (ent if compute_entropy else None), aux
+
+    @contextmanager
+    def _credit_clock(self) -> Iterator[None]:
+        """Adds the block's wall time to the credit time logged with the next applied weights."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._credit_seconds += time.perf_counter() - t0
 
     # ---------------------------------------------------------------------------------------------- deciding
 
@@ -224,9 +231,8 @@ class ATRLTrainer(GRPOTrainer):
         if self.anchor.mode == "visual_dependency":
             kl, mask = self._visual_dependency(output)
             credit = CreditInFlight(self.credit_options)
-            t0 = time.perf_counter()
-            credit.submit_now(0, mask, kl, torch.zeros(*kl.shape, 1))
-            self._credit_seconds += time.perf_counter() - t0
+            with self._credit_clock():
+                credit.submit_now(0, mask, kl, torch.zeros(*kl.shape, 1))
         elif self._scored is not None:
             credit, self._scored = self._scored, None
         else:
