@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -211,17 +212,25 @@ def test_credit_handoff_submits_from_the_helper_thread_and_keeps_errors():
     mask = torch.ones(6, 30, dtype=torch.bool)
     mask[1, 20:] = False
     conn[4, 3] = float("nan")  # rows 4-5 arrive unusable
-    credit = CreditInFlight(CreditOptions(n_workers=2))
+    credit = CreditInFlight(CreditOptions(n_workers=2), helper=True)  # the thread a GPU's rows take
+    threads = []
+    submit = credit.pending.submit
+    credit.pending.submit = lambda *a, **k: threads.append(threading.current_thread().name) or submit(*a, **k)
     for start in (0, 2, 4):
         credit.hand_on(start, mask[start:start + 2], conn[start:start + 2], prof[start:start + 2])
     pending = credit.ready()
+    assert len(threads) == 3 and all(t.startswith("atrl-credit-handoff") for t in threads)
+    on_cpu = CreditInFlight(CreditOptions())  # rows already on the CPU: submitted on the calling thread
+    on_cpu.pending.submit = lambda *a, **k: threads.append(threading.current_thread().name)
+    on_cpu.hand_on(0, mask[:2], conn[:2], prof[:2])
+    assert threads[-1] == threading.current_thread().name and not on_cpu._handoffs
     assert pending.rows == list(range(6))
     expected = assign_credit(conn[:4], prof[:4], mask[:4], CreditOptions())
     assert torch.equal(pending.result([0, 1, 2, 3]).weights, expected.weights)
     with pytest.raises(ValueError, match=r"conn_BT has a non-finite value .* at \(batch, token\) = \(0, 3\)"):
         pending.result([5, 4])
 
-    broken = CreditInFlight(CreditOptions())
+    broken = CreditInFlight(CreditOptions(), helper=True)
     broken.hand_on(0, mask[:2], conn[:2], prof[:2, :, :, None])  # a 4-D profile: reported when read
     with pytest.raises(ValueError, match="profile_BTR must be"):
         broken.ready().result()
