@@ -30,8 +30,8 @@ import tempfile
 import torch
 
 
-MODES = {"uniform": dict(mode="uniform"), "atrl": dict(mode="atrl"),
-         "atrl-overlap-off": dict(mode="atrl", overlap=False)}
+MODES = {"uniform": {"mode": "uniform"}, "atrl": {"mode": "atrl"},
+         "atrl-overlap-off": {"mode": "atrl", "overlap": False}}
 
 
 def main() -> None:

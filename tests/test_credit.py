@@ -275,8 +275,8 @@ def test_pending_credit_in_blocks_equals_one_batch():
             assert pending.done() and pending.cpu_seconds > 0
             c, p, m, e = pending.inputs(order)
             assert torch.equal(m, mask[order]) and e is None
-            as_sent = lambda x: x.float().double()  # noqa: E731  (submit reads float32)
-            assert torch.equal(c, as_sent(conn[order] * mask[order])) and torch.equal(p, as_sent(prof[order]))
+            sent_c, sent_p = (conn[order] * mask[order]).float().double(), prof[order].float().double()  # read as float32
+            assert torch.equal(c, sent_c) and torch.equal(p, sent_p)
 
 
 def test_pending_credit_errors_name_the_rows():

@@ -28,7 +28,7 @@ import torch
 from torch.nn.utils import get_total_norm
 from trl import GRPOTrainer
 
-from ..probe import ConnectivityProbe, ProbeError, connectivity_of_records
+from ..probe import ConnectivityProbe, ProbeError
 from .checkpoints import mark_checkpoint_complete
 from .config import AnchorConfig
 from .handoff import CreditInFlight
@@ -106,15 +106,16 @@ class ATRLTrainer(GRPOTrainer):
         else:
             records: list = []
 
-            def rows_of(capture) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-                start = sum(c.batch_size for c in records)
+            def rows_of(capture, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                """The call's rows of the mask, their connectivity and profiles (on the device)."""
                 rows_mask = mask[start:start + capture.batch_size]
-                return (start, rows_mask, *capture.connectivity(rows_mask, self.anchor.sink_debias))
+                return (rows_mask, *capture.connectivity(rows_mask, self.anchor.sink_debias))
 
             def hand_on(capture) -> None:  # inside the forward, right after the call's last probed layer
                 if self.anchor.overlap:
+                    start = sum(c.batch_size for c in records)
                     with self._credit_clock():
-                        credit.hand_on(*rows_of(capture))
+                        credit.hand_on(start, *rows_of(capture, start))
                 records.append(capture)
 
             with self.probe.record_forwards(logits_to_keep, on_record=hand_on):
@@ -124,12 +125,11 @@ class ATRLTrainer(GRPOTrainer):
                 raise ProbeError(f"the probes recorded {sum(c.batch_size for c in records)} rows in "
                                  f"{len(records)} forward calls, the batch has {mask.shape[0]}")
             if not self.anchor.overlap:  # the whole batch, now
-                done, records = records, []
                 with self._credit_clock():
-                    for capture in done:
-                        start, rows_mask, conn, prof = rows_of(capture)
-                        credit.submit_now(start, rows_mask.cpu(), conn.cpu(), prof.cpu())
-                        records.append(capture)
+                    start = 0
+                    for capture in records:
+                        credit.submit_now(start, *(t.cpu() for t in rows_of(capture, start)))
+                        start += capture.batch_size
         if self._scoring:
             self._scored = credit
         else:
