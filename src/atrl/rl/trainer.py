@@ -295,7 +295,8 @@ class ATRLTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Gradients are checked too: under data parallelism one process's NaN reaches every process through the
-        # gradient all-reduce while their own losses stay finite, and all must skip the step alike.
+        # gradient all-reduce while their own losses stay finite, and all must skip the step alike. (Under
+        # DeepSpeed ZeRO the gradients live in DeepSpeed's partitions, not in `p.grad`: only the loss is checked.)
         if not (torch.isfinite(loss).all() and grads_finite(model.parameters())):
             self.nonfinite_losses += 1
             logger.warning("step %d: non-finite loss or gradient (loss %s); this step's gradients are zeroed and "
