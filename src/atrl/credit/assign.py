@@ -255,12 +255,16 @@ def _init_worker() -> None:
 
 @dataclass
 class _Row:
-    conn_n: np.ndarray  # the valid tokens' connectivity (for the statistics)
     mask_T: np.ndarray
-    args: tuple  # _one_response's arguments
+    args: tuple  # _one_response's arguments: (conn_n, profile_nR, entropy_n, options, row)
     job: Future | None = None  # the worker job holding this row (None: computed in this process on demand)
     slot: int = 0  # position in that job's output
     error: BaseException | None = None
+
+    @property
+    def conn_n(self) -> np.ndarray:
+        """The valid tokens' connectivity."""
+        return self.args[0]
 
 
 class PendingCredit:
@@ -310,7 +314,7 @@ class PendingCredit:
         for b in range(B):
             m = mask[b]
             args = (conn[b, m], prof[b, m], ent[b, m] if ent is not None else None, self.options, row_offset + b)
-            self._rows[row_offset + b] = row = _Row(conn[b, m], m, args)
+            self._rows[row_offset + b] = row = _Row(m, args)
             new.append(row)
         workers = self.options.n_workers
         if workers > 1 and B > 1 and self.options.mode != "uniform":
@@ -326,7 +330,7 @@ class PendingCredit:
     def fail(self, rows: Sequence[int], error: BaseException) -> None:
         """Mark rows whose inputs could not be produced; `result` on any of them raises `error`."""
         for r in rows:
-            self._rows[r] = _Row(np.zeros(0), np.zeros(0, dtype=bool), (), error=error)
+            self._rows[r] = _Row(np.zeros(0, dtype=bool), (), error=error)
 
     def done(self) -> bool:
         return all(r.job is None or r.job.done() for r in self._rows.values())
@@ -362,7 +366,7 @@ class PendingCredit:
         for b, row in enumerate(picked):
             m = torch.from_numpy(row.mask_T)
             mask[b] = m
-            conn[b, m] = torch.from_numpy(row.args[0])
+            conn[b, m] = torch.from_numpy(row.conn_n)
             prof[b, m, :row.args[1].shape[1]] = torch.from_numpy(row.args[1])
             if ent is not None:
                 ent[b, m] = torch.from_numpy(row.args[2])

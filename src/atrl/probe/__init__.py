@@ -23,7 +23,7 @@ from .connectivity import SINK_DEBIAS, connectivity_from_masses
 from .layout import ProbeError, VisionLayout
 
 __all__ = ["SINK_DEBIAS", "Capture", "ConnectivityProbe", "ProbeError", "VisionLayout", "connectivity_from_masses",
-           "connectivity_of_records", "default_probe_layers"]
+           "default_probe_layers"]
 
 
 def default_probe_layers(num_layers: int, count: int = 4) -> list[int]:
@@ -174,10 +174,7 @@ class ConnectivityProbe:
 
         def after(module, args, kwargs, output):
             deactivate(open_tokens.pop())
-            state = records[-1].state
-            if state.on_complete is not None:  # the probed layers did not all run
-                done, state.on_complete = state.on_complete, None
-                done()
+            records[-1].state.finish()  # a no-op unless the call's probed layers did not all run
 
         h_before = self.model.register_forward_pre_hook(before, with_kwargs=True)
         h_after = self.model.register_forward_hook(after, with_kwargs=True)
@@ -188,21 +185,3 @@ class ConnectivityProbe:
             h_after.remove()
             while open_tokens:  # a forward that raised never reached its post-hook
                 deactivate(open_tokens.pop())
-
-
-def connectivity_of_records(records: Sequence[Capture], mask_BT: torch.Tensor, sink_debias: str = "head_baseline",
-                            shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate the captures of consecutive row chunks into (B, T) connectivity and (B, T, R) profiles.
-
-    Chunks may have different numbers of regions (most images per sample in the chunk); profiles are padded
-    with zero regions to the largest R.
-    """
-    if not records:
-        raise ProbeError("no forward was recorded")
-    masses = [rec.masses(shift) for rec in records]  # each (L, b, T, H, R_i)
-    R = max(m.shape[-1] for m in masses)
-    masses = [torch.nn.functional.pad(m, (0, R - m.shape[-1])) for m in masses]
-    stacked = torch.cat(masses, dim=1)
-    if stacked.shape[1:3] != mask_BT.shape:
-        raise ProbeError(f"recorded rows {tuple(stacked.shape[1:3])} do not match the mask {tuple(mask_BT.shape)}")
-    return connectivity_from_masses(stacked, mask_BT.to(stacked.device), sink_debias)

@@ -60,6 +60,12 @@ class ProbeState:
     def complete(self) -> bool:
         return len(self.masses) == len(set(self.layer_of_module.values()))
 
+    def finish(self) -> None:
+        """Call `on_complete` if it has not been called yet."""
+        done, self.on_complete = self.on_complete, None
+        if done is not None:
+            done()
+
 
 def _probe_of(module: torch.nn.Module) -> tuple[ProbeState | None, int | None, bool]:
     """(state, probed layer index or None, whether to record) for this call of `module`'s attention."""
@@ -116,9 +122,8 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False) -> Callable
         if record:
             rows = out[:, -state.keep_last:] if state.keep_last else out
             state.masses[layer] = rows[..., D:].detach().float()
-            if state.on_complete is not None and state.complete:
-                done, state.on_complete = state.on_complete, None
-                done()
+            if state.complete:
+                state.finish()
         return out[..., :D], None
 
     forward.atrl_base = base

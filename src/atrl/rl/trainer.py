@@ -172,7 +172,7 @@ class ATRLTrainer(GRPOTrainer):
         weights = result.weights.to(device=advantages.device, dtype=advantages.dtype)
         conn, prof, mask, entropy = pending.inputs(rows if rows is not None else pending.rows)
         self.last_credit = {"conn": conn, "profile": prof, "mask": mask, "entropy": entropy, "result": result,
-                            "advantages_in": advantages.detach().cpu(), "options": pending.options}
+                            "advantages_in": advantages.detach().cpu()}
         credit_s = self._credit_seconds + time.perf_counter() - t0
         self._credit_seconds = 0.0
         w = result.weights[mask]
