@@ -2,14 +2,17 @@
 # The GPU benchmarks of issues 4 and 6 in one script, for one call on the lent machine (not CI).
 #
 #   ../shared/tools/gpu-wheels                      # here, once: trl, datasets, pymetis, ... into .whl/
-#   run(command="bash benchmarks/gpu.sh probe", carry=[".whl"])     # ~5 min: 3B and 7B probe overhead
-#   run(command="bash benchmarks/gpu.sh trainer", carry=[".whl"])   # ~7 min: atrl / uniform step time
+#   run(command="bash benchmarks/gpu.sh smoke probe aligned", carry=[".whl"])  # tiny trainer on CUDA, probes, 3B trainer
+#   run(command="bash benchmarks/gpu.sh spg2", carry=[".whl"])                 # 3B trainer with an old-log-prob pass
+# Phases: smoke (the tiny trainer on CUDA, all modes, both credit sites: ~1 min), probe (3B and 7B probe overhead),
+# aligned (3B trainer, probes on the training forward), spg2 (3B trainer, probes on the old-log-prob pass),
+# trainer (= aligned spg2). Several phases run in the order given.
 #
 # Each phase writes its tables and JSON under $OUT (or ./gpu-results) and prints the tables last.
 # `probe_overhead.py` first checks the probe against eager attention at the real shape, in bf16; `probe`
 # also times the FlashAttention route when flash-attn is installed.
 set -uo pipefail
-phase=${1:-probe}
+phases=("${@:-probe}")
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -22,7 +25,14 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
   | tee "$out/device.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$out/device.txt"
+for phase in "${phases[@]}"; do
 case $phase in
+  smoke)
+    for spg in 1 2; do
+      timeout 120 python3 benchmarks/trainer_overhead.py --shape tiny --steps 4 --blocks 1 --completion 32 \
+        --steps-per-generation "$spg" --modes uniform atrl atrl-overlap-off --workers 4 \
+        2>&1 | tee -a "$out/smoke.txt" | grep -v "it/s\]\|^{"
+    done ;;
   probe)
     for shape in 3b 7b; do
       timeout 200 python3 benchmarks/probe_overhead.py --shape "$shape" --reps 30 --out "$out/probe-$shape.json" \
@@ -32,17 +42,21 @@ case $phase in
       timeout 150 python3 benchmarks/probe_overhead.py --shape 7b --reps 20 --attn flash_attention_2 \
         --out "$out/probe-7b-flash.json" 2>&1 | tee "$out/probe-7b-flash.txt"
     else
-      echo "flash-attn is not installed: FlashAttention route not timed" | tee "$out/probe-7b-flash.txt"
+      echo "flash-attn is not installed: FlashAttention route not timed"
     fi
     grep -h "^#\|^|\|^probe vs" "$out"/probe-*.txt ;;
-  trainer)
-    # 1. generation aligned with the optimizer step (TRL's default without vLLM): probes on the training forward
+  aligned|trainer)
+    # generation aligned with the optimizer step (TRL's default without vLLM): probes on the training forward
     timeout 270 python3 benchmarks/trainer_overhead.py --shape 3b --steps 4 --blocks 2 --out "$out/trainer-3b.json" \
-      2>&1 | tee "$out/trainer-3b.txt" | grep -v "it/s\]"
-    # 2. an old-log-prob pass (as always with vLLM): probes ride on it, partitions overlap; overlap off for contrast
+      2>&1 | tee "$out/trainer-3b.txt" | grep -v "it/s\]\|^{"
+    grep -h "^#\|^|\|spread" "$out"/trainer-3b.txt ;;&
+  spg2|trainer)
+    # an old-log-prob pass (as always with vLLM): probes ride on it, partitions overlap; overlap off for contrast
     timeout 300 python3 benchmarks/trainer_overhead.py --shape 3b --steps 6 --blocks 2 --steps-per-generation 2 \
       --modes uniform atrl atrl-overlap-off --out "$out/trainer-3b-spg2.json" \
-      2>&1 | tee "$out/trainer-3b-spg2.txt" | grep -v "it/s\]"
-    grep -h "^#\|^|\|spread" "$out"/trainer-3b*.txt ;;
-  *) echo "unknown phase $phase: use probe or trainer" >&2; exit 2 ;;
+      2>&1 | tee "$out/trainer-3b-spg2.txt" | grep -v "it/s\]\|^{"
+    grep -h "^#\|^|\|spread" "$out"/trainer-3b-spg2.txt ;;
+  aligned|spg2|trainer) ;;
+  *) echo "unknown phase $phase: use smoke, probe, aligned, spg2 or trainer" >&2; exit 2 ;;
 esac
+done
