@@ -11,6 +11,22 @@ First it prints which SDPA backends take each of those head-size combinations. E
 CUDA events; the table gives medians, the inter-quartile range and ratios against `off`. Peak memory is
 `max_memory_allocated` of one step after a reset.
 
+Two scopes are timed. `model`: the whole model, vision tower included. `decoder`: the vision tower's output
+is computed once and passed in (`mm_encoder_outputs`), so the step is the decoder's forward + backward alone.
+Probes touch only the decoder, so the decoder ratio is the stricter one (same extra time, smaller step), and
+it is less noisy: transformers' SDPA route through Qwen2.5-VL's vision tower loops over its attention windows
+in Python with a host sync per layer, so the whole-model step is launch-bound (on an H200 the 3B and 7B steps
+took the same ~455 ms, with an inter-quartile range of +-8%).
+
+Then the probed attention call alone (`layer`: forward + backward of one decoder layer's attention at the real
+shape, plain against probed, many interleaved repetitions) says what each probed layer adds, free of the
+step's noise; 4 x that, over the step's median, is the time the kernels add.
+
+The check against eager attention runs in the model's dtype at the first decoder layer (the same input on both
+routes, so the difference is the probe's own rounding) and at a middle layer (there bf16 rounding differences
+between the eager and SDPA routes have accumulated through the layers before it), and on CUDA once more with
+the model upcast to float32 at the middle layer, where the probe must match to ~1e-5.
+
     python benchmarks/probe_overhead.py --shape 3b --reps 30 [--attn flash_attention_2] [--out results.json]
     python benchmarks/probe_overhead.py --shape tiny --device cpu --reps 3      # smoke run on a CPU
     python benchmarks/probe_overhead.py --shape demo --device cpu --grid 8 --response 96 --reps 20
@@ -117,6 +133,92 @@ def check_against_eager(model, batch, layer: int) -> float:
     return (cap.state.masses[layer] - ref).abs().max().item()
 
 
+def eager_checks(model, batch) -> list[str]:
+    """The probe against eager attention at the first and the middle decoder layer, in the model's dtype, and on
+    CUDA at the middle layer in float32 (the model upcast for the check, then cast back)."""
+    mid = model.config.text_config.num_hidden_layers // 2
+    dtype = model.dtype
+    lines = [f"probe vs eager softmax on a short sequence ({dtype}, layer {layer}): max abs error "
+             f"{check_against_eager(model, batch, layer):.2e}" for layer in (0, mid)]
+    if dtype != torch.float32 and next(model.parameters()).is_cuda:
+        model.float()
+        try:
+            fp32 = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+            lines.append(f"probe vs eager softmax on a short sequence (torch.float32, layer {mid}): max abs error "
+                         f"{check_against_eager(model, fp32, mid):.2e}")
+        finally:
+            model.to(dtype)
+    return lines
+
+
+def layer_costs(model, batch, reps: int) -> dict[str, list[float]]:
+    """Forward + backward of one decoder layer's attention call at the real shape (B=1, causal, GQA), through
+    the function the model uses (transformers' SDPA attention), plain and probed, in ms per call; interleaved."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from atrl.probe import ConnectivityProbe
+    from atrl.probe.attention import ProbeState, activate, deactivate, probed_attention
+
+    probe = ConnectivityProbe(model)
+    ind = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid,
+                                         dtype=torch.float32)
+    probe.detach()
+    device, dtype, n_tokens = ind.device, model.dtype, ind.shape[1]
+    cfg = model.config.text_config
+    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = cfg.hidden_size // H
+    module = torch.nn.Module()
+    module.is_causal, module.training, module.num_key_value_groups = True, True, H // H_kv
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, H, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    grad = torch.randn(1, n_tokens, H, D, device=device, dtype=dtype, generator=g)
+    probed = probed_attention(sdpa_attention_forward)
+    variants = {"plain": None, "plain (again)": None, "probed, Q/K padded": True, "probed, V widened only": False}
+
+    def call(name: str) -> float:
+        pad = variants[name]
+        token = None
+        if pad is not None:
+            token = activate(ProbeState(indicators=ind, layer_of_module={id(module): 0}, keep_last=None, pad_qk=pad))
+        start, end = timers(device)
+        start()
+        out, _ = (sdpa_attention_forward if pad is None else probed)(module, q, k, v, None, scaling=D ** -0.5)
+        out.backward(grad)
+        ms = end()
+        if token is not None:
+            deactivate(token)
+        q.grad = k.grad = v.grad = None
+        return ms
+
+    times = {name: [] for name in variants}
+    for _ in range(3):
+        for name in variants:
+            call(name)
+    for _ in range(reps):
+        for name in variants:
+            times[name].append(call(name))
+    return times
+
+
+def timers(device):
+    """(start, stop) closures; stop returns the elapsed ms (CUDA events on a GPU, the host clock on a CPU)."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def stop():
+            b.record()
+            torch.cuda.synchronize()
+            return a.elapsed_time(b)
+        return a.record, stop
+    t0 = []
+
+    def stop_cpu():
+        return 1000 * (time.perf_counter() - t0[0])
+    return (lambda: t0.append(time.perf_counter())), stop_cpu
+
+
 def sdpa_backends(model, n_tokens: int, regions: int, device, dtype, reps: int = 10) -> list[str]:
     """Which SDPA backends take the probed layer's shapes, and how fast: plain (Q, K, V of head size D),
     V widened to D + R (Q/K as they are), and all three padded to D + R. Markdown rows."""
@@ -153,13 +255,26 @@ def sdpa_backends(model, n_tokens: int, regions: int, device, dtype, reps: int =
     return rows
 
 
+def summary(times: dict[str, list[float]], base: str) -> dict[str, dict[str, float]]:
+    """Median, quartiles and ratio of medians against `base`, per configuration."""
+    ref = statistics.median(times[base])
+    rows = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        med = statistics.median(ts)
+        rows[name] = dict(median_ms=med, q1=q[0], q3=q[2], ratio=med / ref)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="3b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--grid", type=int, default=64, help="patch grid side (tokens = (grid/2)^2)")
     ap.add_argument("--response", type=int, default=1000)
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=30, help="whole-model steps per configuration")
+    ap.add_argument("--decoder-reps", type=int, default=60, help="decoder-only steps per configuration")
+    ap.add_argument("--layer-reps", type=int, default=200, help="attention calls per variant")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 (the decoder's attention kernel)")
@@ -171,72 +286,81 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     model = build(args.shape, device, dtype, args.attn)
     small = make_inputs(model, 16, 64, 16, device, dtype, seed=1)
-    print(f"probe vs eager softmax on a short sequence ({dtype}): max abs error "
-          f"{check_against_eager(model, small, model.config.text_config.num_hidden_layers // 2):.2e}", flush=True)
+    print("\n".join(eager_checks(model, small)), flush=True)
     batch = make_inputs(model, args.grid, args.response, 64, device, dtype)
     print(f"# SDPA backends at one probed layer's shapes ({batch['input_ids'].shape[1]} tokens, causal, GQA, "
           "forward only; `refused`: the backend does not take these shapes)")
     print("| Q, K, V head sizes | flash | efficient | cudnn | math |\n|---|---|---|---|---|")
     print("\n".join(sdpa_backends(model, batch["input_ids"].shape[1], 16, device, dtype)), flush=True)
+    with torch.no_grad():  # the vision tower's output, for the decoder-only scope
+        vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+    decoder_batch = {k: v for k, v in batch.items() if k != "pixel_values"} | {"mm_encoder_outputs": {"image": vision}}
     n_layers = model.config.text_config.num_hidden_layers
     layers4 = default_probe_layers(n_layers, 4)
     probes = {"off": None, "off (again)": None,
               "1 layer": ("probe", layers4[len(layers4) // 2:len(layers4) // 2 + 1], True),
               "4 layers": ("probe", layers4, True), "4 layers, V widened only": ("probe", layers4, False)}
 
-    def run(name):
+    def run(name, inputs):
         spec = probes[name]
         probe = None
         if spec is not None:
             probe = ConnectivityProbe(model, layers=spec[1], pad_qk=spec[2])
         model.zero_grad(set_to_none=True)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(model, batch, args.response, probe)
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            step(model, batch, args.response, probe)
-            ms = 1000 * (time.perf_counter() - t0)
+        start, stop = timers(device)
+        start()
+        step(model, inputs, args.response, probe)
+        ms = stop()
         if probe is not None:
             probe.detach()
         return ms
 
-    for name in probes:
-        for _ in range(args.warmup):
-            run(name)
-    peaks = {}
-    for name in probes:
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        run(name)
-        peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    times = {name: [] for name in probes}
-    for _ in range(args.reps):
-        for name in probes:
-            times[name].append(run(name))
-
-    base_t = statistics.median(times["off"])
-    base_m = peaks["off"]
     dev = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"# probe overhead, Qwen2.5-VL-{args.shape} shape, {args.attn}, bf16={cuda}, {(args.grid // 2) ** 2} image + "
-          f"{args.response} response tokens, {args.reps} interleaved reps, device {dev}")
-    print("| configuration | median ms | IQR ms | time ratio | peak GiB | memory ratio |")
+    result = {"device": dev, "shape": args.shape, "attn": args.attn, "scopes": {}}
+    for scope, inputs, reps in (("model", batch, args.reps), ("decoder", decoder_batch, args.decoder_reps)):
+        for name in probes:
+            for _ in range(args.warmup):
+                run(name, inputs)
+        peaks = {}
+        for name in probes:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            run(name, inputs)
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        times = {name: [] for name in probes}
+        for _ in range(reps):
+            for name in probes:
+                times[name].append(run(name, inputs))
+        rows = summary(times, "off")
+        print(f"# probe overhead ({scope}: {'whole model, vision tower included' if scope == 'model' else 'decoder only, vision output cached'}), "
+              f"Qwen2.5-VL-{args.shape} shape, {args.attn}, bf16={cuda}, {(args.grid // 2) ** 2} image + "
+              f"{args.response} response tokens, {reps} interleaved reps, device {dev}")
+        print("| configuration | median ms | IQR ms | time ratio | peak GiB | memory ratio |")
+        print("|---|---|---|---|---|---|")
+        for name, row in rows.items():
+            row["peak_gib"] = peaks[name]
+            print(f"| {name} | {row['median_ms']:.2f} | {row['q1']:.2f}-{row['q3']:.2f} | {row['ratio']:.4f} | "
+                  f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
+        result["scopes"][scope] = {"rows": rows, "raw_ms": times}
+
+    layer = summary(layer_costs(model, batch, args.layer_reps), "plain")
+    steps = {scope: result["scopes"][scope]["rows"]["off"]["median_ms"] for scope in ("model", "decoder")}
+    print(f"# one probed layer's attention call, forward + backward, {batch['input_ids'].shape[1]} tokens, "
+          f"{args.layer_reps} interleaved reps; added time x {len(layers4)} layers against the `off` step medians")
+    n = len(layers4)
+    print(f"| attention call | median ms | IQR ms | added ms | x {n} layers / model step | x {n} layers / decoder step |")
     print("|---|---|---|---|---|---|")
-    rows = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=4)
-        med = statistics.median(ts)
-        rows[name] = dict(median_ms=med, q1=q[0], q3=q[2], peak_gib=peaks[name])
-        print(f"| {name} | {med:.2f} | {q[0]:.2f}-{q[2]:.2f} | {med / base_t:.4f} | {peaks[name]:.3f} | "
-              f"{peaks[name] / base_m:.4f} |")
+    plain = layer["plain"]["median_ms"]
+    for name, row in layer.items():
+        added = n * (row["median_ms"] - plain)
+        row["added_ms_probed_layers"] = added
+        print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | {row['median_ms'] - plain:+.3f} | "
+              f"{100 * added / steps['model']:+.3f}% | {100 * added / steps['decoder']:+.3f}% |")
+    result["layer"] = layer
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"device": dev, "shape": args.shape, "attn": args.attn, "rows": rows, "raw_ms": times}, fh, indent=1)
+            json.dump(result, fh, indent=1)
 
 
 if __name__ == "__main__":

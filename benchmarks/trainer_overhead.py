@@ -5,10 +5,18 @@ affects both; each block is a fresh ATRLTrainer on the same random-weight model 
 data and seed, with every completion forced to the same length (min_new_tokens = max_completion_length),
 so that generation costs the same in both modes. Step time is TRL's `step_time` (generation + scoring +
 forward/backward + optimizer) summed over each generation cycle (`--steps-per-generation` optimizer steps, 1 by
-default); the first cycle of each block is dropped as warm-up. The ratio of medians is printed with the
+default); the first cycle of each block is dropped as warm-up, and one short unrecorded block runs first. The ratio of medians is printed with the
 spread of the first mode's blocks (the noise floor). Target (issue 6): ratio <= 1.005. Also printed per mode:
 the share of the step the training loop spent on credit (`atrl/time/credit_s`) and the workers' CPU seconds
 of partitioning per step (`atrl/time/credit_cpu_s`): the difference is what overlapping hid.
+
+Generation (TRL's `_generate`, timed with the device synchronised before and after) is the same code in every
+mode and, with HF generate, most of the step and most of its noise (on an H200 at the 3B shape: ~8.5 of ~9 s
+per step, steps spread +-12%). So each cycle's generation time is also recorded, and the table gives the rest
+of the step (scoring, the old-log-prob pass, forward/backward, optimizer, credit) per mode, with its ratio,
+and the whole-step ratio that the rest implies when generation costs the same in every mode
+(1 + (rest - rest of the first mode) / step of the first mode); the generation medians are printed beside it
+so that this can be checked.
 
 `--steps-per-generation N` (N > 1) makes TRL score each generation batch on a no-grad old-log-prob pass in
 chunks and train it as N micro-batches (as it always does with vLLM): the probes ride on that pass and the
@@ -26,6 +34,7 @@ import copy
 import json
 import statistics
 import tempfile
+import time
 
 import torch
 
@@ -80,7 +89,7 @@ def main() -> None:
 
     class Times(TrainerCallback):
         def __init__(self):
-            self.times, self.credit, self.cpu = [], [], []
+            self.times, self.credit, self.cpu, self.generation = [], [], [], []
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "step_time" in logs:  # one micro-batch per optimizer step; steps without credit log none
@@ -93,29 +102,54 @@ def main() -> None:
             n = args.steps_per_generation
             return [sum(values[i:i + n]) for i in range(n, len(values) - n + 1, n)]
 
+        def timed(self, generate):
+            """TRL's `_generate` (one call per generation cycle), timed with the device synchronised."""
+            def call(*a, **kw):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = generate(*a, **kw)
+                if cuda:
+                    torch.cuda.synchronize()
+                self.generation.append(time.perf_counter() - t0)
+                return out
+            return call
+
     results: dict[str, list[float]] = {m: [] for m in args.modes}
+    generation: dict[str, list[float]] = {m: [] for m in args.modes}  # generation seconds per cycle
     credit_share: dict[str, list[float]] = {m: [] for m in args.modes}  # time the loop spent on credit / step
     credit_loop: dict[str, list[float]] = {m: [] for m in args.modes}  # seconds the loop spent on credit per step
     credit_cpu: dict[str, list[float]] = {m: [] for m in args.modes}  # workers' partition CPU seconds per step
     blocks: list[tuple[str, float]] = []
+    def train_block(mode: str, steps: int) -> "Times":
+        base.load_state_dict(snapshot)
+        cb = Times()
+        cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, num_generations=8,
+                         steps_per_generation=args.steps_per_generation,
+                         max_completion_length=args.completion, max_steps=steps, logging_steps=1,
+                         report_to=[], save_strategy="no", bf16=cuda, use_cpu=not cuda, seed=0,
+                         learning_rate=1e-7, disable_tqdm=True, gradient_checkpointing=True,
+                         generation_kwargs={"min_new_tokens": args.completion})
+        anchor = AnchorConfig(**MODES[mode], credit={"n_workers": args.workers})
+        trainer = ATRLTrainer(model=base, processing_class=processor, args=cfg, train_dataset=data,
+                              reward_funcs=[accuracy_reward, format_reward], callbacks=[cb], anchor_config=anchor)
+        trainer._generate = cb.timed(trainer._generate)
+        trainer.train()
+        if trainer.probe is not None:
+            trainer.probe.detach()
+        return cb
+
+    # one short block first, not recorded: the process's first training pays one-off costs (allocator growth,
+    # kernel selection) that would otherwise land on whichever mode runs first
+    train_block(args.modes[-1], 2 * args.steps_per_generation)
     for block in range(args.blocks):
         for mode in args.modes:
-            base.load_state_dict(snapshot)
-            cb = Times()
-            cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, num_generations=8,
-                             steps_per_generation=args.steps_per_generation,
-                             max_completion_length=args.completion, max_steps=args.steps, logging_steps=1,
-                             report_to=[], save_strategy="no", bf16=cuda, use_cpu=not cuda, seed=0,
-                             learning_rate=1e-7, disable_tqdm=True, gradient_checkpointing=True,
-                             generation_kwargs={"min_new_tokens": args.completion})
-            anchor = AnchorConfig(**MODES[mode], credit={"n_workers": args.workers})
-            trainer = ATRLTrainer(model=base, processing_class=processor, args=cfg, train_dataset=data,
-                                  reward_funcs=[accuracy_reward, format_reward], callbacks=[cb], anchor_config=anchor)
-            trainer.train()
-            if trainer.probe is not None:
-                trainer.probe.detach()
+            cb = train_block(mode, args.steps)
             kept = cb.cycles(cb.times)
             results[mode].extend(kept)
+            if len(cb.generation) != len(kept) + 1:
+                raise RuntimeError(f"{len(cb.generation)} generation calls for {len(kept) + 1} generation cycles")
+            generation[mode].extend(cb.generation[1:])
             if mode != "uniform":
                 credit_loop[mode].extend(cb.cycles(cb.credit))
                 credit_share[mode].extend(c / t for c, t in zip(cb.cycles(cb.credit), kept))
@@ -143,9 +177,21 @@ def main() -> None:
         cpu_s = f"{statistics.median(cpu):.3f}" if cpu else "-"
         print(f"| {mode} | {med:.3f} | {len(results[mode])} | {med / med_0:.4f} | {share_s} | {cpu_s} |")
     print(f"spread of the {first} blocks (noise floor): {100 * noise:.2f}%")
+    rest = {m: [t - g for t, g in zip(results[m], generation[m])] for m in args.modes}
+    rest_0 = statistics.median(rest[first])
+    print("# the step without generation (same run; generation is the same code in every mode)")
+    print(f"| mode | median generation s | median rest s | rest IQR s | rest ratio to {first} | "
+          f"whole-step ratio implied |")
+    print("|---|---|---|---|---|---|")
+    for mode in args.modes:
+        r = statistics.median(rest[mode])
+        q = statistics.quantiles(rest[mode], n=4) if len(rest[mode]) > 1 else [r, r, r]
+        print(f"| {mode} | {statistics.median(generation[mode]):.3f} | {r:.3f} | {q[0]:.3f}-{q[2]:.3f} | "
+              f"{r / rest_0:.4f} | {1 + (r - rest_0) / med_0:.4f} |")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"device": dev, "shape": args.shape, "results": results, "blocks": blocks,
+            json.dump({"device": dev, "shape": args.shape, "results": results, "generation": generation,
+                       "blocks": blocks,
                        "credit_share": credit_share, "credit_loop": credit_loop,
                        "credit_cpu": credit_cpu, "workers": args.workers,
                        "steps_per_generation": args.steps_per_generation, "batch": args.batch}, fh, indent=1)

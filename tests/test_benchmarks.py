@@ -21,14 +21,23 @@ def _run(script: str, *args: str) -> str:
 
 def test_probe_overhead_smoke(tmp_path):
     out = tmp_path / "probe.json"
-    stdout = _run("probe_overhead.py", "--shape", "tiny", "--device", "cpu", "--reps", "2", "--warmup", "1",
-                  "--grid", "8", "--response", "16", "--out", str(out))
-    err = float(re.search(r"probe vs eager softmax .*max abs error (\S+)", stdout).group(1))
-    assert err <= 1e-5  # fp32 on the CPU: the probe reproduces eager attention's region masses
+    stdout = _run("probe_overhead.py", "--shape", "tiny", "--device", "cpu", "--reps", "2", "--decoder-reps", "3",
+                  "--layer-reps", "4", "--warmup", "1", "--grid", "8", "--response", "16", "--out", str(out))
+    errors = re.findall(r"probe vs eager softmax .*layer (\d+)\): max abs error (\S+)", stdout)
+    assert [int(layer) for layer, _ in errors] == [0, 2]  # the first and the middle decoder layer
+    assert all(float(err) <= 1e-5 for _, err in errors)  # fp32 on the CPU: eager attention's region masses
     result = json.loads(out.read_text())
-    assert set(result["rows"]) == {"off", "off (again)", "1 layer", "4 layers", "4 layers, V widened only"}
-    assert all(len(ts) == 2 and min(ts) > 0 for ts in result["raw_ms"].values())
-    assert "| 4 layers |" in stdout
+    for scope, reps in (("model", 2), ("decoder", 3)):
+        rows, raw = result["scopes"][scope]["rows"], result["scopes"][scope]["raw_ms"]
+        assert set(rows) == {"off", "off (again)", "1 layer", "4 layers", "4 layers, V widened only"}
+        assert all(len(ts) == reps and min(ts) > 0 for ts in raw.values())
+        assert rows["off"]["ratio"] == 1.0
+    # the decoder alone is a strict part of the whole model's step
+    assert result["scopes"]["decoder"]["rows"]["off"]["median_ms"] < result["scopes"]["model"]["rows"]["off"]["median_ms"]
+    layer = result["layer"]
+    assert set(layer) == {"plain", "plain (again)", "probed, Q/K padded", "probed, V widened only"}
+    assert all(row["median_ms"] > 0 for row in layer.values())
+    assert "| 4 layers |" in stdout and "| probed, Q/K padded |" in stdout
     assert re.search(r"\| Q/K padded \(Q/K 32, V 32\) \| ", stdout)  # the SDPA backend table
 
 
@@ -45,4 +54,7 @@ def test_trainer_overhead_smoke(tmp_path):
         assert len(result["credit_share"][mode]) == 1 and 0 < result["credit_share"][mode][0] < 1
         assert result["credit_cpu"][mode][0] > 0
     assert result["credit_share"]["uniform"] == [] and result["credit_cpu"]["uniform"] == []
+    for mode in modes:  # one generation per recorded cycle, a part of that cycle's step time
+        assert len(result["generation"][mode]) == 1 and 0 < result["generation"][mode][0] < result["results"][mode][0]
+    assert re.search(r"\| atrl-overlap-off \| [\d.]+ \| [\d.]+ \| [\d.]+-[\d.]+ \| [\d.]+ \| [\d.]+ \|", stdout)
     assert re.search(r"\| atrl \| [\d.]+ \| 1 \| [\d.]+ \| [\d.]+ \([\d.]+%\) \| [\d.]+ \|", stdout)
