@@ -40,6 +40,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 SHAPES = {
     # text: hidden, layers, heads, kv heads, intermediate; vision: depth, hidden, intermediate, heads
@@ -151,9 +152,14 @@ def eager_checks(model, batch) -> list[str]:
     return lines
 
 
-def layer_costs(model, batch, reps: int) -> dict[str, list[float]]:
+def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]]:
     """Forward + backward of one decoder layer's attention call at the real shape (B=1, causal, GQA), through
-    the function the model uses (transformers' SDPA attention), plain and probed, in ms per call; interleaved."""
+    the function the model uses (transformers' SDPA attention), plain and probed, in ms per call; interleaved.
+
+    One more variant is timed for comparison, not implemented in the probe: the plain call plus a separate
+    no-grad call for the response rows only (Q of those rows, K and V widened, bottom-right causal), which
+    leaves the backward untouched at the price of a second, smaller forward."""
+    from torch.nn.attention.bias import causal_lower_right
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from atrl.probe import ConnectivityProbe
@@ -175,11 +181,30 @@ def layer_costs(model, batch, reps: int) -> dict[str, list[float]]:
     v = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
     grad = torch.randn(1, n_tokens, H, D, device=device, dtype=dtype, generator=g)
     probed = probed_attention(sdpa_attention_forward)
-    variants = {"plain": None, "plain (again)": None, "probed, Q/K padded": True, "probed, V widened only": False}
+    variants = {"plain": None, "plain (again)": None, "probed, Q/K padded": True, "probed, V widened only": False,
+                "plain + no-grad response-row call": "separate"}
+    R = ind.shape[-1]
+    mask = causal_lower_right(response, n_tokens)
+
+    def separate() -> None:
+        with torch.no_grad():
+            qr = F.pad(q[:, :, -response:], (0, R))
+            kp = F.pad(k, (0, R))
+            vw = torch.cat([v, ind.to(dtype)[:, None].expand(1, H_kv, n_tokens, R)], dim=-1)
+            F.scaled_dot_product_attention(qr, kp, vw, attn_mask=mask, enable_gqa=True, scale=D ** -0.5)
 
     def call(name: str) -> float:
         pad = variants[name]
         token = None
+        if pad == "separate":
+            start, end = timers(device)
+            start()
+            out, _ = sdpa_attention_forward(module, q, k, v, None, scaling=D ** -0.5)
+            separate()
+            out.backward(grad)
+            ms = end()
+            q.grad = k.grad = v.grad = None
+            return ms
         if pad is not None:
             token = activate(ProbeState(indicators=ind, layer_of_module={id(module): 0}, keep_last=None, pad_qk=pad))
         start, end = timers(device)
@@ -344,7 +369,7 @@ def main() -> None:
                   f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
         result["scopes"][scope] = {"rows": rows, "raw_ms": times}
 
-    layer = summary(layer_costs(model, batch, args.layer_reps), "plain")
+    layer = summary(layer_costs(model, batch, args.response, args.layer_reps), "plain")
     steps = {scope: result["scopes"][scope]["rows"]["off"]["median_ms"] for scope in ("model", "decoder")}
     print(f"# one probed layer's attention call, forward + backward, {batch['input_ids'].shape[1]} tokens, "
           f"{args.layer_reps} interleaved reps; added time x {len(layers4)} layers against the `off` step medians")

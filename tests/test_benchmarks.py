@@ -35,7 +35,8 @@ def test_probe_overhead_smoke(tmp_path):
     # the decoder alone is a strict part of the whole model's step
     assert result["scopes"]["decoder"]["rows"]["off"]["median_ms"] < result["scopes"]["model"]["rows"]["off"]["median_ms"]
     layer = result["layer"]
-    assert set(layer) == {"plain", "plain (again)", "probed, Q/K padded", "probed, V widened only"}
+    assert set(layer) == {"plain", "plain (again)", "probed, Q/K padded", "probed, V widened only",
+                          "plain + no-grad response-row call"}
     assert all(row["median_ms"] > 0 for row in layer.values())
     assert "| 4 layers |" in stdout and "| probed, Q/K padded |" in stdout
     assert re.search(r"\| Q/K padded \(Q/K 32, V 32\) \| ", stdout)  # the SDPA backend table
