@@ -35,6 +35,7 @@ the model upcast to float32 at the middle layer, where the probe must match to ~
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -246,7 +247,8 @@ def timers(device):
 
 def sdpa_backends(model, n_tokens: int, regions: int, device, dtype, reps: int = 10) -> list[str]:
     """Which SDPA backends take the probed layer's shapes, and how fast: plain (Q, K, V of head size D),
-    V widened to D + R (Q/K as they are), and all three padded to D + R. Markdown rows."""
+    V widened to D + R (Q/K as they are), and all three padded to D + R. Markdown rows; the last column is
+    what SDPA picks by itself (compare it with the others to see which backend that is)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cfg = model.config.text_config
@@ -261,12 +263,12 @@ def sdpa_backends(model, n_tokens: int, regions: int, device, dtype, reps: int =
         v = torch.randn(1, H_kv, n_tokens, d_v, device=device, dtype=dtype)
         cells = []
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                        SDPBackend.MATH):
+                        SDPBackend.MATH, None):
             def call():
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                                         scale=D ** -0.5)
             try:
-                with sdpa_kernel(backend):
+                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                     call()
                     t0 = time.perf_counter()
                     for _ in range(reps):
@@ -315,7 +317,7 @@ def main() -> None:
     batch = make_inputs(model, args.grid, args.response, 64, device, dtype)
     print(f"# SDPA backends at one probed layer's shapes ({batch['input_ids'].shape[1]} tokens, causal, GQA, "
           "forward only; `refused`: the backend does not take these shapes)")
-    print("| Q, K, V head sizes | flash | efficient | cudnn | math |\n|---|---|---|---|---|")
+    print("| Q, K, V head sizes | flash | efficient | cudnn | math | SDPA's own pick |\n|---|---|---|---|---|---|")
     print("\n".join(sdpa_backends(model, batch["input_ids"].shape[1], 16, device, dtype)), flush=True)
     with torch.no_grad():  # the vision tower's output, for the decoder-only scope
         vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
