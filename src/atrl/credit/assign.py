@@ -68,6 +68,8 @@ class CreditOptions:
         metis_recursive: recursive bisection instead of k-way METIS (faster, coarser; see partition_metis).
         entropy_top: share of highest-entropy tokens kept by the `entropy` mode.
         seed: seeds METIS, k-means and the `random` mode (which also mixes in the response's batch index).
+            METIS takes seeds 0 and 1 as the same seed, and on random token graphs of 40 to 1,000 tokens
+            the partition did not change with the seed at all (seeds 0-2).
         n_workers: worker processes for the per-response work (1 = in the calling process).
     """
 
