@@ -2,11 +2,12 @@
 # The GPU benchmarks of issues 4 and 6 in one script, for one call on the lent machine (not CI).
 #
 #   ../shared/tools/gpu-wheels                      # here, once: trl, datasets, pymetis, ... into .whl/
-#   run(command="bash benchmarks/gpu.sh smoke probe aligned", carry=[".whl"])  # tiny trainer on CUDA, probes, 3B trainer
-#   run(command="bash benchmarks/gpu.sh spg2", carry=[".whl"])                 # 3B trainer with an old-log-prob pass
+#   run(command="bash benchmarks/gpu.sh probe", carry=[".whl"], timeout_s=540)    # 3B and 7B probe overhead
+#   run(command="bash benchmarks/gpu.sh trainer", carry=[".whl"], timeout_s=600)  # 3B trainer, both credit sites
 # Phases: smoke (the tiny trainer on CUDA, all modes, both credit sites: ~1 min), probe (3B and 7B probe overhead),
-# aligned (3B trainer, probes on the training forward), spg2 (3B trainer, probes on the old-log-prob pass),
-# trainer (= aligned spg2). Several phases run in the order given.
+# aligned (3B trainer, probes on the training forward: ~3.5 min on an H200), spg2 (3B trainer, probes on the
+# old-log-prob pass: ~4 min), trainer (= aligned spg2). Several phases run in the order given. A lease is
+# 15 minutes of device time, the machine's start (1-2 min) included: plan the calls back to back.
 #
 # Each phase writes its tables and JSON under $OUT (or ./gpu-results) and prints the tables last.
 # `probe_overhead.py` first checks the probe against eager attention at the real shape, in bf16; `probe`
@@ -35,8 +36,8 @@ case $phase in
     done ;;
   probe)
     for shape in 3b 7b; do
-      timeout 200 python3 benchmarks/probe_overhead.py --shape "$shape" --reps 30 --out "$out/probe-$shape.json" \
-        2>&1 | tee "$out/probe-$shape.txt"
+      timeout 260 python3 benchmarks/probe_overhead.py --shape "$shape" --reps 20 --decoder-reps 50 \
+        --out "$out/probe-$shape.json" 2>&1 | tee "$out/probe-$shape.txt"
     done
     if python3 -c "import flash_attn" 2>/dev/null; then
       timeout 150 python3 benchmarks/probe_overhead.py --shape 7b --reps 20 --attn flash_attention_2 \
@@ -47,13 +48,14 @@ case $phase in
     grep -h "^#\|^|\|^probe vs" "$out"/probe-*.txt ;;
   aligned|trainer)
     # generation aligned with the optimizer step (TRL's default without vLLM): probes on the training forward
-    timeout 270 python3 benchmarks/trainer_overhead.py --shape 3b --steps 4 --blocks 2 --out "$out/trainer-3b.json" \
+    timeout 300 python3 benchmarks/trainer_overhead.py --shape 3b --steps 4 --blocks 2 --out "$out/trainer-3b.json" \
       2>&1 | tee "$out/trainer-3b.txt" | grep -v "it/s\]\|^{"
     grep -h "^#\|^|\|spread" "$out"/trainer-3b.txt ;;&
   spg2|trainer)
-    # an old-log-prob pass (as always with vLLM): probes ride on it, partitions overlap; overlap off for contrast
+    # an old-log-prob pass (as always with vLLM): probes ride on it, partitions overlap (session 5 also timed
+    # --modes ... atrl-overlap-off: 23.5 ms of loop time in credit per cycle against 4.6 ms with overlap)
     timeout 300 python3 benchmarks/trainer_overhead.py --shape 3b --steps 6 --blocks 2 --steps-per-generation 2 \
-      --modes uniform atrl atrl-overlap-off --out "$out/trainer-3b-spg2.json" \
+      --modes uniform atrl --out "$out/trainer-3b-spg2.json" \
       2>&1 | tee "$out/trainer-3b-spg2.txt" | grep -v "it/s\]\|^{"
     grep -h "^#\|^|\|spread" "$out"/trainer-3b-spg2.txt ;;
   aligned|spg2|trainer) ;;
