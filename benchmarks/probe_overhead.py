@@ -289,7 +289,7 @@ def summary(times: dict[str, list[float]], base: str) -> dict[str, dict[str, flo
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4)
         med = statistics.median(ts)
-        rows[name] = dict(median_ms=med, q1=q[0], q3=q[2], ratio=med / ref)
+        rows[name] = {"median_ms": med, "q1": q[0], "q3": q[2], "ratio": med / ref}
     return rows
 
 
@@ -360,7 +360,8 @@ def main() -> None:
             for name in probes:
                 times[name].append(run(name, inputs))
         rows = summary(times, "off")
-        print(f"# probe overhead ({scope}: {'whole model, vision tower included' if scope == 'model' else 'decoder only, vision output cached'}), "
+        what = "whole model, vision tower included" if scope == "model" else "decoder only, vision output cached"
+        print(f"# probe overhead ({scope}: {what}), "
               f"Qwen2.5-VL-{args.shape} shape, {args.attn}, bf16={cuda}, {(args.grid // 2) ** 2} image + "
               f"{args.response} response tokens, {reps} interleaved reps, device {dev}")
         print("| configuration | median ms | IQR ms | time ratio | peak GiB | memory ratio |")
@@ -376,13 +377,15 @@ def main() -> None:
     print(f"# one probed layer's attention call, forward + backward, {batch['input_ids'].shape[1]} tokens, "
           f"{args.layer_reps} interleaved reps; added time x {len(layers4)} layers against the `off` step medians")
     n = len(layers4)
-    print(f"| attention call | median ms | IQR ms | added ms | x {n} layers / model step | x {n} layers / decoder step |")
+    print(f"| attention call | median ms | IQR ms | added ms | x {n} layers / model step | "
+          f"x {n} layers / decoder step |")
     print("|---|---|---|---|---|---|")
     plain = layer["plain"]["median_ms"]
     for name, row in layer.items():
         added = n * (row["median_ms"] - plain)
         row["added_ms_probed_layers"] = added
-        print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | {row['median_ms'] - plain:+.3f} | "
+        print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
+              f"{row['median_ms'] - plain:+.3f} | "
               f"{100 * added / steps['model']:+.3f}% | {100 * added / steps['decoder']:+.3f}% |")
     result["layer"] = layer
     if args.out:

@@ -5,10 +5,11 @@ affects both; each block is a fresh ATRLTrainer on the same random-weight model 
 data and seed, with every completion forced to the same length (min_new_tokens = max_completion_length),
 so that generation costs the same in both modes. Step time is TRL's `step_time` (generation + scoring +
 forward/backward + optimizer) summed over each generation cycle (`--steps-per-generation` optimizer steps, 1 by
-default); the first cycle of each block is dropped as warm-up, and one short unrecorded block runs first. The ratio of medians is printed with the
-spread of the first mode's blocks (the noise floor). Target (issue 6): ratio <= 1.005. Also printed per mode:
-the share of the step the training loop spent on credit (`atrl/time/credit_s`) and the workers' CPU seconds
-of partitioning per step (`atrl/time/credit_cpu_s`): the difference is what overlapping hid.
+default); the first cycle of each block is dropped as warm-up, and one short unrecorded block runs first. The
+ratio of medians is printed with the spread of the first mode's blocks (the noise floor). Target (issue 6):
+ratio <= 1.005. Also printed per mode: the share of the step the training loop spent on credit
+(`atrl/time/credit_s`) and the workers' CPU seconds of partitioning per step (`atrl/time/credit_cpu_s`): the
+difference is what overlapping hid.
 
 Generation (TRL's `_generate`, timed with the device synchronised before and after) is the same code in every
 mode and, with HF generate, most of the step and most of its noise (on an H200 at the 3B shape: ~8.5 of ~9 s
@@ -121,7 +122,8 @@ def main() -> None:
     credit_loop: dict[str, list[float]] = {m: [] for m in args.modes}  # seconds the loop spent on credit per step
     credit_cpu: dict[str, list[float]] = {m: [] for m in args.modes}  # workers' partition CPU seconds per step
     blocks: list[tuple[str, float]] = []
-    def train_block(mode: str, steps: int) -> "Times":
+
+    def train_block(mode: str, steps: int) -> Times:
         base.load_state_dict(snapshot)
         cb = Times()
         cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, num_generations=8,
@@ -181,7 +183,7 @@ def main() -> None:
     rest_0 = statistics.median(rest[first])
     print("# the step without generation (same run; generation is the same code in every mode)")
     print(f"| mode | median generation s | median rest s | rest IQR s | rest ratio to {first} | "
-          f"whole-step ratio implied |")
+          "whole-step ratio implied |")
     print("|---|---|---|---|---|---|")
     for mode in args.modes:
         r = statistics.median(rest[mode])
