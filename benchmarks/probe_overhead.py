@@ -195,22 +195,16 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
             F.scaled_dot_product_attention(qr, kp, vw, attn_mask=mask, enable_gqa=True, scale=D ** -0.5)
 
     def call(name: str) -> float:
-        pad = variants[name]
+        variant = variants[name]
         token = None
-        if pad == "separate":
-            start, end = timers(device)
-            start()
-            out, _ = sdpa_attention_forward(module, q, k, v, None, scaling=D ** -0.5)
-            separate()
-            out.backward(grad)
-            ms = end()
-            q.grad = k.grad = v.grad = None
-            return ms
-        if pad is not None:
-            token = activate(ProbeState(indicators=ind, layer_of_module={id(module): 0}, keep_last=None, pad_qk=pad))
+        if isinstance(variant, bool):  # the probe, with Q/K padded or not
+            token = activate(ProbeState(indicators=ind, layer_of_module={id(module): 0}, keep_last=None,
+                                        pad_qk=variant))
         start, end = timers(device)
         start()
-        out, _ = (sdpa_attention_forward if pad is None else probed)(module, q, k, v, None, scaling=D ** -0.5)
+        out, _ = (sdpa_attention_forward if token is None else probed)(module, q, k, v, None, scaling=D ** -0.5)
+        if variant == "separate":
+            separate()
         out.backward(grad)
         ms = end()
         if token is not None:
@@ -374,9 +368,9 @@ def main() -> None:
 
     layer = summary(layer_costs(model, batch, args.response, args.layer_reps), "plain")
     steps = {scope: result["scopes"][scope]["rows"]["off"]["median_ms"] for scope in ("model", "decoder")}
-    print(f"# one probed layer's attention call, forward + backward, {batch['input_ids'].shape[1]} tokens, "
-          f"{args.layer_reps} interleaved reps; added time x {len(layers4)} layers against the `off` step medians")
     n = len(layers4)
+    print(f"# one probed layer's attention call, forward + backward, {batch['input_ids'].shape[1]} tokens, "
+          f"{args.layer_reps} interleaved reps; added time x {n} layers against the `off` step medians")
     print(f"| attention call | median ms | IQR ms | added ms | x {n} layers / model step | "
           f"x {n} layers / decoder step |")
     print("|---|---|---|---|---|---|")
