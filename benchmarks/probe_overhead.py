@@ -5,9 +5,11 @@ Qwen2.5-VL-3B / -7B shapes with random bf16 weights built directly on the GPU; o
 One step = forward (logits for the response only) + backward of a token-level loss.
 
 Configurations, timed interleaved (round-robin) so drift hits all alike: probes off, off again (the noise
-floor: the same configuration timed twice), 1 probed layer, 4 probed layers (Q/K zero-padded to V's widened
-head size, the default), and 4 layers with V widened only (Q/K left alone), to see which the kernels prefer.
-First it prints which SDPA backends take each of those head-size combinations. Each repetition is timed with
+floor: the same configuration timed twice), 1 probed layer, 4 probed layers (the default route: with gradients
+on, the plain call plus a no-grad call with the region indicators as values), and 4 layers forced onto the
+fused route (one call, V widened, Q/K zero-padded: the default before session 6, whose backward also carried
+the region channels). First it prints which SDPA backends take each head-size combination the fused route
+can use. Each repetition is timed with
 CUDA events; the table gives medians, the inter-quartile range and ratios against `off`. Peak memory is
 `max_memory_allocated` of one step after a reset.
 
@@ -41,7 +43,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 SHAPES = {
     # text: hidden, layers, heads, kv heads, intermediate; vision: depth, hidden, intermediate, heads
@@ -111,13 +112,14 @@ def step(model, batch, response: int, probe=None):
     (-logp.mean()).backward()
 
 
-def check_against_eager(model, batch, layer: int) -> float:
+def check_against_eager(model, batch, layer: int, route: str = "auto") -> float:
     """Max abs difference between the probe's region masses on `layer` and eager attention's probabilities
-    summed over each region's image tokens (the independent computation), in the model's dtype."""
+    summed over each region's image tokens (the independent computation), in the model's dtype. The forward
+    runs without gradients: route "auto" is the fused route there."""
     from atrl.probe import ConnectivityProbe
 
     impl = model.config.text_config._attn_implementation
-    probe = ConnectivityProbe(model, layers=[layer])
+    probe = ConnectivityProbe(model, layers=[layer], route=route)
     try:
         with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"]) as cap:
             model(**batch, use_cache=False, logits_to_keep=1)
@@ -140,8 +142,9 @@ def eager_checks(model, batch) -> list[str]:
     CUDA at the middle layer in float32 (the model upcast for the check, then cast back)."""
     mid = model.config.text_config.num_hidden_layers // 2
     dtype = model.dtype
-    lines = [f"probe vs eager softmax on a short sequence ({dtype}, layer {layer}): max abs error "
-             f"{check_against_eager(model, batch, layer):.2e}" for layer in (0, mid)]
+    lines = [f"probe vs eager softmax on a short sequence ({dtype}, layer {layer}, {route} route): max abs error "
+             f"{check_against_eager(model, batch, layer, route):.2e}"
+             for layer, route in ((0, "fused"), (mid, "fused"), (mid, "split"))]
     if dtype != torch.float32 and next(model.parameters()).is_cuda:
         model.float()
         try:
@@ -153,14 +156,12 @@ def eager_checks(model, batch) -> list[str]:
     return lines
 
 
-def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]]:
+def layer_costs(model, batch, reps: int) -> dict[str, list[float]]:
     """Forward + backward of one decoder layer's attention call at the real shape (B=1, causal, GQA), through
     the function the model uses (transformers' SDPA attention), plain and probed, in ms per call; interleaved.
-
-    One more variant is timed for comparison, not implemented in the probe: the plain call plus a separate
-    no-grad call for the response rows only (Q of those rows, K and V widened, bottom-right causal), which
-    leaves the backward untouched at the price of a second, smaller forward."""
-    from torch.nn.attention.bias import causal_lower_right
+    Probed: the split route (what a call with gradients takes: the plain call plus a no-grad call with the
+    indicators as values) and the fused route forced (one call with V widened: the probe's route before
+    session 6, kept for the comparison)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from atrl.probe import ConnectivityProbe
@@ -182,29 +183,17 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     v = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
     grad = torch.randn(1, n_tokens, H, D, device=device, dtype=dtype, generator=g)
     probed = probed_attention(sdpa_attention_forward)
-    variants = {"plain": None, "plain (again)": None, "probed, Q/K padded": True, "probed, V widened only": False,
-                "plain + no-grad response-row call": "separate"}
-    R = ind.shape[-1]
-    mask = causal_lower_right(response, n_tokens)
-
-    def separate() -> None:
-        with torch.no_grad():
-            qr = F.pad(q[:, :, -response:], (0, R))
-            kp = F.pad(k, (0, R))
-            vw = torch.cat([v, ind.to(dtype)[:, None].expand(1, H_kv, n_tokens, R)], dim=-1)
-            F.scaled_dot_product_attention(qr, kp, vw, attn_mask=mask, enable_gqa=True, scale=D ** -0.5)
+    variants = {"plain": None, "plain (again)": None, "probed, split (the default with grads)": "split",
+                "probed, one widened call (fused)": "fused"}
 
     def call(name: str) -> float:
-        variant = variants[name]
+        route = variants[name]
         token = None
-        if isinstance(variant, bool):  # the probe, with Q/K padded or not
-            token = activate(ProbeState(indicators=ind, layer_of_module={id(module): 0}, keep_last=None,
-                                        pad_qk=variant))
+        if route is not None:  # a fresh state per call, as each forward builds its own
+            token = activate(ProbeState(indicators=ind, layer_of_module={id(module): 0}, pad_qk=True, route=route))
         start, end = timers(device)
         start()
         out, _ = (sdpa_attention_forward if token is None else probed)(module, q, k, v, None, scaling=D ** -0.5)
-        if variant == "separate":
-            separate()
         out.backward(grad)
         ms = end()
         if token is not None:
@@ -319,14 +308,14 @@ def main() -> None:
     n_layers = model.config.text_config.num_hidden_layers
     layers4 = default_probe_layers(n_layers, 4)
     probes = {"off": None, "off (again)": None,
-              "1 layer": ("probe", layers4[len(layers4) // 2:len(layers4) // 2 + 1], True),
-              "4 layers": ("probe", layers4, True), "4 layers, V widened only": ("probe", layers4, False)}
+              "1 layer": (layers4[len(layers4) // 2:len(layers4) // 2 + 1], "auto"),
+              "4 layers": (layers4, "auto"), "4 layers, one widened call (fused)": (layers4, "fused")}
 
     def run(name, inputs):
         spec = probes[name]
         probe = None
         if spec is not None:
-            probe = ConnectivityProbe(model, layers=spec[1], pad_qk=spec[2])
+            probe = ConnectivityProbe(model, layers=spec[0], route=spec[1])
         model.zero_grad(set_to_none=True)
         start, stop = timers(device)
         start()
@@ -366,7 +355,7 @@ def main() -> None:
                   f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
         result["scopes"][scope] = {"rows": rows, "raw_ms": times}
 
-    layer = summary(layer_costs(model, batch, args.response, args.layer_reps), "plain")
+    layer = summary(layer_costs(model, batch, args.layer_reps), "plain")
     steps = {scope: result["scopes"][scope]["rows"]["off"]["median_ms"] for scope in ("model", "decoder")}
     n = len(layers4)
     print(f"# one probed layer's attention call, forward + backward, {batch['input_ids'].shape[1]} tokens, "

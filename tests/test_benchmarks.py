@@ -23,22 +23,23 @@ def test_probe_overhead_smoke(tmp_path):
     out = tmp_path / "probe.json"
     stdout = _run("probe_overhead.py", "--shape", "tiny", "--device", "cpu", "--reps", "2", "--decoder-reps", "3",
                   "--layer-reps", "4", "--warmup", "1", "--grid", "8", "--response", "16", "--out", str(out))
-    errors = re.findall(r"probe vs eager softmax .*layer (\d+)\): max abs error (\S+)", stdout)
-    assert [int(layer) for layer, _ in errors] == [0, 2]  # the first and the middle decoder layer
-    assert all(float(err) <= 1e-5 for _, err in errors)  # fp32 on the CPU: eager attention's region masses
+    errors = re.findall(r"probe vs eager softmax .*layer (\d+), (\w+) route\): max abs error (\S+)", stdout)
+    # the first and the middle decoder layer, both routes at the middle one
+    assert [(int(layer), route) for layer, route, _ in errors] == [(0, "fused"), (2, "fused"), (2, "split")]
+    assert all(float(err) <= 1e-5 for _, _, err in errors)  # fp32 on the CPU: eager attention's region masses
     result = json.loads(out.read_text())
     for scope, reps in (("model", 2), ("decoder", 3)):
         rows, raw = result["scopes"][scope]["rows"], result["scopes"][scope]["raw_ms"]
-        assert set(rows) == {"off", "off (again)", "1 layer", "4 layers", "4 layers, V widened only"}
+        assert set(rows) == {"off", "off (again)", "1 layer", "4 layers", "4 layers, one widened call (fused)"}
         assert all(len(ts) == reps and min(ts) > 0 for ts in raw.values())
         assert rows["off"]["ratio"] == 1.0
     # the decoder alone is a strict part of the whole model's step
     assert result["scopes"]["decoder"]["rows"]["off"]["median_ms"] < result["scopes"]["model"]["rows"]["off"]["median_ms"]
     layer = result["layer"]
-    assert set(layer) == {"plain", "plain (again)", "probed, Q/K padded", "probed, V widened only",
-                          "plain + no-grad response-row call"}
+    assert set(layer) == {"plain", "plain (again)", "probed, split (the default with grads)",
+                          "probed, one widened call (fused)"}
     assert all(row["median_ms"] > 0 for row in layer.values())
-    assert "| 4 layers |" in stdout and "| probed, Q/K padded |" in stdout
+    assert "| 4 layers |" in stdout and "| probed, split (the default with grads) |" in stdout
     backend_row = r"^\| Q/K padded \(Q/K 32, V 32\)( \| (\S+ ms|refused)){5} \|$"  # 4 backends + SDPA's own pick
     assert re.search(backend_row, stdout, re.MULTILINE)
 

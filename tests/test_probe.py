@@ -50,15 +50,18 @@ def _fresh(family):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("n_images", [(1, 1, 1), (2, 1, 0)], ids=["one-image", "multi-and-no-image"])
-@pytest.mark.parametrize("pad_qk", [False, True])
-def test_masses_match_explicit_softmax_of_eager_attention(family, padding_side, n_images, pad_qk):
+@pytest.mark.parametrize("route, pad_qk, grads", [("fused", False, False), ("fused", True, False),
+                                                  ("auto", True, True), ("split", True, False)],
+                         ids=["fused", "fused-padded", "auto-with-grads", "split-no-grad"])
+def test_masses_match_explicit_softmax_of_eager_attention(family, padding_side, n_images, route, pad_qk, grads):
     model, processor = _fresh(family)
     batch = _batch(processor, n_images, padding_side)
     layers = [0, 2, 3]
-    probe = ConnectivityProbe(model, layers=layers, pad_qk=pad_qk)
+    probe = ConnectivityProbe(model, layers=layers, pad_qk=pad_qk, route=route)
     try:
-        with torch.no_grad(), probe.capture(batch["input_ids"], batch.get("image_grid_thw")) as cap:
-            model(**batch, use_cache=False)
+        with torch.set_grad_enabled(grads), probe.capture(batch["input_ids"], batch.get("image_grid_thw")) as cap:
+            logits = model(**batch, use_cache=False).logits
+        assert logits.requires_grad == grads
         indicators = probe.layout.region_indicators(batch["input_ids"], batch.get("image_grid_thw"),
                                                     probe.region_grid, dtype=torch.float64)
         # the indicators mark exactly the image tokens, each in one region; sample with no image: none
@@ -82,7 +85,8 @@ def test_masses_match_explicit_softmax_of_eager_attention(family, padding_side, 
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_probe_changes_neither_logits_nor_gradients(family):
+@pytest.mark.parametrize("route", ["auto", "fused"])
+def test_probe_changes_neither_logits_nor_gradients(family, route):
     model, processor = _fresh(family)
     model.train()
     batch = _batch(processor, (1, 1, 1), "left")
@@ -100,12 +104,46 @@ def test_probe_changes_neither_logits_nor_gradients(family):
         return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
     logits_off, grads_off = loss_and_grads(ref_model)
-    probe = ConnectivityProbe(model, layers=[1, 3])
+    probe = ConnectivityProbe(model, layers=[1, 3], route=route)
     logits_on, grads_on = loss_and_grads(model, probe)
-    assert (logits_on - logits_off).abs().max().item() <= 1e-6
     assert grads_on.keys() == grads_off.keys()
+    if route == "auto":  # with gradients on, the layer's output is the plain call's own: equal to the bit
+        assert torch.equal(logits_on, logits_off)
+        assert all(torch.equal(grads_on[name], grads_off[name]) for name in grads_off)
+    assert (logits_on - logits_off).abs().max().item() <= 1e-6
     for name in grads_off:
         assert (grads_on[name] - grads_off[name]).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_probe_under_activation_checkpointing(reentrant):
+    """Checkpointed layers re-run their forward inside the backward. The probes record on the first forward
+    (without gradients when reentrant: the fused route; with them otherwise: the split route), the recompute is
+    plain, and gradients and masses equal those of an unchecked model."""
+    model, processor = _fresh("qwen2_5_vl")
+    model.train()
+    batch = _batch(processor, (1, 1, 1), "left")
+    probe = ConnectivityProbe(model, layers=[1, 3])
+
+    def run() -> tuple[dict, dict]:
+        model.zero_grad()
+        with probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=RESPONSE) as cap:
+            logits = model(**batch, use_cache=False).logits
+        logits.float().pow(2).mean().backward()
+        return cap.state.masses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    masses_ref, grads_ref = run()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    try:
+        masses, grads = run()
+    finally:
+        model.gradient_checkpointing_disable()
+    assert grads.keys() == grads_ref.keys() and len(grads) > 10
+    for name in grads_ref:
+        assert (grads[name] - grads_ref[name]).abs().max().item() <= 1e-6, name
+    assert masses.keys() == masses_ref.keys() == {1, 3}
+    for layer in masses_ref:
+        assert (masses[layer] - masses_ref[layer]).abs().max().item() <= 1e-6
 
 
 def test_bf16_masses_close_to_fp32():

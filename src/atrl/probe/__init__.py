@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .attention import PROBE_ATTENTION, ProbeState, activate, deactivate, install_probe_attention
+from .attention import PROBE_ATTENTION, ROUTES, ProbeState, activate, deactivate, install_probe_attention
 from .connectivity import SINK_DEBIAS, connectivity_from_masses
 from .layout import ProbeError, VisionLayout
 
@@ -84,13 +84,15 @@ class ConnectivityProbe:
             (`attn_implementation="flash_attention_2"` etc.; the probe then runs inside that kernel).
         layers: decoder layer indices to probe; default `default_probe_layers`.
         region_grid: (rows, cols) cells each image's token grid is pooled into.
-        pad_qk: zero-pad Q/K to V's widened head size (default). SDPA's fused kernels (flash on CUDA and on
-            the CPU) take only equal head sizes; without the padding a probed layer falls back to a slower
-            kernel (the math path on the CPU). Always on under FlashAttention.
+        pad_qk: on the fused route, zero-pad Q/K to V's widened head size (default). SDPA's fused kernels
+            (flash on CUDA and on the CPU) take only equal head sizes; without the padding a probed layer falls
+            back to a slower kernel (the math path on the CPU). Always on under FlashAttention.
+        route: "auto" (default: a second, no-grad call when a gradient flows through the layer, else one
+            widened call), "fused" or "split"; see `atrl.probe.attention`. The masses are the same.
     """
 
     def __init__(self, model, layers: Sequence[int] | None = None, region_grid: tuple[int, int] = (4, 4),
-                 pad_qk: bool = True):
+                 pad_qk: bool = True, route: str = "auto"):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.utils.generic import is_flash_attention_requested
 
@@ -105,6 +107,9 @@ class ConnectivityProbe:
         self.layer_of_module = {id(attn_modules[i]): i for i in self.layers}
         self.region_grid = region_grid
         self.pad_qk = pad_qk
+        if route not in ROUTES:
+            raise ProbeError(f"route={route!r}: choose from {ROUTES}")
+        self.route = route
         self._base = model.config.get_text_config()._attn_implementation or "sdpa"
         if self._base == PROBE_ATTENTION:  # a second probe on the same model
             self._base = "sdpa"
@@ -129,7 +134,7 @@ class ConnectivityProbe:
         dtype = next(self.model.parameters()).dtype
         indicators = self.layout.region_indicators(input_ids, image_grid_thw, self.region_grid, dtype=dtype)
         return ProbeState(indicators, self.layer_of_module, keep_last=response_len + 1 if response_len else None,
-                          pad_qk=self.pad_qk)
+                          pad_qk=self.pad_qk, route=self.route)
 
     @contextmanager
     def capture(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,

@@ -1,20 +1,28 @@
-"""Visual-attention probes inside the model's own fused attention call (DESIGN 3.1).
+"""Visual-attention probes inside the model's own fused attention kernel (DESIGN 3.1).
 
-On a probed decoder layer, R indicator channels are appended to V (channel r is 1 on region r's image
-tokens, 0 elsewhere). The fused kernel then returns, for every query token and head, the extra output
-channels `sum over region r's image tokens of softmax(Q K^T)`: the attention mass on each region, exactly,
-with no T x T matrix. The extra channels are detached and stripped before `o_proj`, so the layer's output
-and gradients are those of plain attention.
+A probed decoder layer gives the kernel R indicator channels as values (channel r is 1 on region r's image
+tokens, 0 elsewhere). The kernel then returns, for every query token and head, `sum over region r's image
+tokens of softmax(Q K^T)`: the attention mass on each region, exactly, with no T x T matrix. Two routes, chosen
+per call (`ProbeState.route`, default "auto"):
+- fused (no gradient flows through the call: the no-grad old-log-prob pass, evaluation, the first forward of
+  reentrant activation checkpointing): one call, V widened to [V | indicators]. The extra output channels are
+  detached and stripped before `o_proj`. Cheapest: the region channels add about a third of a forward.
+- split (a gradient flows through the call): the plain call, untouched, and a second, no-grad call on the same
+  Q, K and mask with the indicators, zero-padded to V's head size, as its values. The backward is then the plain
+  one; widening the fused call widened its backward too, which on an H200 doubled the cost of a probed layer's
+  attention (fwd + bwd 0.50 -> 0.88 ms at the 3B shape, docs/benchmarks.md). The second call has the plain
+  call's shapes, so it gets the same kernel on every backend, and the layer's output is the plain call's own.
+Inside a backward (an activation-checkpointing recompute) a probed layer runs plain and records nothing.
 
-Two routes into transformers' `AttentionInterface`, one wrapper (`probed_attention`) for both:
+Two entries into transformers' `AttentionInterface`, one wrapper (`probed_attention`) for both:
 - SDPA: the decoder is switched to "atrl_probe" (SDPA plus probes, with the SDPA mask builder); the vision
   tower keeps "sdpa".
 - FlashAttention (any implementation whose name says "flash": flash_attention_2/3/4, hub kernels): the
   registry entry of that name is wrapped in place, because transformers' flash plumbing (padding mask,
   varlen unpadding, which kernel to import) keys on the name the config carries. The wrapper passes every
   call through untouched except a probed layer's inside an active capture. FlashAttention needs one head
-  size for Q, K and V, so Q and K are zero-padded to V's widened size (scores unchanged: the scale is
-  passed explicitly).
+  size for Q, K and V, so on the fused route Q and K are zero-padded to V's widened size (scores unchanged:
+  the scale is passed explicitly).
 Layers without probes, and any forward outside `ProbeState` activation, take the plain path.
 """
 
@@ -32,6 +40,7 @@ from .layout import ProbeError
 
 PROBE_ATTENTION = "atrl_probe"
 FLASH_MAX_HEAD_SIZE = 256  # FlashAttention 2 and 3 take head sizes up to 256
+ROUTES = ("auto", "fused", "split")
 
 _ACTIVE: contextvars.ContextVar["ProbeState | None"] = contextvars.ContextVar("atrl_probe_state", default=None)
 
@@ -43,7 +52,9 @@ class ProbeState:
     indicators: (B, S, R) region indicators of the key positions.
     layer_of_module: id(attention module) -> decoder layer index, for the probed layers only.
     keep_last: keep only the last `keep_last` query rows (the response rows) of each record; None = all.
-    pad_qk: zero-pad Q and K to V's widened head size (for kernels that need equal sizes).
+    pad_qk: on the fused route, zero-pad Q and K to V's widened head size (for kernels that need equal sizes).
+    route: "auto" (split when a gradient flows through the call, else fused), "fused" or "split" (see the module
+        docstring).
     on_complete: called once, inside the forward, right after the last probed layer has recorded (the rest of
         the forward is still to run), so that the masses can be handed on early.
     masses: decoder layer index -> (B, S_kept, H, R) float32 attention mass on each region (detached).
@@ -53,8 +64,14 @@ class ProbeState:
     layer_of_module: dict[int, int]
     keep_last: int | None = None
     pad_qk: bool = False
+    route: str = "auto"
     on_complete: Callable[[], None] | None = None
     masses: dict[int, torch.Tensor] = field(default_factory=dict)
+    _values: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.route not in ROUTES:
+            raise ProbeError(f"probe route {self.route!r}: choose from {ROUTES}")
 
     @property
     def complete(self) -> bool:
@@ -66,35 +83,50 @@ class ProbeState:
         if done is not None:
             done()
 
+    def indicator_values(self, heads: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """(B, heads, S, width) values for the split route's second call: the R indicator channels, then zeros.
+        Built once per forward (every probed layer of a model has the same shapes)."""
+        key = (heads, width, like.dtype, like.device)
+        if key not in self._values:
+            B, S, R = self.indicators.shape
+            values = torch.zeros(B, heads, S, width, dtype=like.dtype, device=like.device)
+            values[..., :R] = self.indicators.to(like.dtype)[:, None]
+            self._values[key] = values
+        return self._values[key]
 
-def _probe_of(module: torch.nn.Module) -> tuple[ProbeState | None, int | None, bool]:
-    """(state, probed layer index or None, whether to record) for this call of `module`'s attention."""
+    def record(self, layer: int, out_BSHW: torch.Tensor, start: int) -> None:
+        """Keep channels start .. start + R - 1 of a call's output (B, S_q, H, W) as the layer's region masses."""
+        rows = out_BSHW[:, -self.keep_last:] if self.keep_last else out_BSHW
+        self.masses[layer] = rows[..., start:start + self.indicators.shape[-1]].detach().float()
+        if self.complete:
+            self.finish()
+
+
+def _probe_of(module: torch.nn.Module) -> tuple[ProbeState | None, int | None]:
+    """(state, probed layer index) for this call of `module`'s attention; (None, None) takes the plain path.
+
+    Inside a backward (`_current_graph_task_id` set: activation checkpointing recomputing this forward) the call
+    is plain. With reentrant checkpointing the first forward ran without gradients (the fused route recorded the
+    masses there); with non-reentrant checkpointing it ran the split route, whose plain call is what the
+    recompute must reproduce, shape for shape."""
     state = _ACTIVE.get()
-    layer = state.layer_of_module.get(id(module)) if state is not None else None
-    if layer is not None:
-        # Kept on the module so that activation checkpointing, which re-runs this forward inside backward
-        # (after the capture has closed), recomputes the same widened attention and finds the saved shapes.
-        module.__dict__["_atrl_probe_state"] = state
-        return state, layer, True
-    if torch._C._current_graph_task_id() != -1 and "_atrl_probe_state" in module.__dict__:
-        state = module.__dict__["_atrl_probe_state"]
-        return state, state.layer_of_module.get(id(module)), False
-    module.__dict__.pop("_atrl_probe_state", None)  # a plain forward: a later recompute takes the plain path too
-    return None, None, False
+    if state is None or torch._C._current_graph_task_id() != -1:
+        return None, None
+    return state, state.layer_of_module.get(id(module))
 
 
 def probed_attention(base: Callable, equal_head_sizes: bool = False) -> Callable:
-    """An AttentionInterface function: `base`, plus region-mass channels on probed layers.
+    """An AttentionInterface function: `base`, plus region masses recorded on probed layers.
 
     base: a transformers attention function (module, query, key, value, attention_mask, **kw) -> (out, w),
         query (B, H, S_q, D), key/value (B, H_kv, S_k, D), out (B, S_q, H, D_v).
-    equal_head_sizes: the kernel needs Q, K and V of one head size (FlashAttention): always pad Q and K.
+    equal_head_sizes: the kernel needs Q, K and V of one head size (FlashAttention).
     """
 
     def forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                 **kwargs):
-        state, layer, record = _probe_of(module)
+        state, layer = _probe_of(module)
         if layer is None:
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         ind = state.indicators
@@ -105,25 +137,35 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False) -> Callable
                 f"{ind.shape[1]} (batch {ind.shape[0]} vs {B}); probes measure a full-sequence forward, not "
                 "cached generation: call the model with use_cache=False on the whole sequence")
         R = ind.shape[-1]
-        if equal_head_sizes and D + R > FLASH_MAX_HEAD_SIZE:
+        grads = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        split = state.route == "split" or (state.route == "auto" and grads)
+        width = max(D, R) if split else D + R  # V's head size in the call that returns the masses
+        if equal_head_sizes and width > FLASH_MAX_HEAD_SIZE:
             raise ProbeError(
                 f"atrl probe on layer {layer}: head size {D} + {R} region channels exceeds FlashAttention's "
                 f"{FLASH_MAX_HEAD_SIZE}; use a smaller anchor.region_grid (regions = most images in one sample x "
                 "cells per image) or load the model with attn_implementation='sdpa'")
-        # (B, H_kv, S_k, D + R): one shared indicator block per KV head; GQA query heads read their group's copy.
-        widened = torch.cat([value, ind.to(value.dtype)[:, None].expand(B, H_kv, S_k, R)], dim=-1)
         if scaling is None:
             scaling = 1.0 / math.sqrt(query.shape[-1])
+        if split:
+            out, weights = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                **kwargs)
+            with torch.no_grad():
+                q, k = query.detach(), key.detach()
+                if width > D:  # more regions than head channels: Q and K grow to the values' size
+                    q, k = F.pad(q, (0, width - D)), F.pad(k, (0, width - D))
+                values = state.indicator_values(H_kv, width, value)
+                masses, _ = base(module, q, k, values, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+            state.record(layer, masses, 0)
+            return out, weights
+        # (B, H_kv, S_k, D + R): one shared indicator block per KV head; GQA query heads read their group's copy.
+        widened = torch.cat([value, ind.to(value.dtype)[:, None].expand(B, H_kv, S_k, R)], dim=-1)
         if state.pad_qk or equal_head_sizes:
             query = F.pad(query, (0, R))
             key = F.pad(key, (0, R))
         out, _ = base(module, query, key, widened, attention_mask, dropout=dropout, scaling=scaling,
                       **kwargs)  # (B, S_q, H, D + R)
-        if record:
-            rows = out[:, -state.keep_last:] if state.keep_last else out
-            state.masses[layer] = rows[..., D:].detach().float()
-            if state.complete:
-                state.finish()
+        state.record(layer, out, D)
         return out[..., :D], None
 
     forward.atrl_base = base
