@@ -64,6 +64,23 @@ def test_every_mode_trains_a_few_steps(tmp_path, mode):
         assert not any(k.startswith("atrl/") for h in logs for k in h)
 
 
+def test_gradient_checkpointing_keeps_one_embedding_hook(tmp_path):
+    """TRL re-enables gradient checkpointing after each generation; transformers then adds a forward hook to the
+    input embeddings without removing the last one. The trainer keeps their number bounded; training works."""
+    trainer = _trainer(tmp_path, anchor=AnchorConfig(mode="atrl"), gradient_checkpointing=True, max_steps=4)
+    embeddings = trainer.model.get_input_embeddings()
+
+    def grad_hooks() -> int:
+        return sum("make_inputs_require_grads" in getattr(h, "__qualname__", "") for h in embeddings._forward_hooks.values())
+
+    before = _params(trainer)
+    trainer.train()
+    assert 1 <= grad_hooks() <= 2  # unbounded (9 after these 4 steps) without `keep_one_input_grad_hook`
+    after = _params(trainer)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "parameters did not change"
+    assert trainer.model.is_gradient_checkpointing
+
+
 def test_capture_rides_on_the_old_logps_pass_when_trl_makes_one(tmp_path):
     trainer = _trainer(tmp_path, num_iterations=2)
     assert trainer.capture_site == "old_logps"
