@@ -48,16 +48,17 @@ case $phase in
     grep -h "^#\|^|\|^probe vs" "$out"/probe-*.txt ;;
   aligned|trainer)
     # generation aligned with the optimizer step (TRL's default without vLLM): probes on the training forward
-    timeout 300 python3 benchmarks/trainer_overhead.py --shape 3b --steps 4 --blocks 2 --out "$out/trainer-3b.json" \
+    timeout 330 python3 benchmarks/trainer_overhead.py --shape 3b --steps 4 --blocks 2 --generation-ab 4 \
+      --out "$out/trainer-3b.json" \
       2>&1 | tee "$out/trainer-3b.txt" | grep -v "it/s\]\|^{"
-    grep -h "^#\|^|\|spread" "$out"/trainer-3b.txt ;;&
+    grep -h "^#\|^|\|spread\|^block\|^device memory" "$out"/trainer-3b.txt ;;&
   spg2|trainer)
     # an old-log-prob pass (as always with vLLM): probes ride on it, partitions overlap (session 5 also timed
     # --modes ... atrl-overlap-off: 23.5 ms of loop time in credit per cycle against 4.6 ms with overlap)
     timeout 300 python3 benchmarks/trainer_overhead.py --shape 3b --steps 6 --blocks 2 --steps-per-generation 2 \
       --modes uniform atrl --out "$out/trainer-3b-spg2.json" \
       2>&1 | tee "$out/trainer-3b-spg2.txt" | grep -v "it/s\]\|^{"
-    grep -h "^#\|^|\|spread" "$out"/trainer-3b-spg2.txt ;;
+    grep -h "^#\|^|\|spread\|^block\|^device memory" "$out"/trainer-3b-spg2.txt ;;
   aligned|spg2|trainer) ;;
   *) echo "unknown phase $phase: use smoke, probe, aligned, spg2 or trainer" >&2; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 """Step time of `atrl` against `uniform` on the same trainer, model shape, data and seed (not a test).
 
-Both modes run in one process, alternating in blocks (uniform, atrl, uniform, atrl, ...) so that drift
-affects both; each block is a fresh ATRLTrainer on the same random-weight model snapshot, the same synthetic
+Both modes run in one process, alternating in blocks (uniform, atrl, then atrl, uniform, ...: the order flips
+each round so that neither mode always follows the other) so that drift affects both; each block is a fresh ATRLTrainer on the same random-weight model snapshot, the same synthetic
 data and seed, with every completion forced to the same length (min_new_tokens = max_completion_length),
 so that generation costs the same in both modes. Step time is TRL's `step_time` (generation + scoring +
 forward/backward + optimizer) summed over each generation cycle (`--steps-per-generation` optimizer steps, 1 by
@@ -19,6 +19,14 @@ and the whole-step ratio that the rest implies when generation costs the same in
 (1 + (rest - rest of the first mode) / step of the first mode); the generation medians are printed beside it
 so that this can be checked.
 
+In the H200 lease of session 6, generation itself came out slower in `atrl` blocks (median 8.0 against 6.9 s,
+all of it in the later blocks), though a trainer's generation runs no probe: the decoder only carries the
+probe's attention function, which passes every call through outside a capture. `--generation-ab N` checks that
+directly before the blocks: `model.generate` on the same prompts with the decoder on plain SDPA and with the
+probe's function installed, N interleaved calls each. Each block also starts from a collected heap
+(`gc.collect`, `torch.cuda.empty_cache`) and records the device memory still allocated, so that anything a
+finished block leaves behind shows up.
+
 `--steps-per-generation N` (N > 1) makes TRL score each generation batch on a no-grad old-log-prob pass in
 chunks and train it as N micro-batches (as it always does with vLLM): the probes ride on that pass and the
 partitions overlap with the GPU. Mode `atrl-overlap-off` waits for the whole batch right after the pass.
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import tempfile
@@ -42,6 +51,36 @@ import torch
 
 MODES = {"uniform": {"mode": "uniform"}, "atrl": {"mode": "atrl"},
          "atrl-overlap-off": {"mode": "atrl", "overlap": False}}
+
+
+def generation_ab(model, processor, examples, reps: int, tokens: int) -> dict[str, list[float]]:
+    """Seconds per `model.generate` call (sampling, exactly `tokens` new tokens) with the decoder on plain SDPA
+    and with the probe's attention function installed but no capture active (as during a trainer's
+    generation), interleaved, one unrecorded round first."""
+    from atrl.probe import ConnectivityProbe
+
+    cuda = next(model.parameters()).is_cuda
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]}]
+                for ex in examples]
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, images=[[ex.image] for ex in examples], return_tensors="pt", padding=True)
+    inputs = inputs.to(next(model.parameters()).device)
+    times: dict[str, list[float]] = {"plain sdpa": [], "probe installed": []}
+    for rep in range(reps + 1):
+        for name in times:
+            probe = ConnectivityProbe(model) if name == "probe installed" else None
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True)
+            if cuda:
+                torch.cuda.synchronize()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+            if probe is not None:
+                probe.detach()
+    return times
 
 
 def main() -> None:
@@ -55,6 +94,9 @@ def main() -> None:
     ap.add_argument("--steps-per-generation", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8, help="per-device micro-batch (completions)")
     ap.add_argument("--modes", nargs="+", default=["uniform", "atrl"], choices=list(MODES))
+    ap.add_argument("--generation-ab", type=int, default=0, metavar="N",
+                    help="first time N generate calls with and without the probe's attention installed")
+    ap.add_argument("--ab-tokens", type=int, default=64, help="new tokens per call of --generation-ab")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.steps % args.steps_per_generation or args.steps < 2 * args.steps_per_generation:
@@ -83,9 +125,20 @@ def main() -> None:
         base.config.vision_start_token_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
         base.config.vision_end_token_id = processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
     size = args.image_size
-    data = to_hf_dataset(generate(64, seed=0, families=["count", "bar_value"],
-                                  knobs={"count": CountKnobs(image_size=size, cell=size // 5),
-                                         "bar_value": BarKnobs(image_size=size)}))
+    examples = generate(64, seed=0, families=["count", "bar_value"],
+                        knobs={"count": CountKnobs(image_size=size, cell=size // 5),
+                               "bar_value": BarKnobs(image_size=size)})
+    data = to_hf_dataset(examples)
+    ab = {}
+    if args.generation_ab:
+        ab = generation_ab(base, processor, examples[:args.batch], args.generation_ab, args.ab_tokens)
+        plain = statistics.median(ab["plain sdpa"])
+        print(f"# model.generate, {args.batch} prompts x {args.ab_tokens} new tokens, {args.generation_ab} "
+              "interleaved calls each (no capture active, as in a trainer's generation)")
+        print("| decoder attention | median s | min-max s | ratio |\n|---|---|---|---|")
+        for name, ts in ab.items():
+            print(f"| {name} | {statistics.median(ts):.3f} | {min(ts):.3f}-{max(ts):.3f} | "
+                  f"{statistics.median(ts) / plain:.4f} |", flush=True)
     snapshot = copy.deepcopy(base.state_dict())
 
     class Times(TrainerCallback):
@@ -123,7 +176,13 @@ def main() -> None:
     credit_cpu: dict[str, list[float]] = {m: [] for m in args.modes}  # workers' partition CPU seconds per step
     blocks: list[tuple[str, float]] = []
 
+    block_memory: list[tuple[str, float]] = []  # (mode, GiB allocated at the block's start)
+
     def train_block(mode: str, steps: int) -> Times:
+        gc.collect()  # the last block's trainer (reference cycles) and its optimizer state go now, not mid-block
+        if cuda:
+            torch.cuda.empty_cache()
+            block_memory.append((mode, torch.cuda.memory_allocated() / 2**30))
         base.load_state_dict(snapshot)
         cb = Times()
         cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, num_generations=8,
@@ -145,7 +204,7 @@ def main() -> None:
     # kernel selection) that would otherwise land on whichever mode runs first
     train_block(args.modes[-1], 2 * args.steps_per_generation)
     for block in range(args.blocks):
-        for mode in args.modes:
+        for mode in (args.modes if block % 2 == 0 else args.modes[::-1]):
             cb = train_block(mode, args.steps)
             kept = cb.cycles(cb.times)
             results[mode].extend(kept)
@@ -157,8 +216,8 @@ def main() -> None:
                 credit_share[mode].extend(c / t for c, t in zip(cb.cycles(cb.credit), kept))
                 credit_cpu[mode].extend(cb.cycles(cb.cpu))
             blocks.append((mode, statistics.median(kept)))
-            print(f"block {block} {mode}: median step {statistics.median(kept):.3f} s over {len(kept)} steps",
-                  flush=True)
+            print(f"block {block} {mode}: median step {statistics.median(kept):.3f} s over {len(kept)} steps, "
+                  f"of which generation {statistics.median(cb.generation[1:]):.3f} s", flush=True)
     first = args.modes[0]
     med_0 = statistics.median(results[first])
     first_blocks = [t for m, t in blocks if m == first]
@@ -179,6 +238,9 @@ def main() -> None:
         cpu_s = f"{statistics.median(cpu):.3f}" if cpu else "-"
         print(f"| {mode} | {med:.3f} | {len(results[mode])} | {med / med_0:.4f} | {share_s} | {cpu_s} |")
     print(f"spread of the {first} blocks (noise floor): {100 * noise:.2f}%")
+    if block_memory:
+        print("device memory allocated at each block's start (GiB): "
+              + ", ".join(f"{m} {gib:.2f}" for m, gib in block_memory))
     rest = {m: [t - g for t, g in zip(results[m], generation[m])] for m in args.modes}
     rest_0 = statistics.median(rest[first])
     print("# the step without generation (same run; generation is the same code in every mode)")
@@ -193,7 +255,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": dev, "shape": args.shape, "results": results, "generation": generation,
-                       "blocks": blocks,
+                       "blocks": blocks, "block_memory_gib": block_memory, "generation_ab": ab,
                        "credit_share": credit_share, "credit_loop": credit_loop,
                        "credit_cpu": credit_cpu, "workers": args.workers,
                        "steps_per_generation": args.steps_per_generation, "batch": args.batch}, fh, indent=1)

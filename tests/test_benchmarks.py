@@ -48,8 +48,12 @@ def test_trainer_overhead_smoke(tmp_path):
     out = tmp_path / "trainer.json"
     stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "4", "--blocks", "1", "--completion", "8",
                   "--image-size", "112", "--workers", "2", "--batch", "4", "--steps-per-generation", "2",
-                  "--modes", "uniform", "atrl", "atrl-overlap-off", "--out", str(out))
+                  "--modes", "uniform", "atrl", "atrl-overlap-off", "--generation-ab", "2", "--ab-tokens", "4",
+                  "--out", str(out))
     result = json.loads(out.read_text())
+    ab = result["generation_ab"]  # generate with and without the probe's attention installed, interleaved
+    assert set(ab) == {"plain sdpa", "probe installed"} and all(len(ts) == 2 and min(ts) > 0 for ts in ab.values())
+    assert "| probe installed |" in stdout
     modes = ["uniform", "atrl", "atrl-overlap-off"]
     assert {m: len(ts) for m, ts in result["results"].items()} == dict.fromkeys(modes, 1)  # warm-up cycle dropped
     assert [mode for mode, _ in result["blocks"]] == modes
