@@ -22,7 +22,10 @@ took the same ~455 ms, with an inter-quartile range of +-8%).
 
 Then the probed attention call alone (`layer`: forward + backward of one decoder layer's attention at the real
 shape, plain against probed, many interleaved repetitions) says what each probed layer adds, free of the
-step's noise; 4 x that, over the step's median, is the time the kernels add.
+step's noise; 4 x that, over the step's median, is the time the kernels add. Last, the costs a capture pays
+once per forward whatever the number of layers (`fixed`: building the region indicators, one host sync; the
+reduction to connectivity), each timed alone with the device synchronised around it (an upper bound: in a step,
+the reduction's kernels queue behind the forward's).
 
 The check against eager attention runs in the model's dtype at the first decoder layer (the same input on both
 routes, so the difference is the probe's own rounding) and at a middle layer (there bf16 rounding differences
@@ -211,6 +214,36 @@ def layer_costs(model, batch, reps: int) -> dict[str, list[float]]:
     return times
 
 
+def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]]:
+    """The per-forward costs of a capture that do not depend on the number of probed layers, in ms, the device
+    synchronised around each: setting up the capture (region indicators from `input_ids`, one host sync) and
+    reducing the recorded masses of 4 layers to connectivity and profiles."""
+    from atrl.probe import ConnectivityProbe, connectivity_from_masses, default_probe_layers
+
+    probe = ConnectivityProbe(model, layers=default_probe_layers(model.config.text_config.num_hidden_layers))
+    probe.detach()
+    cfg = model.config.text_config
+    R = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid).shape[-1]
+    device = batch["input_ids"].device
+    masses = torch.rand(len(probe.layers), 1, response, cfg.num_attention_heads, R, device=device)
+    mask = torch.ones(1, response, dtype=torch.bool, device=device)
+    jobs = {"capture setup (indicators)": lambda: probe._new_state(batch["input_ids"], batch["image_grid_thw"],
+                                                                    response),
+            "connectivity of 4 layers": lambda: connectivity_from_masses(masses, mask)}
+    times = {name: [] for name in jobs}
+    for rep in range(reps + 2):
+        for name, job in jobs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            job()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep >= 2:
+                times[name].append(1000 * (time.perf_counter() - t0))
+    return times
+
+
 def timers(device):
     """(start, stop) closures; stop returns the elapsed ms (CUDA events on a GPU, the host clock on a CPU)."""
     if device.type == "cuda":
@@ -371,6 +404,13 @@ def main() -> None:
               f"{row['median_ms'] - plain:+.3f} | "
               f"{100 * added / steps['model']:+.3f}% | {100 * added / steps['decoder']:+.3f}% |")
     result["layer"] = layer
+    fixed = summary(fixed_costs(model, batch, args.response, 50), "capture setup (indicators)")
+    print("# fixed costs per probed forward, whatever the number of layers (device synchronised around each, 50 reps)")
+    print("| part | median ms | IQR ms | share of the decoder step |\n|---|---|---|---|")
+    for name, row in fixed.items():
+        print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
+              f"{100 * row['median_ms'] / steps['decoder']:.3f}% |")
+    result["fixed"] = fixed
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
