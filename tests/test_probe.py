@@ -146,7 +146,8 @@ def test_probe_under_activation_checkpointing(reentrant):
         assert (masses[layer] - masses_ref[layer]).abs().max().item() <= 1e-6
 
 
-def test_bf16_masses_close_to_fp32():
+@pytest.mark.parametrize("grads", [False, True], ids=["fused-no-grad", "split-with-grads"])
+def test_bf16_masses_close_to_fp32(grads):
     model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
     batch = _batch(processor, (1, 1), "left")
     probe = ConnectivityProbe(model.float(), layers=[3])
@@ -154,8 +155,9 @@ def test_bf16_masses_close_to_fp32():
         model(**batch, use_cache=False)
     model.to(torch.bfloat16)
     b16 = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in batch.items()}
-    with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=RESPONSE) as c16:
-        model(**b16, use_cache=False)
+    with torch.set_grad_enabled(grads), \
+            probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=RESPONSE) as c16:
+        assert model(**b16, use_cache=False).logits.requires_grad == grads
     m32, m16 = c32.masses(), c16.masses()
     assert m16.dtype == torch.float32 and m16.shape == m32.shape
     assert (m16 - m32).abs().max().item() <= 2e-2
