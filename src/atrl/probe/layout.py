@@ -99,12 +99,16 @@ class VisionLayout:
         rh, rw = region_grid
         if rh < 1 or rw < 1:
             raise ProbeError(f"region_grid={region_grid}: both sides must be >= 1")
+        device = input_ids_BS.device
+        input_ids_BS = input_ids_BS.cpu()  # one copy to the host: everything below reads it there
+        if image_grid_thw is not None:
+            image_grid_thw = image_grid_thw.cpu()
         grids = self.image_grids(input_ids_BS, image_grid_thw)
         per_image = rh * rw
         R = per_image * max(1, max((len(g) for g in grids), default=0))
         B, S = input_ids_BS.shape
         region_of_token = torch.full((B, S), -1, dtype=torch.long)
-        is_image = (input_ids_BS == self.image_token_id).cpu()
+        is_image = input_ids_BS == self.image_token_id
         for b, sample_grids in enumerate(grids):
             positions = is_image[b].nonzero().flatten()
             offset = 0
@@ -116,4 +120,4 @@ class VisionLayout:
                 offset += h * w
         out = torch.zeros(B, S, R + 1, dtype=dtype)
         out.scatter_(2, (region_of_token + 1).clamp(min=0)[..., None], 1.0)
-        return out[..., 1:].to(input_ids_BS.device)
+        return out[..., 1:].to(device)
