@@ -5,6 +5,7 @@
 #   run(command="bash benchmarks/gpu.sh probe", carry=[".whl"], timeout_s=540)    # 3B and 7B probe overhead
 #   run(command="bash benchmarks/gpu.sh trainer", carry=[".whl"], timeout_s=600)  # 3B trainer, both credit sites
 # Phases: smoke (the tiny trainer on CUDA, all modes, both credit sites: ~1 min), probe (3B and 7B probe overhead),
+# probe-alloc (the decoder scope with expandable allocator segments: ~2-3 min),
 # aligned (3B trainer, probes on the training forward: ~3.5 min on an H200), spg2 (3B trainer, probes on the
 # old-log-prob pass: ~4 min), trainer (= aligned spg2). Several phases run in the order given. A lease is
 # 15 minutes of device time, the machine's start (1-2 min) included: plan the calls back to back.
@@ -46,6 +47,15 @@ case $phase in
       echo "flash-attn is not installed: FlashAttention route not timed"
     fi
     grep -h "^#\|^|\|^probe vs" "$out"/probe-*.txt ;;
+  probe-alloc)
+    # the decoder scope again with the caching allocator's expandable segments: if a probed step's fixed cost
+    # (beyond its attention calls and the fixed-cost table) is the allocator splitting and freeing blocks,
+    # it shrinks here (~2 min)
+    for shape in 3b 7b; do
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 150 python3 benchmarks/probe_overhead.py \
+        --shape "$shape" --reps 0 --decoder-reps 50 --layer-reps 50 --out "$out/probe-$shape-expandable.json" \
+        2>&1 | tee "$out/probe-$shape-expandable.txt" | grep "^#\|^|"
+    done ;;
   aligned|trainer)
     # generation aligned with the optimizer step (TRL's default without vLLM): probes on the training forward
     timeout 330 python3 benchmarks/trainer_overhead.py --shape 3b --steps 4 --blocks 2 --generation-ab 4 \
@@ -60,6 +70,6 @@ case $phase in
       2>&1 | tee "$out/trainer-3b-spg2.txt" | grep -v "it/s\]\|^{"
     grep -h "^#\|^|\|spread\|^block\|^device memory" "$out"/trainer-3b-spg2.txt ;;
   aligned|spg2|trainer) ;;
-  *) echo "unknown phase $phase: use smoke, probe, aligned, spg2 or trainer" >&2; exit 2 ;;
+  *) echo "unknown phase $phase: use smoke, probe, probe-alloc, aligned, spg2 or trainer" >&2; exit 2 ;;
 esac
 done

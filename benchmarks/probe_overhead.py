@@ -315,7 +315,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--grid", type=int, default=64, help="patch grid side (tokens = (grid/2)^2)")
     ap.add_argument("--response", type=int, default=1000)
-    ap.add_argument("--reps", type=int, default=30, help="whole-model steps per configuration")
+    ap.add_argument("--reps", type=int, default=30, help="whole-model steps per configuration (0: skip that scope)")
     ap.add_argument("--decoder-reps", type=int, default=60, help="decoder-only steps per configuration")
     ap.add_argument("--layer-reps", type=int, default=200, help="attention calls per variant")
     ap.add_argument("--warmup", type=int, default=3)
@@ -361,6 +361,8 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if cuda else "cpu"
     result = {"device": dev, "shape": args.shape, "attn": args.attn, "scopes": {}}
     for scope, inputs, reps in (("model", batch, args.reps), ("decoder", decoder_batch, args.decoder_reps)):
+        if reps == 0:
+            continue
         for name in probes:
             for _ in range(args.warmup):
                 run(name, inputs)
@@ -389,7 +391,11 @@ def main() -> None:
         result["scopes"][scope] = {"rows": rows, "raw_ms": times}
 
     layer = summary(layer_costs(model, batch, args.layer_reps), "plain")
-    steps = {scope: result["scopes"][scope]["rows"]["off"]["median_ms"] for scope in ("model", "decoder")}
+    steps = {scope: rows["rows"]["off"]["median_ms"] for scope, rows in result["scopes"].items()}
+
+    def share(ms: float, scope: str) -> str:
+        return f"{100 * ms / steps[scope]:+.3f}%" if scope in steps else "-"
+
     n = len(layers4)
     print(f"# one probed layer's attention call, forward + backward, {batch['input_ids'].shape[1]} tokens, "
           f"{args.layer_reps} interleaved reps; added time x {n} layers against the `off` step medians")
@@ -402,14 +408,14 @@ def main() -> None:
         row["added_ms_probed_layers"] = added
         print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
               f"{row['median_ms'] - plain:+.3f} | "
-              f"{100 * added / steps['model']:+.3f}% | {100 * added / steps['decoder']:+.3f}% |")
+              f"{share(added, 'model')} | {share(added, 'decoder')} |")
     result["layer"] = layer
     fixed = summary(fixed_costs(model, batch, args.response, 50), "capture setup (indicators)")
     print("# fixed costs per probed forward, whatever the number of layers (device synchronised around each, 50 reps)")
     print("| part | median ms | IQR ms | share of the decoder step |\n|---|---|---|---|")
     for name, row in fixed.items():
         print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
-              f"{100 * row['median_ms'] / steps['decoder']:.3f}% |")
+              f"{share(row['median_ms'], 'decoder')} |")
     result["fixed"] = fixed
     if args.out:
         with open(args.out, "w") as fh:

@@ -46,6 +46,16 @@ def test_probe_overhead_smoke(tmp_path):
     assert re.search(backend_row, stdout, re.MULTILINE)
 
 
+def test_probe_overhead_decoder_scope_alone(tmp_path):
+    out = tmp_path / "probe.json"
+    stdout = _run("probe_overhead.py", "--shape", "tiny", "--device", "cpu", "--reps", "0", "--decoder-reps", "2",
+                  "--layer-reps", "2", "--warmup", "1", "--grid", "8", "--response", "16", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["scopes"]) == {"decoder"}  # --reps 0 skips the whole-model scope
+    assert "(decoder: decoder only" in stdout and "(model: whole model" not in stdout
+    assert "| probed, split (the default with grads) |" in stdout
+
+
 def test_trainer_overhead_smoke(tmp_path):
     out = tmp_path / "trainer.json"
     stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "4", "--blocks", "1", "--completion", "8",
