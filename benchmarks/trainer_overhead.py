@@ -1,9 +1,10 @@
 """Step time of `atrl` against `uniform` on the same trainer, model shape, data and seed (not a test).
 
 Both modes run in one process, alternating in blocks (uniform, atrl, then atrl, uniform, ...: the order flips
-each round so that neither mode always follows the other) so that drift affects both; each block is a fresh ATRLTrainer on the same random-weight model snapshot, the same synthetic
-data and seed, with every completion forced to the same length (min_new_tokens = max_completion_length),
-so that generation costs the same in both modes. Step time is TRL's `step_time` (generation + scoring +
+each round so that neither mode always follows the other) so that drift affects both; each block is a fresh
+ATRLTrainer on the same random-weight model snapshot, the same synthetic data and seed, with every completion
+forced to the same length (min_new_tokens = max_completion_length), so that generation costs the same in both
+modes. Step time is TRL's `step_time` (generation + scoring +
 forward/backward + optimizer) summed over each generation cycle (`--steps-per-generation` optimizer steps, 1 by
 default); the first cycle of each block is dropped as warm-up, and one short unrecorded block runs first. The
 ratio of medians is printed with the spread of the first mode's blocks (the noise floor). Target (issue 6):
@@ -19,9 +20,10 @@ and the whole-step ratio that the rest implies when generation costs the same in
 (1 + (rest - rest of the first mode) / step of the first mode); the generation medians are printed beside it
 so that this can be checked.
 
-In the H200 lease of session 6, generation itself came out slower in `atrl` blocks (median 8.0 against 6.9 s,
-all of it in the later blocks), though a trainer's generation runs no probe: the decoder only carries the
-probe's attention function, which passes every call through outside a capture. `--generation-ab N` checks that
+In the H200 lease of session 6, generation itself came out slower in `atrl` blocks (probes on the training
+forward: median 8.0 against 6.9 s, all of it in the second block), though a trainer's generation runs no
+probe: the decoder only carries the probe's attention function, which passes every call through outside a
+capture. `--generation-ab N` checks that
 directly before the blocks: `model.generate` on the same prompts with the decoder on plain SDPA and with the
 probe's function installed, N interleaved calls each. Each block also starts from a collected heap
 (`gc.collect`, `torch.cuda.empty_cache`) and records the device memory still allocated, so that anything a

@@ -71,7 +71,8 @@ def test_gradient_checkpointing_keeps_one_embedding_hook(tmp_path):
     embeddings = trainer.model.get_input_embeddings()
 
     def grad_hooks() -> int:
-        return sum("make_inputs_require_grads" in getattr(h, "__qualname__", "") for h in embeddings._forward_hooks.values())
+        hooks = embeddings._forward_hooks.values()
+        return sum("make_inputs_require_grads" in getattr(h, "__qualname__", "") for h in hooks)
 
     before = _params(trainer)
     trainer.train()
