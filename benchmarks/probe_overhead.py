@@ -24,8 +24,8 @@ Then the probed attention call alone (`layer`: forward + backward of one decoder
 shape, plain against probed, many interleaved repetitions) says what each probed layer adds, free of the
 step's noise; 4 x that, over the step's median, is the time the kernels add. Last, the costs a capture pays
 once per forward whatever the number of layers (`fixed`: building the region indicators, one host sync; the
-reduction to connectivity), each timed alone with the device synchronised around it (an upper bound: in a step,
-the reduction's kernels queue behind the forward's).
+reduction to connectivity), each timed alone (an upper bound: in a step, the reduction's kernels queue behind
+the forward's).
 
 The check against eager attention runs in the model's dtype at the first decoder layer (the same input on both
 routes, so the difference is the probe's own rounding) and at a middle layer (there bf16 rounding differences
@@ -215,17 +215,17 @@ def layer_costs(model, batch, reps: int) -> dict[str, list[float]]:
 
 
 def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]]:
-    """The per-forward costs of a capture that do not depend on the number of probed layers, in ms, the device
-    synchronised around each: setting up the capture (region indicators from `input_ids`, one host sync) and
-    reducing the recorded masses of 4 layers to connectivity and profiles."""
-    from atrl.probe import ConnectivityProbe, connectivity_from_masses, default_probe_layers
+    """The per-forward costs of a capture that do not depend on the number of probed layers, in ms, each timed
+    alone (`timers`): setting up the capture (region indicators from `input_ids`, one host sync) and reducing the
+    recorded masses of 4 layers to connectivity and profiles."""
+    from atrl.probe import ConnectivityProbe, connectivity_from_masses
 
-    probe = ConnectivityProbe(model, layers=default_probe_layers(model.config.text_config.num_hidden_layers))
+    probe = ConnectivityProbe(model)  # the default layers: 4 of them
     probe.detach()
-    cfg = model.config.text_config
     R = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid).shape[-1]
     device = batch["input_ids"].device
-    masses = torch.rand(len(probe.layers), 1, response, cfg.num_attention_heads, R, device=device)
+    masses = torch.rand(len(probe.layers), 1, response, model.config.text_config.num_attention_heads, R,
+                        device=device)
     mask = torch.ones(1, response, dtype=torch.bool, device=device)
     jobs = {"capture setup (indicators)": lambda: probe._new_state(batch["input_ids"], batch["image_grid_thw"],
                                                                     response),
@@ -233,14 +233,12 @@ def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     times = {name: [] for name in jobs}
     for rep in range(reps + 2):
         for name, job in jobs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            start, stop = timers(device)
+            start()
             job()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            ms = stop()
             if rep >= 2:
-                times[name].append(1000 * (time.perf_counter() - t0))
+                times[name].append(ms)
     return times
 
 
@@ -411,7 +409,7 @@ def main() -> None:
               f"{share(added, 'model')} | {share(added, 'decoder')} |")
     result["layer"] = layer
     fixed = summary(fixed_costs(model, batch, args.response, 50), "capture setup (indicators)")
-    print("# fixed costs per probed forward, whatever the number of layers (device synchronised around each, 50 reps)")
+    print("# fixed costs per probed forward, whatever the number of layers (each timed alone, 50 reps)")
     print("| part | median ms | IQR ms | share of the decoder step |\n|---|---|---|---|")
     for name, row in fixed.items():
         print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "

@@ -60,26 +60,25 @@ def generation_ab(model, processor, examples, reps: int, tokens: int) -> dict[st
     and with the probe's attention function installed but no capture active (as during a trainer's
     generation), interleaved, one unrecorded round first."""
     from atrl.probe import ConnectivityProbe
+    from probe_overhead import timers
 
-    cuda = next(model.parameters()).is_cuda
     messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]}]
                 for ex in examples]
     texts = [processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
     processor.tokenizer.padding_side = "left"
     inputs = processor(text=texts, images=[[ex.image] for ex in examples], return_tensors="pt", padding=True)
-    inputs = inputs.to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    inputs = inputs.to(device)
     times: dict[str, list[float]] = {"plain sdpa": [], "probe installed": []}
     for rep in range(reps + 1):
         for name in times:
             probe = ConnectivityProbe(model) if name == "probe installed" else None
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            start, stop = timers(device)
+            start()
             model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True)
-            if cuda:
-                torch.cuda.synchronize()
+            seconds = stop() / 1000
             if rep:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
             if probe is not None:
                 probe.detach()
     return times
