@@ -358,9 +358,12 @@ def main() -> None:
 
     dev = torch.cuda.get_device_name() if cuda else "cpu"
     result = {"device": dev, "shape": args.shape, "attn": args.attn, "scopes": {}}
+    vision_calls = [0]  # calls of the vision tower in the scope being timed: none in the decoder scope
+    model.model.visual.register_forward_pre_hook(lambda *_: vision_calls.__setitem__(0, vision_calls[0] + 1))
     for scope, inputs, reps in (("model", batch, args.reps), ("decoder", decoder_batch, args.decoder_reps)):
         if reps == 0:
             continue
+        vision_calls[0] = 0
         for name in probes:
             for _ in range(args.warmup):
                 run(name, inputs)
@@ -386,7 +389,7 @@ def main() -> None:
             row["peak_gib"] = peaks[name]
             print(f"| {name} | {row['median_ms']:.2f} | {row['q1']:.2f}-{row['q3']:.2f} | {row['ratio']:.4f} | "
                   f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
-        result["scopes"][scope] = {"rows": rows, "raw_ms": times}
+        result["scopes"][scope] = {"rows": rows, "raw_ms": times, "vision_calls": vision_calls[0]}
 
     layer = summary(layer_costs(model, batch, args.layer_reps), "plain")
     steps = {scope: rows["rows"]["off"]["median_ms"] for scope, rows in result["scopes"].items()}
