@@ -159,11 +159,11 @@ def eager_checks(model, batch) -> list[str]:
     return lines
 
 
-def layer_costs(model, batch, reps: int) -> dict[str, list[float]]:
+def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]]:
     """Forward + backward of one decoder layer's attention call at the real shape (B=1, causal, GQA), through
     the function the model uses (transformers' SDPA attention), plain and probed, in ms per call; interleaved.
     Probed: the split route (what a call with gradients takes: the plain call plus a no-grad call with the
-    indicators as values) and the fused route forced (one call with V widened: the probe's route before
+    indicators as values, on the response rows a capture keeps) and the fused route forced (one call with V widened: the probe's route before
     session 6, kept for the comparison)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -185,7 +185,7 @@ def layer_costs(model, batch, reps: int) -> dict[str, list[float]]:
     k = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
     v = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
     grad = torch.randn(1, n_tokens, H, D, device=device, dtype=dtype, generator=g)
-    probed = probed_attention(sdpa_attention_forward)
+    probed = probed_attention(sdpa_attention_forward, kept_rows_only=True)  # as registered for the decoder
     variants = {"plain": None, "plain (again)": None, "probed, split (the default with grads)": "split",
                 "probed, one widened call (fused)": "fused"}
 
@@ -193,7 +193,8 @@ def layer_costs(model, batch, reps: int) -> dict[str, list[float]]:
         route = variants[name]
         token = None
         if route is not None:  # a fresh state per call, as each forward builds its own
-            token = activate(ProbeState(indicators=ind, layer_of_module={id(module): 0}, pad_qk=True, route=route))
+            token = activate(ProbeState(indicators=ind, layer_of_module={id(module): 0}, keep_last=response + 1,
+                                        pad_qk=True, route=route))
         start, end = timers(device)
         start()
         out, _ = (sdpa_attention_forward if token is None else probed)(module, q, k, v, None, scaling=D ** -0.5)
@@ -391,7 +392,7 @@ def main() -> None:
                   f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
         result["scopes"][scope] = {"rows": rows, "raw_ms": times, "vision_calls": vision_calls[0]}
 
-    layer = summary(layer_costs(model, batch, args.layer_reps), "plain")
+    layer = summary(layer_costs(model, batch, args.response, args.layer_reps), "plain")
     steps = {scope: rows["rows"]["off"]["median_ms"] for scope, rows in result["scopes"].items()}
 
     def share(ms: float, scope: str) -> str:

@@ -84,6 +84,42 @@ def test_masses_match_explicit_softmax_of_eager_attention(family, padding_side, 
         assert cap.state.masses[layers[0]][b].abs().max() == 0
 
 
+@pytest.mark.parametrize("n_images, padding_side", [((1,), "left"), ((2, 1, 0), "left"), ((2, 1, 0), "right")],
+                         ids=["one-sample-no-mask", "padded-left", "padded-right"])
+def test_split_route_computes_only_the_kept_rows_and_matches_eager(n_images, padding_side, monkeypatch):
+    """With a response length, the split route's second call runs SDPA on the kept rows only: without a padding
+    mask under a bottom-right causal bias, with one on the mask's last rows. Both against eager softmax."""
+    from atrl.probe import attention
+
+    calls = []
+    real = attention._last_rows_sdpa
+
+    def spy(module, query, key, values, attention_mask, scaling, rows):
+        calls.append((attention_mask is None, rows))
+        return real(module, query, key, values, attention_mask, scaling, rows)
+
+    monkeypatch.setattr(attention, "_last_rows_sdpa", spy)
+    model, processor = _fresh("qwen2_5_vl")
+    batch = _batch(processor, n_images, padding_side)
+    layers = [0, 3]
+    probe = ConnectivityProbe(model, layers=layers)
+    try:
+        with probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=RESPONSE) as cap:
+            model(**batch, use_cache=False).logits.float().pow(2).mean().backward()  # gradients: the split route
+        indicators = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid,
+                                                    dtype=torch.float64)
+        ref = _eager_masses(model, batch, indicators, layers)
+    finally:
+        probe.detach()
+    assert calls == [(len(n_images) == 1, RESPONSE + 1)] * len(layers)
+    valid = batch["attention_mask"].bool()[:, -RESPONSE - 1:]
+    for layer in layers:
+        got, want = cap.state.masses[layer].double(), ref[layer][:, -RESPONSE - 1:]
+        assert got.shape == want.shape
+        assert (got - want)[valid].abs().max().item() <= 1e-5, layer
+        assert want[valid].sum() > 1.0
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("route", ["auto", "fused"])
 def test_probe_changes_neither_logits_nor_gradients(family, route):

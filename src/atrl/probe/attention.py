@@ -12,6 +12,9 @@ per call (`ProbeState.route`, default "auto"):
   one; widening the fused call widened its backward too, which on an H200 doubled the cost of a probed layer's
   attention (fwd + bwd 0.50 -> 0.88 ms at the 3B shape, docs/benchmarks.md). The second call has the plain
   call's shapes, so it gets the same kernel on every backend, and the layer's output is the plain call's own.
+  Under SDPA that call computes only the rows the capture keeps (the response rows: on an H200 the full-length
+  second call added 0.23-0.27 ms per layer, docs/benchmarks.md), SDPA's causal triangle aligned at the bottom
+  right, or the padding mask's last rows.
 Inside a backward (an activation-checkpointing recompute) a probed layer runs plain and records nothing.
 
 Two entries into transformers' `AttentionInterface`, one wrapper (`probed_attention`) for both:
@@ -115,12 +118,38 @@ def _probe_of(module: torch.nn.Module) -> tuple[ProbeState | None, int | None]:
     return state, state.layer_of_module.get(id(module))
 
 
-def probed_attention(base: Callable, equal_head_sizes: bool = False) -> Callable:
+def _last_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, values: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float, rows: int) -> torch.Tensor:
+    """(B, rows, H, W) attention output of the last `rows` query positions of a full-sequence forward (S_q = S_k),
+    through SDPA directly: the split route's second call, on the rows a capture keeps.
+
+    Without a mask the causal triangle is aligned at the bottom right (`causal_lower_right`), which SDPA's flash
+    and memory-efficient kernels take as they are; an explicit (B, 1, S, S) mask keeps its last `rows` rows, with
+    K and the values repeated per query head as transformers' SDPA route does beside a mask."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    B, H, S, _ = query.shape
+    q = query[:, :, S - rows:]
+    groups = H // key.shape[1]
+    if attention_mask is None:
+        bias = causal_lower_right(rows, S) if getattr(module, "is_causal", True) else None
+        out = F.scaled_dot_product_attention(q, key, values, attn_mask=bias, scale=scaling, enable_gqa=groups > 1)
+    else:
+        if groups > 1:
+            key, values = (t.repeat_interleave(groups, dim=1) for t in (key, values))
+        out = F.scaled_dot_product_attention(q, key, values, attn_mask=attention_mask[:, :, S - rows:, :S],
+                                             scale=scaling)
+    return out.transpose(1, 2)
+
+
+def probed_attention(base: Callable, equal_head_sizes: bool = False, kept_rows_only: bool = False) -> Callable:
     """An AttentionInterface function: `base`, plus region masses recorded on probed layers.
 
     base: a transformers attention function (module, query, key, value, attention_mask, **kw) -> (out, w),
         query (B, H, S_q, D), key/value (B, H_kv, S_k, D), out (B, S_q, H, D_v).
     equal_head_sizes: the kernel needs Q, K and V of one head size (FlashAttention).
+    kept_rows_only: `base` is SDPA; the split route's second call computes only the rows the capture keeps
+        (`ProbeState.keep_last`, the response rows), with SDPA directly.
     """
 
     def forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -154,8 +183,13 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False) -> Callable
                 q, k = query.detach(), key.detach()
                 if width > D:  # more regions than head channels: Q and K grow to the values' size
                     q, k = F.pad(q, (0, width - D)), F.pad(k, (0, width - D))
-                values = state.indicator_values(H_kv, width, value)
-                masses, _ = base(module, q, k, values, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+                rows = min(state.keep_last or S_k, S_k)
+                if kept_rows_only and query.shape[2] == S_k and rows < S_k:
+                    masses = _last_rows_sdpa(module, q, k, state.indicator_values(H_kv, width, value),
+                                             attention_mask, scaling, rows)
+                else:
+                    values = state.indicator_values(H_kv, width, value)
+                    masses, _ = base(module, q, k, values, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
             state.record(layer, masses, 0)
             return out, weights
         # (B, H_kv, S_k, D + R): one shared indicator block per KV head; GQA query heads read their group's copy.
@@ -184,7 +218,7 @@ def install_probe_attention(implementation: str) -> str:
 
     if implementation in ("sdpa", PROBE_ATTENTION):
         if PROBE_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-            AttentionInterface.register(PROBE_ATTENTION, probed_attention(sdpa_attention_forward))
+            AttentionInterface.register(PROBE_ATTENTION, probed_attention(sdpa_attention_forward, kept_rows_only=True))
             AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
         return PROBE_ATTENTION
     current = ALL_ATTENTION_FUNCTIONS[implementation]
