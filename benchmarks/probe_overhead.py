@@ -23,9 +23,9 @@ took the same ~455 ms, with an inter-quartile range of +-8%).
 Then the probed attention call alone (`layer`: forward + backward of one decoder layer's attention at the real
 shape, plain against probed, many interleaved repetitions) says what each probed layer adds, free of the
 step's noise; 4 x that, over the step's median, is the time the kernels add. Last, the costs a capture pays
-once per forward whatever the number of layers (`fixed`: building the region indicators, one host sync; the
-reduction to connectivity), each timed alone (an upper bound: in a step, the reduction's kernels queue behind
-the forward's).
+once per forward whatever the number of layers (`fixed`: setting up the capture and building the region
+indicators; the reduction to connectivity), each timed alone (an upper bound: in a step, the indicator build
+overlaps the layers before the first probed one, and the reduction's kernels queue behind the forward's).
 
 The check against eager attention runs in the model's dtype at the first decoder layer (the same input on both
 routes, so the difference is the probe's own rounding) and at a middle layer (there bf16 rounding differences
@@ -163,8 +163,8 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     """Forward + backward of one decoder layer's attention call at the real shape (B=1, causal, GQA), through
     the function the model uses (transformers' SDPA attention), plain and probed, in ms per call; interleaved.
     Probed: the split route (what a call with gradients takes: the plain call plus a no-grad call with the
-    indicators as values, on the response rows a capture keeps) and the fused route forced (one call with V widened: the probe's route before
-    session 6, kept for the comparison)."""
+    indicators as values, on the response rows a capture keeps) and the fused route forced (one call with V
+    widened: the probe's route before session 6, kept for the comparison)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from atrl.probe import ConnectivityProbe
@@ -217,8 +217,10 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
 
 def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]]:
     """The per-forward costs of a capture that do not depend on the number of probed layers, in ms, each timed
-    alone (`timers`): setting up the capture (region indicators from `input_ids`, one host sync) and reducing the
-    recorded masses of 4 layers to connectivity and profiles."""
+    alone (`timers`) on an idle device: setting up the capture (the indicators' inputs start copying to the
+    host), the setup followed at once by the indicator build (in a forward the build runs at the first probed
+    layer, while the device computes the layers before it), and reducing the recorded masses of 4 layers to
+    connectivity and profiles."""
     from atrl.probe import ConnectivityProbe, connectivity_from_masses
 
     probe = ConnectivityProbe(model)  # the default layers: 4 of them
@@ -228,8 +230,11 @@ def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     masses = torch.rand(len(probe.layers), 1, response, model.config.text_config.num_attention_heads, R,
                         device=device)
     mask = torch.ones(1, response, dtype=torch.bool, device=device)
-    jobs = {"capture setup (indicators)": lambda: probe._new_state(batch["input_ids"], batch["image_grid_thw"],
-                                                                    response),
+    def new_state():
+        return probe._new_state(batch["input_ids"], batch["image_grid_thw"], response)
+
+    jobs = {"capture setup (indicators deferred)": new_state,
+            "setup + indicator build, back to back": lambda: new_state().region_indicators(),
             "connectivity of 4 layers": lambda: connectivity_from_masses(masses, mask)}
     times = {name: [] for name in jobs}
     for rep in range(reps + 2):
@@ -412,7 +417,7 @@ def main() -> None:
               f"{row['median_ms'] - plain:+.3f} | "
               f"{share(added, 'model')} | {share(added, 'decoder')} |")
     result["layer"] = layer
-    fixed = summary(fixed_costs(model, batch, args.response, 50), "capture setup (indicators)")
+    fixed = summary(fixed_costs(model, batch, args.response, 50), "capture setup (indicators deferred)")
     print("# fixed costs per probed forward, whatever the number of layers (each timed alone, 50 reps)")
     print("| part | median ms | IQR ms | share of the decoder step |\n|---|---|---|---|")
     for name, row in fixed.items():

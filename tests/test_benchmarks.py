@@ -40,7 +40,8 @@ def test_probe_overhead_smoke(tmp_path):
                           "probed, one widened call (fused)"}
     assert all(row["median_ms"] > 0 for row in layer.values())
     assert "| 4 layers |" in stdout and "| probed, split (the default with grads) |" in stdout
-    assert set(result["fixed"]) == {"capture setup (indicators)", "connectivity of 4 layers"}
+    assert set(result["fixed"]) == {"capture setup (indicators deferred)", "setup + indicator build, back to back",
+                                    "connectivity of 4 layers"}
     assert all(row["median_ms"] > 0 for row in result["fixed"].values())
     backend_row = r"^\| Q/K padded \(Q/K 32, V 32\)( \| (\S+ ms|refused)){5} \|$"  # 4 backends + SDPA's own pick
     assert re.search(backend_row, stdout, re.MULTILINE)

@@ -287,6 +287,23 @@ def test_batch_without_images_gives_documented_zero_connectivity():
     assert (conn == 0).all() and (prof == 0).all()
 
 
+def test_layout_that_does_not_match_the_batch_fails_in_the_forward_with_the_reason():
+    """The indicators are built at the first probed layer (no host sync when the capture starts), so a grid that
+    does not describe the batch's image tokens raises there: a ProbeError that says which sample, not a crash
+    in the attention code and not a silent zero."""
+    model, processor = _fresh("qwen2_5_vl")
+    batch = _batch(processor, (2, 1, 0), "left")
+    probe = ConnectivityProbe(model, layers=[2])
+    calls = []
+    state = probe._new_state(batch["input_ids"], batch["image_grid_thw"], RESPONSE)
+    assert not isinstance(state.indicators, torch.Tensor) and state.batch_shape == tuple(batch["input_ids"].shape)
+    with pytest.raises(ProbeError, match="sample 1 has more image tokens than image_grid_thw describes"):
+        with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"][:2], RESPONSE):
+            model.get_decoder().layers[0].register_forward_pre_hook(lambda *_: calls.append("layer 0"))
+            model(**batch, use_cache=False)
+    assert calls == ["layer 0"]  # the forward was under way: the error came from the probed layer
+
+
 def test_bad_setups_give_clear_errors():
     model, processor = _fresh("qwen2_5_vl")
     with pytest.raises(ProbeError, match="out of range"):

@@ -52,7 +52,7 @@ class Capture:
 
     @property
     def batch_size(self) -> int:
-        return self.state.indicators.shape[0]
+        return self.state.batch_shape[0]
 
     def masses(self, shift: bool = True) -> torch.Tensor:
         """(L, B, T, H, R) masses of the response rows (T = response_len)."""
@@ -128,13 +128,14 @@ class ConnectivityProbe:
 
     def _new_state(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
                    response_len: int | None) -> ProbeState:
-        """Region indicators for this batch and an empty record, keeping the last response_len + 1 rows."""
+        """An empty record keeping the last response_len + 1 rows, with this batch's region indicators deferred to
+        the first probed layer (see `VisionLayout.deferred_indicators`: no host sync here)."""
         if response_len is not None and not 0 < response_len < input_ids.shape[1]:
             raise ProbeError(f"response_len={response_len} must be in [1, {input_ids.shape[1] - 1}]")
         dtype = next(self.model.parameters()).dtype
-        indicators = self.layout.region_indicators(input_ids, image_grid_thw, self.region_grid, dtype=dtype)
+        indicators = self.layout.deferred_indicators(input_ids, image_grid_thw, self.region_grid, dtype=dtype)
         return ProbeState(indicators, self.layer_of_module, keep_last=response_len + 1 if response_len else None,
-                          pad_qk=self.pad_qk, route=self.route)
+                          pad_qk=self.pad_qk, route=self.route, batch_shape=tuple(input_ids.shape))
 
     @contextmanager
     def capture(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,

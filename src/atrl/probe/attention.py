@@ -52,7 +52,8 @@ _ACTIVE: contextvars.ContextVar["ProbeState | None"] = contextvars.ContextVar("a
 class ProbeState:
     """What one probed forward needs and what it records.
 
-    indicators: (B, S, R) region indicators of the key positions.
+    indicators: (B, S, R) region indicators of the key positions, or a function that builds them, called at the
+        first probed layer (`VisionLayout.deferred_indicators`: the capture then never waits for the device).
     layer_of_module: id(attention module) -> decoder layer index, for the probed layers only.
     keep_last: keep only the last `keep_last` query rows (the response rows) of each record; None = all.
     pad_qk: on the fused route, zero-pad Q and K to V's widened head size (for kernels that need equal sizes).
@@ -63,18 +64,29 @@ class ProbeState:
     masses: decoder layer index -> (B, S_kept, H, R) float32 attention mass on each region (detached).
     """
 
-    indicators: torch.Tensor
+    indicators: torch.Tensor | Callable[[], torch.Tensor]
     layer_of_module: dict[int, int]
     keep_last: int | None = None
     pad_qk: bool = False
     route: str = "auto"
     on_complete: Callable[[], None] | None = None
     masses: dict[int, torch.Tensor] = field(default_factory=dict)
+    batch_shape: tuple[int, int] = ()  # (B, S); taken from `indicators` when they are a tensor
     _values: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
             raise ProbeError(f"probe route {self.route!r}: choose from {ROUTES}")
+        if isinstance(self.indicators, torch.Tensor):
+            self.batch_shape = tuple(self.indicators.shape[:2])
+        elif len(self.batch_shape) != 2:
+            raise ProbeError("a ProbeState with deferred indicators needs batch_shape=(B, S)")
+
+    def region_indicators(self) -> torch.Tensor:
+        """The (B, S, R) indicators, built on first use when they were deferred."""
+        if not isinstance(self.indicators, torch.Tensor):
+            self.indicators = self.indicators()
+        return self.indicators
 
     @property
     def complete(self) -> bool:
@@ -91,16 +103,17 @@ class ProbeState:
         Built once per forward (every probed layer of a model has the same shapes)."""
         key = (heads, width, like.dtype, like.device)
         if key not in self._values:
-            B, S, R = self.indicators.shape
+            ind = self.region_indicators()
+            B, S, R = ind.shape
             values = torch.zeros(B, heads, S, width, dtype=like.dtype, device=like.device)
-            values[..., :R] = self.indicators.to(like.dtype)[:, None]
+            values[..., :R] = ind.to(like.dtype)[:, None]
             self._values[key] = values
         return self._values[key]
 
     def record(self, layer: int, out_BSHW: torch.Tensor, start: int) -> None:
         """Keep channels start .. start + R - 1 of a call's output (B, S_q, H, W) as the layer's region masses."""
         rows = out_BSHW[:, -self.keep_last:] if self.keep_last else out_BSHW
-        self.masses[layer] = rows[..., start:start + self.indicators.shape[-1]].detach().float()
+        self.masses[layer] = rows[..., start:start + self.region_indicators().shape[-1]].detach().float()
         if self.complete:
             self.finish()
 
@@ -158,13 +171,13 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False, kept_rows_o
         state, layer = _probe_of(module)
         if layer is None:
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        ind = state.indicators
         B, H_kv, S_k, D = value.shape
-        if ind.shape[:2] != (B, S_k):
+        if state.batch_shape != (B, S_k):
             raise RuntimeError(
                 f"atrl probe on layer {layer}: keys cover {S_k} positions but the probe was set up for "
-                f"{ind.shape[1]} (batch {ind.shape[0]} vs {B}); probes measure a full-sequence forward, not "
-                "cached generation: call the model with use_cache=False on the whole sequence")
+                f"{state.batch_shape[1]} (batch {state.batch_shape[0]} vs {B}); probes measure a full-sequence "
+                "forward, not cached generation: call the model with use_cache=False on the whole sequence")
+        ind = state.region_indicators()
         R = ind.shape[-1]
         grads = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
         split = state.route == "split" or (state.route == "auto" and grads)
