@@ -193,10 +193,14 @@ class ATRLTrainer(GRPOTrainer):
             self._log_metric_values({name: [] for name in self._metric_names(measured)} |
                                     {"atrl/credit_fallback": [1.0]})
             return advantages
-        weights = result.weights.to(device=advantages.device, dtype=advantages.dtype)
+        weights = result.weights.to(dtype=advantages.dtype)
+        if advantages.is_cuda:
+            weights = weights.pin_memory()  # so that the copy to the device does not wait for the device's queue
+        weights = weights.to(advantages.device, non_blocking=True)
         conn, prof, mask, entropy = pending.inputs(rows if rows is not None else pending.rows)
+        # advantages_in stays on the trainer's device: reading it back would sync with the device every step
         self.last_credit = {"conn": conn, "profile": prof, "mask": mask, "entropy": entropy, "result": result,
-                            "advantages_in": advantages.detach().cpu()}
+                            "advantages_in": advantages.detach()}
         credit_s = self._credit_seconds + time.perf_counter() - t0
         self._credit_seconds = 0.0
         w = result.weights[mask]
@@ -235,14 +239,19 @@ class ATRLTrainer(GRPOTrainer):
     def _log_metric_values(self, values: dict[str, list[float]]) -> None:
         """Append the mean over all processes of each metric's finite values (nothing where none).
 
-        A collective: every process must call it with the same names in the same order."""
+        A collective: every process must call it with the same names in the same order. One reduction for all the
+        metrics, and none (nor any device round trip) on a single process."""
         mode = "train" if self.model.training else "eval"
-        for name, vals in values.items():
+        sums_counts = []
+        for vals in values.values():
             finite = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
-            local = torch.tensor([sum(finite), len(finite)], dtype=torch.float64, device=self.accelerator.device)
-            total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
-            if total[1] > 0:
-                self._metrics[mode][name].append(float(total[0] / total[1]))
+            sums_counts += [sum(finite), len(finite)]
+        totals = torch.tensor(sums_counts, dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
+        for (name, _), (total, count) in zip(values.items(), totals.view(-1, 2).tolist()):
+            if count > 0:
+                self._metrics[mode][name].append(total / count)
 
     # ---------------------------------------------------------------------------------------------- applying
 
@@ -269,7 +278,7 @@ class ATRLTrainer(GRPOTrainer):
         B = output["completion_ids"].shape[0]
         self._credit_batch += 1
         self._credit_batches["train" if self.model.training else "eval"] = (self._credit_batch, credit)
-        output["atrl_row"] = torch.arange(B, device=output["completion_ids"].device)
+        output["atrl_row"] = torch.arange(B)  # on the host: reading it back per micro-batch costs no device sync
         output["atrl_batch"] = torch.tensor(self._credit_batch)
         return output
 
