@@ -248,6 +248,60 @@ def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     return times
 
 
+def kernel_times(model, inputs, response: int, layers: list[int], steps: int = 3) -> dict[str, dict]:
+    """Where a probed step's time goes, by the profiler: per configuration ("off", "4 layers"), the step's wall
+    time (`timers`), the time the device was busy (the sum of its kernels and copies; on a CPU, of every op's own
+    time), their difference (the device idle, waiting for the host), and each kernel's time, per step, averaged
+    over `steps` profiled steps after one unprofiled one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from atrl.probe import ConnectivityProbe
+
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = {}
+    for name, probed in (("off", None), ("4 layers", layers)):
+        probe = ConnectivityProbe(model, layers=probed) if probed else None
+        model.zero_grad(set_to_none=True)
+        step(model, inputs, response, probe)
+        walls = []
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                model.zero_grad(set_to_none=True)
+                start, stop = timers(device)
+                start()
+                step(model, inputs, response, probe)
+                walls.append(stop())
+        if probe is not None:
+            probe.detach()
+        own = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000 / steps
+               for e in prof.key_averages() if e.device_type == kind}
+        counts = {e.key: e.count / steps for e in prof.key_averages() if e.device_type == kind}
+        busy = sum(own.values())
+        out[name] = {"wall_ms": statistics.median(walls), "busy_ms": busy, "kernels_ms": own, "counts": counts}
+    return out
+
+
+def kernel_table(times: dict[str, dict], top: int = 12) -> list[str]:
+    """Markdown: wall, busy and idle ms per step for each configuration, then the kernels whose time grew most."""
+    off, on = times["off"], times["4 layers"]
+    lines = ["| configuration | step wall ms | device busy ms | device idle ms | device ops per step |",
+             "|---|---|---|---|---|"]
+    for name, t in times.items():
+        lines.append(f"| {name} | {t['wall_ms']:.2f} | {t['busy_ms']:.2f} | {t['wall_ms'] - t['busy_ms']:.2f} | "
+                     f"{sum(t['counts'].values()):.0f} |")
+    added = {k: on["kernels_ms"].get(k, 0.0) - off["kernels_ms"].get(k, 0.0)
+             for k in set(on["kernels_ms"]) | set(off["kernels_ms"])}
+    lines += ["", "| kernel (4 layers against off) | added ms per step | calls per step, off -> 4 layers |",
+              "|---|---|---|"]
+    for k in sorted(added, key=lambda k: -abs(added[k]))[:top]:
+        label = k if len(k) <= 90 else k[:87] + "..."
+        lines.append(f"| `{label}` | {added[k]:+.3f} | {off['counts'].get(k, 0):.0f} -> {on['counts'].get(k, 0):.0f} |")
+    return lines
+
+
 def timers(device):
     """(start, stop) closures; stop returns the elapsed ms (CUDA events on a GPU, the host clock on a CPU)."""
     if device.type == "cuda":
@@ -323,6 +377,7 @@ def main() -> None:
     ap.add_argument("--decoder-reps", type=int, default=60, help="decoder-only steps per configuration")
     ap.add_argument("--layer-reps", type=int, default=200, help="attention calls per variant")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile-steps", type=int, default=3, help="decoder steps profiled per configuration (0: none)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 (the decoder's attention kernel)")
     args = ap.parse_args()
@@ -397,6 +452,12 @@ def main() -> None:
                   f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
         result["scopes"][scope] = {"rows": rows, "raw_ms": times, "vision_calls": vision_calls[0]}
 
+    if args.profile_steps:
+        ktimes = kernel_times(model, decoder_batch, args.response, layers4, args.profile_steps)
+        print(f"# the decoder step under the profiler ({args.profile_steps} steps each): device busy and idle time, "
+              "and the kernels the probes add")
+        print("\n".join(kernel_table(ktimes)), flush=True)
+        result["kernels"] = ktimes
     layer = summary(layer_costs(model, batch, args.response, args.layer_reps), "plain")
     steps = {scope: rows["rows"]["off"]["median_ms"] for scope, rows in result["scopes"].items()}
 

@@ -55,6 +55,12 @@ def test_probe_overhead_decoder_scope_alone(tmp_path):
     assert set(result["scopes"]) == {"decoder"}  # --reps 0 skips the whole-model scope
     assert "(decoder: decoder only" in stdout and "(model: whole model" not in stdout
     assert "| probed, split (the default with grads) |" in stdout
+    kernels = result["kernels"]  # the profiled decoder step, off and probed
+    assert set(kernels) == {"off", "4 layers"} and all(k["busy_ms"] > 0 for k in kernels.values())
+    assert re.search(r"^\| 4 layers \| [\d.]+ \| [\d.]+ \| -?[\d.]+ \| \d+ \|$", stdout, re.MULTILINE)
+    # the probed step runs one more attention forward per probed layer (the split route's second call)
+    sdpa = [k for k in kernels["off"]["counts"] if "scaled_dot_product" in k and "backward" not in k]
+    assert sum(kernels["4 layers"]["counts"].get(k, 0) - kernels["off"]["counts"][k] for k in sdpa) >= 1
 
 
 def test_trainer_overhead_smoke(tmp_path):
@@ -78,3 +84,18 @@ def test_trainer_overhead_smoke(tmp_path):
         assert len(result["generation"][mode]) == 1 and 0 < result["generation"][mode][0] < result["results"][mode][0]
     assert re.search(r"\| atrl-overlap-off \| [\d.]+ \| [\d.]+ \| [\d.]+-[\d.]+ \| [\d.]+ \| [\d.]+ \|", stdout)
     assert re.search(r"\| atrl \| [\d.]+ \| 1 \| [\d.]+ \| [\d.]+ \([\d.]+%\) \| [\d.]+ \|", stdout)
+
+
+def test_trainer_overhead_replays_one_generation(tmp_path):
+    """--replay-generation: one real `_generate` call in the whole run, every later one served from it."""
+    out = tmp_path / "trainer.json"
+    stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "3", "--blocks", "2", "--completion", "8",
+                  "--image-size", "112", "--workers", "2", "--batch", "8", "--modes", "uniform", "atrl",
+                  "--replay-generation", "--out", str(out))
+    result = json.loads(out.read_text())
+    # a warm-up block of 2 cycles, then 2 blocks per mode of 3 cycles (the first of each dropped)
+    assert result["generate_calls_served"] == 2 + 4 * 3
+    assert result["replayed_generation_s"] > 0
+    assert {m: len(ts) for m, ts in result["results"].items()} == {"uniform": 4, "atrl": 4}
+    assert [mode for mode, _ in result["blocks"]] == ["uniform", "atrl", "atrl", "uniform"]
+    assert "generation replayed, the one real call took" in stdout
