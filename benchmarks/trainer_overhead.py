@@ -31,9 +31,10 @@ finished block leaves behind shows up.
 
 `--replay-generation` takes generation out of the measurement: the process's first call of TRL's `_generate`
 runs (and is timed: the "generation s" the whole-step ratio needs), and every later call returns a copy of its
-output; the data set is then one prompt repeated, so every step trains on that one generated batch. Generation being the same code in every mode (the
-generation A/B above), the step is then the part the modes differ in, without the +-12% of generation noise,
-and many more steps fit in a lease (~2 s each at the 3B shape instead of ~10).
+output; the data set is then one prompt repeated, so every step trains on that one generated batch. Generation
+being the same code in every mode (the generation A/B above), the step is then the part the modes differ in,
+without the +-12% of generation noise, and many more steps fit in a lease (~2 s each at the 3B shape instead
+of ~10).
 
 `--steps-per-generation N` (N > 1) makes TRL score each generation batch on a no-grad old-log-prob pass in
 chunks and train it as N micro-batches (as it always does with vLLM): the probes ride on that pass and the
