@@ -115,16 +115,17 @@ def step(model, batch, response: int, probe=None):
     (-logp.mean()).backward()
 
 
-def check_against_eager(model, batch, layer: int, route: str = "auto") -> float:
+def check_against_eager(model, batch, layer: int, route: str = "auto", response_len: int | None = None) -> float:
     """Max abs difference between the probe's region masses on `layer` and eager attention's probabilities
     summed over each region's image tokens (the independent computation), in the model's dtype. The forward
-    runs without gradients: route "auto" is the fused route there."""
+    runs without gradients: route "auto" is the fused route there. With `response_len` the capture keeps only
+    the last response_len + 1 rows (the split route then computes only those) and the check covers them."""
     from atrl.probe import ConnectivityProbe
 
     impl = model.config.text_config._attn_implementation
     probe = ConnectivityProbe(model, layers=[layer], route=route)
     try:
-        with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"]) as cap:
+        with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len) as cap:
             model(**batch, use_cache=False, logits_to_keep=1)
     finally:
         probe.detach()
@@ -137,6 +138,8 @@ def check_against_eager(model, batch, layer: int, route: str = "auto") -> float:
     finally:
         model.config.text_config._attn_implementation = impl
     ref = torch.einsum("bhqk,bkr->bqhr", attn.float(), ind)
+    if response_len is not None:
+        ref = ref[:, -response_len - 1:]
     return (cap.state.masses[layer] - ref).abs().max().item()
 
 
@@ -145,9 +148,11 @@ def eager_checks(model, batch) -> list[str]:
     CUDA at the middle layer in float32 (the model upcast for the check, then cast back)."""
     mid = model.config.text_config.num_hidden_layers // 2
     dtype = model.dtype
-    lines = [f"probe vs eager softmax on a short sequence ({dtype}, layer {layer}, {route} route): max abs error "
-             f"{check_against_eager(model, batch, layer, route):.2e}"
-             for layer, route in ((0, "fused"), (mid, "fused"), (mid, "split"))]
+    rows = batch["input_ids"].shape[1] // 4  # the split route on the last rows only, as in a trainer's capture
+    lines = [f"probe vs eager softmax on a short sequence ({dtype}, layer {layer}, {route} route{note}): max abs "
+             f"error {check_against_eager(model, batch, layer, route, response):.2e}"
+             for layer, route, response, note in ((0, "fused", None, ""), (0, "split", rows, f", last {rows + 1} rows"),
+                                                  (mid, "fused", None, ""), (mid, "split", None, ""))]
     if dtype != torch.float32 and next(model.parameters()).is_cuda:
         model.float()
         try:
