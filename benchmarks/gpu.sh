@@ -3,14 +3,14 @@
 #
 #   ../shared/tools/gpu-wheels                      # here, once: trl, datasets, pymetis, ... into .whl/
 #   run(command="bash benchmarks/gpu.sh probe", carry=[".whl"], timeout_s=400)    # 3B and 7B probe overhead
-#   run(command="bash benchmarks/gpu.sh trainer", carry=[".whl"], timeout_s=540)  # 3B trainer, both credit sites
+#   run(command="bash benchmarks/gpu.sh trainer", carry=[".whl"], timeout_s=590)  # 3B trainer, both credit sites
 # Phases: smoke (the tiny trainer on CUDA, all modes, both credit sites: ~1 min), probe (3B and 7B probe overhead,
 # decoder scope, with a profiled step: ~3 min), probe-alloc (the decoder scope with expandable allocator
-# segments: ~2-3 min), aligned (3B trainer, probes on the training forward, generation replayed: ~3.5 min on an
-# H200), spg2 (3B trainer, probes on the old-log-prob pass, generation replayed: ~2.5 min), trainer (= aligned
-# spg2), generation-ab (generate with and without the probe's attention installed: ~1.5 min). Several phases run
-# in the order given. A lease is 15 minutes of device time, the machine's start (1-2 min) included: plan the calls
-# back to back.
+# segments: ~2-3 min), aligned (3B trainer, probes on the training forward, generation replayed, one profiled
+# cycle per mode: ~4 min on an H200), spg2 (3B trainer, probes on the old-log-prob pass, generation replayed:
+# ~2.5 min), trainer (= aligned spg2), generation-ab (generate with and without the probe's attention installed:
+# ~1.5 min). Several phases run in the order given. A lease is 15 minutes of device time, the machine's start
+# (1-2 min) included: plan the calls back to back.
 #
 # Each phase writes its tables and JSON under $OUT (or ./gpu-results) and prints the tables last.
 # `probe_overhead.py` first checks the probe against eager attention at the real shape, in bf16; `probe`
@@ -64,7 +64,8 @@ case $phase in
     # generation aligned with the optimizer step (TRL's default without vLLM): probes on the training forward.
     # Generation replayed (one real call, ~10 s): the modes differ only in the rest of the step (~2.2 s at this
     # shape), which real generation buried under +-12% noise in three leases (~3.5 min)
-    timeout 280 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 6 --replay-generation \
+    # --profile: then one cycle per mode under the profiler, the kernels and host-side ops that differ (~40 s)
+    timeout 320 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 6 --replay-generation --profile \
       --out "$out/trainer-3b.json" 2>&1 | tee "$out/trainer-3b.txt" | grep -v "it/s\]\|^{"
     grep -h "^#\|^|\|spread\|^block\|^device memory" "$out"/trainer-3b.txt ;;&
   spg2|trainer)

@@ -253,26 +253,41 @@ def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     return times
 
 
+def profiler_activities(device) -> list:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def profiled_step(prof, steps: int, wall_ms: float, cuda: bool) -> dict:
+    """Per step, from a profiler that recorded `steps` steps: the wall time given, the device's busy time (the sum
+    of its kernels and copies; on a CPU, of every op's own time), each kernel's time and calls, and the host's own
+    time per op (CUDA runtime calls such as synchronisations included)."""
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = prof.key_averages()
+    own = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000 / steps
+           for e in events if e.device_type == kind}
+    counts = {e.key: e.count / steps for e in events if e.device_type == kind}
+    host = {e.key: e.self_cpu_time_total / 1000 / steps for e in events
+            if e.device_type == torch.autograd.DeviceType.CPU} if cuda else {}  # on a CPU: the kernels above
+    return {"wall_ms": wall_ms, "busy_ms": sum(own.values()), "kernels_ms": own, "counts": counts, "host_ms": host}
+
+
 def kernel_times(model, inputs, response: int, layers: list[int], steps: int = 3) -> dict[str, dict]:
-    """Where a probed step's time goes, by the profiler: per configuration ("off", "4 layers"), the step's wall
-    time (`timers`), the time the device was busy (the sum of its kernels and copies; on a CPU, of every op's own
-    time), their difference (the device idle, waiting for the host), and each kernel's time, per step, averaged
-    over `steps` profiled steps after one unprofiled one."""
-    from torch.profiler import ProfilerActivity, profile
+    """Where a probed step's time goes, by the profiler (`profiled_step`), for "off" and "4 layers": the median
+    wall time of `steps` profiled steps (`timers`) after one unprofiled one, and per-step averages."""
+    from torch.profiler import profile
 
     from atrl.probe import ConnectivityProbe
 
     device = next(model.parameters()).device
-    cuda = device.type == "cuda"
-    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     out = {}
     for name, probed in (("off", None), ("4 layers", layers)):
         probe = ConnectivityProbe(model, layers=probed) if probed else None
         model.zero_grad(set_to_none=True)
         step(model, inputs, response, probe)
         walls = []
-        with profile(activities=activities) as prof:
+        with profile(activities=profiler_activities(device)) as prof:
             for _ in range(steps):
                 model.zero_grad(set_to_none=True)
                 start, stop = timers(device)
@@ -281,29 +296,28 @@ def kernel_times(model, inputs, response: int, layers: list[int], steps: int = 3
                 walls.append(stop())
         if probe is not None:
             probe.detach()
-        own = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000 / steps
-               for e in prof.key_averages() if e.device_type == kind}
-        counts = {e.key: e.count / steps for e in prof.key_averages() if e.device_type == kind}
-        busy = sum(own.values())
-        out[name] = {"wall_ms": statistics.median(walls), "busy_ms": busy, "kernels_ms": own, "counts": counts}
+        out[name] = profiled_step(prof, steps, statistics.median(walls), device.type == "cuda")
     return out
 
 
 def kernel_table(times: dict[str, dict], top: int = 12) -> list[str]:
-    """Markdown: wall, busy and idle ms per step for each configuration, then the kernels whose time grew most."""
-    off, on = times["off"], times["4 layers"]
+    """Markdown: wall, busy and idle ms per step for each configuration (`profiled_step` results), then the
+    kernels and the host-side ops whose time changed most from the first configuration to the second."""
+    (base, ref), (other, new) = list(times.items())[:2]
     lines = ["| configuration | step wall ms | device busy ms | device idle ms | device ops per step |",
              "|---|---|---|---|---|"]
     for name, t in times.items():
         lines.append(f"| {name} | {t['wall_ms']:.2f} | {t['busy_ms']:.2f} | {t['wall_ms'] - t['busy_ms']:.2f} | "
                      f"{sum(t['counts'].values()):.0f} |")
-    added = {k: on["kernels_ms"].get(k, 0.0) - off["kernels_ms"].get(k, 0.0)
-             for k in set(on["kernels_ms"]) | set(off["kernels_ms"])}
-    lines += ["", "| kernel (4 layers against off) | added ms per step | calls per step, off -> 4 layers |",
-              "|---|---|---|"]
-    for k in sorted(added, key=lambda k: -abs(added[k]))[:top]:
-        label = k if len(k) <= 90 else k[:87] + "..."
-        lines.append(f"| `{label}` | {added[k]:+.3f} | {off['counts'].get(k, 0):.0f} -> {on['counts'].get(k, 0):.0f} |")
+    for what, key in (("kernel", "kernels_ms"), ("host-side op", "host_ms")):
+        if not ref[key] and not new[key]:
+            continue
+        added = {k: new[key].get(k, 0.0) - ref[key].get(k, 0.0) for k in set(new[key]) | set(ref[key])}
+        lines += ["", f"| {what} ({other} against {base}) | added ms per step | calls per step |", "|---|---|---|"]
+        for k in sorted(added, key=lambda k: -abs(added[k]))[:top]:
+            label = k if len(k) <= 90 else k[:87] + "..."
+            calls = f"{ref['counts'].get(k, 0):.0f} -> {new['counts'].get(k, 0):.0f}" if key == "kernels_ms" else "-"
+            lines.append(f"| `{label}` | {added[k]:+.3f} | {calls} |")
     return lines
 
 

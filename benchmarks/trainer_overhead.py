@@ -105,6 +105,9 @@ def main() -> None:
     ap.add_argument("--generation-ab", type=int, default=0, metavar="N",
                     help="first time N generate calls with and without the probe's attention installed")
     ap.add_argument("--ab-tokens", type=int, default=64, help="new tokens per call of --generation-ab")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the blocks, profile one generation cycle of each mode: device busy / idle time, "
+                         "the kernels and host-side ops that differ")
     ap.add_argument("--replay-generation", action="store_true",
                     help="generate once, then train every step on a copy of that batch (see the module docstring)")
     ap.add_argument("--out", default=None)
@@ -120,7 +123,7 @@ def main() -> None:
     from atrl.rl.config import AnchorConfig
     from atrl.rl.rewards import accuracy_reward, format_reward
     from atrl.rl.trainer import ATRLTrainer
-    from probe_overhead import build, timers
+    from probe_overhead import build, kernel_table, profiled_step, profiler_activities, timers
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -197,6 +200,30 @@ def main() -> None:
             return copy.deepcopy(replay["output"])  # TRL may edit what it gets
         return call
 
+    class ProfileCycle(TrainerCallback):
+        """Profiles the block's second generation cycle (optimizer steps spg + 1 .. 2 spg): the first one warms up."""
+
+        def __init__(self):
+            self.steps, self.prof, self.t0, self.result = 0, None, 0.0, None
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.steps += 1
+            if self.steps == args.steps_per_generation + 1:
+                if cuda:
+                    torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=profiler_activities(device))
+                self.prof.start()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if self.steps == 2 * args.steps_per_generation and self.prof is not None:
+                if cuda:
+                    torch.cuda.synchronize()
+                wall_ms = 1000 * (time.perf_counter() - self.t0)
+                self.prof.stop()
+                self.result = profiled_step(self.prof, 1, wall_ms, cuda)
+                self.prof = None
+
     results: dict[str, list[float]] = {m: [] for m in args.modes}
     generation: dict[str, list[float]] = {m: [] for m in args.modes}  # generation seconds per cycle
     credit_share: dict[str, list[float]] = {m: [] for m in args.modes}  # time the loop spent on credit / step
@@ -206,7 +233,7 @@ def main() -> None:
 
     block_memory: list[tuple[str, float]] = []  # (mode, GiB allocated at the block's start)
 
-    def train_block(mode: str, steps: int) -> Times:
+    def train_block(mode: str, steps: int, profiler: ProfileCycle | None = None) -> Times:
         gc.collect()  # the last block's trainer (reference cycles) and its optimizer state go now, not mid-block
         if cuda:
             torch.cuda.empty_cache()
@@ -221,7 +248,8 @@ def main() -> None:
                          generation_kwargs={"min_new_tokens": args.completion})
         anchor = AnchorConfig(**MODES[mode], credit={"n_workers": args.workers})
         trainer = ATRLTrainer(model=base, processing_class=processor, args=cfg, train_dataset=data,
-                              reward_funcs=[accuracy_reward, format_reward], callbacks=[cb], anchor_config=anchor)
+                              reward_funcs=[accuracy_reward, format_reward],
+                              callbacks=[cb] + ([profiler] if profiler is not None else []), anchor_config=anchor)
         trainer._generate = cb.timed(replayed(trainer._generate) if args.replay_generation else trainer._generate)
         trainer.train()
         if trainer.probe is not None:
@@ -246,6 +274,14 @@ def main() -> None:
             blocks.append((mode, statistics.median(kept)))
             print(f"block {block} {mode}: median step {statistics.median(kept):.3f} s over {len(kept)} steps, "
                   f"of which generation {statistics.median(cb.generation[1:]):.3f} s", flush=True)
+    profiled = {}
+    if args.profile:
+        for mode in args.modes:
+            profiler = ProfileCycle()
+            train_block(mode, 2 * args.steps_per_generation, profiler)
+            profiled[mode] = profiler.result
+        print("# one generation cycle per mode under the profiler (after the blocks)")
+        print("\n".join(kernel_table(profiled)), flush=True)
     first = args.modes[0]
     med_0 = statistics.median(results[first])
     first_blocks = [t for m, t in blocks if m == first]
@@ -292,7 +328,8 @@ def main() -> None:
                        "credit_share": credit_share, "credit_loop": credit_loop,
                        "credit_cpu": credit_cpu, "workers": args.workers,
                        "steps_per_generation": args.steps_per_generation, "batch": args.batch,
-                       "replayed_generation_s": replay.get("seconds"), "generate_calls_served": replay.get("calls")},
+                       "replayed_generation_s": replay.get("seconds"), "generate_calls_served": replay.get("calls"),
+                       "profiled": profiled},
                       fh, indent=1)
 
 

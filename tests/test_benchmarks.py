@@ -93,10 +93,13 @@ def test_trainer_overhead_replays_one_generation(tmp_path):
     out = tmp_path / "trainer.json"
     stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "3", "--blocks", "2", "--completion", "8",
                   "--image-size", "112", "--workers", "2", "--batch", "8", "--modes", "uniform", "atrl",
-                  "--replay-generation", "--out", str(out))
+                  "--replay-generation", "--profile", "--out", str(out))
     result = json.loads(out.read_text())
-    # a warm-up block of 2 cycles, then 2 blocks per mode of 3 cycles (the first of each dropped)
-    assert result["generate_calls_served"] == 2 + 4 * 3
+    # a warm-up block of 2 cycles, 2 blocks per mode of 3 cycles (the first of each dropped), 2 profiled per mode
+    assert result["generate_calls_served"] == 2 + 4 * 3 + 2 * 2
+    assert set(result["profiled"]) == {"uniform", "atrl"}
+    assert all(p["wall_ms"] > 0 and p["busy_ms"] > 0 for p in result["profiled"].values())
+    assert "| kernel (atrl against uniform) | added ms per step | calls per step |" in stdout
     assert result["replayed_generation_s"] > 0
     assert {m: len(ts) for m, ts in result["results"].items()} == {"uniform": 4, "atrl": 4}
     assert [mode for mode, _ in result["blocks"]] == ["uniform", "atrl", "atrl", "uniform"]
