@@ -119,12 +119,12 @@ class VisionLayout:
         ids = input_ids_BS.to("cpu", non_blocking=True)
         grid = image_grid_thw.to("cpu", non_blocking=True) if image_grid_thw is not None else None
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(device))
 
         def build() -> torch.Tensor:
             copied.synchronize()
             host = self.region_indicators(ids, grid, region_grid, dtype)
-            return host.pin_memory().to(device, non_blocking=True)
+            return host.contiguous().pin_memory().to(device, non_blocking=True)
         return build
 
     def region_indicators(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
