@@ -41,7 +41,7 @@ case $phase in
     # decoder scope only (--reps 0): the whole-model scope stayed +-8% noisy in three leases; its `off` medians
     # (3B ~470 ms, 7B ~530 ms on an H200) are in docs/benchmarks.md. PROBE_REPS=20 brings it back (+2 min).
     for shape in 3b 7b; do
-      timeout 260 python3 benchmarks/probe_overhead.py --shape "$shape" --reps "${PROBE_REPS:-0}" --decoder-reps 50 \
+      timeout 260 python3 benchmarks/probe_overhead.py --shape "$shape" --reps "${PROBE_REPS:-0}" --decoder-reps 80 \
         --out "$out/probe-$shape.json" 2>&1 | tee "$out/probe-$shape.txt"
     done
     if python3 -c "import flash_attn" 2>/dev/null; then
