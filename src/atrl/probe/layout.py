@@ -108,9 +108,10 @@ class VisionLayout:
 
         The layout is read on the host. On a CUDA device, `input_ids` and `image_grid_thw` start copying to pinned
         host memory at once, behind the kernels already queued, and the build waits only for that copy (not for the
-        kernels queued after it); the indicators go back to the device asynchronously. A capture calls it at the first probed layer, so the
-        build overlaps the layers queued before it instead of draining the device's queue when the forward starts
-        (on an H200 the eager build, two syncs, cost 0.54-0.60 ms per probed step with the device idle).
+        kernels queued after it); the indicators go back to the device asynchronously. A capture calls it at the
+        first probed layer, so the build overlaps the layers queued before it instead of draining the device's
+        queue when the forward starts (on an H200 the eager build, two syncs, cost 0.54-0.60 ms per probed step
+        with the device idle).
         A layout that does not match the batch raises its ProbeError when the function is called."""
         _check_region_grid(region_grid)
         device = input_ids_BS.device
