@@ -43,6 +43,10 @@ case $phase in
     for shape in 3b 7b; do
       timeout 260 python3 benchmarks/probe_overhead.py --shape "$shape" --reps "${PROBE_REPS:-0}" --decoder-reps 80 \
         --out "$out/probe-$shape.json" 2>&1 | tee "$out/probe-$shape.txt"
+      # the device's state right after the shape's timings (the third lease's 3B decoder steps were 30% slower
+      # and +-10% noisy against the second lease's, 7B unchanged): clocks, temperature, power, throttling
+      nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,power.draw,clocks_throttle_reasons.active \
+        --format=csv | sed "s/^/after $shape: /" | tee -a "$out/device.txt"
     done
     if python3 -c "import flash_attn" 2>/dev/null; then
       timeout 150 python3 benchmarks/probe_overhead.py --shape 7b --reps 20 --attn flash_attention_2 \
