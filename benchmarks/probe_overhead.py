@@ -168,8 +168,8 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     """Forward + backward of one decoder layer's attention call at the real shape (B=1, causal, GQA), through
     the function the model uses (transformers' SDPA attention), plain and probed, in ms per call; interleaved.
     Probed: the split route (what a call with gradients takes: the plain call plus a no-grad call with the
-    indicators as values, on the response rows a capture keeps) and the fused route forced (one call with V
-    widened: the probe's route before session 6, kept for the comparison)."""
+    indicators as values, on the response rows a capture keeps; and, for the comparison, on all rows as before
+    session 7) and the fused route forced (one call with V widened: the probe's route before session 6)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from atrl.probe import ConnectivityProbe
@@ -191,18 +191,22 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     v = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
     grad = torch.randn(1, n_tokens, H, D, device=device, dtype=dtype, generator=g)
     probed = probed_attention(sdpa_attention_forward, kept_rows_only=True)  # as registered for the decoder
-    variants = {"plain": None, "plain (again)": None, "probed, split (the default with grads)": "split",
-                "probed, one widened call (fused)": "fused"}
+    all_rows = probed_attention(sdpa_attention_forward)  # the split route's second call on every row (session 6)
+    # name -> (attention function, probe route); route None: no capture
+    variants = {"plain": (sdpa_attention_forward, None), "plain (again)": (sdpa_attention_forward, None),
+                "probed, split (the default with grads)": (probed, "split"),
+                "probed, split, second call on all rows": (all_rows, "split"),
+                "probed, one widened call (fused)": (probed, "fused")}
 
     def call(name: str) -> float:
-        route = variants[name]
+        function, route = variants[name]
         token = None
         if route is not None:  # a fresh state per call, as each forward builds its own
             token = activate(ProbeState(indicators=ind, layer_of_module={id(module): 0}, keep_last=response + 1,
                                         pad_qk=True, route=route))
         start, end = timers(device)
         start()
-        out, _ = (sdpa_attention_forward if token is None else probed)(module, q, k, v, None, scaling=D ** -0.5)
+        out, _ = function(module, q, k, v, None, scaling=D ** -0.5)
         out.backward(grad)
         ms = end()
         if token is not None:
