@@ -475,12 +475,6 @@ def main() -> None:
                   f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
         result["scopes"][scope] = {"rows": rows, "raw_ms": times, "vision_calls": vision_calls[0]}
 
-    if args.profile_steps:
-        ktimes = kernel_times(model, decoder_batch, args.response, layers4, args.profile_steps)
-        print(f"# the decoder step under the profiler ({args.profile_steps} steps each): device busy and idle time, "
-              "and the kernels the probes add")
-        print("\n".join(kernel_table(ktimes)), flush=True)
-        result["kernels"] = ktimes
     layer = summary(layer_costs(model, batch, args.response, args.layer_reps), "plain")
     steps = {scope: rows["rows"]["off"]["median_ms"] for scope, rows in result["scopes"].items()}
 
@@ -508,9 +502,20 @@ def main() -> None:
         print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
               f"{share(row['median_ms'], 'decoder')} |")
     result["fixed"] = fixed
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+
+    def save() -> None:
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(result, fh, indent=1)
+
+    save()  # before the profiler, which runs last: whatever happens there, the tables above are kept
+    if args.profile_steps:
+        ktimes = kernel_times(model, decoder_batch, args.response, layers4, args.profile_steps)
+        print(f"# the decoder step under the profiler ({args.profile_steps} steps each): device busy and idle time, "
+              "and the kernels the probes add")
+        print("\n".join(kernel_table(ktimes)), flush=True)
+        result["kernels"] = ktimes
+        save()
 
 
 if __name__ == "__main__":
