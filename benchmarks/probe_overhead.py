@@ -361,7 +361,7 @@ def sdpa_backends(model, n_tokens: int, regions: int, device, dtype, reps: int =
         cells = []
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                         SDPBackend.MATH, None):
-            def call():
+            def call(q=q, k=k, v=v):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                                         scale=D ** -0.5)
             try:

@@ -141,7 +141,7 @@ def _last_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     K and the values repeated per query head as transformers' SDPA route does beside a mask."""
     from torch.nn.attention.bias import causal_lower_right
 
-    B, H, S, _ = query.shape
+    _, H, S, _ = query.shape
     q = query[:, :, S - rows:]
     groups = H // key.shape[1]
     if attention_mask is None:
