@@ -168,8 +168,9 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     """Forward + backward of one decoder layer's attention call at the real shape (B=1, causal, GQA), through
     the function the model uses (transformers' SDPA attention), plain and probed, in ms per call; interleaved.
     Probed: the split route (what a call with gradients takes: the plain call plus a no-grad call with the
-    indicators as values, on the response rows a capture keeps; and, for the comparison, on all rows as before
-    session 7) and the fused route forced (one call with V widened: the probe's route before session 6)."""
+    indicators as values; by default on the response rows a capture keeps where that keeps the plain call's
+    kernel, and for the comparison forced onto all rows and onto the kept rows) and the fused route forced (one
+    call with V widened: the probe's route before session 6)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from atrl.probe import ConnectivityProbe
@@ -190,12 +191,13 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     k = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
     v = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
     grad = torch.randn(1, n_tokens, H, D, device=device, dtype=dtype, generator=g)
-    probed = probed_attention(sdpa_attention_forward, kept_rows_only=True)  # as registered for the decoder
-    all_rows = probed_attention(sdpa_attention_forward)  # the split route's second call on every row (session 6)
+    probed = probed_attention(sdpa_attention_forward, rows="auto")  # as registered for the decoder
     # name -> (attention function, probe route); route None: no capture
     variants = {"plain": (sdpa_attention_forward, None), "plain (again)": (sdpa_attention_forward, None),
                 "probed, split (the default with grads)": (probed, "split"),
-                "probed, split, second call on all rows": (all_rows, "split"),
+                "probed, split, second call on all rows": (probed_attention(sdpa_attention_forward), "split"),
+                "probed, split, second call on the kept rows": (probed_attention(sdpa_attention_forward, rows="kept"),
+                                                                "split"),
                 "probed, one widened call (fused)": (probed, "fused")}
 
     def call(name: str) -> float:

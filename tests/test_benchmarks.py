@@ -39,7 +39,8 @@ def test_probe_overhead_smoke(tmp_path):
     assert result["scopes"]["model"]["vision_calls"] > 0 and result["scopes"]["decoder"]["vision_calls"] == 0
     layer = result["layer"]
     assert set(layer) == {"plain", "plain (again)", "probed, split (the default with grads)",
-                          "probed, split, second call on all rows", "probed, one widened call (fused)"}
+                          "probed, split, second call on all rows", "probed, split, second call on the kept rows",
+                          "probed, one widened call (fused)"}
     assert all(row["median_ms"] > 0 for row in layer.values())
     assert "| 4 layers |" in stdout and "| probed, split (the default with grads) |" in stdout
     assert set(result["fixed"]) == {"capture setup (indicators deferred)", "setup + indicator build, back to back",

@@ -84,13 +84,20 @@ def test_masses_match_explicit_softmax_of_eager_attention(family, padding_side, 
         assert cap.state.masses[layers[0]][b].abs().max() == 0
 
 
+@pytest.mark.parametrize("sdpa_pick", ["flash", "cudnn"])
 @pytest.mark.parametrize("n_images, padding_side", [((1,), "left"), ((2, 1, 0), "left"), ((2, 1, 0), "right")],
                          ids=["one-sample-no-mask", "padded-left", "padded-right"])
-def test_split_route_computes_only_the_kept_rows_and_matches_eager(n_images, padding_side, monkeypatch):
+def test_split_route_computes_only_the_kept_rows_and_matches_eager(n_images, padding_side, sdpa_pick, monkeypatch):
     """With a response length, the split route's second call runs SDPA on the kept rows only: without a padding
-    mask under a bottom-right causal bias, with one on the mask's last rows. Both against eager softmax."""
+    mask under a bottom-right causal bias, with one on the mask's last rows. Both against eager softmax. Without
+    a mask, only where SDPA's pick for the full call is a kernel the bias reaches (flash here on the CPU; where it
+    would pick cuDNN, as on an H200, the call keeps all rows and the plain call's kernel)."""
+    from torch.nn.attention import SDPBackend
+
     from atrl.probe import attention
 
+    if sdpa_pick == "cudnn":
+        monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **k: SDPBackend.CUDNN_ATTENTION.value)
     calls = []
     real = attention._last_rows_sdpa
 
@@ -111,13 +118,31 @@ def test_split_route_computes_only_the_kept_rows_and_matches_eager(n_images, pad
         ref = _eager_masses(model, batch, indicators, layers)
     finally:
         probe.detach()
-    assert calls == [(len(n_images) == 1, RESPONSE + 1)] * len(layers)
+    no_mask = len(n_images) == 1
+    assert calls == ([] if no_mask and sdpa_pick == "cudnn" else [(no_mask, RESPONSE + 1)] * len(layers))
     valid = batch["attention_mask"].bool()[:, -RESPONSE - 1:]
     for layer in layers:
         got, want = cap.state.masses[layer].double(), ref[layer][:, -RESPONSE - 1:]
         assert got.shape == want.shape
         assert (got - want)[valid].abs().max().item() <= 1e-5, layer
         assert want[valid].sum() > 1.0
+
+
+def test_kept_rows_only_where_the_bias_reaches_the_plain_calls_kernel(monkeypatch):
+    """`causal_lower_right` dispatches to flash, or to memory-efficient attention without GQA; any other pick of
+    SDPA's for the full call (cuDNN, math) keeps the second call on all rows."""
+    from torch.nn.attention import SDPBackend
+
+    from atrl.probe.attention import _bias_keeps_kernel
+
+    q, k_gqa, k_mha = torch.zeros(1, 4, 8, 16), torch.zeros(1, 2, 8, 16), torch.zeros(1, 4, 8, 16)
+    assert _bias_keeps_kernel(q, k_gqa, k_gqa, 0.25)  # the real pick on this CPU: its flash kernel
+    expected = {"FLASH_ATTENTION": (True, True), "EFFICIENT_ATTENTION": (False, True),
+                "CUDNN_ATTENTION": (False, False), "MATH": (False, False)}
+    for name, (with_gqa, without) in expected.items():
+        monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, b=SDPBackend.__members__[name], **kw: b.value)
+        assert (_bias_keeps_kernel(q, k_gqa, k_gqa, 0.25), _bias_keeps_kernel(q, k_mha, k_mha, 0.25)) == \
+            (with_gqa, without), name
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

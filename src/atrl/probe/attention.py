@@ -12,9 +12,9 @@ per call (`ProbeState.route`, default "auto"):
   one; widening the fused call widened its backward too, which on an H200 doubled the cost of a probed layer's
   attention (fwd + bwd 0.50 -> 0.88 ms at the 3B shape, docs/benchmarks.md). The second call has the plain
   call's shapes, so it gets the same kernel on every backend, and the layer's output is the plain call's own.
-  Under SDPA that call computes only the rows the capture keeps (the response rows: on an H200 the full-length
-  second call added 0.23-0.27 ms per layer, docs/benchmarks.md), SDPA's causal triangle aligned at the bottom
-  right, or the padding mask's last rows.
+  Under SDPA that call computes only the rows the capture keeps (the response rows), SDPA's causal triangle
+  aligned at the bottom right, or the padding mask's last rows, where that keeps the plain call's kernel
+  (`_bias_keeps_kernel`: the bias reaches flash and memory-efficient attention, not cuDNN).
 Inside a backward (an activation-checkpointing recompute) a probed layer runs plain and records nothing.
 
 Two entries into transformers' `AttentionInterface`, one wrapper (`probed_attention`) for both:
@@ -73,6 +73,7 @@ class ProbeState:
     masses: dict[int, torch.Tensor] = field(default_factory=dict)
     batch_shape: tuple[int, int] = ()  # (B, S); taken from `indicators` when they are a tensor
     _values: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _bias_ok: dict[tuple, bool] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
@@ -109,6 +110,14 @@ class ProbeState:
             values[..., :R] = ind.to(like.dtype)[:, None]
             self._values[key] = values
         return self._values[key]
+
+    def bias_keeps_kernel(self, query: torch.Tensor, key: torch.Tensor, values: torch.Tensor, scaling: float
+                          ) -> bool:
+        """`_bias_keeps_kernel`, asked once per forward (every probed layer of a model has the same shapes)."""
+        shapes = (tuple(query.shape), tuple(key.shape), tuple(values.shape), query.dtype, query.device)
+        if shapes not in self._bias_ok:
+            self._bias_ok[shapes] = _bias_keeps_kernel(query, key, values, scaling)
+        return self._bias_ok[shapes]
 
     def record(self, layer: int, out_BSHW: torch.Tensor, start: int) -> None:
         """Keep channels start .. start + R - 1 of a call's output (B, S_q, H, W) as the layer's region masses."""
@@ -155,15 +164,32 @@ def _last_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     return out.transpose(1, 2)
 
 
-def probed_attention(base: Callable, equal_head_sizes: bool = False, kept_rows_only: bool = False) -> Callable:
+def _bias_keeps_kernel(query: torch.Tensor, key: torch.Tensor, values: torch.Tensor, scaling: float) -> bool:
+    """Whether the kernel SDPA picks for the full causal call without a mask (the plain call's kernel) is one that
+    `causal_lower_right` also dispatches to: flash, or memory-efficient without GQA. Elsewhere computing fewer
+    rows would switch kernels; e.g. where SDPA picks cuDNN for the full call (H100/H200 with recent torch), the
+    bias would fall back to flash, which the third H200 lease timed 1.5-2x slower than SDPA's pick at the probed
+    layers' shapes."""
+    from torch.nn.attention import SDPBackend
+
+    gqa = query.shape[1] != key.shape[1]
+    pick = torch._fused_sdp_choice(query, key, values, None, 0.0, True, scale=scaling, enable_gqa=gqa)
+    return pick == SDPBackend.FLASH_ATTENTION.value or (pick == SDPBackend.EFFICIENT_ATTENTION.value and not gqa)
+
+
+def probed_attention(base: Callable, equal_head_sizes: bool = False, rows: str = "all") -> Callable:
     """An AttentionInterface function: `base`, plus region masses recorded on probed layers.
 
     base: a transformers attention function (module, query, key, value, attention_mask, **kw) -> (out, w),
         query (B, H, S_q, D), key/value (B, H_kv, S_k, D), out (B, S_q, H, D_v).
     equal_head_sizes: the kernel needs Q, K and V of one head size (FlashAttention).
-    kept_rows_only: `base` is SDPA; the split route's second call computes only the rows the capture keeps
-        (`ProbeState.keep_last`, the response rows), with SDPA directly.
+    rows: which query rows the split route's second call computes. "all"; "kept": only the rows the capture
+        keeps (`ProbeState.keep_last`, the response rows), with SDPA directly (`base` must be SDPA); "auto":
+        "kept" where that keeps the plain call's kernel (always beside a padding mask, whose rows are sliced;
+        without one, where `_bias_keeps_kernel`), else "all".
     """
+    if rows not in ("all", "kept", "auto"):
+        raise ValueError(f"rows={rows!r}: choose from 'all', 'kept', 'auto'")
 
     def forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -196,12 +222,13 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False, kept_rows_o
                 q, k = query.detach(), key.detach()
                 if width > D:  # more regions than head channels: Q and K grow to the values' size
                     q, k = F.pad(q, (0, width - D)), F.pad(k, (0, width - D))
-                rows = min(state.keep_last or S_k, S_k)
-                if kept_rows_only and query.shape[2] == S_k and rows < S_k:
-                    masses = _last_rows_sdpa(module, q, k, state.indicator_values(H_kv, width, value),
-                                             attention_mask, scaling, rows)
+                values = state.indicator_values(H_kv, width, value)
+                kept = min(state.keep_last or S_k, S_k)
+                if (rows != "all" and query.shape[2] == S_k and kept < S_k
+                        and (rows == "kept" or attention_mask is not None
+                             or state.bias_keeps_kernel(q, k, values, scaling))):
+                    masses = _last_rows_sdpa(module, q, k, values, attention_mask, scaling, kept)
                 else:
-                    values = state.indicator_values(H_kv, width, value)
                     masses, _ = base(module, q, k, values, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
             state.record(layer, masses, 0)
             return out, weights
@@ -231,7 +258,7 @@ def install_probe_attention(implementation: str) -> str:
 
     if implementation in ("sdpa", PROBE_ATTENTION):
         if PROBE_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-            AttentionInterface.register(PROBE_ATTENTION, probed_attention(sdpa_attention_forward, kept_rows_only=True))
+            AttentionInterface.register(PROBE_ATTENTION, probed_attention(sdpa_attention_forward, rows="auto"))
             AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
         return PROBE_ATTENTION
     current = ALL_ATTENTION_FUNCTIONS[implementation]
