@@ -146,8 +146,9 @@ def _last_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     through SDPA directly: the split route's second call, on the rows a capture keeps.
 
     Without a mask the causal triangle is aligned at the bottom right (`causal_lower_right`), which SDPA's flash
-    and memory-efficient kernels take as they are; an explicit (B, 1, S, S) mask keeps its last `rows` rows, with
-    K and the values repeated per query head as transformers' SDPA route does beside a mask."""
+    and memory-efficient kernels take as they are, and `values` has K's heads. An explicit (B, 1, S, S) mask keeps
+    its last `rows` rows, with K repeated per query head as transformers' SDPA route does beside a mask, and
+    `values` must have one head per query head already (`ProbeState.indicator_values` builds them once)."""
     from torch.nn.attention.bias import causal_lower_right
 
     _, H, S, _ = query.shape
@@ -157,8 +158,10 @@ def _last_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         bias = causal_lower_right(rows, S) if getattr(module, "is_causal", True) else None
         out = F.scaled_dot_product_attention(q, key, values, attn_mask=bias, scale=scaling, enable_gqa=groups > 1)
     else:
+        if values.shape[1] != H:
+            raise ValueError(f"values have {values.shape[1]} heads beside a mask; the queries have {H}")
         if groups > 1:
-            key, values = (t.repeat_interleave(groups, dim=1) for t in (key, values))
+            key = key.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, key, values, attn_mask=attention_mask[:, :, S - rows:, :S],
                                              scale=scaling)
     return out.transpose(1, 2)
@@ -227,6 +230,8 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False, rows: str =
                 if (rows != "all" and query.shape[2] == S_k and kept < S_k
                         and (rows == "kept" or attention_mask is not None
                              or state.bias_keeps_kernel(q, k, values, scaling))):
+                    if attention_mask is not None:  # one head of values per query head, built once per forward
+                        values = state.indicator_values(query.shape[1], width, value)
                     masses = _last_rows_sdpa(module, q, k, values, attention_mask, scaling, kept)
                 else:
                     masses, _ = base(module, q, k, values, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
