@@ -225,16 +225,18 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False, rows: str =
                 q, k = query.detach(), key.detach()
                 if width > D:  # more regions than head channels: Q and K grow to the values' size
                     q, k = F.pad(q, (0, width - D)), F.pad(k, (0, width - D))
-                values = state.indicator_values(H_kv, width, value)
                 kept = min(state.keep_last or S_k, S_k)
-                if (rows != "all" and query.shape[2] == S_k and kept < S_k
-                        and (rows == "kept" or attention_mask is not None
-                             or state.bias_keeps_kernel(q, k, values, scaling))):
-                    if attention_mask is not None:  # one head of values per query head, built once per forward
-                        values = state.indicator_values(query.shape[1], width, value)
-                    masses = _last_rows_sdpa(module, q, k, values, attention_mask, scaling, kept)
+                fewer_rows = rows != "all" and query.shape[2] == S_k and kept < S_k
+                if fewer_rows and attention_mask is not None:  # values per query head, built once per forward
+                    masses = _last_rows_sdpa(module, q, k, state.indicator_values(query.shape[1], width, value),
+                                             attention_mask, scaling, kept)
                 else:
-                    masses, _ = base(module, q, k, values, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+                    values = state.indicator_values(H_kv, width, value)
+                    if fewer_rows and (rows == "kept" or state.bias_keeps_kernel(q, k, values, scaling)):
+                        masses = _last_rows_sdpa(module, q, k, values, None, scaling, kept)
+                    else:
+                        masses, _ = base(module, q, k, values, attention_mask, dropout=0.0, scaling=scaling,
+                                         **kwargs)
             state.record(layer, masses, 0)
             return out, weights
         # (B, H_kv, S_k, D + R): one shared indicator block per KV head; GQA query heads read their group's copy.

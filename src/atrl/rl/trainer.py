@@ -249,7 +249,7 @@ class ATRLTrainer(GRPOTrainer):
         totals = torch.tensor(sums_counts, dtype=torch.float64)
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
-        for (name, _), (total, count) in zip(values.items(), totals.view(-1, 2).tolist()):
+        for name, (total, count) in zip(values, totals.view(-1, 2).tolist()):
             if count > 0:
                 self._metrics[mode][name].append(total / count)
 
