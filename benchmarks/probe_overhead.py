@@ -5,13 +5,18 @@ Qwen2.5-VL-3B / -7B shapes with random bf16 weights built directly on the GPU; o
 One step = forward (logits for the response only) + backward of a token-level loss.
 
 Configurations, timed interleaved (round-robin) so drift hits all alike: probes off, off again (the noise
-floor: the same configuration timed twice), 1 probed layer, 4 probed layers (the default route: with gradients
-on, the plain call plus a no-grad call with the region indicators as values), and 4 layers forced onto the
-fused route (one call, V widened, Q/K zero-padded: the default before session 6, whose backward also carried
-the region channels). First it prints which SDPA backends take each head-size combination the fused route
-can use. Each repetition is timed with
-CUDA events; the table gives medians, the inter-quartile range and ratios against `off`. Peak memory is
-`max_memory_allocated` of one step after a reset.
+floor: the same configuration timed twice), the probe's attention installed with no capture (the decoder runs
+"atrl_probe", every call plain), a capture with no probed layer (what a capture costs a forward by itself), 1
+probed layer, 4 probed layers (the default route: with gradients on, the plain call plus a no-grad call with the
+region indicators as values), and 4 layers forced onto the fused route (one call, V widened, Q/K zero-padded: the
+default before session 6, whose backward also carried the region channels). The steps from "installed" to "4
+layers" split a probed step's extra time into the attention switch, the capture and the layers.
+First it prints which SDPA backends take each head-size combination the fused route can use. Each repetition is
+timed with CUDA events; the table gives medians, the inter-quartile range, the ratio of medians against `off`,
+and the paired ratio: the median over rounds of each round's time over that round's `off` (with its quartiles).
+Slow stretches of the device that span a round (the third lease's 3B steps ran in slow and fast rounds) cancel
+in the paired ratio and not in the ratio of medians. Peak memory is `max_memory_allocated` of one step after a
+reset.
 
 Two scopes are timed. `model`: the whole model, vision tower included. `decoder`: the vision tower's output
 is computed once and passed in (`mm_encoder_outputs`), so the step is the decoder's forward + backward alone.
@@ -103,14 +108,16 @@ def make_inputs(model, grid: int, response: int, prompt_text: int, device, dtype
 
 
 def step(model, batch, response: int, probe=None):
-    """Forward (logits for the response rows only) + backward of a mean token log-prob loss."""
+    """Forward (logits for the response rows only) + backward of a mean token log-prob loss; with a probe, the
+    forward runs inside its capture and the masses are reduced to connectivity before the backward."""
     labels = batch["input_ids"][:, -response:]
     if probe is None:
         out = model(**batch, use_cache=False, logits_to_keep=response + 1)
     else:
         with probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=response) as cap:
             out = model(**batch, use_cache=False, logits_to_keep=response + 1)
-        cap.connectivity(torch.ones_like(labels, dtype=torch.bool))
+        if probe.layers:  # a capture with no probed layer records nothing to reduce
+            cap.connectivity(torch.ones_like(labels, dtype=torch.bool))
     logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1).gather(-1, labels[..., None])
     (-logp.mean()).backward()
 
@@ -382,13 +389,18 @@ def sdpa_backends(model, n_tokens: int, regions: int, device, dtype, reps: int =
 
 
 def summary(times: dict[str, list[float]], base: str) -> dict[str, dict[str, float]]:
-    """Median, quartiles and ratio of medians against `base`, per configuration."""
+    """Per configuration: median, quartiles, ratio of medians against `base`, and the paired ratio (times taken
+    round-robin, so entry i of every list is round i): the median and quartiles over rounds of time / `base`'s
+    time in the same round."""
     ref = statistics.median(times[base])
     rows = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=4)
         med = statistics.median(ts)
-        rows[name] = {"median_ms": med, "q1": q[0], "q3": q[2], "ratio": med / ref}
+        paired = [t / b for t, b in zip(ts, times[base])]
+        pq = statistics.quantiles(paired, n=4)
+        rows[name] = {"median_ms": med, "q1": q[0], "q3": q[2], "ratio": med / ref,
+                      "paired_ratio": statistics.median(paired), "paired_q1": pq[0], "paired_q3": pq[2]}
     return rows
 
 
@@ -424,9 +436,11 @@ def main() -> None:
     decoder_batch = {k: v for k, v in batch.items() if k != "pixel_values"} | {"mm_encoder_outputs": {"image": vision}}
     n_layers = model.config.text_config.num_hidden_layers
     layers4 = default_probe_layers(n_layers, 4)
-    probes = {"off": None, "off (again)": None,
-              "1 layer": (layers4[len(layers4) // 2:len(layers4) // 2 + 1], "auto"),
-              "4 layers": (layers4, "auto"), "4 layers, one widened call (fused)": (layers4, "fused")}
+    # name -> None (probes off) or (probed layers, route, whether the step runs inside a capture)
+    probes = {"off": None, "off (again)": None, "installed, no capture": ([], "auto", False),
+              "capture, no probed layer": ([], "auto", True),
+              "1 layer": (layers4[len(layers4) // 2:len(layers4) // 2 + 1], "auto", True),
+              "4 layers": (layers4, "auto", True), "4 layers, one widened call (fused)": (layers4, "fused", True)}
 
     def run(name, inputs):
         spec = probes[name]
@@ -436,7 +450,7 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         start, stop = timers(device)
         start()
-        step(model, inputs, args.response, probe)
+        step(model, inputs, args.response, probe if spec is not None and spec[2] else None)
         ms = stop()
         if probe is not None:
             probe.detach()
@@ -469,11 +483,12 @@ def main() -> None:
         print(f"# probe overhead ({scope}: {what}), "
               f"Qwen2.5-VL-{args.shape} shape, {args.attn}, bf16={cuda}, {(args.grid // 2) ** 2} image + "
               f"{args.response} response tokens, {reps} interleaved reps, device {dev}")
-        print("| configuration | median ms | IQR ms | time ratio | peak GiB | memory ratio |")
-        print("|---|---|---|---|---|---|")
+        print("| configuration | median ms | IQR ms | time ratio | paired ratio (IQR) | peak GiB | memory ratio |")
+        print("|---|---|---|---|---|---|---|")
         for name, row in rows.items():
             row["peak_gib"] = peaks[name]
             print(f"| {name} | {row['median_ms']:.2f} | {row['q1']:.2f}-{row['q3']:.2f} | {row['ratio']:.4f} | "
+                  f"{row['paired_ratio']:.4f} ({row['paired_q1']:.4f}-{row['paired_q3']:.4f}) | "
                   f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
         result["scopes"][scope] = {"rows": rows, "raw_ms": times, "vision_calls": vision_calls[0]}
 

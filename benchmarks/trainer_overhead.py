@@ -91,6 +91,16 @@ def generation_ab(model, processor, examples, reps: int, tokens: int) -> dict[st
     return times
 
 
+def paired_block_ratios(block_rest: list[tuple[int, str, float]], base: str) -> dict[str, list[float]]:
+    """Per mode, one ratio per round: the mode's block-median rest over `base`'s in the same round (the blocks of
+    one round run back to back, so a slow stretch of the machine that spans the round cancels)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for block, mode, rest in block_rest:
+        by_round.setdefault(block, {})[mode] = rest
+    modes = list(dict.fromkeys(mode for _, mode, _ in block_rest))
+    return {mode: [r[mode] / r[base] for r in by_round.values() if mode in r and base in r] for mode in modes}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="3b", choices=["3b", "7b", "tiny"])
@@ -230,6 +240,7 @@ def main() -> None:
     credit_loop: dict[str, list[float]] = {m: [] for m in args.modes}  # seconds the loop spent on credit per step
     credit_cpu: dict[str, list[float]] = {m: [] for m in args.modes}  # workers' partition CPU seconds per step
     blocks: list[tuple[str, float]] = []
+    block_rest: list[tuple[int, str, float]] = []  # (round, mode, median rest of the step in that block)
 
     block_memory: list[tuple[str, float]] = []  # (mode, GiB allocated at the block's start)
 
@@ -272,6 +283,7 @@ def main() -> None:
                 credit_share[mode].extend(c / t for c, t in zip(cb.cycles(cb.credit), kept))
                 credit_cpu[mode].extend(cb.cycles(cb.cpu))
             blocks.append((mode, statistics.median(kept)))
+            block_rest.append((block, mode, statistics.median(t - g for t, g in zip(kept, cb.generation[1:]))))
             print(f"block {block} {mode}: median step {statistics.median(kept):.3f} s over {len(kept)} steps, "
                   f"of which generation {statistics.median(cb.generation[1:]):.3f} s", flush=True)
     profiled: dict[str, dict] = {}
@@ -306,20 +318,25 @@ def main() -> None:
     print("# the step without generation (same run; generation is the same code in every mode)"
           + (f"; generation replayed, the one real call took {replay['seconds']:.3f} s" if args.replay_generation
              else ""))
+    paired = paired_block_ratios(block_rest, first)
     print(f"| mode | median generation s | median rest s | rest IQR s | rest ratio to {first} | "
-          "whole-step ratio implied |")
-    print("|---|---|---|---|---|---|")
+          "paired rest ratio (min-max over rounds) | whole-step ratio implied (paired) |")
+    print("|---|---|---|---|---|---|---|")
     for mode in args.modes:
         r = statistics.median(rest[mode])
         q = statistics.quantiles(rest[mode], n=4) if len(rest[mode]) > 1 else [r, r, r]
+        pr = paired[mode]
+        pm = statistics.median(pr)
         print(f"| {mode} | {statistics.median(generation[mode]):.3f} | {r:.3f} | {q[0]:.3f}-{q[2]:.3f} | "
-              f"{r / rest_0:.4f} | {1 + (r - rest_0) / step_0:.4f} |")
+              f"{r / rest_0:.4f} | {pm:.4f} ({min(pr):.4f}-{max(pr):.4f}) | {1 + (r - rest_0) / step_0:.4f} "
+              f"({1 + (pm - 1) * rest_0 / step_0:.4f}) |")
 
     def save() -> None:
         if args.out:
             with open(args.out, "w") as fh:
                 json.dump({"device": dev, "shape": args.shape, "results": results, "generation": generation,
-                           "blocks": blocks, "block_memory_gib": block_memory, "generation_ab": ab,
+                           "blocks": blocks, "block_rest": block_rest, "paired_rest_ratios": paired,
+                           "block_memory_gib": block_memory, "generation_ab": ab,
                            "credit_share": credit_share, "credit_loop": credit_loop,
                            "credit_cpu": credit_cpu, "workers": args.workers,
                            "steps_per_generation": args.steps_per_generation, "batch": args.batch,

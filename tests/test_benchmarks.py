@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,9 +34,15 @@ def test_probe_overhead_smoke(tmp_path):
     result = json.loads(out.read_text())
     for scope, reps in (("model", 2), ("decoder", 3)):
         rows, raw = result["scopes"][scope]["rows"], result["scopes"][scope]["raw_ms"]
-        assert set(rows) == {"off", "off (again)", "1 layer", "4 layers", "4 layers, one widened call (fused)"}
+        assert set(rows) == {"off", "off (again)", "installed, no capture", "capture, no probed layer", "1 layer",
+                             "4 layers", "4 layers, one widened call (fused)"}
         assert all(len(ts) == reps and min(ts) > 0 for ts in raw.values())
-        assert rows["off"]["ratio"] == 1.0
+        assert rows["off"]["ratio"] == 1.0 and rows["off"]["paired_ratio"] == 1.0
+        for name, ts in raw.items():  # the paired ratio: the median over rounds of time / that round's `off`
+            ratios = sorted(t / o for t, o in zip(ts, raw["off"]))
+            assert rows[name]["paired_ratio"] == pytest.approx(ratios[len(ratios) // 2] if reps % 2 else
+                                                               (ratios[reps // 2 - 1] + ratios[reps // 2]) / 2)
+            assert rows[name]["paired_q1"] <= rows[name]["paired_ratio"] <= rows[name]["paired_q3"]
     # the decoder scope is the model's step without the vision tower (its output passed in): the tower never runs
     assert result["scopes"]["model"]["vision_calls"] > 0 and result["scopes"]["decoder"]["vision_calls"] == 0
     layer = result["layer"]
@@ -85,7 +93,8 @@ def test_trainer_overhead_smoke(tmp_path):
     assert result["credit_share"]["uniform"] == [] and result["credit_cpu"]["uniform"] == []
     for mode in modes:  # one generation per recorded cycle, a part of that cycle's step time
         assert len(result["generation"][mode]) == 1 and 0 < result["generation"][mode][0] < result["results"][mode][0]
-    assert re.search(r"\| atrl-overlap-off \| [\d.]+ \| [\d.]+ \| [\d.]+-[\d.]+ \| [\d.]+ \| [\d.]+ \|", stdout)
+    assert re.search(r"\| atrl-overlap-off \| [\d.]+ \| [\d.]+ \| [\d.]+-[\d.]+ \| [\d.]+ \| [\d.]+ \([\d.]+-[\d.]+\) \| "
+                     r"-?[\d.]+ \(-?[\d.]+\) \|", stdout)
     assert re.search(r"\| atrl \| [\d.]+ \| 1 \| [\d.]+ \| [\d.]+ \([\d.]+%\) \| [\d.]+ \|", stdout)
 
 
@@ -105,3 +114,10 @@ def test_trainer_overhead_replays_one_generation(tmp_path):
     assert {m: len(ts) for m, ts in result["results"].items()} == {"uniform": 4, "atrl": 4}
     assert [mode for mode, _ in result["blocks"]] == ["uniform", "atrl", "atrl", "uniform"]
     assert "generation replayed, the one real call took" in stdout
+    # the paired rest ratio: per round, atrl's block-median rest over uniform's in the same round
+    rest = {(block, mode): r for block, mode, r in result["block_rest"]}
+    assert sorted(rest) == [(0, "atrl"), (0, "uniform"), (1, "atrl"), (1, "uniform")]
+    assert result["paired_rest_ratios"]["uniform"] == [1.0, 1.0]
+    assert result["paired_rest_ratios"]["atrl"] == pytest.approx([rest[b, "atrl"] / rest[b, "uniform"] for b in (0, 1)])
+    for (mode, step), (_, rest_mode, r) in zip(result["blocks"], result["block_rest"], strict=True):
+        assert rest_mode == mode and 0 < r < step  # generation is taken out of each block's step
