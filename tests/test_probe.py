@@ -312,6 +312,44 @@ def test_batch_without_images_gives_documented_zero_connectivity():
     assert (conn == 0).all() and (prof == 0).all()
 
 
+@pytest.mark.parametrize("region_grid", [(2, 3), (4, 4), (1, 1)])
+def test_region_indicators_cut_each_image_grid_into_cells_in_raster_order(region_grid):
+    """The indicators against a loop over tokens written out by hand: token (y, x) of a sample's i-th image
+    (grid h x w, raster order) belongs to region i * rh * rw + (y * rh // h) * rw + x * rw // w. Qwen layout:
+    several images in one sample, a sample with none, grids smaller than the region grid, text and padding
+    between images; the generic layout: each run of image tokens is one image laid out as one row."""
+    from atrl.probe import VisionLayout
+
+    rh, rw = region_grid
+    IMG = 7
+    # per sample: the merged (h, w) grid of each image, in order; text tokens before, between and after
+    samples = [[(2, 3), (5, 4)], [], [(1, 2)], [(6, 6)]]
+    S = 2 + max(sum(h * w + 3 for h, w in imgs) for imgs in samples) + 2
+    ids = torch.zeros(len(samples), S, dtype=torch.long)
+    expected = torch.zeros(len(samples), S, rh * rw * 2)
+    for b, imgs in enumerate(samples):
+        pos = 2
+        for i, (h, w) in enumerate(imgs):
+            for y in range(h):
+                for x in range(w):
+                    ids[b, pos] = IMG
+                    expected[b, pos, i * rh * rw + (y * rh // h) * rw + x * rw // w] = 1
+                    pos += 1
+            pos += 3  # text between the images
+    thw = torch.tensor([[1, 2 * h, 2 * w] for imgs in samples for h, w in imgs])  # merge size 2
+    qwen = VisionLayout("qwen2_5_vl", IMG, merge_size=2)
+    assert torch.equal(qwen.region_indicators(ids, thw, region_grid), expected)
+    generic = VisionLayout("other", IMG)  # no grids: each run of image tokens is one image of one row
+    rows = torch.zeros_like(expected)
+    for b, imgs in enumerate(samples):
+        pos = 2
+        for i, (h, w) in enumerate(imgs):
+            for x in range(h * w):
+                rows[b, pos + x, i * rh * rw + x * rw // (h * w)] = 1
+            pos += h * w + 3
+    assert torch.equal(generic.region_indicators(ids, None, region_grid), rows)
+
+
 def test_layout_that_does_not_match_the_batch_fails_in_the_forward_with_the_reason():
     """The indicators are built at the first probed layer (no host sync when the capture starts), so a grid that
     does not describe the batch's image tokens raises there: a ProbeError that says which sample, not a crash

@@ -124,34 +124,41 @@ class VisionLayout:
 
         def build() -> torch.Tensor:
             copied.synchronize()
-            host = self.region_indicators(ids, grid, region_grid, dtype)
-            return host.contiguous().pin_memory().to(device, non_blocking=True)
+            return self._host_indicators(ids, grid, region_grid, dtype, pin=True).to(device, non_blocking=True)
         return build
 
     def region_indicators(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
                           region_grid: tuple[int, int] = (4, 4), dtype: torch.dtype = torch.float32
                           ) -> torch.Tensor:
         """(B, S, R) 0/1 indicators of each region's image tokens (see the module docstring), on input_ids' device."""
-        rh, rw = _check_region_grid(region_grid)
-        device = input_ids_BS.device
+        _check_region_grid(region_grid)
+        return self._host_indicators(input_ids_BS, image_grid_thw, region_grid, dtype).to(input_ids_BS.device)
+
+    def _host_indicators(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                         region_grid: tuple[int, int], dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+        """`region_indicators` built on the host (in pinned memory with `pin`): one scatter of ones at (sample,
+        position, region) for all the image tokens of the batch, which come in the order the images are laid out."""
+        rh, rw = region_grid
         input_ids_BS = input_ids_BS.cpu()  # one copy to the host: everything below reads it there
         if image_grid_thw is not None:
             image_grid_thw = image_grid_thw.cpu()
         grids = self.image_grids(input_ids_BS, image_grid_thw)
-        per_image = rh * rw
-        R = per_image * max(1, max((len(g) for g in grids), default=0))
+        R = rh * rw * max(1, max((len(g) for g in grids), default=0))
         B, S = input_ids_BS.shape
-        region_of_token = torch.full((B, S), -1, dtype=torch.long)
-        is_image = input_ids_BS == self.image_token_id
-        for b, sample_grids in enumerate(grids):
-            positions = is_image[b].nonzero().flatten()
-            offset = 0
-            for i, (h, w) in enumerate(sample_grids):
-                idx = torch.arange(h * w)
-                cy = (idx // w) * rh // h
-                cx = (idx % w) * rw // w
-                region_of_token[b, positions[offset:offset + h * w]] = i * per_image + cy * rw + cx
-                offset += h * w
-        out = torch.zeros(B, S, R + 1, dtype=dtype)
-        out.scatter_(2, (region_of_token + 1).clamp(min=0)[..., None], 1.0)
-        return out[..., 1:].to(device)
+        out = torch.zeros(B, S, R, dtype=dtype, pin_memory=pin)
+        cells = [_image_cells(h, w, rh, rw, i) for sample in grids for i, (h, w) in enumerate(sample)]
+        if cells:
+            b, s = (input_ids_BS == self.image_token_id).nonzero(as_tuple=True)
+            region = torch.cat(cells)
+            if region.numel() != b.numel():  # image_grids checked every family's counts; this is the last guard
+                raise ProbeError(f"{self.family}: {b.numel()} image tokens, the image grids cover {region.numel()}")
+            out[b, s, region] = 1
+        return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _image_cells(h: int, w: int, rh: int, rw: int, image: int) -> torch.Tensor:
+    """(h * w,) the region of each token of a sample's `image`-th image, its (h, w) token grid in raster order cut
+    into (rh, rw) cells (cached: a batch's images mostly share a few grids). Read only."""
+    idx = torch.arange(h * w)
+    return image * rh * rw + ((idx // w) * rh // h) * rw + (idx % w) * rw // w
