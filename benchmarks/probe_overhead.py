@@ -492,7 +492,8 @@ def main() -> None:
                   f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
         result["scopes"][scope] = {"rows": rows, "raw_ms": times, "vision_calls": vision_calls[0]}
 
-    layer = summary(layer_costs(model, batch, args.response, args.layer_reps), "plain")
+    layer_raw = layer_costs(model, batch, args.response, args.layer_reps)
+    layer = summary(layer_raw, "plain")
     steps = {scope: rows["rows"]["off"]["median_ms"] for scope, rows in result["scopes"].items()}
 
     def share(ms: float, scope: str) -> str:
@@ -511,14 +512,15 @@ def main() -> None:
         print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
               f"{row['median_ms'] - plain:+.3f} | "
               f"{share(added, 'model')} | {share(added, 'decoder')} |")
-    result["layer"] = layer
-    fixed = summary(fixed_costs(model, batch, args.response, 50), "capture setup (indicators deferred)")
+    result["layer"], result["layer_raw_ms"] = layer, layer_raw
+    fixed_raw = fixed_costs(model, batch, args.response, 50)
+    fixed = summary(fixed_raw, "capture setup (indicators deferred)")
     print("# fixed costs per probed forward, whatever the number of layers (each timed alone, 50 reps)")
     print("| part | median ms | IQR ms | share of the decoder step |\n|---|---|---|---|")
     for name, row in fixed.items():
         print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
               f"{share(row['median_ms'], 'decoder')} |")
-    result["fixed"] = fixed
+    result["fixed"], result["fixed_raw_ms"] = fixed, fixed_raw
 
     def save() -> None:
         if args.out:

@@ -50,6 +50,8 @@ def test_probe_overhead_smoke(tmp_path):
                           "probed, split, second call on all rows", "probed, split, second call on the kept rows",
                           "probed, one widened call (fused)"}
     assert all(row["median_ms"] > 0 for row in layer.values())
+    assert {name: len(ts) for name, ts in result["layer_raw_ms"].items()} == dict.fromkeys(layer, 4)
+    assert {name: len(ts) for name, ts in result["fixed_raw_ms"].items()} == dict.fromkeys(result["fixed"], 50)
     assert "| 4 layers |" in stdout and "| probed, split (the default with grads) |" in stdout
     assert set(result["fixed"]) == {"capture setup (indicators deferred)", "setup + indicator build, back to back",
                                     "connectivity of 4 layers"}
