@@ -108,18 +108,28 @@ def make_inputs(model, grid: int, response: int, prompt_text: int, device, dtype
 
 
 def step(model, batch, response: int, probe=None):
-    """Forward (logits for the response rows only) + backward of a mean token log-prob loss; with a probe, the
-    forward runs inside its capture and the masses are reduced to connectivity before the backward."""
+    """Forward (logits for the response rows only) + backward of a mean token log-prob loss. With a probe, the
+    forward runs inside its capture and the connectivity is made as the trainer makes it: the per-token sums on
+    the device, copied to the host behind the forward, finished there once the backward is queued."""
     labels = batch["input_ids"][:, -response:]
+    parts = None
     if probe is None:
         out = model(**batch, use_cache=False, logits_to_keep=response + 1)
     else:
         with probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=response) as cap:
             out = model(**batch, use_cache=False, logits_to_keep=response + 1)
         if probe.layers:  # a capture with no probed layer records nothing to reduce
-            cap.connectivity(torch.ones_like(labels, dtype=torch.bool))
+            mask = torch.ones(labels.shape, dtype=torch.bool)
+            parts = cap.connectivity_parts(mask).to("cpu", non_blocking=True)
+            copied = torch.cuda.Event() if labels.is_cuda else None
+            if copied is not None:
+                copied.record()
     logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1).gather(-1, labels[..., None])
     (-logp.mean()).backward()
+    if parts is not None:
+        if copied is not None:
+            copied.synchronize()
+        parts.finish(mask)
 
 
 def check_against_eager(model, batch, layer: int, route: str = "auto", response_len: int | None = None) -> float:
@@ -237,9 +247,11 @@ def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     """The per-forward costs of a capture that do not depend on the number of probed layers, in ms, each timed
     alone (`timers`) on an idle device: setting up the capture (the indicators' inputs start copying to the
     host), the setup followed at once by the indicator build (in a forward the build runs at the first probed
-    layer, while the device computes the layers before it), and reducing the recorded masses of 4 layers to
-    connectivity and profiles."""
-    from atrl.probe import ConnectivityProbe, connectivity_from_masses
+    layer, while the device computes the layers before it), reducing the recorded masses of 4 layers to
+    connectivity and profiles on the device in one piece (`connectivity_from_masses`, as `Capture.connectivity`
+    does), and in the trainer's two halves: the per-token sums on the device (what the forward launches) and
+    their finish on the host (the trainer's helper thread, off the forward's path)."""
+    from atrl.probe import ConnectivityProbe, connectivity_from_masses, connectivity_parts
 
     probe = ConnectivityProbe(model)  # the default layers: 4 of them
     probe.detach()
@@ -251,9 +263,13 @@ def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     def new_state():
         return probe._new_state(batch["input_ids"], batch["image_grid_thw"], response)
 
+    host_parts = connectivity_parts(masses, mask).to("cpu")
+    host_mask = mask.cpu()
     jobs = {"capture setup (indicators deferred)": new_state,
             "setup + indicator build, back to back": lambda: new_state().region_indicators(),
-            "connectivity of 4 layers": lambda: connectivity_from_masses(masses, mask)}
+            "connectivity of 4 layers, in one piece on the device": lambda: connectivity_from_masses(masses, mask),
+            "connectivity parts of 4 layers (the forward's share)": lambda: connectivity_parts(masses, mask),
+            "their finish on the host (the helper thread's share)": lambda: host_parts.finish(host_mask)}
     times = {name: [] for name in jobs}
     for rep in range(reps + 2):
         for name, job in jobs.items():

@@ -54,7 +54,9 @@ def test_probe_overhead_smoke(tmp_path):
     assert {name: len(ts) for name, ts in result["fixed_raw_ms"].items()} == dict.fromkeys(result["fixed"], 50)
     assert "| 4 layers |" in stdout and "| probed, split (the default with grads) |" in stdout
     assert set(result["fixed"]) == {"capture setup (indicators deferred)", "setup + indicator build, back to back",
-                                    "connectivity of 4 layers"}
+                                    "connectivity of 4 layers, in one piece on the device",
+                                    "connectivity parts of 4 layers (the forward's share)",
+                                    "their finish on the host (the helper thread's share)"}
     assert all(row["median_ms"] > 0 for row in result["fixed"].values())
     backend_row = r"^\| Q/K padded \(Q/K 32, V 32\)( \| (\S+ ms|refused)){5} \|$"  # 4 backends + SDPA's own pick
     assert re.search(backend_row, stdout, re.MULTILINE)

@@ -223,35 +223,44 @@ def test_grads_finite_equals_a_check_of_every_entry():
 
 
 def test_credit_handoff_submits_from_the_helper_thread_and_keeps_errors():
+    """Rows go on as connectivity parts, are finished where they land (the helper thread for a GPU's rows) and
+    give the weights of the connectivity computed in one piece; unusable rows raise when read, and a hand-off's
+    own error is raised by `ready()`."""
     from atrl.credit import CreditOptions
+    from atrl.probe import connectivity_from_masses, connectivity_parts
 
     g = torch.Generator().manual_seed(0)
-    conn, prof = torch.rand(6, 30, generator=g), torch.rand(6, 30, 5, generator=g)
+    masses = torch.rand(2, 6, 30, 3, 5, generator=g)  # (L, B, T, H, R)
     mask = torch.ones(6, 30, dtype=torch.bool)
     mask[1, 20:] = False
-    conn[4, 3] = float("nan")  # rows 4-5 arrive unusable
+    masses[1, 4, 3, 0, 2] = float("nan")  # rows 4-5 arrive unusable
+    conn, prof = connectivity_from_masses(masses, mask)
     credit = CreditInFlight(CreditOptions(n_workers=2), helper=True)  # the thread a GPU's rows take
     threads = []
     submit = credit.pending.submit
     credit.pending.submit = lambda *a, **k: threads.append(threading.current_thread().name) or submit(*a, **k)
     for start in (0, 2, 4):
-        credit.hand_on(start, mask[start:start + 2], conn[start:start + 2], prof[start:start + 2])
+        rows = slice(start, start + 2)
+        credit.hand_on(start, mask[rows], connectivity_parts(masses[:, rows], mask[rows]))
     pending = credit.ready()
     assert len(threads) == 3 and all(t.startswith("atrl-credit-handoff") for t in threads)
     on_cpu = CreditInFlight(CreditOptions())  # rows already on the CPU: submitted on the calling thread
     on_cpu.pending.submit = lambda *a, **k: threads.append(threading.current_thread().name)
-    on_cpu.hand_on(0, mask[:2], conn[:2], prof[:2])
+    on_cpu.hand_on(0, mask[:2], connectivity_parts(masses[:, :2], mask[:2]))
     assert threads[-1] == threading.current_thread().name and not on_cpu._handoffs
     assert pending.rows == list(range(6))
+    got_conn, got_prof, _, _ = pending.inputs([0, 1, 2, 3])
+    assert torch.equal(got_conn.float(), conn[:4]) and torch.equal(got_prof.float(), prof[:4])
     expected = assign_credit(conn[:4], prof[:4], mask[:4], CreditOptions())
     assert torch.equal(pending.result([0, 1, 2, 3]).weights, expected.weights)
     with pytest.raises(ValueError, match=r"conn_BT has a non-finite value .* at \(batch, token\) = \(0, 3\)"):
         pending.result([5, 4])
 
     broken = CreditInFlight(CreditOptions(), helper=True)
-    broken.hand_on(0, mask[:2], conn[:2], prof[:2, :, :, None])  # a 4-D profile: reported when read
-    with pytest.raises(ValueError, match="profile_BTR must be"):
-        broken.ready().result()
+    parts = connectivity_parts(masses[:, :2], mask[:2])
+    broken.hand_on(0, mask[:2, :29], parts)  # a mask one token short of the parts: finishing them fails
+    with pytest.raises(RuntimeError):
+        broken.ready()
 
 
 def _run(out, steps, crash, *extra):

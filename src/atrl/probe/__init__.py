@@ -19,11 +19,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .attention import PROBE_ATTENTION, ROUTES, ProbeState, activate, deactivate, install_probe_attention
-from .connectivity import SINK_DEBIAS, connectivity_from_masses
+from .connectivity import SINK_DEBIAS, ConnectivityParts, connectivity_from_masses, connectivity_parts
 from .layout import ProbeError, VisionLayout
 
-__all__ = ["SINK_DEBIAS", "Capture", "ConnectivityProbe", "ProbeError", "VisionLayout", "connectivity_from_masses",
-           "default_probe_layers"]
+__all__ = ["SINK_DEBIAS", "Capture", "ConnectivityParts", "ConnectivityProbe", "ProbeError", "VisionLayout",
+           "connectivity_from_masses", "connectivity_parts", "default_probe_layers"]
 
 
 def default_probe_layers(num_layers: int, count: int = 4) -> list[int]:
@@ -70,10 +70,17 @@ class Capture:
     def connectivity(self, mask_BT: torch.Tensor, sink_debias: str = "head_baseline", shift: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) connectivity and (B, T, R) region profiles of the response tokens."""
+        return self.connectivity_parts(mask_BT, sink_debias, shift).finish(mask_BT)
+
+    def connectivity_parts(self, mask_BT: torch.Tensor, sink_debias: str = "head_baseline", shift: bool = True
+                           ) -> ConnectivityParts:
+        """The half of `connectivity` that runs on the masses' device (a stack and two sums); its `finish(mask_BT)`
+        gives the same (B, T) connectivity and (B, T, R) profiles wherever it runs, e.g. on the host after
+        `.to("cpu", non_blocking=True)`: a trainer's forward then launches 3 kernels per capture instead of ~25."""
         masses = self.masses(shift)
         if masses.shape[2] != mask_BT.shape[1]:
             raise ProbeError(f"mask covers {mask_BT.shape[1]} response tokens, capture has {masses.shape[2]}")
-        return connectivity_from_masses(masses, mask_BT.to(masses.device), sink_debias)
+        return connectivity_parts(masses, mask_BT, sink_debias)
 
 
 class ConnectivityProbe:

@@ -1,16 +1,19 @@
 """Getting connectivity to the credit workers without making the GPU wait (docs/ALGORITHM.md, "Trainer").
 
     credit = CreditInFlight(options)
-    credit.hand_on(start, mask_bT, conn_bT, profile_bTR)   # inside the forward, right after the last probed layer
+    credit.hand_on(start, mask_bT, capture.connectivity_parts(mask_bT))  # in the forward, after the last probed layer
     ...                                                     # the GPU computes the rest; METIS runs in the workers
     weights = credit.ready().result(rows).weights           # when the loss needs them
 
 `hand_on` runs on the training thread and returns at once: on a GPU it queues an asynchronous device-to-host
-copy of the rows' connectivity behind the kernels that produce it and marks the point with a CUDA event; one
-helper thread per process waits for that event (the training thread goes on launching kernels) and submits the
-rows to `PendingCredit`, whose worker processes partition them. Rows already on the CPU are submitted on the
-calling thread: there is no copy to wait for, and a helper thread would only compete with torch's own CPU
-threads (the embedded default's steps took 3-5% longer with it). `ready()` joins the hand-offs made so far.
+copy of the rows' connectivity parts (per-token sums of the region masses, `atrl.probe.ConnectivityParts`)
+behind the kernels that produce them and marks the point with a CUDA event; one helper thread per process waits
+for that event (the training thread goes on launching kernels), finishes connectivity and profiles on the host
+and submits the rows to `PendingCredit`, whose worker processes partition them. The forward thus launches 3
+kernels per capture for credit instead of the whole reduction's ~25. Rows already on the CPU are finished and
+submitted on the calling thread: there is no copy to wait for, and a helper thread would only compete with
+torch's own CPU threads (the embedded default's steps took 3-5% longer with it). `ready()` joins the hand-offs
+made so far.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..credit import CreditOptions, PendingCredit
+from ..probe import ConnectivityParts
 
 _HELPER: ThreadPoolExecutor | None = None
 
@@ -40,14 +44,15 @@ class CreditInFlight:
         self.helper = helper
         self._handoffs: list[Future] = []
 
-    def hand_on(self, start: int, mask_BT: torch.Tensor, conn_BT: torch.Tensor, profile_BTR: torch.Tensor) -> None:
-        """Rows start .. start + B - 1: copy to the host asynchronously, submit from the helper thread."""
-        tensors = (mask_BT, conn_BT, profile_BTR)
-        cuda = any(t.is_cuda for t in tensors)
+    def hand_on(self, start: int, mask_BT: torch.Tensor, parts: ConnectivityParts) -> None:
+        """Rows start .. start + B - 1: copy to the host asynchronously, finish and submit from the helper thread."""
+        cuda = any(t.is_cuda for t in (mask_BT, parts.visual_LBTH, parts.region_BTR))
         if not (self.helper if self.helper is not None else cuda):
-            self.submit_now(start, *(t.detach().cpu() for t in tensors))
+            mask = mask_BT.detach().cpu()
+            self.submit_now(start, mask, *parts.to("cpu").finish(mask))
             return
-        host = [t.detach().to("cpu", non_blocking=True) for t in tensors]
+        host_mask = mask_BT.detach().to("cpu", non_blocking=True)
+        host_parts = parts.to("cpu", non_blocking=True)
         event = None
         if cuda:
             event = torch.cuda.Event()
@@ -56,7 +61,7 @@ class CreditInFlight:
         def submit() -> None:
             if event is not None:
                 event.synchronize()  # the copy has landed; the GPU may be far ahead by now
-            self.submit_now(start, *host)
+            self.submit_now(start, host_mask, *host_parts.finish(host_mask))
 
         self._handoffs.append(_helper().submit(submit))
 

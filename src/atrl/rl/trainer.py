@@ -29,7 +29,7 @@ import torch
 from torch.nn.utils import get_total_norm
 from trl import GRPOTrainer
 
-from ..probe import ConnectivityProbe, ProbeError
+from ..probe import ConnectivityParts, ConnectivityProbe, ProbeError
 from .checkpoints import mark_checkpoint_complete
 from .config import AnchorConfig
 from .handoff import CreditInFlight
@@ -130,10 +130,10 @@ class ATRLTrainer(GRPOTrainer):
         else:
             records: list = []
 
-            def rows_of(capture, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                """The call's rows of the mask, their connectivity and profiles (on the device)."""
+            def rows_of(capture, start: int) -> tuple[torch.Tensor, ConnectivityParts]:
+                """The call's rows of the mask and their connectivity parts (on the device: 3 kernels)."""
                 rows_mask = mask[start:start + capture.batch_size]
-                return (rows_mask, *capture.connectivity(rows_mask, self.anchor.sink_debias))
+                return rows_mask, capture.connectivity_parts(rows_mask, self.anchor.sink_debias)
 
             def hand_on(capture) -> None:  # inside the forward, right after the call's last probed layer
                 if self.anchor.overlap:
@@ -152,7 +152,9 @@ class ATRLTrainer(GRPOTrainer):
                 with self._credit_clock():
                     start = 0
                     for capture in records:
-                        credit.submit_now(start, *(t.cpu() for t in rows_of(capture, start)))
+                        rows_mask, parts = rows_of(capture, start)
+                        rows_mask = rows_mask.cpu()
+                        credit.submit_now(start, rows_mask, *parts.to("cpu").finish(rows_mask))
                         start += capture.batch_size
         if self._scoring:
             self._scored = credit
