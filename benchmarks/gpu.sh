@@ -5,8 +5,8 @@
 #   run(command="bash benchmarks/gpu.sh probe", carry=[".whl"], timeout_s=400)    # 3B and 7B probe overhead
 #   run(command="bash benchmarks/gpu.sh trainer", carry=[".whl"], timeout_s=590)  # 3B trainer, both credit sites
 # Phases: smoke (the tiny trainer on CUDA, all modes, both credit sites: ~1 min), probe (3B and 7B probe overhead,
-# decoder scope, with a profiled step: ~3 min), probe-alloc (the decoder scope with expandable allocator
-# segments: ~2-3 min), aligned (3B trainer, probes on the training forward, generation replayed, one profiled
+# decoder scope, 7 configurations, with a profiled step: ~4 min), probe-alloc (the decoder scope with expandable
+# allocator segments: ~2-3 min), aligned (3B trainer, probes on the training forward, generation replayed, one profiled
 # cycle per mode: ~4 min on an H200), spg2 (3B trainer, probes on the old-log-prob pass, generation replayed:
 # ~2.5 min), trainer (= aligned spg2), generation-ab (generate with and without the probe's attention installed:
 # ~1.5 min). Several phases run in the order given. A lease is 15 minutes of device time, the machine's start
