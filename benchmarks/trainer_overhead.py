@@ -166,14 +166,34 @@ def main() -> None:
     snapshot = copy.deepcopy(base.state_dict())
 
     class Times(TrainerCallback):
+        """Per optimizer step: TRL's step time, the credit times the trainer logs, and the pauses of Python's
+        garbage collector (`gc.callbacks`: seconds, and full collections, which walk every object of the
+        process); `close()` unhooks the collector meter."""
+
         def __init__(self):
             self.times, self.credit, self.cpu, self.generation = [], [], [], []
+            self.gc_seconds, self.gc_full = [], []
+            self._gc = [0.0, 0, 0.0]  # pause seconds and full collections since the last step, start of the current
+            gc.callbacks.append(self._collecting)
+
+        def _collecting(self, phase: str, info: dict) -> None:
+            if phase == "start":
+                self._gc[2] = time.perf_counter()
+            else:
+                self._gc[0] += time.perf_counter() - self._gc[2]
+                self._gc[1] += info["generation"] == 2
+
+        def close(self) -> None:
+            gc.callbacks.remove(self._collecting)
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "step_time" in logs:  # one micro-batch per optimizer step; steps without credit log none
                 self.times.append(logs["step_time"])
                 self.credit.append(logs.get("atrl/time/credit_s", 0.0))
                 self.cpu.append(logs.get("atrl/time/credit_cpu_s", 0.0))
+                self.gc_seconds.append(self._gc[0])
+                self.gc_full.append(self._gc[1])
+                self._gc[:2] = [0.0, 0]
 
         def cycles(self, values: list[float]) -> list[float]:
             """Sums over generation cycles (steps_per_generation optimizer steps), the first one dropped."""
@@ -239,6 +259,8 @@ def main() -> None:
     credit_share: dict[str, list[float]] = {m: [] for m in args.modes}  # time the loop spent on credit / step
     credit_loop: dict[str, list[float]] = {m: [] for m in args.modes}  # seconds the loop spent on credit per step
     credit_cpu: dict[str, list[float]] = {m: [] for m in args.modes}  # workers' partition CPU seconds per step
+    gc_seconds: dict[str, list[float]] = {m: [] for m in args.modes}  # garbage-collector pauses, s per step
+    gc_full: dict[str, list[float]] = {m: [] for m in args.modes}  # full (generation 2) collections per step
     blocks: list[tuple[str, float]] = []
     block_rest: list[tuple[int, str, float]] = []  # (round, mode, median rest of the step in that block)
 
@@ -262,7 +284,10 @@ def main() -> None:
                               reward_funcs=[accuracy_reward, format_reward],
                               callbacks=[cb] + ([profiler] if profiler is not None else []), anchor_config=anchor)
         trainer._generate = cb.timed(replayed(trainer._generate) if args.replay_generation else trainer._generate)
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            cb.close()
         if trainer.probe is not None:
             trainer.probe.detach()
         return cb
@@ -278,6 +303,8 @@ def main() -> None:
             if len(cb.generation) != len(kept) + 1:
                 raise RuntimeError(f"{len(cb.generation)} generation calls for {len(kept) + 1} generation cycles")
             generation[mode].extend(cb.generation[1:])
+            gc_seconds[mode].extend(cb.cycles(cb.gc_seconds))
+            gc_full[mode].extend(cb.cycles(cb.gc_full))
             if mode != "uniform":
                 credit_loop[mode].extend(cb.cycles(cb.credit))
                 credit_share[mode].extend(c / t for c, t in zip(cb.cycles(cb.credit), kept))
@@ -307,6 +334,9 @@ def main() -> None:
         cpu_s = f"{statistics.median(cpu):.3f}" if cpu else "-"
         print(f"| {mode} | {med:.3f} | {len(results[mode])} | {med / med_0:.4f} | {share_s} | {cpu_s} |")
     print(f"spread of the {first} blocks (noise floor): {100 * noise:.2f}%")
+    print("garbage-collector pauses per step, median (max) s, and full collections per step: "
+          + ", ".join(f"{m} {statistics.median(gc_seconds[m]):.4f} ({max(gc_seconds[m]):.4f}) s, "
+                      f"{statistics.mean(gc_full[m]):.2f}" for m in args.modes))
     if block_memory:
         print("device memory allocated at each block's start (GiB): "
               + ", ".join(f"{m} {gib:.2f}" for m, gib in block_memory))
@@ -338,7 +368,8 @@ def main() -> None:
                            "blocks": blocks, "block_rest": block_rest, "paired_rest_ratios": paired,
                            "block_memory_gib": block_memory, "generation_ab": ab,
                            "credit_share": credit_share, "credit_loop": credit_loop,
-                           "credit_cpu": credit_cpu, "workers": args.workers,
+                           "credit_cpu": credit_cpu, "gc_seconds": gc_seconds, "gc_full": gc_full,
+                           "workers": args.workers,
                            "steps_per_generation": args.steps_per_generation, "batch": args.batch,
                            "replayed_generation_s": replay.get("seconds"),
                            "generate_calls_served": replay.get("calls"), "profiled": profiled}, fh, indent=1)

@@ -95,6 +95,12 @@ def test_trainer_overhead_smoke(tmp_path):
         assert len(result["credit_share"][mode]) == 1 and 0 < result["credit_share"][mode][0] < 1
         assert result["credit_cpu"][mode][0] > 0
     assert result["credit_share"]["uniform"] == [] and result["credit_cpu"]["uniform"] == []
+    for mode in modes:  # the collector's pauses per recorded cycle: a training step allocates far more than the
+        # 700 objects that trigger a young-generation collection, so the meter must have seen some
+        assert len(result["gc_seconds"][mode]) == len(result["gc_full"][mode]) == 1
+        assert result["gc_seconds"][mode][0] > 0 and result["gc_full"][mode][0] >= 0
+    assert re.search(r"^garbage-collector pauses per step.*atrl-overlap-off [\d.]+ \([\d.]+\) s, [\d.]+$", stdout,
+                     re.MULTILINE)
     for mode in modes:  # one generation per recorded cycle, a part of that cycle's step time
         assert len(result["generation"][mode]) == 1 and 0 < result["generation"][mode][0] < result["results"][mode][0]
     assert re.search(r"\| atrl-overlap-off \| [\d.]+ \| [\d.]+ \| [\d.]+-[\d.]+ \| [\d.]+ \| "
