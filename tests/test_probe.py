@@ -270,6 +270,56 @@ def test_record_forwards_hands_each_call_on_right_after_its_last_probed_layer():
     assert all(torch.equal(a, c.masses()) for a, c in zip(seen, records))
 
 
+def _top_level_ops(fn) -> int:
+    """aten ops called by `fn` that no other aten op called: on a GPU, each is a dispatch (most a kernel launch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def top(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and top(e))
+
+
+def test_host_work_a_probed_training_forward_adds():
+    """What the probes add to a forward with gradients, as the trainer makes it (capture + forward + the device
+    half of the connectivity), in aten ops against the plain forward: per probed layer (the split route's second
+    call, on the kept rows beside the padding mask) and per capture (indicator build, values, the 3-op reduction).
+    A 3B step is close to host-bound, so these are its cost; the budget here is the count at session 8 (7 per
+    layer, 29 per capture, most of the latter host ops on small tensors), to be raised only with a measurement
+    that says why."""
+    model, processor = _fresh("qwen2_5_vl")
+    batch = _batch(processor, (1, 1, 1), "left")
+    mask = batch["attention_mask"][:, -RESPONSE:].bool()
+
+    def forward(layers):
+        probe = ConnectivityProbe(model, layers=layers) if layers else None
+
+        def run():
+            if probe is None:
+                return model(**batch, use_cache=False)
+            with probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=RESPONSE) as cap:
+                model(**batch, use_cache=False)
+            cap.connectivity_parts(mask)
+        run()  # warm: lazy imports and caches
+        count = _top_level_ops(run)
+        if probe is not None:
+            probe.detach()
+        return count
+
+    plain, one, four = forward(None), forward([2]), forward([0, 1, 2, 3])
+    per_layer = (four - one) / 3
+    per_capture = one - plain - per_layer
+    assert per_layer <= 7 and per_capture <= 29, (per_layer, per_capture)
+    assert per_layer >= 2  # the count sees the second call: plain forwards are not all it measures
+
+
 def test_connectivity_from_masses_by_hand():
     # L=1, B=1, T=4, H=2, R=2
     m = torch.tensor([[[[[0.1, 0.1], [0.5, 0.0]],

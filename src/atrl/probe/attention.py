@@ -121,8 +121,9 @@ class ProbeState:
 
     def record(self, layer: int, out_BSHW: torch.Tensor, start: int) -> None:
         """Keep channels start .. start + R - 1 of a call's output (B, S_q, H, W) as the layer's region masses."""
-        rows = out_BSHW[:, -self.keep_last:] if self.keep_last else out_BSHW
-        self.masses[layer] = rows[..., start:start + self.region_indicators().shape[-1]].detach().float()
+        rows = out_BSHW[:, -self.keep_last:] if self.keep_last and out_BSHW.shape[1] > self.keep_last else out_BSHW
+        masses = rows[..., start:start + self.region_indicators().shape[-1]]
+        self.masses[layer] = (masses.detach() if masses.requires_grad else masses).float()
         if self.complete:
             self.finish()
 
@@ -221,8 +222,8 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False, rows: str =
         if split:
             out, weights = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                 **kwargs)
-            with torch.no_grad():
-                q, k = query.detach(), key.detach()
+            with torch.no_grad():  # no graph is recorded here: Q and K go in as they are
+                q, k = query, key
                 if width > D:  # more regions than head channels: Q and K grow to the values' size
                     q, k = F.pad(q, (0, width - D)), F.pad(k, (0, width - D))
                 kept = min(state.keep_last or S_k, S_k)
