@@ -38,7 +38,7 @@ def _masked_median(x_LBTH: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
 class ConnectivityParts:
     """`connectivity_from_masses` in two halves: these per-token sums, taken where the masses are (2-3 kernels:
     the masses of every layer and head are reduced here), and `finish`, which can run elsewhere, e.g. on the host
-    after an asynchronous copy (about 15 small ops: the masked median, the means, the profile's normalisation),
+    after an asynchronous copy (about 24 small ops: the masked median, the means, the profile's normalisation),
     so that a trainer's forward launches only the first half. (L, B, T, H) and (B, T, R) floats, far smaller
     than the (L, B, T, H, R) masses.
 

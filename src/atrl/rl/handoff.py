@@ -10,7 +10,7 @@ copy of the rows' connectivity parts (per-token sums of the region masses, `atrl
 behind the kernels that produce them and marks the point with a CUDA event; one helper thread per process waits
 for that event (the training thread goes on launching kernels), finishes connectivity and profiles on the host
 and submits the rows to `PendingCredit`, whose worker processes partition them. The forward thus launches 3
-kernels per capture for credit instead of the whole reduction's ~25. Rows already on the CPU are finished and
+kernels per capture for credit instead of the whole reduction's 27. Rows already on the CPU are finished and
 submitted on the calling thread: there is no copy to wait for, and a helper thread would only compete with
 torch's own CPU threads (the embedded default's steps took 3-5% longer with it). `ready()` joins the hand-offs
 made so far.
