@@ -2,7 +2,7 @@
 # The GPU benchmarks of issues 4 and 6 in one script, for one call on the lent machine (not CI).
 #
 #   ../shared/tools/gpu-wheels                      # here, once: trl, datasets, pymetis, ... into .whl/
-#   run(command="bash benchmarks/gpu.sh probe", carry=[".whl"], timeout_s=400)    # 3B and 7B probe overhead
+#   run(command="bash benchmarks/gpu.sh smoke probe", carry=[".whl"], timeout_s=450)  # tiny trainer, then probes
 #   run(command="bash benchmarks/gpu.sh trainer", carry=[".whl"], timeout_s=590)  # 3B trainer, both credit sites
 # Phases: smoke (the tiny trainer on CUDA, all modes, both credit sites: ~1 min), probe (3B and 7B probe overhead,
 # decoder scope, 7 configurations, with a profiled step: ~4 min), probe-alloc (the decoder scope with expandable
