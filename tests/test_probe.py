@@ -339,13 +339,14 @@ def test_connectivity_from_masses_by_hand():
     assert torch.allclose(conn[0], torch.tensor([0.1, 0.2, 0.1, 0.4]))
 
 
+@pytest.mark.parametrize("fill", [9.0, float("nan")], ids=["large", "nan"])  # what padded rows may hold
 @pytest.mark.parametrize("debias", ["none", "head_baseline", "drop_sinks"])
-def test_connectivity_padding_invariance(debias):
+def test_connectivity_padding_invariance(debias, fill):
     torch.manual_seed(0)
     m = torch.rand(2, 1, 7, 3, 5)
     mask = torch.ones(1, 7, dtype=torch.bool)
     base, base_prof = connectivity_from_masses(m, mask, debias)
-    padded = torch.cat([m, torch.full((2, 1, 4, 3, 5), 9.0)], dim=2)
+    padded = torch.cat([m, torch.full((2, 1, 4, 3, 5), fill)], dim=2)
     pmask = torch.cat([mask, torch.zeros(1, 4, dtype=torch.bool)], dim=1)
     conn, prof = connectivity_from_masses(padded, pmask, debias)
     assert torch.allclose(conn[:, :7], base) and (conn[:, 7:] == 0).all()
