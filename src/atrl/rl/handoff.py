@@ -48,8 +48,7 @@ class CreditInFlight:
         """Rows start .. start + B - 1: copy to the host asynchronously, finish and submit from the helper thread."""
         cuda = any(t.is_cuda for t in (mask_BT, parts.visual_LBTH, parts.region_BTR))
         if not (self.helper if self.helper is not None else cuda):
-            mask = mask_BT.detach().cpu()
-            self.submit_now(start, mask, *parts.to("cpu").finish(mask))
+            self.submit_parts_now(start, mask_BT, parts)
             return
         host_mask = mask_BT.detach().to("cpu", non_blocking=True)
         host_parts = parts.to("cpu", non_blocking=True)
@@ -64,6 +63,11 @@ class CreditInFlight:
             self.submit_now(start, host_mask, *host_parts.finish(host_mask))
 
         self._handoffs.append(_helper().submit(submit))
+
+    def submit_parts_now(self, start: int, mask_BT: torch.Tensor, parts: ConnectivityParts) -> None:
+        """Rows start .. start + B - 1, on this thread: copy to the host (waiting for the device), finish, submit."""
+        mask = mask_BT.detach().cpu()
+        self.submit_now(start, mask, *parts.to("cpu").finish(mask))
 
     def submit_now(self, start: int, mask_BT: torch.Tensor, conn_BT: torch.Tensor | None,
                    profile_BTR: torch.Tensor | None, entropy_BT: torch.Tensor | None = None) -> None:

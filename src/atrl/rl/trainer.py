@@ -152,9 +152,7 @@ class ATRLTrainer(GRPOTrainer):
                 with self._credit_clock():
                     start = 0
                     for capture in records:
-                        rows_mask, parts = rows_of(capture, start)
-                        rows_mask = rows_mask.cpu()
-                        credit.submit_now(start, rows_mask, *parts.to("cpu").finish(rows_mask))
+                        credit.submit_parts_now(start, *rows_of(capture, start))
                         start += capture.batch_size
         if self._scoring:
             self._scored = credit
