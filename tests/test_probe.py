@@ -292,7 +292,7 @@ def test_host_work_a_probed_training_forward_adds():
     half of the connectivity), in aten ops against the plain forward: per probed layer (the split route's second
     call, on the kept rows beside the padding mask) and per capture (indicator build, values, the 3-op reduction).
     A 3B step is close to host-bound, so these are its cost; the budget here is the count at session 8 (7 per
-    layer, 29 per capture, most of the latter host ops on small tensors), to be raised only with a measurement
+    layer, 27 per capture, most of the latter host ops on small tensors), to be raised only with a measurement
     that says why."""
     model, processor = _fresh("qwen2_5_vl")
     batch = _batch(processor, (1, 1, 1), "left")
@@ -316,7 +316,7 @@ def test_host_work_a_probed_training_forward_adds():
     plain, one, four = forward(None), forward([2]), forward([0, 1, 2, 3])
     per_layer = (four - one) / 3
     per_capture = one - plain - per_layer
-    assert per_layer <= 7 and per_capture <= 29, (per_layer, per_capture)
+    assert per_layer <= 7 and per_capture <= 27, (per_layer, per_capture)
     assert per_layer >= 2  # the count sees the second call: plain forwards are not all it measures
 
 

@@ -61,7 +61,10 @@ class VisionLayout:
     def image_grids(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None = None
                     ) -> list[list[tuple[int, int]]]:
         """Per sample, the (rows, cols) token grid of each image in order of appearance."""
-        is_image = (input_ids_BS == self.image_token_id).cpu()
+        return self._grids((input_ids_BS == self.image_token_id).cpu(), image_grid_thw)
+
+    def _grids(self, is_image: torch.Tensor, image_grid_thw: torch.Tensor | None) -> list[list[tuple[int, int]]]:
+        """`image_grids` from the (B, S) image-token mask on the host."""
         counts = is_image.sum(dim=1).tolist()
         grids: list[list[tuple[int, int]]] = []
         if self.merge_size is not None:
@@ -142,13 +145,14 @@ class VisionLayout:
         input_ids_BS = input_ids_BS.cpu()  # one copy to the host: everything below reads it there
         if image_grid_thw is not None:
             image_grid_thw = image_grid_thw.cpu()
-        grids = self.image_grids(input_ids_BS, image_grid_thw)
+        is_image = input_ids_BS == self.image_token_id
+        grids = self._grids(is_image, image_grid_thw)
         R = rh * rw * max(1, max((len(g) for g in grids), default=0))
         B, S = input_ids_BS.shape
         out = torch.zeros(B, S, R, dtype=dtype, pin_memory=pin)
         cells = [_image_cells(h, w, rh, rw, i) for sample in grids for i, (h, w) in enumerate(sample)]
         if cells:
-            b, s = (input_ids_BS == self.image_token_id).nonzero(as_tuple=True)
+            b, s = is_image.nonzero(as_tuple=True)
             region = torch.cat(cells)
             if region.numel() != b.numel():  # image_grids checked every family's counts; this is the last guard
                 raise ProbeError(f"{self.family}: {b.numel()} image tokens, the image grids cover {region.numel()}")
