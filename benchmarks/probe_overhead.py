@@ -186,8 +186,10 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     the function the model uses (transformers' SDPA attention), plain and probed, in ms per call; interleaved.
     Probed: the split route (what a call with gradients takes: the plain call plus a no-grad call with the
     indicators as values; by default on the response rows a capture keeps where that keeps the plain call's
-    kernel, and for the comparison forced onto all rows and onto the kept rows) and the fused route forced (one
-    call with V widened: the probe's route before session 6)."""
+    kernel, with the indicator channels alone as values where SDPA picks the same kernel for them; for the
+    comparison with values padded to the head size, on all rows through transformers' SDPA function (the third
+    lease's call), and forced onto the kept rows) and the fused route forced (one call with V widened: the
+    probe's route before session 6)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from atrl.probe import ConnectivityProbe
@@ -212,6 +214,8 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     # name -> (attention function, probe route); route None: no capture
     variants = {"plain": (sdpa_attention_forward, None), "plain (again)": (sdpa_attention_forward, None),
                 "probed, split (the default with grads)": (probed, "split"),
+                "probed, split, values padded to the head size": (
+                    probed_attention(sdpa_attention_forward, rows="auto", values="wide"), "split"),
                 "probed, split, second call on all rows": (probed_attention(sdpa_attention_forward), "split"),
                 "probed, split, second call on the kept rows": (probed_attention(sdpa_attention_forward, rows="kept"),
                                                                 "split"),
@@ -369,7 +373,8 @@ def timers(device):
 
 def sdpa_backends(model, n_tokens: int, regions: int, device, dtype, reps: int = 10) -> list[str]:
     """Which SDPA backends take the probed layer's shapes, and how fast: plain (Q, K, V of head size D),
-    V widened to D + R (Q/K as they are), and all three padded to D + R. Markdown rows; the last column is
+    V widened to D + R (Q/K as they are), all three padded to D + R, and V the R indicator channels alone (rounded
+    up to 8: the split route's second call where SDPA picks one kernel for it). Markdown rows; the last column is
     what SDPA picks by itself (compare it with the others to see which backend that is)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -377,7 +382,8 @@ def sdpa_backends(model, n_tokens: int, regions: int, device, dtype, reps: int =
     H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = cfg.hidden_size // H
     R = regions
-    shapes = {"plain": (D, D), "V widened": (D, D + R), "Q/K padded": (D + R, D + R)}
+    shapes = {"plain": (D, D), "V widened": (D, D + R), "Q/K padded": (D + R, D + R),
+              "indicators only": (D, -(-R // 8) * 8)}
     rows = []
     for name, (d_qk, d_v) in shapes.items():
         q = torch.randn(1, H, n_tokens, d_qk, device=device, dtype=dtype)

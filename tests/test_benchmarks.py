@@ -47,8 +47,8 @@ def test_probe_overhead_smoke(tmp_path):
     assert result["scopes"]["model"]["vision_calls"] > 0 and result["scopes"]["decoder"]["vision_calls"] == 0
     layer = result["layer"]
     assert set(layer) == {"plain", "plain (again)", "probed, split (the default with grads)",
-                          "probed, split, second call on all rows", "probed, split, second call on the kept rows",
-                          "probed, one widened call (fused)"}
+                          "probed, split, values padded to the head size", "probed, split, second call on all rows",
+                          "probed, split, second call on the kept rows", "probed, one widened call (fused)"}
     assert all(row["median_ms"] > 0 for row in layer.values())
     assert {name: len(ts) for name, ts in result["layer_raw_ms"].items()} == dict.fromkeys(layer, 4)
     assert {name: len(ts) for name, ts in result["fixed_raw_ms"].items()} == dict.fromkeys(result["fixed"], 50)
@@ -60,6 +60,8 @@ def test_probe_overhead_smoke(tmp_path):
     assert all(row["median_ms"] > 0 for row in result["fixed"].values())
     backend_row = r"^\| Q/K padded \(Q/K 32, V 32\)( \| (\S+ ms|refused)){5} \|$"  # 4 backends + SDPA's own pick
     assert re.search(backend_row, stdout, re.MULTILINE)
+    assert re.search(backend_row.replace("Q/K padded", "indicators only").replace("Q/K 32, V 32", "Q/K 16, V 16"),
+                     stdout, re.MULTILINE)  # 16 regions: V the indicator channels alone
 
 
 def test_probe_overhead_decoder_scope_alone(tmp_path):

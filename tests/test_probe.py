@@ -91,25 +91,32 @@ def test_split_route_computes_only_the_kept_rows_and_matches_eager(n_images, pad
     """With a response length, the split route's second call runs SDPA on the kept rows only: without a padding
     mask under a bottom-right causal bias, with one on the mask's last rows. Both against eager softmax. Without
     a mask, only where SDPA's pick for the full call is a kernel the bias reaches (flash here on the CPU; where it
-    would pick cuDNN, as on an H200, the call keeps all rows and the plain call's kernel)."""
+    would pick cuDNN, as on an H200, the call keeps all rows and the plain call's kernel). Its values are the
+    indicator channels alone (rounded up to 8) where SDPA picks one kernel for them and for values of the head size (every pick
+    cuDNN: run here by the CPU's math kernel), else zero-padded to the head size (the CPU's flash takes only
+    equal head sizes)."""
+    import types
+
+    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend
+    from torch.nn.attention.bias import CausalBias
 
     from atrl.probe import attention
 
     if sdpa_pick == "cudnn":
         monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **k: SDPBackend.CUDNN_ATTENTION.value)
     calls = []
-    real = attention._last_rows_sdpa
 
-    def spy(module, query, key, values, attention_mask, scaling, rows):
-        calls.append((attention_mask is None, rows))
-        return real(module, query, key, values, attention_mask, scaling, rows)
+    def spy(q, k, v, attn_mask=None, **kwargs):  # the probe's own SDPA calls (the second calls) only
+        kind = "bias" if isinstance(attn_mask, CausalBias) else "none" if attn_mask is None else "mask"
+        calls.append((q.shape[2], kind, v.shape[-1]))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
 
-    monkeypatch.setattr(attention, "_last_rows_sdpa", spy)
+    monkeypatch.setattr(attention, "F", types.SimpleNamespace(scaled_dot_product_attention=spy, pad=F.pad))
     model, processor = _fresh("qwen2_5_vl")
     batch = _batch(processor, n_images, padding_side)
     layers = [0, 3]
-    probe = ConnectivityProbe(model, layers=layers)
+    probe = ConnectivityProbe(model, layers=layers, region_grid=(2, 2))  # 4 regions per image, 16 head channels
     try:
         with probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=RESPONSE) as cap:
             model(**batch, use_cache=False).logits.float().pow(2).mean().backward()  # gradients: the split route
@@ -118,14 +125,48 @@ def test_split_route_computes_only_the_kept_rows_and_matches_eager(n_images, pad
         ref = _eager_masses(model, batch, indicators, layers)
     finally:
         probe.detach()
-    no_mask = len(n_images) == 1
-    assert calls == ([] if no_mask and sdpa_pick == "cudnn" else [(no_mask, RESPONSE + 1)] * len(layers))
+    cfg = model.config.text_config
+    S, D, R = batch["input_ids"].shape[1], cfg.hidden_size // cfg.num_attention_heads, indicators.shape[-1]
+    width = 8 if sdpa_pick == "cudnn" else D  # R = 4 or 8 channels, rounded up to 8
+    assert R in (4, 8) and D == 16
+    if len(n_images) == 1:
+        expected = (S, "none", width) if sdpa_pick == "cudnn" else (RESPONSE + 1, "bias", D)
+    else:
+        expected = (RESPONSE + 1, "mask", width)
+    assert calls == [expected] * len(layers)
     valid = batch["attention_mask"].bool()[:, -RESPONSE - 1:]
     for layer in layers:
         got, want = cap.state.masses[layer].double(), ref[layer][:, -RESPONSE - 1:]
         assert got.shape == want.shape
+        held = cap.state.masses[layer]  # its own memory, not a view of the call's whole output
+        assert held.untyped_storage().nbytes() == held.numel() * held.element_size()
         assert (got - want)[valid].abs().max().item() <= 1e-5, layer
         assert want[valid].sum() > 1.0
+
+
+def test_narrow_values_only_where_sdpa_picks_the_same_kernel_for_them(monkeypatch):
+    """The R indicator channels alone as values only where SDPA's pick for them is its pick for values of the
+    head size: on this CPU its flash kernel takes only equal head sizes, so not here, with or without a mask."""
+    from torch.nn.attention import SDPBackend
+
+    from atrl.probe.attention import _narrow_keeps_kernel
+
+    q, k, mask = torch.zeros(1, 4, 8, 32), torch.zeros(1, 2, 8, 32), torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    assert not _narrow_keeps_kernel(q, k, None, True, True, 16, 32, 0.2)
+    assert not _narrow_keeps_kernel(q, torch.zeros(1, 4, 8, 32), mask, False, False, 16, 32, 0.2)
+    picks = {}
+
+    def pick(query, key, value, *args, **kwargs):
+        picks[value.shape[-1]] = query.shape[-1], key.shape[-1]
+        return SDPBackend.EFFICIENT_ATTENTION.value if value.shape[-1] == 16 else SDPBackend.CUDNN_ATTENTION.value
+
+    monkeypatch.setattr(torch, "_fused_sdp_choice", pick)
+    assert not _narrow_keeps_kernel(q, k, None, True, True, 16, 32, 0.2)
+    assert picks == {16: (32, 32), 32: (32, 32)}  # Q and K keep their head size
+    assert not _narrow_keeps_kernel(q, k, None, True, True, 16, 48, 0.2)
+    assert picks[48] == (48, 48)  # more regions than head channels: the wide call pads Q and K
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **kw: SDPBackend.CUDNN_ATTENTION.value)
+    assert _narrow_keeps_kernel(q, k, None, True, True, 16, 32, 0.2)
 
 
 def test_kept_rows_only_where_the_bias_reaches_the_plain_calls_kernel(monkeypatch):
@@ -291,8 +332,8 @@ def test_host_work_a_probed_training_forward_adds():
     """What the probes add to a forward with gradients, as the trainer makes it (capture + forward + the device
     half of the connectivity), in aten ops against the plain forward: per probed layer (the split route's second
     call, on the kept rows beside the padding mask) and per capture (indicator build, values, the 3-op reduction).
-    A 3B step is close to host-bound, so these are its cost; the budget here is the count at session 8 (7 per
-    layer, 27 per capture, most of the latter host ops on small tensors), to be raised only with a measurement
+    A 3B step is close to host-bound, so these are its cost; the budget here is the count at session 9 (6 per
+    layer, 25 per capture, most of the latter host ops on small tensors), to be raised only with a measurement
     that says why."""
     model, processor = _fresh("qwen2_5_vl")
     batch = _batch(processor, (1, 1, 1), "left")
@@ -316,7 +357,7 @@ def test_host_work_a_probed_training_forward_adds():
     plain, one, four = forward(None), forward([2]), forward([0, 1, 2, 3])
     per_layer = (four - one) / 3
     per_capture = one - plain - per_layer
-    assert per_layer <= 7 and per_capture <= 27, (per_layer, per_capture)
+    assert per_layer <= 6 and per_capture <= 25, (per_layer, per_capture)
     assert per_layer >= 2  # the count sees the second call: plain forwards are not all it measures
 
 

@@ -12,9 +12,11 @@ per call (`ProbeState.route`, default "auto"):
   one; widening the fused call widened its backward too, which on an H200 doubled the cost of a probed layer's
   attention (fwd + bwd 0.50 -> 0.88 ms at the 3B shape, docs/benchmarks.md). The second call has the plain
   call's shapes, so it gets the same kernel on every backend, and the layer's output is the plain call's own.
-  Under SDPA that call computes only the rows the capture keeps (the response rows), SDPA's causal triangle
-  aligned at the bottom right, or the padding mask's last rows, where that keeps the plain call's kernel
-  (`_bias_keeps_kernel`: the bias reaches flash and memory-efficient attention, not cuDNN).
+  Under SDPA that call goes to SDPA directly (`_sdpa_masses`), and does less where that keeps the plain call's
+  kernel: it computes only the rows the capture keeps (the response rows), SDPA's causal triangle aligned at
+  the bottom right, or the padding mask's last rows (`_bias_keeps_kernel`: the bias reaches flash and
+  memory-efficient attention, not cuDNN), and its values are the indicator channels alone, not padded to the
+  head size (`_narrow_keeps_kernel`: cuDNN and memory-efficient attention take a narrower V, flash does not).
 Inside a backward (an activation-checkpointing recompute) a probed layer runs plain and records nothing.
 
 Two entries into transformers' `AttentionInterface`, one wrapper (`probed_attention`) for both:
@@ -74,6 +76,7 @@ class ProbeState:
     batch_shape: tuple[int, int] = ()  # (B, S); taken from `indicators` when they are a tensor
     _values: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _bias_ok: dict[tuple, bool] = field(default_factory=dict, repr=False)
+    _narrow_ok: dict[tuple, bool] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
@@ -119,11 +122,23 @@ class ProbeState:
             self._bias_ok[shapes] = _bias_keeps_kernel(query, key, values, scaling)
         return self._bias_ok[shapes]
 
+    def narrow_keeps_kernel(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                            gqa: bool, narrow: int, wide: int, scaling: float) -> bool:
+        """`_narrow_keeps_kernel`, asked once per forward and call shape."""
+        shapes = (tuple(query.shape), tuple(key.shape), None if mask is None else (tuple(mask.shape), mask.dtype),
+                  causal, gqa, narrow, wide, query.dtype, query.device)
+        if shapes not in self._narrow_ok:
+            self._narrow_ok[shapes] = _narrow_keeps_kernel(query, key, mask, causal, gqa, narrow, wide, scaling)
+        return self._narrow_ok[shapes]
+
     def record(self, layer: int, out_BSHW: torch.Tensor, start: int) -> None:
         """Keep channels start .. start + R - 1 of a call's output (B, S_q, H, W) as the layer's region masses."""
+        R = self.region_indicators().shape[-1]
         rows = out_BSHW[:, -self.keep_last:] if self.keep_last and out_BSHW.shape[1] > self.keep_last else out_BSHW
-        masses = rows[..., start:start + self.region_indicators().shape[-1]]
-        self.masses[layer] = (masses.detach() if masses.requires_grad else masses).float()
+        masses = rows if start == 0 and rows.shape[-1] == R else rows[..., start:start + R]
+        masses = masses.detach() if masses.requires_grad else masses
+        # a float32 copy of its own: a view would keep the call's whole output alive until the capture is read
+        self.masses[layer] = masses.clone() if masses.dtype == torch.float32 else masses.float()
         if self.complete:
             self.finish()
 
@@ -141,31 +156,78 @@ def _probe_of(module: torch.nn.Module) -> tuple[ProbeState | None, int | None]:
     return state, state.layer_of_module.get(id(module))
 
 
-def _last_rows_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, values: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float, rows: int) -> torch.Tensor:
-    """(B, rows, H, W) attention output of the last `rows` query positions of a full-sequence forward (S_q = S_k),
-    through SDPA directly: the split route's second call, on the rows a capture keeps.
+def _sdpa_masses(module: torch.nn.Module, state: ProbeState, query: torch.Tensor, key: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float, rows: str, values: str) -> torch.Tensor:
+    """(B, rows, H, R) region masses of a full-sequence call's (S_q = S_k) query rows: the split route's second
+    call, through SDPA directly, on the rows the capture keeps where that keeps the plain call's kernel.
 
-    Without a mask the causal triangle is aligned at the bottom right (`causal_lower_right`), which SDPA's flash
-    and memory-efficient kernels take as they are, and `values` has K's heads. An explicit (B, 1, S, S) mask keeps
-    its last `rows` rows, with K repeated per query head as transformers' SDPA route does beside a mask, and
-    `values` must have one head per query head already (`ProbeState.indicator_values` builds them once)."""
+    Rows: beside an explicit (B, 1, S, S) mask, its last rows, with K repeated per query head as transformers'
+    SDPA route does beside a mask (the values then have one head per query head). Without one, under a causal
+    triangle aligned at the bottom right (`causal_lower_right`, which SDPA's flash and memory-efficient kernels
+    take as they are) where `rows` is "kept", or "auto" and `_bias_keeps_kernel`; else all rows, plain causal.
+    Values: the R indicator channels rounded up to 8 ("narrow": less work for the kernel, and 8x less memory for
+    the values at R = 16, D = 128) where SDPA picks the same kernel for them as for values of the head size
+    (`_narrow_keeps_kernel`; e.g. cuDNN and memory-efficient attention take a narrower V, flash does not), else
+    zero-padded to the head size ("wide"; Q and K padded too when R exceeds it). The output is sliced to the
+    kept rows and the R channels before it is transposed: no copy of the whole output."""
     from torch.nn.attention.bias import causal_lower_right
 
-    _, H, S, _ = query.shape
-    q = query[:, :, S - rows:]
-    groups = H // key.shape[1]
-    if attention_mask is None:
-        bias = causal_lower_right(rows, S) if getattr(module, "is_causal", True) else None
-        out = F.scaled_dot_product_attention(q, key, values, attn_mask=bias, scale=scaling, enable_gqa=groups > 1)
+    _, H, S, D = query.shape
+    H_kv = key.shape[1]
+    R = state.region_indicators().shape[-1]
+    kept = min(state.keep_last or S, S)
+    wide, narrow = max(D, R), -(-R // 8) * 8
+    if attention_mask is not None:
+        if H_kv != H:
+            key = key.repeat_interleave(H // H_kv, dim=1)
+        mask = attention_mask if attention_mask.shape[-1] == S else attention_mask[..., :S]
+        q, mask, heads, causal, gqa = query[:, :, S - kept:], mask[:, :, S - kept:], H, False, False
     else:
-        if values.shape[1] != H:
-            raise ValueError(f"values have {values.shape[1]} heads beside a mask; the queries have {H}")
-        if groups > 1:
-            key = key.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, key, values, attn_mask=attention_mask[:, :, S - rows:, :S],
-                                             scale=scaling)
-    return out.transpose(1, 2)
+        q, mask, heads, causal, gqa = query, None, H_kv, getattr(module, "is_causal", True), H_kv != H
+        if causal and kept < S and (rows == "kept" or state.bias_keeps_kernel(
+                _shaped(query, wide), _shaped(key, wide), _shaped(key, wide, force=True), scaling)):
+            q, k = _padded(query[:, :, S - kept:], wide), _padded(key, wide)
+            out = F.scaled_dot_product_attention(q, k, state.indicator_values(H_kv, wide, key),
+                                                 attn_mask=causal_lower_right(kept, S), scale=scaling, enable_gqa=gqa)
+            return _rows_and_channels(out, kept, R)
+    width = narrow if values == "narrow" or (values == "auto" and narrow < wide and state.narrow_keeps_kernel(
+        q, key, mask, causal, gqa, narrow, wide, scaling)) else wide
+    q, key = _padded(q, width), _padded(key, width)
+    out = F.scaled_dot_product_attention(q, key, state.indicator_values(heads, width, key), attn_mask=mask,
+                                         is_causal=causal, scale=scaling, enable_gqa=gqa)
+    return _rows_and_channels(out, kept, R)
+
+
+def _rows_and_channels(out_BHSW: torch.Tensor, rows: int, channels: int) -> torch.Tensor:
+    """(B, rows, H, channels): the last rows and first channels of an SDPA output, as a view (no op where none is
+    needed: each is a dispatch on the host)."""
+    if out_BHSW.shape[2] > rows:
+        out_BHSW = out_BHSW[:, :, -rows:]
+    if out_BHSW.shape[3] > channels:
+        out_BHSW = out_BHSW[..., :channels]
+    return out_BHSW.transpose(1, 2)
+
+
+def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Q or K zero-padded to head size `width` (the scores are unchanged: the scale is passed explicitly)."""
+    return F.pad(x, (0, width - x.shape[-1])) if width > x.shape[-1] else x
+
+
+def _shaped(x: torch.Tensor, width: int, force: bool = False) -> torch.Tensor:
+    """`x`, or where its head size is below `width` (or `force`), an uninitialised tensor of its shape with head size
+    `width`: enough for SDPA's kernel choice, which reads shapes, strides and dtypes only (nothing is launched)."""
+    return x.new_empty(*x.shape[:3], width) if force or width > x.shape[-1] else x
+
+
+def _narrow_keeps_kernel(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, causal: bool, gqa: bool,
+                         narrow: int, wide: int, scaling: float) -> bool:
+    """Whether SDPA picks the same kernel for values `narrow` channels wide as for values `wide` (Q and K padded
+    to it where it exceeds their head size): then the narrow call does less of the same work. Shapes only:
+    nothing is computed."""
+    def pick(width: int) -> int:
+        return torch._fused_sdp_choice(_shaped(query, width), _shaped(key, width), _shaped(key, width, force=True),
+                                       mask, 0.0, causal, scale=scaling, enable_gqa=gqa)
+    return pick(narrow) == pick(wide)
 
 
 def _bias_keeps_kernel(query: torch.Tensor, key: torch.Tensor, values: torch.Tensor, scaling: float) -> bool:
@@ -181,7 +243,8 @@ def _bias_keeps_kernel(query: torch.Tensor, key: torch.Tensor, values: torch.Ten
     return pick == SDPBackend.FLASH_ATTENTION.value or (pick == SDPBackend.EFFICIENT_ATTENTION.value and not gqa)
 
 
-def probed_attention(base: Callable, equal_head_sizes: bool = False, rows: str = "all") -> Callable:
+def probed_attention(base: Callable, equal_head_sizes: bool = False, rows: str = "all", values: str = "auto"
+                     ) -> Callable:
     """An AttentionInterface function: `base`, plus region masses recorded on probed layers.
 
     base: a transformers attention function (module, query, key, value, attention_mask, **kw) -> (out, w),
@@ -190,10 +253,16 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False, rows: str =
     rows: which query rows the split route's second call computes. "all"; "kept": only the rows the capture
         keeps (`ProbeState.keep_last`, the response rows), with SDPA directly (`base` must be SDPA); "auto":
         "kept" where that keeps the plain call's kernel (always beside a padding mask, whose rows are sliced;
-        without one, where `_bias_keeps_kernel`), else "all".
+        without one, where `_bias_keeps_kernel`), else "all". "kept" and "auto" call SDPA directly
+        (`_sdpa_masses`), "all" calls `base`.
+    values: the split route's values when it calls SDPA directly: "auto" (the R indicator channels alone where
+        SDPA picks the same kernel for them as for values of the head size, `_narrow_keeps_kernel`), "narrow"
+        or "wide" (zero-padded to the head size, as through `base`).
     """
     if rows not in ("all", "kept", "auto"):
         raise ValueError(f"rows={rows!r}: choose from 'all', 'kept', 'auto'")
+    if values not in ("auto", "narrow", "wide"):
+        raise ValueError(f"values={values!r}: choose from 'auto', 'narrow', 'wide'")
 
     def forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -223,21 +292,12 @@ def probed_attention(base: Callable, equal_head_sizes: bool = False, rows: str =
             out, weights = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                 **kwargs)
             with torch.no_grad():  # no graph is recorded here: Q and K go in as they are
-                q, k = query, key
-                if width > D:  # more regions than head channels: Q and K grow to the values' size
-                    q, k = F.pad(q, (0, width - D)), F.pad(k, (0, width - D))
-                kept = min(state.keep_last or S_k, S_k)
-                fewer_rows = rows != "all" and query.shape[2] == S_k and kept < S_k
-                if fewer_rows and attention_mask is not None:  # values per query head, built once per forward
-                    masses = _last_rows_sdpa(module, q, k, state.indicator_values(query.shape[1], width, value),
-                                             attention_mask, scaling, kept)
-                else:
-                    values = state.indicator_values(H_kv, width, value)
-                    if fewer_rows and (rows == "kept" or state.bias_keeps_kernel(q, k, values, scaling)):
-                        masses = _last_rows_sdpa(module, q, k, values, None, scaling, kept)
-                    else:
-                        masses, _ = base(module, q, k, values, attention_mask, dropout=0.0, scaling=scaling,
-                                         **kwargs)
+                if rows != "all" and query.shape[2] == S_k:
+                    masses = _sdpa_masses(module, state, query, key, attention_mask, scaling, rows, values)
+                else:  # through `base`, V zero-padded to the head size (Q and K too, where R exceeds it)
+                    masses, _ = base(module, _padded(query, width), _padded(key, width),
+                                     state.indicator_values(H_kv, width, value), attention_mask, dropout=0.0,
+                                     scaling=scaling, **kwargs)
             state.record(layer, masses, 0)
             return out, weights
         # (B, H_kv, S_k, D + R): one shared indicator block per KV head; GQA query heads read their group's copy.
