@@ -144,6 +144,48 @@ def test_split_route_computes_only_the_kept_rows_and_matches_eager(n_images, pad
         assert want[valid].sum() > 1.0
 
 
+def test_narrow_values_a_kernel_refuses_fall_back_to_padded_ones_once_and_are_logged(monkeypatch, caplog):
+    """SDPA's choice may take a V narrower than Q and K that the kernel itself then refuses (its limits go past
+    what the choice checks): the call is made again with values padded to the head size, exact as ever, the
+    refusal is logged, and later forwards of that shape go straight to the padded call."""
+    import types
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
+
+    from atrl.probe import attention
+
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **k: SDPBackend.CUDNN_ATTENTION.value)
+    monkeypatch.setattr(attention, "_NARROW_REFUSED", set())
+    widths = []
+
+    def refusing(q, k, v, **kwargs):
+        widths.append(v.shape[-1])
+        if v.shape[-1] < q.shape[-1]:
+            raise RuntimeError("cuDNN Frontend error: no valid execution plan\nmore detail")
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention, "F", types.SimpleNamespace(scaled_dot_product_attention=refusing, pad=F.pad))
+    model, processor = _fresh("qwen2_5_vl")
+    batch = _batch(processor, (2, 1, 0), "left")
+    probe = ConnectivityProbe(model, layers=[0, 3], region_grid=(2, 2))
+    try:
+        for _ in range(2):
+            with probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=RESPONSE) as cap:
+                model(**batch, use_cache=False).logits.float().pow(2).mean().backward()
+        indicators = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid,
+                                                    dtype=torch.float64)
+        ref = _eager_masses(model, batch, indicators, [0, 3])
+    finally:
+        probe.detach()
+    assert widths == [8, 16, 16, 16, 16]  # narrow once, refused; padded from then on, in both forwards
+    assert "SDPA refused the indicator channels alone" in caplog.text and "no valid execution plan" in caplog.text
+    valid = batch["attention_mask"].bool()[:, -RESPONSE - 1:]
+    for layer in (0, 3):
+        got, want = cap.state.masses[layer].double(), ref[layer][:, -RESPONSE - 1:]
+        assert (got - want)[valid].abs().max().item() <= 1e-5, layer
+
+
 def test_narrow_values_only_where_sdpa_picks_the_same_kernel_for_them(monkeypatch):
     """The R indicator channels alone as values only where SDPA's pick for them is its pick for values of the
     head size: on this CPU its flash kernel takes only equal head sizes, so not here, with or without a mask."""

@@ -34,6 +34,7 @@ Layers without probes, and any forward outside `ProbeState` activation, take the
 from __future__ import annotations
 
 import contextvars
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -48,6 +49,9 @@ FLASH_MAX_HEAD_SIZE = 256  # FlashAttention 2 and 3 take head sizes up to 256
 ROUTES = ("auto", "fused", "split")
 
 _ACTIVE: contextvars.ContextVar["ProbeState | None"] = contextvars.ContextVar("atrl_probe_state", default=None)
+# call shapes whose narrow values a kernel refused although SDPA's choice took them (process-wide: not tried again)
+_NARROW_REFUSED: set[tuple] = set()
+logger = logging.getLogger("atrl")
 
 
 @dataclass
@@ -190,10 +194,25 @@ def _sdpa_masses(module: torch.nn.Module, state: ProbeState, query: torch.Tensor
             out = F.scaled_dot_product_attention(q, k, state.indicator_values(H_kv, wide, key),
                                                  attn_mask=causal_lower_right(kept, S), scale=scaling, enable_gqa=gqa)
             return _rows_and_channels(out, kept, R)
-    width = narrow if values == "narrow" or (values == "auto" and narrow < wide and state.narrow_keeps_kernel(
-        q, key, mask, causal, gqa, narrow, wide, scaling)) else wide
-    q, key = _padded(q, width), _padded(key, width)
-    out = F.scaled_dot_product_attention(q, key, state.indicator_values(heads, width, key), attn_mask=mask,
+    shapes = (tuple(q.shape), tuple(key.shape), None if mask is None else tuple(mask.shape), causal, narrow,
+              q.dtype, q.device)
+    if values == "narrow" or (values == "auto" and narrow < wide and shapes not in _NARROW_REFUSED and
+                              state.narrow_keeps_kernel(q, key, mask, causal, gqa, narrow, wide, scaling)):
+        try:
+            out = F.scaled_dot_product_attention(q, key, state.indicator_values(heads, narrow, key), attn_mask=mask,
+                                                 is_causal=causal, scale=scaling, enable_gqa=gqa)
+            return _rows_and_channels(out, kept, R)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:  # a kernel's own limits, past what SDPA's choice checks: the wide call is exact
+            if values == "narrow":
+                raise
+            _NARROW_REFUSED.add(shapes)
+            logger.warning("atrl probe: SDPA refused the indicator channels alone as values (Q %s, K %s, V %d "
+                           "wide: %s); this shape's second call pads them to the head size from now on",
+                           tuple(q.shape), tuple(key.shape), narrow, str(err).splitlines()[0] if str(err) else err)
+    q, key = _padded(q, wide), _padded(key, wide)
+    out = F.scaled_dot_product_attention(q, key, state.indicator_values(heads, wide, key), attn_mask=mask,
                                          is_causal=causal, scale=scaling, enable_gqa=gqa)
     return _rows_and_channels(out, kept, R)
 
