@@ -71,14 +71,14 @@ case $phase in
     # --profile: then one cycle per mode under the profiler, the kernels and host-side ops that differ (~40 s)
     timeout 320 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 6 --replay-generation --profile \
       --out "$out/trainer-3b.json" 2>&1 | tee "$out/trainer-3b.txt" | grep -v "it/s\]\|^{"
-    grep -h "^#\|^|\|spread\|^block\|^device memory" "$out"/trainer-3b.txt ;;&
+    grep -h "^#\|^|\|spread\|^block\|^device memory\|^allocator\|^garbage" "$out"/trainer-3b.txt ;;&
   spg2|trainer)
     # an old-log-prob pass (as always with vLLM): probes ride on it, partitions overlap (session 5 also timed
     # --modes ... atrl-overlap-off: 23.5 ms of loop time in credit per cycle against 4.6 ms with overlap) (~2.5 min)
     timeout 250 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 4 --steps-per-generation 2 \
       --replay-generation --modes uniform atrl --out "$out/trainer-3b-spg2.json" \
       2>&1 | tee "$out/trainer-3b-spg2.txt" | grep -v "it/s\]\|^{"
-    grep -h "^#\|^|\|spread\|^block\|^device memory" "$out"/trainer-3b-spg2.txt ;;
+    grep -h "^#\|^|\|spread\|^block\|^device memory\|^allocator\|^garbage" "$out"/trainer-3b-spg2.txt ;;
   aligned) ;;
   generation-ab)
     # model.generate with and without the probe's attention installed (third lease: 0.97, no cost) (~1.5 min)

@@ -101,6 +101,17 @@ def paired_block_ratios(block_rest: list[tuple[int, str, float]], base: str) -> 
     return {mode: [r[mode] / r[base] for r in by_round.values() if mode in r and base in r] for mode in modes}
 
 
+ALLOCATOR_COUNTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def allocator_activity(before: dict, after: dict) -> dict[str, int | None]:
+    """What the caching allocator did between two `torch.cuda.memory_stats()`: retries (an allocation that failed,
+    freed the cache and synchronised the device to try again), cudaMalloc and cudaFree calls, device-wide
+    synchronisations. None where this torch does not count it. In steady training all should be 0: if a mode's
+    timed steps show any, the allocator is part of its step time."""
+    return {key: after[key] - before[key] if key in after and key in before else None for key in ALLOCATOR_COUNTS}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="3b", choices=["3b", "7b", "tiny"])
@@ -174,6 +185,7 @@ def main() -> None:
             self.times, self.credit, self.cpu, self.generation = [], [], [], []
             self.gc_seconds, self.gc_full = [], []
             self._gc = [0.0, 0, 0.0]  # pause seconds and full collections since the last step, start of the current
+            self.allocator_start: dict | None = None  # memory_stats() once the warm-up cycle has ended
             gc.callbacks.append(self._collecting)
 
         def _collecting(self, phase: str, info: dict) -> None:
@@ -185,6 +197,11 @@ def main() -> None:
 
         def close(self) -> None:
             gc.callbacks.remove(self._collecting)
+
+        def on_step_end(self, a, state, control, **kw):
+            if cuda and state.global_step == args.steps_per_generation:  # the warm-up cycle (not timed) ends
+                self.allocator_start = torch.cuda.memory_stats()
+                torch.cuda.reset_peak_memory_stats()
 
         def on_log(self, a, state, control, logs=None, **kw):
             if logs and "step_time" in logs:  # one micro-batch per optimizer step; steps without credit log none
@@ -265,6 +282,7 @@ def main() -> None:
     block_rest: list[tuple[int, str, float]] = []  # (round, mode, median rest of the step in that block)
 
     block_memory: list[tuple[str, float]] = []  # (mode, GiB allocated at the block's start)
+    allocator: list[dict] = []  # per block (the profiled ones too): allocator activity and peaks in the timed cycles
 
     def train_block(mode: str, steps: int, profiler: ProfileCycle | None = None) -> Times:
         gc.collect()  # the last block's trainer (reference cycles) and its optimizer state go now, not mid-block
@@ -288,6 +306,10 @@ def main() -> None:
             trainer.train()
         finally:
             cb.close()
+        if cuda and cb.allocator_start is not None:  # what the allocator did in the timed cycles
+            allocator.append({"mode": mode, **allocator_activity(cb.allocator_start, torch.cuda.memory_stats()),
+                              "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                              "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30})
         if trainer.probe is not None:
             trainer.probe.detach()
         return cb
@@ -340,6 +362,11 @@ def main() -> None:
     if block_memory:
         print("device memory allocated at each block's start (GiB): "
               + ", ".join(f"{m} {gib:.2f}" for m, gib in block_memory))
+    if allocator:
+        print("allocator in each block's timed cycles (retries, cudaMalloc, cudaFree, device syncs; peak allocated / "
+              "reserved GiB): " + ", ".join(
+                  f"{a['mode']} {'/'.join('-' if a[k] is None else str(a[k]) for k in ALLOCATOR_COUNTS)} "
+                  f"{a['peak_allocated_gib']:.1f}/{a['peak_reserved_gib']:.1f}" for a in allocator))
     rest = {m: [t - g for t, g in zip(results[m], generation[m])] for m in args.modes}
     rest_0 = statistics.median(rest[first])
     # the whole step (one generation cycle) the rest is set against: as measured, or, when replaying, the rest
@@ -366,7 +393,7 @@ def main() -> None:
             with open(args.out, "w") as fh:
                 json.dump({"device": dev, "shape": args.shape, "results": results, "generation": generation,
                            "blocks": blocks, "block_rest": block_rest, "paired_rest_ratios": paired,
-                           "block_memory_gib": block_memory, "generation_ab": ab,
+                           "block_memory_gib": block_memory, "allocator": allocator, "generation_ab": ab,
                            "credit_share": credit_share, "credit_loop": credit_loop,
                            "credit_cpu": credit_cpu, "gc_seconds": gc_seconds, "gc_full": gc_full,
                            "workers": args.workers,

@@ -133,3 +133,16 @@ def test_trainer_overhead_replays_one_generation(tmp_path):
     assert result["paired_rest_ratios"]["atrl"] == pytest.approx([rest[b, "atrl"] / rest[b, "uniform"] for b in (0, 1)])
     for (mode, step), (_, rest_mode, r) in zip(result["blocks"], result["block_rest"], strict=True):
         assert rest_mode == mode and 0 < r < step  # generation is taken out of each block's step
+
+
+def test_allocator_activity_is_the_difference_of_two_stats_and_says_what_torch_does_not_count(monkeypatch):
+    """The trainer benchmark's allocator meter (printed on a GPU only): counts in the timed cycles, not since
+    the process started; a count this torch does not keep is None, not 0."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from trainer_overhead import ALLOCATOR_COUNTS, allocator_activity
+
+    before = {"num_alloc_retries": 2, "num_device_alloc": 40, "num_device_free": 10, "allocated_bytes.all.peak": 9}
+    after = {"num_alloc_retries": 2, "num_device_alloc": 43, "num_device_free": 12, "allocated_bytes.all.peak": 99}
+    got = allocator_activity(before, after)
+    assert list(got) == list(ALLOCATOR_COUNTS)
+    assert got == {"num_alloc_retries": 0, "num_device_alloc": 3, "num_device_free": 2, "num_sync_all_streams": None}
