@@ -54,7 +54,7 @@ case $phase in
     else
       echo "flash-attn is not installed: FlashAttention route not timed"
     fi
-    grep -h "^#\|^|\|^probe vs" "$out"/probe-*.txt ;;
+    grep -h "^#\|^|\|^probe vs\|^allocator" "$out"/probe-*.txt ;;
   probe-alloc)
     # the decoder scope again with the caching allocator's expandable segments: if a probed step's fixed cost
     # (beyond its attention calls and the fixed-cost table) is the allocator splitting and freeing blocks,

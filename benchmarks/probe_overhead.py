@@ -354,6 +354,17 @@ def kernel_table(times: dict[str, dict], top: int = 12) -> list[str]:
     return lines
 
 
+ALLOCATOR_COUNTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def allocator_activity(before: dict, after: dict) -> dict[str, int | None]:
+    """What the caching allocator did between two `torch.cuda.memory_stats()`: retries (an allocation that failed,
+    freed the cache and synchronised the device to try again), cudaMalloc and cudaFree calls, device-wide
+    synchronisations. None where this torch does not count it. In steady training all should be 0: if a mode's
+    timed steps show any, the allocator is part of its step time."""
+    return {key: after[key] - before[key] if key in after and key in before else None for key in ALLOCATOR_COUNTS}
+
+
 def timers(device):
     """(start, stop) closures; stop returns the elapsed ms (CUDA events on a GPU, the host clock on a CPU)."""
     if device.type == "cuda":
@@ -464,16 +475,22 @@ def main() -> None:
               "1 layer": (layers4[len(layers4) // 2:len(layers4) // 2 + 1], "auto", True),
               "4 layers": (layers4, "auto", True), "4 layers, one widened call (fused)": (layers4, "fused", True)}
 
-    def run(name, inputs):
+    def run(name, inputs, allocator: dict | None = None):
+        """One timed step of configuration `name`; `allocator`: add what the caching allocator did in it there
+        (its counters are read outside the timed window, on a synchronised device)."""
         spec = probes[name]
         probe = None
         if spec is not None:
             probe = ConnectivityProbe(model, layers=spec[0], route=spec[1])
         model.zero_grad(set_to_none=True)
+        before = torch.cuda.memory_stats() if cuda and allocator is not None else None
         start, stop = timers(device)
         start()
         step(model, inputs, args.response, probe if spec is not None and spec[2] else None)
         ms = stop()
+        if before is not None:
+            for key, n in allocator_activity(before, torch.cuda.memory_stats()).items():
+                allocator[key] = None if n is None or allocator.get(key, 0) is None else allocator.get(key, 0) + n
         if probe is not None:
             probe.detach()
         return ms
@@ -497,9 +514,10 @@ def main() -> None:
             run(name, inputs)
             peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         times = {name: [] for name in probes}
+        allocator = {name: {} for name in probes}  # summed over the timed steps (on a GPU)
         for _ in range(reps):
             for name in probes:
-                times[name].append(run(name, inputs))
+                times[name].append(run(name, inputs, allocator[name]))
         rows = summary(times, "off")
         what = "whole model, vision tower included" if scope == "model" else "decoder only, vision output cached"
         print(f"# probe overhead ({scope}: {what}), "
@@ -512,7 +530,12 @@ def main() -> None:
             print(f"| {name} | {row['median_ms']:.2f} | {row['q1']:.2f}-{row['q3']:.2f} | {row['ratio']:.4f} | "
                   f"{row['paired_ratio']:.4f} ({row['paired_q1']:.4f}-{row['paired_q3']:.4f}) | "
                   f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
-        result["scopes"][scope] = {"rows": rows, "raw_ms": times, "vision_calls": vision_calls[0]}
+        if cuda:  # in steady steps all 0; a configuration with more pays for the allocator in its time
+            print(f"allocator in the {reps} timed steps ({'/'.join(ALLOCATOR_COUNTS)}): " + ", ".join(
+                f"{name} {'/'.join('-' if a.get(k) is None else str(a[k]) for k in ALLOCATOR_COUNTS)}"
+                for name, a in allocator.items()), flush=True)
+        result["scopes"][scope] = {"rows": rows, "raw_ms": times, "vision_calls": vision_calls[0],
+                                   "allocator": allocator}
 
     layer_raw = layer_costs(model, batch, args.response, args.layer_reps)
     layer = summary(layer_raw, "plain")

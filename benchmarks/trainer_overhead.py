@@ -101,17 +101,6 @@ def paired_block_ratios(block_rest: list[tuple[int, str, float]], base: str) -> 
     return {mode: [r[mode] / r[base] for r in by_round.values() if mode in r and base in r] for mode in modes}
 
 
-ALLOCATOR_COUNTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
-
-
-def allocator_activity(before: dict, after: dict) -> dict[str, int | None]:
-    """What the caching allocator did between two `torch.cuda.memory_stats()`: retries (an allocation that failed,
-    freed the cache and synchronised the device to try again), cudaMalloc and cudaFree calls, device-wide
-    synchronisations. None where this torch does not count it. In steady training all should be 0: if a mode's
-    timed steps show any, the allocator is part of its step time."""
-    return {key: after[key] - before[key] if key in after and key in before else None for key in ALLOCATOR_COUNTS}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="3b", choices=["3b", "7b", "tiny"])
@@ -144,7 +133,8 @@ def main() -> None:
     from atrl.rl.config import AnchorConfig
     from atrl.rl.rewards import accuracy_reward, format_reward
     from atrl.rl.trainer import ATRLTrainer
-    from probe_overhead import build, kernel_table, profiled_step, profiler_activities, timers
+    from probe_overhead import (ALLOCATOR_COUNTS, allocator_activity, build, kernel_table, profiled_step,
+                                profiler_activities, timers)
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

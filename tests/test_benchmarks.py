@@ -136,10 +136,10 @@ def test_trainer_overhead_replays_one_generation(tmp_path):
 
 
 def test_allocator_activity_is_the_difference_of_two_stats_and_says_what_torch_does_not_count(monkeypatch):
-    """The trainer benchmark's allocator meter (printed on a GPU only): counts in the timed cycles, not since
-    the process started; a count this torch does not keep is None, not 0."""
+    """The benchmarks' allocator meter (printed on a GPU only): counts in the timed steps, not since the process
+    started; a count this torch does not keep is None, not 0."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from trainer_overhead import ALLOCATOR_COUNTS, allocator_activity
+    from probe_overhead import ALLOCATOR_COUNTS, allocator_activity
 
     before = {"num_alloc_retries": 2, "num_device_alloc": 40, "num_device_free": 10, "allocated_bytes.all.peak": 9}
     after = {"num_alloc_retries": 2, "num_device_alloc": 43, "num_device_free": 12, "allocated_bytes.all.peak": 99}
