@@ -10,7 +10,9 @@
 # cycle per mode: ~4 min on an H200), spg2 (3B trainer, probes on the old-log-prob pass, generation replayed:
 # ~2.5 min), trainer (= aligned spg2), generation-ab (generate with and without the probe's attention installed:
 # ~1.5 min). Several phases run in the order given. A lease is 15 minutes of device time, the machine's start
-# (1-2 min) included: plan the calls back to back.
+# (1-2 min) included: plan the calls back to back. The timed rounds of `probe`, `aligned` and `spg2` stop at a time
+# budget (`--seconds`), so a slower card (an H100 against the H200 of the first three leases) runs fewer rounds
+# rather than past the lease.
 #
 # Each phase writes its tables and JSON under $OUT (or ./gpu-results) and prints the tables last.
 # `probe_overhead.py` first checks the probe against eager attention at the real shape, in bf16; `probe`
@@ -41,8 +43,9 @@ case $phase in
     # decoder scope only (--reps 0): the whole-model scope stayed +-8% noisy in three leases; its `off` medians
     # (3B ~470 ms, 7B ~530 ms on an H200) are in docs/benchmarks.md. PROBE_REPS=20 brings it back (+2 min).
     for shape in 3b 7b; do
-      timeout 260 python3 benchmarks/probe_overhead.py --shape "$shape" --reps "${PROBE_REPS:-0}" --decoder-reps 80 \
-        --out "$out/probe-$shape.json" 2>&1 | tee "$out/probe-$shape.txt"
+      # as many rounds as fit in 70 s (H200: ~75 at 3B, ~55 at 7B; an H100 is slower): the call fits the lease
+      timeout 260 python3 benchmarks/probe_overhead.py --shape "$shape" --reps "${PROBE_REPS:-0}" --decoder-reps 150 \
+        --seconds 70 --out "$out/probe-$shape.json" 2>&1 | tee "$out/probe-$shape.txt"
       # the device's state right after the shape's timings (the third lease's 3B decoder steps were 30% slower
       # and +-10% noisy against the second lease's, 7B unchanged): clocks, temperature, power, throttling
       nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,power.draw,clocks_throttle_reasons.active \
@@ -54,7 +57,7 @@ case $phase in
     else
       echo "flash-attn is not installed: FlashAttention route not timed"
     fi
-    grep -h "^#\|^|\|^probe vs\|^allocator" "$out"/probe-*.txt ;;
+    grep -h "^#\|^|\|^probe vs\|^allocator\|rounds fit" "$out"/probe-*.txt ;;
   probe-alloc)
     # the decoder scope again with the caching allocator's expandable segments: if a probed step's fixed cost
     # (beyond its attention calls and the fixed-cost table) is the allocator splitting and freeing blocks,
@@ -69,16 +72,17 @@ case $phase in
     # Generation replayed (one real call, ~10 s): the modes differ only in the rest of the step (~2.2 s at this
     # shape), which real generation buried under +-12% noise in three leases (~3.5 min)
     # --profile: then one cycle per mode under the profiler, the kernels and host-side ops that differ (~40 s)
-    timeout 320 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 6 --replay-generation --profile \
-      --out "$out/trainer-3b.json" 2>&1 | tee "$out/trainer-3b.txt" | grep -v "it/s\]\|^{"
-    grep -h "^#\|^|\|spread\|^block\|^device memory\|^allocator\|^garbage" "$out"/trainer-3b.txt ;;&
+    # rounds of blocks: as many as fit in 180 s, up to 6 (H200: ~50 s a round)
+    timeout 320 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 6 --seconds 180 \
+      --replay-generation --profile --out "$out/trainer-3b.json" 2>&1 | tee "$out/trainer-3b.txt" | grep -v "it/s\]\|^{"
+    grep -h "^#\|^|\|spread\|^block\|^device memory\|^allocator\|^garbage\|rounds of" "$out"/trainer-3b.txt ;;&
   spg2|trainer)
     # an old-log-prob pass (as always with vLLM): probes ride on it, partitions overlap (session 5 also timed
     # --modes ... atrl-overlap-off: 23.5 ms of loop time in credit per cycle against 4.6 ms with overlap) (~2.5 min)
-    timeout 250 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 4 --steps-per-generation 2 \
-      --replay-generation --modes uniform atrl --out "$out/trainer-3b-spg2.json" \
+    timeout 250 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 4 --seconds 100 \
+      --steps-per-generation 2 --replay-generation --modes uniform atrl --out "$out/trainer-3b-spg2.json" \
       2>&1 | tee "$out/trainer-3b-spg2.txt" | grep -v "it/s\]\|^{"
-    grep -h "^#\|^|\|spread\|^block\|^device memory\|^allocator\|^garbage" "$out"/trainer-3b-spg2.txt ;;
+    grep -h "^#\|^|\|spread\|^block\|^device memory\|^allocator\|^garbage\|rounds of" "$out"/trainer-3b-spg2.txt ;;
   aligned) ;;
   generation-ab)
     # model.generate with and without the probe's attention installed (third lease: 0.97, no cost) (~1.5 min)

@@ -38,6 +38,7 @@ between the eager and SDPA routes have accumulated through the layers before it)
 the model upcast to float32 at the middle layer, where the probe must match to ~1e-5.
 
     python benchmarks/probe_overhead.py --shape 3b --reps 30 [--attn flash_attention_2] [--out results.json]
+    python benchmarks/probe_overhead.py --shape 7b --reps 0 --decoder-reps 120 --seconds 75   # fits the device
     python benchmarks/probe_overhead.py --shape tiny --device cpu --reps 3      # smoke run on a CPU
     python benchmarks/probe_overhead.py --shape demo --device cpu --grid 8 --response 96 --reps 20
 """
@@ -365,6 +366,14 @@ def allocator_activity(before: dict, after: dict) -> dict[str, int | None]:
     return {key: after[key] - before[key] if key in after and key in before else None for key in ALLOCATOR_COUNTS}
 
 
+MIN_ROUNDS = 5  # paired ratios need a few rounds whatever the budget
+
+
+def rounds_in_budget(seconds: float, round_seconds: float, most: int, least: int = MIN_ROUNDS) -> int:
+    """How many timed rounds fit in `seconds`, one taking `round_seconds`: at least `least`, at most `most`."""
+    return min(most, max(least, int(seconds / max(round_seconds, 1e-9))))
+
+
 def timers(device):
     """(start, stop) closures; stop returns the elapsed ms (CUDA events on a GPU, the host clock on a CPU)."""
     if device.type == "cuda":
@@ -445,6 +454,10 @@ def main() -> None:
     ap.add_argument("--response", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=30, help="whole-model steps per configuration (0: skip that scope)")
     ap.add_argument("--decoder-reps", type=int, default=60, help="decoder-only steps per configuration")
+    ap.add_argument("--seconds", type=float, default=0.0,
+                    help="time budget per scope for the timed rounds: as many rounds as fit (at least "
+                         f"{MIN_ROUNDS}, at most --reps / --decoder-reps), from the time of the untimed round that "
+                         "measures peak memory; 0: the counts as given")
     ap.add_argument("--layer-reps", type=int, default=200, help="attention calls per variant")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile-steps", type=int, default=3, help="decoder steps profiled per configuration (0: none)")
@@ -507,12 +520,16 @@ def main() -> None:
             for _ in range(args.warmup):
                 run(name, inputs)
         peaks = {}
+        t0 = time.perf_counter()
         for name in probes:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             run(name, inputs)
             peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        if args.seconds > 0:  # a round is one step of every configuration, as the one just made
+            reps = rounds_in_budget(args.seconds, time.perf_counter() - t0, reps)
+            print(f"{scope} scope: {reps} rounds fit in {args.seconds:g} s", flush=True)
         times = {name: [] for name in probes}
         allocator = {name: {} for name in probes}  # summed over the timed steps (on a GPU)
         for _ in range(reps):

@@ -105,7 +105,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="3b", choices=["3b", "7b", "tiny"])
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=3, help="rounds of blocks (a block per mode in each)")
+    ap.add_argument("--seconds", type=float, default=0.0,
+                    help="time budget for the rounds of blocks: as many as fit (at least 2, at most --blocks), "
+                         "from the first round's time; 0: --blocks rounds")
     ap.add_argument("--completion", type=int, default=256)
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--workers", type=int, default=8, help="credit n_workers (the recipes' value)")
@@ -134,7 +137,7 @@ def main() -> None:
     from atrl.rl.rewards import accuracy_reward, format_reward
     from atrl.rl.trainer import ATRLTrainer
     from probe_overhead import (ALLOCATOR_COUNTS, allocator_activity, build, kernel_table, profiled_step,
-                                profiler_activities, timers)
+                                profiler_activities, rounds_in_budget, timers)
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -307,7 +310,8 @@ def main() -> None:
     # one short block first, not recorded: the process's first training pays one-off costs (allocator growth,
     # kernel selection) that would otherwise land on whichever mode runs first
     train_block(args.modes[-1], 2 * args.steps_per_generation)
-    for block in range(args.blocks):
+    rounds, block, t0 = args.blocks, 0, time.perf_counter()
+    while block < rounds:
         for mode in (args.modes if block % 2 == 0 else args.modes[::-1]):
             cb = train_block(mode, args.steps)
             kept = cb.cycles(cb.times)
@@ -325,6 +329,10 @@ def main() -> None:
             block_rest.append((block, mode, statistics.median(t - g for t, g in zip(kept, cb.generation[1:]))))
             print(f"block {block} {mode}: median step {statistics.median(kept):.3f} s over {len(kept)} steps, "
                   f"of which generation {statistics.median(cb.generation[1:]):.3f} s", flush=True)
+        if block == 0 and args.seconds > 0:
+            rounds = rounds_in_budget(args.seconds, time.perf_counter() - t0, args.blocks, least=2)
+            print(f"{rounds} rounds of blocks fit in {args.seconds:g} s", flush=True)
+        block += 1
     profiled: dict[str, dict] = {}
     first = args.modes[0]
     med_0 = statistics.median(results[first])

@@ -66,10 +66,14 @@ def test_probe_overhead_smoke(tmp_path):
 
 def test_probe_overhead_decoder_scope_alone(tmp_path):
     out = tmp_path / "probe.json"
-    stdout = _run("probe_overhead.py", "--shape", "tiny", "--device", "cpu", "--reps", "0", "--decoder-reps", "2",
-                  "--layer-reps", "2", "--warmup", "1", "--grid", "8", "--response", "16", "--out", str(out))
+    stdout = _run("probe_overhead.py", "--shape", "tiny", "--device", "cpu", "--reps", "0", "--decoder-reps", "9",
+                  "--seconds", "0.001", "--layer-reps", "2", "--warmup", "1", "--grid", "8", "--response", "16",
+                  "--out", str(out))
     result = json.loads(out.read_text())
     assert set(result["scopes"]) == {"decoder"}  # --reps 0 skips the whole-model scope
+    # a budget far below one round: the fewest rounds paired ratios are read from, not the 9 asked for
+    assert "decoder scope: 5 rounds fit in 0.001 s" in stdout
+    assert all(len(ts) == 5 for ts in result["scopes"]["decoder"]["raw_ms"].values())
     assert "(decoder: decoder only" in stdout and "(model: whole model" not in stdout
     assert "| probed, split (the default with grads) |" in stdout
     kernels = result["kernels"]  # the profiled decoder step, off and probed
@@ -113,10 +117,11 @@ def test_trainer_overhead_smoke(tmp_path):
 def test_trainer_overhead_replays_one_generation(tmp_path):
     """--replay-generation: one real `_generate` call in the whole run, every later one served from it."""
     out = tmp_path / "trainer.json"
-    stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "3", "--blocks", "2", "--completion", "8",
-                  "--image-size", "112", "--workers", "2", "--batch", "8", "--modes", "uniform", "atrl",
-                  "--replay-generation", "--profile", "--out", str(out))
+    stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "3", "--blocks", "3", "--seconds", "0.001",
+                  "--completion", "8", "--image-size", "112", "--workers", "2", "--batch", "8", "--modes", "uniform",
+                  "atrl", "--replay-generation", "--profile", "--out", str(out))
     result = json.loads(out.read_text())
+    assert "2 rounds of blocks fit in 0.001 s" in stdout  # a budget below one round: the 2 rounds pairing needs
     # a warm-up block of 2 cycles, 2 blocks per mode of 3 cycles (the first of each dropped), 2 profiled per mode
     assert result["generate_calls_served"] == 2 + 4 * 3 + 2 * 2
     assert set(result["profiled"]) == {"uniform", "atrl"}
@@ -133,6 +138,16 @@ def test_trainer_overhead_replays_one_generation(tmp_path):
     assert result["paired_rest_ratios"]["atrl"] == pytest.approx([rest[b, "atrl"] / rest[b, "uniform"] for b in (0, 1)])
     for (mode, step), (_, rest_mode, r) in zip(result["blocks"], result["block_rest"], strict=True):
         assert rest_mode == mode and 0 < r < step  # generation is taken out of each block's step
+
+
+def test_rounds_in_budget(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from probe_overhead import MIN_ROUNDS, rounds_in_budget
+
+    assert rounds_in_budget(60, 1.4, 200) == 42  # floor(60 / 1.4)
+    assert rounds_in_budget(60, 1.4, 30) == 30  # never more than asked
+    assert rounds_in_budget(1, 1.4, 30) == MIN_ROUNDS  # never fewer than pairing needs
+    assert rounds_in_budget(60, 0.0, 30) == 30
 
 
 def test_allocator_activity_is_the_difference_of_two_stats_and_says_what_torch_does_not_count(monkeypatch):
