@@ -525,6 +525,13 @@ def test_bad_setups_give_clear_errors():
     with pytest.raises(RuntimeError, match="use_cache=False"):
         with torch.no_grad(), probe.capture(batch["input_ids"]):
             model2.generate(**batch, max_new_tokens=2)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from atrl.probe.attention import probed_attention
+    with pytest.raises(ValueError, match="rows='some': choose from 'all', 'kept', 'auto'"):
+        probed_attention(sdpa_attention_forward, rows="some")
+    with pytest.raises(ValueError, match="values='thin': choose from 'auto', 'narrow', 'wide'"):
+        probed_attention(sdpa_attention_forward, values="thin")
 
 
 def test_vision_tower_keeps_its_attention_and_default_layers():
