@@ -167,10 +167,16 @@ def eager_checks(model, batch) -> list[str]:
     mid = model.config.text_config.num_hidden_layers // 2
     dtype = model.dtype
     rows = batch["input_ids"].shape[1] // 4  # the split route on the last rows only, as in a trainer's capture
+    # the first 4 positions (prompt text) as left padding: the model then runs beside a padding mask, as in a
+    # trainer's batches, and the split route's second call takes the mask's path
+    padded = dict(batch, attention_mask=batch["attention_mask"].clone())
+    padded["attention_mask"][:, :4] = 0
     lines = [f"probe vs eager softmax on a short sequence ({dtype}, layer {layer}, {route} route{note}): max abs "
-             f"error {check_against_eager(model, batch, layer, route, response):.2e}"
-             for layer, route, response, note in ((0, "fused", None, ""), (0, "split", rows, f", last {rows + 1} rows"),
-                                                  (mid, "fused", None, ""), (mid, "split", None, ""))]
+             f"error {check_against_eager(model, inputs, layer, route, response):.2e}"
+             for layer, route, response, note, inputs in (
+                 (0, "fused", None, "", batch), (0, "split", rows, f", last {rows + 1} rows", batch),
+                 (0, "split", rows, f", last {rows + 1} rows, padding mask", padded),
+                 (mid, "fused", None, "", batch), (mid, "split", None, "", batch))]
     if dtype != torch.float32 and next(model.parameters()).is_cuda:
         model.float()
         try:

@@ -25,11 +25,13 @@ def test_probe_overhead_smoke(tmp_path):
     out = tmp_path / "probe.json"
     stdout = _run("probe_overhead.py", "--shape", "tiny", "--device", "cpu", "--reps", "2", "--decoder-reps", "3",
                   "--layer-reps", "4", "--warmup", "1", "--grid", "8", "--response", "16", "--out", str(out))
-    errors = re.findall(r"probe vs eager softmax .*layer (\d+), (\w+) route(, last \d+ rows)?\): max abs error (\S+)",
-                        stdout)
-    # the first and the middle decoder layer, both routes at each, the split one on the last rows at the first
+    errors = re.findall(r"probe vs eager softmax .*layer (\d+), (\w+) route(, last \d+ rows(?:, padding mask)?)?\): "
+                        r"max abs error (\S+)", stdout)
+    # the first and the middle decoder layer, both routes at each, the split one on the last rows at the first,
+    # with and without a padding mask
     assert [(int(layer), route, rows) for layer, route, rows, _ in errors] == [
-        (0, "fused", ""), (0, "split", ", last 37 rows"), (2, "fused", ""), (2, "split", "")]
+        (0, "fused", ""), (0, "split", ", last 37 rows"), (0, "split", ", last 37 rows, padding mask"),
+        (2, "fused", ""), (2, "split", "")]
     assert all(float(err) <= 1e-5 for *_, err in errors)  # fp32 on the CPU: eager attention's region masses
     result = json.loads(out.read_text())
     for scope, reps in (("model", 2), ("decoder", 3)):
