@@ -12,7 +12,7 @@
 # ~1.5 min). Several phases run in the order given. A lease is 15 minutes of device time, the machine's start
 # (1-2 min) included: plan the calls back to back. The timed rounds of `probe`, `aligned` and `spg2` stop at a time
 # budget (`--seconds`), so a slower card (an H100 against the H200 of the first three leases) runs fewer rounds
-# rather than past the lease.
+# rather than past the lease. The trainer phases end with a table of where each mode's step goes (`--phases`).
 #
 # Each phase writes its tables and JSON under $OUT (or ./gpu-results) and prints the tables last.
 # `probe_overhead.py` first checks the probe against eager attention at the real shape, in bf16; `probe`
@@ -72,15 +72,17 @@ case $phase in
     # Generation replayed (one real call, ~10 s): the modes differ only in the rest of the step (~2.2 s at this
     # shape), which real generation buried under +-12% noise in three leases (~3.5 min)
     # --profile: then one cycle per mode under the profiler, the kernels and host-side ops that differ (~40 s)
-    # rounds of blocks: as many as fit in 180 s, up to 6 (H200: ~50 s a round)
-    timeout 320 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 6 --seconds 180 \
-      --replay-generation --profile --out "$out/trainer-3b.json" 2>&1 | tee "$out/trainer-3b.txt" | grep -v "it/s\]\|^{"
+    # rounds of blocks: as many as fit in 150 s, up to 6 (H200: ~50 s a round); --phases: one more block per mode
+    # with the device synchronised around scoring, the loss's forward and the backward (~35 s)
+    timeout 320 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 6 --seconds 150 \
+      --replay-generation --phases --profile --out "$out/trainer-3b.json" 2>&1 | tee "$out/trainer-3b.txt" \
+      | grep -v "it/s\]\|^{"
     grep -h "^#\|^|\|spread\|^block\|^device memory\|^allocator\|^garbage\|rounds of" "$out"/trainer-3b.txt ;;&
   spg2|trainer)
     # an old-log-prob pass (as always with vLLM): probes ride on it, partitions overlap (session 5 also timed
     # --modes ... atrl-overlap-off: 23.5 ms of loop time in credit per cycle against 4.6 ms with overlap) (~2.5 min)
-    timeout 250 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 4 --seconds 100 \
-      --steps-per-generation 2 --replay-generation --modes uniform atrl --out "$out/trainer-3b-spg2.json" \
+    timeout 250 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 4 --seconds 90 \
+      --steps-per-generation 2 --replay-generation --phases --modes uniform atrl --out "$out/trainer-3b-spg2.json" \
       2>&1 | tee "$out/trainer-3b-spg2.txt" | grep -v "it/s\]\|^{"
     grep -h "^#\|^|\|spread\|^block\|^device memory\|^allocator\|^garbage\|rounds of" "$out"/trainer-3b-spg2.txt ;;
   aligned) ;;

@@ -40,6 +40,13 @@ of ~10).
 chunks and train it as N micro-batches (as it always does with vLLM): the probes ride on that pass and the
 partitions overlap with the GPU. Mode `atrl-overlap-off` waits for the whole batch right after the pass.
 
+`--phases` then runs one more block per mode (3 generation cycles, the first dropped) with the device
+synchronised around TRL's scoring (`_generate_and_score_completions`, generation included), its loss
+(`_compute_loss`: the training forward, where the probes ride without an old-log-prob pass, and the wait for
+the weights) and `training_step` (the rest of it is the backward), the remainder of the step being the
+optimizer and the loop's own work. Synchronising costs overlap, so these blocks are not timed with the others;
+they say in which phase a mode's extra time lands.
+
     python benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 3        # on the GPU machine
     python benchmarks/trainer_overhead.py --shape 3b --steps-per-generation 4 --modes uniform atrl atrl-overlap-off
     python benchmarks/trainer_overhead.py --shape tiny --steps 3 --blocks 2       # smoke run on a CPU
@@ -101,6 +108,43 @@ def paired_block_ratios(block_rest: list[tuple[int, str, float]], base: str) -> 
     return {mode: [r[mode] / r[base] for r in by_round.values() if mode in r and base in r] for mode in modes}
 
 
+# phase -> the trainer method whose calls it times (see --phases)
+PHASES = {"scoring": "_generate_and_score_completions", "loss": "_compute_loss", "backward": "accelerator.backward",
+          "training_step": "training_step"}
+
+
+def phase_table_rows(steps: list[dict[str, float]], step_times: list[float], generation: list[float],
+                     per_cycle: int) -> dict[str, float]:
+    """Median seconds per generation cycle (the first dropped) of: generation; scoring without it; the loss's
+    forward; the backward; the rest of the training step; the training step itself (device synchronised at
+    each boundary) and TRL's step time (`step_time`, which is the training step unsynchronised: the optimizer
+    step is in neither)."""
+    def cycles(values: list[float]) -> list[float]:
+        return [sum(values[i:i + per_cycle]) for i in range(per_cycle, len(values) - per_cycle + 1, per_cycle)]
+
+    scoring, loss, backward, train = (cycles([s[k] for s in steps]) for k in PHASES)
+    gen = generation[1:]
+    rows = {"generation": gen, "scoring, generation aside": [s - g for s, g in zip(scoring, gen)],
+            "forward + loss (probes, wait for the weights)": loss, "backward": backward,
+            "rest of the training step": [t - s - f - b for t, s, f, b in zip(train, scoring, loss, backward)],
+            "training step (synchronised)": train, "TRL's step_time": cycles(step_times)}
+    return {name: statistics.median(v) for name, v in rows.items()}
+
+
+def phase_table(phase_times: dict[str, dict[str, float]], base: str) -> list[str]:
+    """Markdown rows: each phase's seconds per cycle in every mode, and each mode's difference from `base`."""
+    modes = list(phase_times)
+    others = [m for m in modes if m != base]
+    lines = ["| phase | " + " | ".join(f"{m} s" for m in modes) + "".join(f" | {m} - {base} s" for m in others)
+             + " |", "|---" * (1 + len(modes) + len(others)) + "|"]
+    for phase in phase_times[base]:
+        row = [phase_times[m][phase] for m in modes]
+        diffs = [phase_times[m][phase] - phase_times[base][phase] for m in others]
+        lines.append(f"| {phase} | " + " | ".join(f"{v:.4f}" for v in row)
+                     + "".join(f" | {d:+.4f}" for d in diffs) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="3b", choices=["3b", "7b", "tiny"])
@@ -121,6 +165,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="after the blocks, profile one generation cycle of each mode: device busy / idle time, "
                          "the kernels and host-side ops that differ")
+    ap.add_argument("--phases", action="store_true",
+                    help="after the blocks, one block per mode with the device synchronised around scoring, "
+                         "the loss's forward and the training step: where each mode's step time goes")
     ap.add_argument("--replay-generation", action="store_true",
                     help="generate once, then train every step on a copy of that batch (see the module docstring)")
     ap.add_argument("--out", default=None)
@@ -277,7 +324,36 @@ def main() -> None:
     block_memory: list[tuple[str, float]] = []  # (mode, GiB allocated at the block's start)
     allocator: list[dict] = []  # per block (the profiled ones too): allocator activity and peaks in the timed cycles
 
-    def train_block(mode: str, steps: int, profiler: ProfileCycle | None = None) -> Times:
+    class Phases(TrainerCallback):
+        """Seconds per optimizer step in TRL's phases, the device synchronised at each boundary (see --phases)."""
+
+        def __init__(self):
+            self.open = {name: 0.0 for name in PHASES}
+            self.steps: list[dict[str, float]] = []
+
+        def wrap(self, trainer) -> None:
+            def timed(name, method):
+                def call(*a, **kw):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    try:
+                        return method(*a, **kw)
+                    finally:
+                        if cuda:
+                            torch.cuda.synchronize()
+                        self.open[name] += time.perf_counter() - t0
+                return call
+            for name, path in PHASES.items():
+                owner, attr = (trainer.accelerator, path.split(".")[1]) if "." in path else (trainer, path)
+                setattr(owner, attr, timed(name, getattr(owner, attr)))
+
+        def on_step_end(self, a, state, control, **kw):
+            self.steps.append(self.open)
+            self.open = dict.fromkeys(PHASES, 0.0)
+
+    def train_block(mode: str, steps: int, profiler: ProfileCycle | None = None, phases: Phases | None = None
+                    ) -> Times:
         gc.collect()  # the last block's trainer (reference cycles) and its optimizer state go now, not mid-block
         if cuda:
             torch.cuda.empty_cache()
@@ -293,8 +369,11 @@ def main() -> None:
         anchor = AnchorConfig(**MODES[mode], credit={"n_workers": args.workers})
         trainer = ATRLTrainer(model=base, processing_class=processor, args=cfg, train_dataset=data,
                               reward_funcs=[accuracy_reward, format_reward],
-                              callbacks=[cb] + ([profiler] if profiler is not None else []), anchor_config=anchor)
+                              callbacks=[cb] + [c for c in (profiler, phases) if c is not None],
+                              anchor_config=anchor)
         trainer._generate = cb.timed(replayed(trainer._generate) if args.replay_generation else trainer._generate)
+        if phases is not None:
+            phases.wrap(trainer)
         try:
             trainer.train()
         finally:
@@ -334,6 +413,7 @@ def main() -> None:
             print(f"{rounds} rounds of blocks fit in {args.seconds:g} s", flush=True)
         block += 1
     profiled: dict[str, dict] = {}
+    phase_times: dict[str, dict[str, float]] = {}
     first = args.modes[0]
     med_0 = statistics.median(results[first])
     first_blocks = [t for m, t in blocks if m == first]
@@ -397,9 +477,20 @@ def main() -> None:
                            "workers": args.workers,
                            "steps_per_generation": args.steps_per_generation, "batch": args.batch,
                            "replayed_generation_s": replay.get("seconds"),
-                           "generate_calls_served": replay.get("calls"), "profiled": profiled}, fh, indent=1)
+                           "generate_calls_served": replay.get("calls"), "profiled": profiled,
+                           "phases": phase_times}, fh, indent=1)
 
     save()  # before the profiled blocks, which run last: whatever happens there, the tables above are kept
+    if args.phases:
+        by_mode = {}
+        for mode in args.modes:
+            meter = Phases()
+            cb = train_block(mode, 3 * args.steps_per_generation, phases=meter)
+            by_mode[mode] = phase_table_rows(meter.steps, cb.times, cb.generation, args.steps_per_generation)
+        phase_times.update(by_mode)
+        print("# where the step goes, per generation cycle (device synchronised at each phase; median of 2 cycles)")
+        print("\n".join(phase_table(phase_times, first)), flush=True)
+        save()
     if args.profile:
         for mode in args.modes:
             profiler = ProfileCycle()

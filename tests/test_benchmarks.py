@@ -121,11 +121,21 @@ def test_trainer_overhead_replays_one_generation(tmp_path):
     out = tmp_path / "trainer.json"
     stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "3", "--blocks", "3", "--seconds", "0.001",
                   "--completion", "8", "--image-size", "112", "--workers", "2", "--batch", "8", "--modes", "uniform",
-                  "atrl", "--replay-generation", "--profile", "--out", str(out))
+                  "atrl", "--replay-generation", "--profile", "--phases", "--out", str(out))
     result = json.loads(out.read_text())
     assert "2 rounds of blocks fit in 0.001 s" in stdout  # a budget below one round: the 2 rounds pairing needs
-    # a warm-up block of 2 cycles, 2 blocks per mode of 3 cycles (the first of each dropped), 2 profiled per mode
-    assert result["generate_calls_served"] == 2 + 4 * 3 + 2 * 2
+    # a warm-up block of 2 cycles, 2 blocks per mode of 3 cycles (the first of each dropped), 3 cycles per mode
+    # with the phases timed, 2 profiled per mode
+    assert result["generate_calls_served"] == 2 + 4 * 3 + 2 * 3 + 2 * 2
+    phases = result["phases"]
+    assert set(phases) == {"uniform", "atrl"}
+    for p in phases.values():  # the parts add up to the synchronised training step; TRL's step_time is close
+        parts = ("generation", "scoring, generation aside", "forward + loss (probes, wait for the weights)",
+                 "backward", "rest of the training step")
+        assert min(p[k] for k in parts[:4]) > 0
+        assert sum(p[k] for k in parts) == pytest.approx(p["training step (synchronised)"], rel=0.05)
+        assert p["TRL's step_time"] == pytest.approx(p["training step (synchronised)"], rel=0.3)
+    assert re.search(r"^\| backward \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \|$", stdout, re.MULTILINE)
     assert set(result["profiled"]) == {"uniform", "atrl"}
     assert all(p["wall_ms"] > 0 and p["busy_ms"] > 0 for p in result["profiled"].values())
     assert "| kernel (atrl against uniform) | added ms per step | calls per step |" in stdout
