@@ -92,9 +92,9 @@ def test_split_route_computes_only_the_kept_rows_and_matches_eager(n_images, pad
     mask under a bottom-right causal bias, with one on the mask's last rows. Both against eager softmax. Without
     a mask, only where SDPA's pick for the full call is a kernel the bias reaches (flash here on the CPU; where it
     would pick cuDNN, as on an H200, the call keeps all rows and the plain call's kernel). Its values are the
-    indicator channels alone (rounded up to 8) where SDPA picks one kernel for them and for values of the head size (every pick
-    cuDNN: run here by the CPU's math kernel), else zero-padded to the head size (the CPU's flash takes only
-    equal head sizes)."""
+    indicator channels alone (rounded up to 8) where SDPA picks one kernel for them and for values of the head
+    size (every pick cuDNN: run here by the CPU's math kernel), else zero-padded to the head size (the CPU's
+    flash takes only equal head sizes)."""
     import types
 
     import torch.nn.functional as F
