@@ -156,6 +156,9 @@ def main() -> None:
     ap.add_argument("--completion", type=int, default=256)
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--workers", type=int, default=8, help="credit n_workers (the recipes' value)")
+    ap.add_argument("--region-grid", type=int, nargs=2, default=(4, 4), metavar=("ROWS", "COLS"),
+                    help="anchor.region_grid (a smoke run on a tiny model uses 2 2: fewer regions than head "
+                         "channels, so the probe's narrow values run)")
     ap.add_argument("--steps-per-generation", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8, help="per-device micro-batch (completions)")
     ap.add_argument("--modes", nargs="+", default=["uniform", "atrl"], choices=list(MODES))
@@ -366,7 +369,7 @@ def main() -> None:
                          report_to=[], save_strategy="no", bf16=cuda, use_cpu=not cuda, seed=0,
                          learning_rate=1e-7, disable_tqdm=True, gradient_checkpointing=True,
                          generation_kwargs={"min_new_tokens": args.completion})
-        anchor = AnchorConfig(**MODES[mode], credit={"n_workers": args.workers})
+        anchor = AnchorConfig(**MODES[mode], region_grid=tuple(args.region_grid), credit={"n_workers": args.workers})
         trainer = ATRLTrainer(model=base, processing_class=processor, args=cfg, train_dataset=data,
                               reward_funcs=[accuracy_reward, format_reward],
                               callbacks=[cb] + [c for c in (profiler, phases) if c is not None],
@@ -474,7 +477,7 @@ def main() -> None:
                            "block_memory_gib": block_memory, "allocator": allocator, "generation_ab": ab,
                            "credit_share": credit_share, "credit_loop": credit_loop,
                            "credit_cpu": credit_cpu, "gc_seconds": gc_seconds, "gc_full": gc_full,
-                           "workers": args.workers,
+                           "workers": args.workers, "region_grid": list(args.region_grid),
                            "steps_per_generation": args.steps_per_generation, "batch": args.batch,
                            "replayed_generation_s": replay.get("seconds"),
                            "generate_calls_served": replay.get("calls"), "profiled": profiled,

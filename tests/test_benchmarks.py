@@ -91,8 +91,9 @@ def test_trainer_overhead_smoke(tmp_path):
     stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "4", "--blocks", "1", "--completion", "8",
                   "--image-size", "112", "--workers", "2", "--batch", "4", "--steps-per-generation", "2",
                   "--modes", "uniform", "atrl", "atrl-overlap-off", "--generation-ab", "2", "--ab-tokens", "4",
-                  "--out", str(out))
+                  "--region-grid", "2", "3", "--out", str(out))
     result = json.loads(out.read_text())
+    assert result["region_grid"] == [2, 3]
     ab = result["generation_ab"]  # generate with and without the probe's attention installed, interleaved
     assert set(ab) == {"plain sdpa", "probe installed"} and all(len(ts) == 2 and min(ts) > 0 for ts in ab.values())
     assert "| probe installed |" in stdout
