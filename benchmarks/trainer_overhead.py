@@ -444,8 +444,8 @@ def main() -> None:
         print("device memory allocated at each block's start (GiB): "
               + ", ".join(f"{m} {gib:.2f}" for m, gib in block_memory))
     if allocator:
-        print("allocator in each block's timed cycles (retries, cudaMalloc, cudaFree, device syncs; peak allocated / "
-              "reserved GiB): " + ", ".join(
+        print("allocator in each block's timed cycles, the unrecorded warm-up block first (retries, cudaMalloc, "
+              "cudaFree, device syncs; peak allocated / reserved GiB): " + ", ".join(
                   f"{a['mode']} {'/'.join('-' if a[k] is None else str(a[k]) for k in ALLOCATOR_COUNTS)} "
                   f"{a['peak_allocated_gib']:.1f}/{a['peak_reserved_gib']:.1f}" for a in allocator))
     rest = {m: [t - g for t, g in zip(results[m], generation[m])] for m in args.modes}
