@@ -219,12 +219,12 @@ def test_kept_rows_only_where_the_bias_reaches_the_plain_calls_kernel(monkeypatc
     from atrl.probe.attention import _bias_keeps_kernel
 
     q, k_gqa, k_mha = torch.zeros(1, 4, 8, 16), torch.zeros(1, 2, 8, 16), torch.zeros(1, 4, 8, 16)
-    assert _bias_keeps_kernel(q, k_gqa, k_gqa, 0.25)  # the real pick on this CPU: its flash kernel
+    assert _bias_keeps_kernel(q, k_gqa, 16, 0.25)  # the real pick on this CPU: its flash kernel
     expected = {"FLASH_ATTENTION": (True, True), "EFFICIENT_ATTENTION": (False, True),
                 "CUDNN_ATTENTION": (False, False), "MATH": (False, False)}
     for name, (with_gqa, without) in expected.items():
         monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, b=SDPBackend.__members__[name], **kw: b.value)
-        assert (_bias_keeps_kernel(q, k_gqa, k_gqa, 0.25), _bias_keeps_kernel(q, k_mha, k_mha, 0.25)) == \
+        assert (_bias_keeps_kernel(q, k_gqa, 16, 0.25), _bias_keeps_kernel(q, k_mha, 16, 0.25)) == \
             (with_gqa, without), name
 
 

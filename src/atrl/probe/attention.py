@@ -79,8 +79,7 @@ class ProbeState:
     masses: dict[int, torch.Tensor] = field(default_factory=dict)
     batch_shape: tuple[int, int] = ()  # (B, S); taken from `indicators` when they are a tensor
     _values: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
-    _bias_ok: dict[tuple, bool] = field(default_factory=dict, repr=False)
-    _narrow_ok: dict[tuple, bool] = field(default_factory=dict, repr=False)
+    _kernel_checks: dict[tuple, bool] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
@@ -118,22 +117,13 @@ class ProbeState:
             self._values[key] = values
         return self._values[key]
 
-    def bias_keeps_kernel(self, query: torch.Tensor, key: torch.Tensor, values: torch.Tensor, scaling: float
-                          ) -> bool:
-        """`_bias_keeps_kernel`, asked once per forward (every probed layer of a model has the same shapes)."""
-        shapes = (tuple(query.shape), tuple(key.shape), tuple(values.shape), query.dtype, query.device)
-        if shapes not in self._bias_ok:
-            self._bias_ok[shapes] = _bias_keeps_kernel(query, key, values, scaling)
-        return self._bias_ok[shapes]
-
-    def narrow_keeps_kernel(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-                            gqa: bool, narrow: int, wide: int, scaling: float) -> bool:
-        """`_narrow_keeps_kernel`, asked once per forward and call shape."""
-        shapes = (tuple(query.shape), tuple(key.shape), None if mask is None else (tuple(mask.shape), mask.dtype),
-                  causal, gqa, narrow, wide, query.dtype, query.device)
-        if shapes not in self._narrow_ok:
-            self._narrow_ok[shapes] = _narrow_keeps_kernel(query, key, mask, causal, gqa, narrow, wide, scaling)
-        return self._narrow_ok[shapes]
+    def kernel_check(self, check: Callable[..., bool], *args) -> bool:
+        """`check(*args)` (`_bias_keeps_kernel`, `_narrow_keeps_kernel`: SDPA's kernel choice, read from shapes),
+        asked once per forward and shapes: every probed layer of a model asks it with the same ones."""
+        key = (check, *((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args))
+        if key not in self._kernel_checks:
+            self._kernel_checks[key] = check(*args)
+        return self._kernel_checks[key]
 
     def record(self, layer: int, out_BSHW: torch.Tensor, start: int) -> None:
         """Keep channels start .. start + R - 1 of a call's output (B, S_q, H, W) as the layer's region masses."""
@@ -188,29 +178,29 @@ def _sdpa_masses(module: torch.nn.Module, state: ProbeState, query: torch.Tensor
         q, mask, heads, causal, gqa = query[:, :, S - kept:], mask[:, :, S - kept:], H, False, False
     else:
         q, mask, heads, causal, gqa = query, None, H_kv, getattr(module, "is_causal", True), H_kv != H
-        if causal and kept < S and (rows == "kept" or state.bias_keeps_kernel(
-                _shaped(query, wide), _shaped(key, wide), _shaped(key, wide, force=True), scaling)):
-            q, k = _padded(query[:, :, S - kept:], wide), _padded(key, wide)
-            out = F.scaled_dot_product_attention(q, k, state.indicator_values(H_kv, wide, key),
-                                                 attn_mask=causal_lower_right(kept, S), scale=scaling, enable_gqa=gqa)
-            return _rows_and_channels(out, kept, R)
-    shapes = (tuple(q.shape), tuple(key.shape), None if mask is None else tuple(mask.shape), causal, narrow,
-              q.dtype, q.device)
-    if values == "narrow" or (values == "auto" and narrow < wide and shapes not in _NARROW_REFUSED and
-                              state.narrow_keeps_kernel(q, key, mask, causal, gqa, narrow, wide, scaling)):
-        try:
-            out = F.scaled_dot_product_attention(q, key, state.indicator_values(heads, narrow, key), attn_mask=mask,
-                                                 is_causal=causal, scale=scaling, enable_gqa=gqa)
-            return _rows_and_channels(out, kept, R)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as err:  # a kernel's own limits, past what SDPA's choice checks: the wide call is exact
-            if values == "narrow":
+        if causal and kept < S and (rows == "kept" or state.kernel_check(_bias_keeps_kernel, query, key, wide,
+                                                                         scaling)):
+            # the kept rows, under the bias: flash, which it reaches, takes only values as wide as Q and K
+            q, mask, causal, values = query[:, :, S - kept:], causal_lower_right(kept, S), False, "wide"
+    if values == "narrow" or (values == "auto" and narrow < wide):
+        refused = (tuple(q.shape), tuple(key.shape), None if mask is None else tuple(mask.shape), causal, narrow,
+                   q.dtype, q.device)
+        if values == "narrow" or (refused not in _NARROW_REFUSED and state.kernel_check(
+                _narrow_keeps_kernel, q, key, mask, causal, gqa, narrow, wide, scaling)):
+            try:
+                out = F.scaled_dot_product_attention(q, key, state.indicator_values(heads, narrow, key),
+                                                     attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=gqa)
+                return _rows_and_channels(out, kept, R)
+            except torch.OutOfMemoryError:
                 raise
-            _NARROW_REFUSED.add(shapes)
-            logger.warning("atrl probe: SDPA refused the indicator channels alone as values (Q %s, K %s, V %d "
-                           "wide: %s); this shape's second call pads them to the head size from now on",
-                           tuple(q.shape), tuple(key.shape), narrow, str(err).splitlines()[0] if str(err) else err)
+            except RuntimeError as err:  # a kernel's own limits, past what SDPA's choice checks: wide is exact
+                if values == "narrow":
+                    raise
+                _NARROW_REFUSED.add(refused)
+                logger.warning("atrl probe: SDPA refused the indicator channels alone as values (Q %s, K %s, V %d "
+                               "wide: %s); this shape's second call pads them to the head size from now on",
+                               tuple(q.shape), tuple(key.shape), narrow,
+                               str(err).splitlines()[0] if str(err) else err)
     q, key = _padded(q, wide), _padded(key, wide)
     out = F.scaled_dot_product_attention(q, key, state.indicator_values(heads, wide, key), attn_mask=mask,
                                          is_causal=causal, scale=scaling, enable_gqa=gqa)
@@ -249,16 +239,17 @@ def _narrow_keeps_kernel(query: torch.Tensor, key: torch.Tensor, mask: torch.Ten
     return pick(narrow) == pick(wide)
 
 
-def _bias_keeps_kernel(query: torch.Tensor, key: torch.Tensor, values: torch.Tensor, scaling: float) -> bool:
-    """Whether the kernel SDPA picks for the full causal call without a mask (the plain call's kernel) is one that
-    `causal_lower_right` also dispatches to: flash, or memory-efficient without GQA. Elsewhere computing fewer
-    rows would switch kernels; e.g. where SDPA picks cuDNN for the full call (H100/H200 with recent torch), the
-    bias would fall back to flash, which the third H200 lease timed 1.5-2x slower than SDPA's pick at the probed
-    layers' shapes."""
+def _bias_keeps_kernel(query: torch.Tensor, key: torch.Tensor, width: int, scaling: float) -> bool:
+    """Whether the kernel SDPA picks for the full causal call without a mask, with values `width` channels wide
+    (Q and K padded to it where it exceeds their head size), is one that `causal_lower_right` also dispatches
+    to: flash, or memory-efficient without GQA. Elsewhere computing fewer rows would switch kernels; e.g. where
+    SDPA picks cuDNN for the full call (H100/H200 with recent torch), the bias would fall back to flash, which the
+    third H200 lease timed 1.5-2x slower than SDPA's pick at the probed layers' shapes. Shapes only."""
     from torch.nn.attention import SDPBackend
 
     gqa = query.shape[1] != key.shape[1]
-    pick = torch._fused_sdp_choice(query, key, values, None, 0.0, True, scale=scaling, enable_gqa=gqa)
+    pick = torch._fused_sdp_choice(_shaped(query, width), _shaped(key, width), _shaped(key, width, force=True), None,
+                                   0.0, True, scale=scaling, enable_gqa=gqa)
     return pick == SDPBackend.FLASH_ATTENTION.value or (pick == SDPBackend.EFFICIENT_ATTENTION.value and not gqa)
 
 
