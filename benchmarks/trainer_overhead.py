@@ -108,6 +108,11 @@ def paired_block_ratios(block_rest: list[tuple[int, str, float]], base: str) -> 
     return {mode: [r[mode] / r[base] for r in by_round.values() if mode in r and base in r] for mode in modes}
 
 
+def cycle_sums(values: list[float], per_cycle: int) -> list[float]:
+    """Per-optimizer-step values summed over generation cycles (`per_cycle` steps each), the first one dropped."""
+    return [sum(values[i:i + per_cycle]) for i in range(per_cycle, len(values) - per_cycle + 1, per_cycle)]
+
+
 # phase -> the trainer method whose calls it times (see --phases)
 PHASES = {"scoring": "_generate_and_score_completions", "loss": "_compute_loss", "backward": "accelerator.backward",
           "training_step": "training_step"}
@@ -119,15 +124,12 @@ def phase_table_rows(steps: list[dict[str, float]], step_times: list[float], gen
     forward; the backward; the rest of the training step; the training step itself (device synchronised at
     each boundary) and TRL's step time (`step_time`, which is the training step unsynchronised: the optimizer
     step is in neither)."""
-    def cycles(values: list[float]) -> list[float]:
-        return [sum(values[i:i + per_cycle]) for i in range(per_cycle, len(values) - per_cycle + 1, per_cycle)]
-
-    scoring, loss, backward, train = (cycles([s[k] for s in steps]) for k in PHASES)
+    scoring, loss, backward, train = (cycle_sums([s[k] for s in steps], per_cycle) for k in PHASES)
     gen = generation[1:]
     rows = {"generation": gen, "scoring, generation aside": [s - g for s, g in zip(scoring, gen)],
             "forward + loss (probes, wait for the weights)": loss, "backward": backward,
             "rest of the training step": [t - s - f - b for t, s, f, b in zip(train, scoring, loss, backward)],
-            "training step (synchronised)": train, "TRL's step_time": cycles(step_times)}
+            "training step (synchronised)": train, "TRL's step_time": cycle_sums(step_times, per_cycle)}
     return {name: statistics.median(v) for name, v in rows.items()}
 
 
@@ -256,9 +258,7 @@ def main() -> None:
                 self._gc[:2] = [0.0, 0]
 
         def cycles(self, values: list[float]) -> list[float]:
-            """Sums over generation cycles (steps_per_generation optimizer steps), the first one dropped."""
-            n = args.steps_per_generation
-            return [sum(values[i:i + n]) for i in range(n, len(values) - n + 1, n)]
+            return cycle_sums(values, args.steps_per_generation)
 
         def timed(self, generate):
             """TRL's `_generate` (one call per generation cycle), timed with the device synchronised."""
