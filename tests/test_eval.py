@@ -116,23 +116,104 @@ def test_analyze_precision_recall_by_hand(tiny_models):
 def test_plots_have_labelled_axes(tmp_path, monkeypatch):
     from atrl.viz import plots
 
-    labels = []
-    real_save = plots._save
-
-    def spy(fig, out):
-        labels.append([(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes if ax.axison])
-        return real_save(fig, out)
-
-    monkeypatch.setattr(plots, "_save", spy)
+    figures = _figures_saved(monkeypatch)
     history = [{"step": i, "reward": 0.1 * i, "rewards/accuracy_reward/mean": 0.05 * i,
                 "atrl/anchor_fraction": 0.15} for i in range(1, 6)]
     plots.training_curves(history, tmp_path / "curves.png")
     rng = np.random.default_rng(0)
     conn = np.concatenate([rng.normal(0.01, 0.003, 85), rng.normal(0.2, 0.02, 15)]).clip(0)
     plots.connectivity_histogram(conn, conn > 0.1, 0.8, tmp_path / "hist.png")
-    assert len(labels) == 2 and all(x and y for fig in labels for x, y in fig), labels
+    assert len(figures) == 2 and all(ax["x"] and ax["y"] for fig in figures for ax in fig), figures
     for name in ("curves.png", "hist.png"):
         assert Image.open(tmp_path / name).format == "PNG"
+
+
+def _figures_saved(monkeypatch):
+    """Spy on atrl.viz.plots._save: the list of figures saved, inspected before they are closed."""
+    from atrl.viz import plots
+
+    figures = []
+    real_save = plots._save
+
+    def spy(fig, out):
+        figures.append([{"title": ax.get_title(), "x": ax.get_xlabel(), "y": ax.get_ylabel(),
+                         "lines": {ln.get_label(): ln.get_xydata().copy() for ln in ax.get_lines()
+                                   if not ln.get_label().startswith("_")},  # unlabelled: faint raw, guides
+                         "texts": [t.get_text() for t in ax.texts]} for ax in fig.axes])
+        return real_save(fig, out)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return figures
+
+
+def test_training_report_overlays_runs_and_says_what_was_not_logged(tmp_path, monkeypatch):
+    from atrl.viz.plots import REPORT_PANELS, training_report
+
+    figures = _figures_saved(monkeypatch)
+    atrl = [{"step": i, "reward": 0.1 * i, "rewards/accuracy_reward/mean": 0.05 * i, "rewards/len_penalty/mean": -0.1,
+             "atrl/anchor_fraction": 0.15, "atrl/anchor_conn": 0.2, "atrl/other_conn": 0.01,
+             "atrl/bimodality": 0.6 + 0.01 * i, "atrl/weight_max": 3.0, "atrl/weight_min": 0.5, "atrl/weight_std": 0.8,
+             "completions/mean_length": 40 + i, "entropy": 0.5, "step_time": 2.0 + i,
+             "atrl/time/credit_share": 0.01} for i in range(1, 7)]
+    atrl.append({"step": 6, "train_runtime": 12.0})  # the summary entry a finished run ends with
+    uniform = [{"step": i, "reward": 0.08 * i, "rewards/accuracy_reward/mean": 0.04 * i, "step_time": 2.0,
+                "entropy": float("nan") if i == 2 else 0.4} for i in range(1, 7)]
+    out = training_report({"a (atrl)": atrl, "u (uniform)": uniform}, tmp_path / "report.png", smooth=3)
+    assert Image.open(out).format == "PNG"
+    (axes,) = figures
+    assert [ax["title"] for ax in axes] == [p[0] for p in REPORT_PANELS]
+    assert all(ax["x"] == "training step" and ax["y"] for ax in axes)
+    by_title = {ax["title"]: ax for ax in axes}
+    reward = by_title["Reward"]["lines"]
+    # every reward function a run logged, labelled by run; smoothed: the trailing mean over 3 logged points
+    assert {"a (atrl): total reward", "a (atrl): len penalty", "u (uniform): accuracy reward"} <= set(reward)
+    assert "u (uniform): len penalty" not in reward
+    def trailing3(values):
+        return [sum(values[max(0, k - 2):k + 1]) / len(values[max(0, k - 2):k + 1]) for k in range(len(values))]
+
+    assert np.allclose(reward["a (atrl): total reward"][:, 1], trailing3([0.1 * i for i in range(1, 7)]))
+    anchors = by_title["Anchor fraction"]["lines"]
+    assert list(anchors) == ["a (atrl): anchor fraction"] and not by_title["Anchor fraction"]["texts"]
+    entropy = by_title["Policy entropy"]["lines"]["u (uniform): entropy"]
+    assert entropy[:, 0].tolist() == [1, 3, 4, 5, 6]  # the NaN step is left out, not drawn as zero
+    # credit per optimizer step: the logged share times the step time, for the run that logged them
+    credit = by_title["Time"]["lines"]["a (atrl): credit in the training loop"]
+    assert np.allclose(credit[:, 1], trailing3([0.01 * (2.0 + i) for i in range(1, 7)]))
+    training_report({"u (uniform)": uniform}, tmp_path / "uniform.png")
+    single = {ax["title"]: ax for ax in figures[1]}
+    assert single["Connectivity"]["texts"] == ["not logged by these runs"] and not single["Connectivity"]["lines"]
+    assert "total reward" in single["Reward"]["lines"]  # one run: series are named without the run
+    with pytest.raises(ValueError, match="smooth=0"):
+        training_report({"u": uniform}, tmp_path / "x.png", smooth=0)
+    with pytest.raises(ValueError, match="no runs"):
+        training_report({}, tmp_path / "x.png")
+
+
+def test_run_history_reads_the_furthest_complete_state(tmp_path):
+    from atrl.rl.checkpoints import mark_checkpoint_complete, run_history
+
+    def state(folder, step, complete=True):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "trainer_state.json").write_text(json.dumps(
+            {"global_step": step, "log_history": [{"step": s, "reward": s / 10} for s in range(1, step + 1)]}))
+        if complete and folder.name.startswith("checkpoint-"):
+            mark_checkpoint_complete(folder, step)
+
+    run = tmp_path / "run"
+    state(run / "checkpoint-5", 5)
+    state(run / "checkpoint-9", 9, complete=False)  # killed while writing: not read
+    history, source = run_history(run)
+    assert source == run / "checkpoint-5" / "trainer_state.json" and len(history) == 5
+    state(run, 7)  # a finished run's own state
+    assert run_history(run)[1] == run / "trainer_state.json"
+    assert run_history(run / "checkpoint-5")[0][-1]["step"] == 5  # a checkpoint folder on its own
+    (run / "checkpoint-5" / "trainer_state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="checkpoint-5/trainer_state.json: not a trainer state"):
+        run_history(run)
+    with pytest.raises(FileNotFoundError, match="no trainer_state.json"):
+        run_history(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_history(tmp_path / "missing")
 
 
 def test_sampled_evaluation_repeats_rows_and_matches_greedy_when_cold(tiny_models):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from atrl.cli import main
 from atrl.rl.recipe import apply_overrides, grpo_config, load_recipe, recipe_from_dict
@@ -95,3 +96,13 @@ def test_cli_train_runs_and_writes_final_model(tmp_path, capsys):
     assert (out / "final" / "model.safetensors").is_file() and (out / "recipe.yaml").is_file()
     assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard logs are written by default"
     assert yaml.safe_load((out / "recipe.yaml").read_text())["anchor"]["mode"] == "atrl"
+    # the run's whole log history and a figure of it; `atrl plot` draws it again, or beside other runs
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+    assert Image.open(out / "training_report.png").format == "PNG"
+    capsys.readouterr()
+    assert main(["plot", str(out), str(out / "checkpoint-1"), "--out", str(tmp_path / "both.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "run (atrl): 2 log entries up to step 1" in printed and "checkpoint-1 (atrl)" in printed
+    assert Image.open(tmp_path / "both.png").format == "PNG"
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no trainer_state.json" in capsys.readouterr().err

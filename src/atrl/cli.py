@@ -105,6 +105,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .rl.checkpoints import run_history
+    from .rl.recipe import run_label
+    from .viz.plots import training_report
+
+    runs = {}
+    for folder in args.runs:
+        history, source = run_history(folder)
+        label = run_label(folder)
+        if label in runs:  # two runs with the same folder name: tell them apart by the path as given
+            label = f"{label} [{folder}]"
+        runs[label] = history
+        steps = max((h.get("step", 0) for h in history), default=0)
+        print(f"{label}: {len(history)} log entries up to step {steps} ({source})")
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "training_report.png" if len(args.runs) == 1 \
+        else Path("training_report.png")
+    print(f"wrote {training_report(runs, out, smooth=args.smooth)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -247,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--anchor.mode uniform --trl.max_steps 100")
     train.add_argument("--config", default=None, help="YAML recipe (see configs/)")
     train.set_defaults(func=_cmd_train)
+
+    plot = sub.add_parser("plot", help="a figure of what training did, for one run or several overlaid",
+                          description="Reward, anchor fraction, connectivity of anchors and the rest, bimodality, "
+                                      "credit weights, completion length, entropy and step time against the step, "
+                                      "read from each run's trainer_state.json (a finished run's, or its latest "
+                                      "complete checkpoint's).")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="training output folders (trl.output_dir) or checkpoints")
+    plot.add_argument("--out", default=None,
+                      help="PNG path (default: RUN/training_report.png for one run, ./training_report.png for several)")
+    plot.add_argument("--smooth", type=int, default=1, help="trailing mean over this many logged points (1: none)")
+    plot.set_defaults(func=_cmd_plot)
 
     data = sub.add_parser("data", help="synthetic visual-reasoning tasks").add_subparsers(dest="action",
                                                                                         required=True)

@@ -337,7 +337,8 @@ def resolve_resume(recipe: Recipe, output_dir: str) -> str | None:
 
 def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool = True):
     """Train according to `recipe`; returns the trainer. Saves the final model + processor to
-    `<output_dir>/final` and the resolved recipe to `<output_dir>/recipe.yaml`."""
+    `<output_dir>/final`, the resolved recipe to `<output_dir>/recipe.yaml`, the trainer state (log history) to
+    `<output_dir>/trainer_state.json` and a figure of what training did to `<output_dir>/training_report.png`."""
     from ..models.zoo import ensure_writable_dir
     from .progress import install_progress
 
@@ -354,4 +355,21 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
     final = out / "final"
     trainer.save_model(str(final))
     trainer.processing_class.save_pretrained(str(final))
+    trainer.save_state()  # <output_dir>/trainer_state.json: the whole log history, whatever save_steps was
+    if trainer.is_world_process_zero():
+        from ..viz.plots import training_report
+
+        training_report({run_label(out): trainer.state.log_history}, out / "training_report.png")
     return trainer
+
+
+def run_label(folder: str | Path) -> str:
+    """A run's name in plots: its folder's name, with the credit mode its recipe.yaml names (a checkpoint folder's
+    recipe is its run's)."""
+    folder = Path(folder)
+    for recipe_file in (folder / "recipe.yaml", folder.parent / "recipe.yaml"):
+        if recipe_file.is_file():
+            mode = ((yaml.safe_load(recipe_file.read_text()) or {}).get("anchor") or {}).get("mode")
+            if mode:
+                return f"{folder.resolve().name} ({mode})"
+    return folder.resolve().name

@@ -34,25 +34,116 @@ def _series(history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _reward_keys(history: Sequence[dict]) -> list[tuple[str, str]]:
+    """("reward", "total reward") and one ("rewards/NAME/mean", NAME) per reward function the run logged."""
+    names = sorted({k for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")})
+    return [("reward", "total reward"), *((k, k.split("/")[1].replace("_", " ")) for k in names)]
+
+
+_LINE_STYLES = ("-", "--", ":", "-.")
+_CREDIT_PER_STEP = "credit seconds per step"  # derived, see _with_credit_per_step
+
+
+def _trailing_mean(y: Sequence[float], window: int) -> np.ndarray:
+    """Mean of each point and the window - 1 before it (fewer at the start)."""
+    c = np.cumsum(np.concatenate([[0.0], np.asarray(y, dtype=float)]))
+    i = np.arange(1, len(y) + 1)
+    lo = np.maximum(i - window, 0)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def _draw_panel(ax, runs: dict[str, Sequence[dict]], keys, smooth: int = 1) -> bool:
+    """Plot `keys` ([(history key, label)], or a function of the history giving them) of every run: a colour
+    per run, a line style per key. Returns whether anything was drawn; an empty panel says so."""
+    drawn = False
+    for colour, (run, history) in enumerate(runs.items()):
+        run_keys = keys(history) if callable(keys) else keys
+        for style, (key, label) in zip(_LINE_STYLES * 4, run_keys):
+            x, y = _series(history, key)
+            if not x:
+                continue
+            name = label if len(runs) == 1 else f"{run}: {label}"
+            kw = {"color": f"C{colour}", "linestyle": style}
+            if smooth > 1:
+                ax.plot(x, y, alpha=0.25, **kw)
+                ax.plot(x, _trailing_mean(y, smooth), label=name, **kw)
+            else:
+                ax.plot(x, y, marker="." if len(x) < 40 else None, label=name, **kw)
+            drawn = True
+    if drawn:
+        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(_plt().MaxNLocator(integer=True))  # steps are whole
+    else:
+        ax.text(0.5, 0.5, "not logged by these runs", ha="center", va="center", color="grey", transform=ax.transAxes)
+    return drawn
+
+
 def training_curves(history: Sequence[dict], out: str | Path) -> Path:
     """Reward, accuracy reward and anchor fraction against the optimizer step (two panels)."""
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label in (("reward", "total reward"), ("rewards/accuracy_reward/mean", "accuracy reward"),
-                       ("rewards/format_reward/mean", "format reward")):
-        x, y = _series(history, key)
-        if x:
-            ax1.plot(x, y, marker=".", label=label)
+    _draw_panel(ax1, {"run": history}, [k for k in _reward_keys(history) if k[0] in (
+        "reward", "rewards/accuracy_reward/mean", "rewards/format_reward/mean")])
     ax1.set_xlabel("training step")
     ax1.set_ylabel("mean reward per completion")
     ax1.set_title("Reward during AT-RL")
-    ax1.legend(fontsize=8)
-    x, y = _series(history, "atrl/anchor_fraction")
-    ax2.plot(x, y, marker=".", color="tab:red")
+    _draw_panel(ax2, {"run": history}, [("atrl/anchor_fraction", "anchor fraction")])
     ax2.set_xlabel("training step")
     ax2.set_ylabel("share of tokens in anchor clusters")
     ax2.set_title("Anchor fraction")
     ax2.set_ylim(0, 1)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+# The panels of `training_report`: title, y-axis label, and the series ([(logged key, label)] or a function of a
+# run's history giving them). The keys are TRL's and ATRLTrainer's metric names (docs/ALGORITHM.md, "Logged metrics").
+REPORT_PANELS = (
+    ("Reward", "mean reward per completion", _reward_keys),
+    ("Anchor fraction", "share of tokens in anchor clusters", [("atrl/anchor_fraction", "anchor fraction")]),
+    ("Connectivity", "mean connectivity c_t (debiased)",
+     [("atrl/anchor_conn", "anchor tokens"), ("atrl/other_conn", "other tokens")]),
+    ("Bimodality of connectivity", "Sarle's coefficient (> 5/9: bimodal)", [("atrl/bimodality", "bimodality")]),
+    ("Credit weights", "per-token weight W(C_k(t))",
+     [("atrl/weight_max", "max"), ("atrl/weight_min", "min"), ("atrl/weight_std", "std")]),
+    ("Completion length", "tokens per completion", [("completions/mean_length", "mean length")]),
+    ("Policy entropy", "mean token entropy (nats)", [("entropy", "entropy")]),
+    ("Time", "seconds per optimizer step",
+     [("step_time", "training step (TRL's step_time)"), (_CREDIT_PER_STEP, "credit in the training loop")]),
+)
+
+
+def _with_credit_per_step(history: Sequence[dict]) -> list[dict]:
+    """The history with the seconds of credit per optimizer step, `atrl/time/credit_share x step_time`, where both
+    were logged (`atrl/time/credit_s` itself is per micro-batch)."""
+    return [h | {_CREDIT_PER_STEP: h["atrl/time/credit_share"] * h["step_time"]}
+            if "atrl/time/credit_share" in h and "step_time" in h else h for h in history]
+
+
+def training_report(runs: dict[str, Sequence[dict]], out: str | Path, smooth: int = 1) -> Path:
+    """One figure of what training did, for one run or several overlaid (e.g. `atrl` against `uniform`).
+
+    runs: label -> the run's log history (`trainer.state.log_history`, or `log_history` of a `trainer_state.json`).
+    smooth: with a window > 1, each series is drawn faint as logged and solid as its trailing mean over that many
+    logged points. Panels: `REPORT_PANELS`; a metric a run did not log (e.g. anchors under `uniform`) is left out,
+    and a panel no run logged says so."""
+    if not runs:
+        raise ValueError("training_report: no runs to plot")
+    if smooth < 1:
+        raise ValueError(f"training_report: smooth={smooth} must be at least 1 (1: no smoothing)")
+    plt = _plt()
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    runs = {run: _with_credit_per_step(history) for run, history in runs.items()}
+    for ax, (title, ylabel, keys) in zip(axes.flat, REPORT_PANELS):
+        _draw_panel(ax, runs, keys, smooth)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        if title == "Anchor fraction":
+            ax.set_ylim(0, 1)
+        if title.startswith("Bimodality"):
+            ax.axhline(5 / 9, color="grey", linewidth=0.8, linestyle="--")
+    fig.suptitle("AT-RL training: " + ", ".join(runs), fontsize=11)
     fig.tight_layout()
     return _save(fig, out)
 
