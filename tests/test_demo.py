@@ -21,6 +21,8 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
         assert Image.open(out / name).format == "PNG", name
     assert "<span class='tok" in (out / "anchors.html").read_text()
     assert (out / "run" / "final" / "model.safetensors").is_file()
+    assert summary["files"]["training_report"] == str(out / "run" / "training_report.png")
+    assert Image.open(out / "run" / "training_report.png").format == "PNG"
 
 
 def test_demo_in_uniform_mode_still_analyses_anchors(tmp_path):

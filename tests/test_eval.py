@@ -155,7 +155,9 @@ def test_training_report_overlays_runs_and_says_what_was_not_logged(tmp_path, mo
              "atrl/bimodality": 0.6 + 0.01 * i, "atrl/weight_max": 3.0, "atrl/weight_min": 0.5, "atrl/weight_std": 0.8,
              "completions/mean_length": 40 + i, "entropy": 0.5, "step_time": 2.0 + i,
              "atrl/time/credit_share": 0.01} for i in range(1, 7)]
-    atrl.append({"step": 6, "train_runtime": 12.0})  # the summary entry a finished run ends with
+    atrl += [{"step": 3, "eval_reward": 0.3, "eval_rewards/accuracy_reward/mean": 0.2},  # TRL's evaluation
+             {"step": 6, "eval_reward": 0.5, "eval_rewards/accuracy_reward/mean": 0.4},
+             {"step": 6, "train_runtime": 12.0}]  # the summary entry a finished run ends with
     uniform = [{"step": i, "reward": 0.08 * i, "rewards/accuracy_reward/mean": 0.04 * i, "step_time": 2.0,
                 "entropy": float("nan") if i == 2 else 0.4} for i in range(1, 7)]
     out = training_report({"a (atrl)": atrl, "u (uniform)": uniform}, tmp_path / "report.png", smooth=3)
@@ -172,6 +174,10 @@ def test_training_report_overlays_runs_and_says_what_was_not_logged(tmp_path, mo
         return [sum(values[max(0, k - 2):k + 1]) / len(values[max(0, k - 2):k + 1]) for k in range(len(values))]
 
     assert np.allclose(reward["a (atrl): total reward"][:, 1], trailing3([0.1 * i for i in range(1, 7)]))
+    held_out = by_title["Held-out reward (data.eval)"]["lines"]
+    assert set(held_out) == {"a (atrl): total reward", "a (atrl): accuracy reward"}  # the uniform run had no eval
+    assert held_out["a (atrl): total reward"][:, 0].tolist() == [3, 6]
+    assert np.allclose(held_out["a (atrl): total reward"][:, 1], [0.3, 0.4])  # smoothed over what was logged
     anchors = by_title["Anchor fraction"]["lines"]
     assert list(anchors) == ["a (atrl): anchor fraction"] and not by_title["Anchor fraction"]["texts"]
     entropy = by_title["Policy entropy"]["lines"]["u (uniform): entropy"]

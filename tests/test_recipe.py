@@ -58,10 +58,28 @@ def test_overrides_are_typed_and_nested():
     (["--data.knobs", "{quadrant: {size: 1}}"], r"knobs.quadrant has unknown keys \['size'\]"),
     (["--data.knobs", "{colour: {size: 1}}"], "knobs: unknown task family 'colour'"),
     (["--data.knobs", "{quadrant: {jitter: 0.3}}"], "knobs.quadrant: QuadrantKnobs.jitter=0.3"),
+    (["--data.eval", "synthetic", "--data.eval_seed", "0"], "data.eval_seed=0 is the training seed"),
+    (["--data.train", "a.jsonl", "--data.eval", "a.jsonl"], "data.eval='a.jsonl' is the training file"),
+    (["--data.eval", "synthetic", "--data.eval_n", "0"], "data.eval_n=0"),
 ])
 def test_bad_recipes_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):
         load_recipe(None, override)
+
+
+def test_held_out_data_is_other_tasks_of_the_same_mix_and_turns_evaluation_on():
+    from atrl.rl.recipe import build_dataset
+
+    recipe = load_recipe(None, ["--data.n", "16", "--data.eval", "synthetic", "--data.eval_n", "8",
+                                "--data.families", "[count, compare]"])
+    train, held_out = build_dataset(recipe, None)[0], build_dataset(recipe, None, "eval")[0]
+    assert len(held_out) == 8 and {r["family"] for r in held_out} == {"count", "compare"}
+    assert not {r["scene"] for r in held_out} & {r["scene"] for r in train}  # drawn with another seed
+    args = grpo_config(recipe)
+    assert args.eval_strategy == "steps" and args.eval_steps == recipe.trl["save_steps"]
+    assert build_dataset(load_recipe(None, []), None, "eval") == (None, None)  # none unless asked for
+    with pytest.raises(ValueError, match="no held-out data: set data.eval"):
+        grpo_config(load_recipe(None, ["--trl.eval_strategy", "steps"]))
 
 
 def test_synthetic_knobs_reach_the_training_data():
@@ -90,6 +108,7 @@ def test_bad_trl_field_and_cli_errors(tmp_path, capsys):
 def test_cli_train_runs_and_writes_final_model(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["train", "--trl.output_dir", str(out), "--trl.max_steps", "1", "--data.n", "8",
+                 "--data.eval", "synthetic", "--data.eval_n", "4", "--trl.eval_steps", "1",
                  "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4",
                  "--trl.max_completion_length", "8", "--trl.report_to", "[tensorboard]", "--trl.disable_tqdm", "true"])
     assert code == 0
@@ -97,12 +116,15 @@ def test_cli_train_runs_and_writes_final_model(tmp_path, capsys):
     assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard logs are written by default"
     assert yaml.safe_load((out / "recipe.yaml").read_text())["anchor"]["mode"] == "atrl"
     # the run's whole log history and a figure of it; `atrl plot` draws it again, or beside other runs
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
+    held_out = [h for h in state["log_history"] if "eval_reward" in h]  # TRL's evaluation on data.eval
+    assert len(held_out) == 1 and "eval_atrl/anchor_fraction" in held_out[0]
     assert Image.open(out / "training_report.png").format == "PNG"
     capsys.readouterr()
     assert main(["plot", str(out), str(out / "checkpoint-1"), "--out", str(tmp_path / "both.png")]) == 0
     printed = capsys.readouterr().out
-    assert "run (atrl): 2 log entries up to step 1" in printed and "checkpoint-1 (atrl)" in printed
+    assert "run (atrl): 3 log entries up to step 1" in printed and "checkpoint-1 (atrl)" in printed
     assert Image.open(tmp_path / "both.png").format == "PNG"
     assert main(["plot", str(tmp_path)]) == 2
     assert "no trainer_state.json" in capsys.readouterr().err

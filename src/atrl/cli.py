@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     plot = sub.add_parser("plot", help="a figure of what training did, for one run or several overlaid",
-                          description="Reward, anchor fraction, connectivity of anchors and the rest, bimodality, "
-                                      "credit weights, completion length, entropy and step time against the step, "
+                          description="Reward (training and held-out), completion length, anchor fraction, "
+                                      "connectivity of anchors and the rest, bimodality, credit weights, entropy "
+                                      "and step time against the step, "
                                       "read from each run's trainer_state.json (a finished run's, or its latest "
                                       "complete checkpoint's).")
     plot.add_argument("runs", nargs="+", metavar="RUN", help="training output folders (trl.output_dir) or checkpoints")

@@ -100,6 +100,7 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
     analysis = analyze(trained, processor, held_out[:40], credit=credit, sink_debias=recipe.anchor.sink_debias,
                        region_grid=recipe.anchor.region_grid, layers=recipe.anchor.probe_layers)
     files = {"training_curves": training_curves(history, out / "training_curves.png"),
+             "training_report": run_dir / "training_report.png",  # written by run_training: every logged metric
              **write_analysis_report(analysis, out, html_views=12)}
     s = analysis.summary()
     console.print(f"anchors vs perception spans (reference traces, {s['tokens']} tokens): precision "

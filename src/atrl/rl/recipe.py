@@ -5,7 +5,7 @@ A recipe has these sections (all optional; `configs/demo.yaml` is the embedded d
     model:    path (a local checkpoint folder or hub id; null = the embedded tiny default), dtype, attn_implementation
     lora:     peft LoraConfig fields (r, lora_alpha, target_modules, ...), or null for full fine-tuning
     data:     train ("synthetic" or a data file), format, n / seed / families / knobs (synthetic), on_error,
-              max_prompt_length
+              max_prompt_length, eval (held-out data scored during training: null, "synthetic" or a file)
     rewards:  accuracy / format weights, overlong ({max_length, cache}) or null
     anchor:   AnchorConfig (atrl.rl.config)
     trl:      any GRPOConfig field (output_dir, learning_rate, num_generations, loss_type, use_vllm, ...)
@@ -77,7 +77,12 @@ class DataSection:
     n, seed, families, knobs: synthetic data size, seed, task families (null: all five) and per-family difficulty
     knobs ({family: {knob: value}}, see atrl.data.synthetic); the defaults are the embedded default's colour-tile
     task. on_error: raise | skip (bad rows).
-    max_prompt_length: rows whose prompt with image tokens is longer are an error (or skipped)."""
+    max_prompt_length: rows whose prompt with image tokens is longer are an error (or skipped).
+    eval: held-out data scored during training (TRL's evaluation: rewards of sampled completions, logged as
+    `eval_reward`, `eval_rewards/<func>/mean`): null (none), "synthetic" (eval_n tasks of the training mix drawn
+    with eval_seed, default seed + 10,000, which training never uses) or a data file read like `train`. With an
+    eval set, evaluation runs every `trl.eval_steps` steps (default: every `trl.save_steps`) unless
+    `trl.eval_strategy` says otherwise."""
 
     train: str = "synthetic"
     format: str = "auto"
@@ -88,9 +93,21 @@ class DataSection:
     image_root: str | None = None
     on_error: str = "raise"
     max_prompt_length: int | None = None
+    eval: str | None = None
+    eval_n: int = 64
+    eval_seed: int | None = None
 
     def __post_init__(self) -> None:
         knobs_from_mapping(self.knobs, where="knobs")  # fail at load time, naming the family and knob
+        if self.eval is not None and self.eval == self.train and self.eval != "synthetic":
+            raise ValueError(f"data.eval={self.eval!r} is the training file: held-out data must be other rows")
+        if self.eval == "synthetic" and self.train == "synthetic" and self.held_out_seed() == self.seed:
+            raise ValueError(f"data.eval_seed={self.eval_seed} is the training seed: held-out tasks need another")
+        if self.eval_n < 1:
+            raise ValueError(f"data.eval_n={self.eval_n} must be at least 1")
+
+    def held_out_seed(self) -> int:
+        return self.seed + 10_000 if self.eval_seed is None else self.eval_seed
 
     def synthetic_knobs(self) -> dict[str, Any]:
         return knobs_from_mapping(self.knobs, where="data.knobs")
@@ -220,6 +237,13 @@ def grpo_config(recipe: Recipe):
     weights += [float(w) for w in recipe.rewards.custom.values()]
     trl.setdefault("reward_weights", weights)
     trl.setdefault("use_cpu", not _cuda())
+    if recipe.data.eval is not None:
+        trl.setdefault("eval_strategy", "steps")
+        if trl["eval_strategy"] == "steps":
+            trl.setdefault("eval_steps", trl.get("save_steps"))
+    elif trl.get("eval_strategy", "no") != "no":
+        raise ValueError(f"trl.eval_strategy={trl['eval_strategy']!r} but the recipe has no held-out data: set "
+                         "data.eval (\"synthetic\" or a data file)")
     try:
         return GRPOConfig(**trl)
     except TypeError as err:
@@ -257,19 +281,24 @@ def build_model(recipe: Recipe):
     return load_model(recipe.model.path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
 
 
-def build_dataset(recipe: Recipe, processor):
+def build_dataset(recipe: Recipe, processor, split: str = "train"):
+    """The training data set (split "train") or the held-out one ("eval": `data.eval`, None when unset), and
+    the load report of a data file (None for synthetic data)."""
     from ..data.formats import check_prompt_lengths, load_samples, to_trl_dataset
     from ..data.synthetic import generate, to_hf_dataset
 
     d = recipe.data
-    if d.train == "synthetic":
-        return to_hf_dataset(generate(d.n, seed=d.seed, families=d.families, knobs=d.synthetic_knobs())), None
-    samples, report = load_samples(d.train, d.format, image_root=d.image_root, on_error=d.on_error)
+    source, n, seed = (d.train, d.n, d.seed) if split == "train" else (d.eval, d.eval_n, d.held_out_seed())
+    if source is None:
+        return None, None
+    if source == "synthetic":
+        return to_hf_dataset(generate(n, seed=seed, families=d.families, knobs=d.synthetic_knobs())), None
+    samples, report = load_samples(source, d.format, image_root=d.image_root, on_error=d.on_error)
     if d.max_prompt_length is not None:
         samples = check_prompt_lengths(samples, processor, d.max_prompt_length, on_error=d.on_error, report=report)
     logger.info("%s", report)
     if not samples:
-        raise ValueError(f"data.train={d.train!r}: no usable rows ({report})")
+        raise ValueError(f"data.{split}={source!r}: no usable rows ({report})")
     return to_trl_dataset(samples), report
 
 
@@ -306,13 +335,15 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     args = grpo_config(recipe)
     model, processor = build_model(recipe)
     dataset, _ = build_dataset(recipe, processor)
+    eval_dataset, _ = build_dataset(recipe, processor, "eval")
     peft_config = None
     if recipe.lora:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**{"task_type": "CAUSAL_LM", **recipe.lora})
     return ATRLTrainer(model=model, processing_class=processor, reward_funcs=build_rewards(recipe), args=args,
-                       train_dataset=dataset, peft_config=peft_config, anchor_config=recipe.anchor,
+                       train_dataset=dataset, eval_dataset=eval_dataset, peft_config=peft_config,
+                       anchor_config=recipe.anchor,
                        callbacks=callbacks)
 
 

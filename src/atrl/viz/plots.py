@@ -34,10 +34,15 @@ def _series(history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _reward_keys(history: Sequence[dict]) -> list[tuple[str, str]]:
-    """("reward", "total reward") and one ("rewards/NAME/mean", NAME) per reward function the run logged."""
-    names = sorted({k for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")})
-    return [("reward", "total reward"), *((k, k.split("/")[1].replace("_", " ")) for k in names)]
+def _reward_keys(history: Sequence[dict], prefix: str = "") -> list[tuple[str, str]]:
+    """("reward", "total reward") and one ("rewards/NAME/mean", NAME) per reward function the run logged; with
+    prefix "eval_", the same of TRL's evaluation on held-out data."""
+    names = sorted({k for h in history for k in h if k.startswith(prefix + "rewards/") and k.endswith("/mean")})
+    return [(prefix + "reward", "total reward"), *((k, k.split("/")[1].replace("_", " ")) for k in names)]
+
+
+def _held_out_reward_keys(history: Sequence[dict]) -> list[tuple[str, str]]:
+    return _reward_keys(history, "eval_")
 
 
 _LINE_STYLES = ("-", "--", ":", "-.")
@@ -100,13 +105,14 @@ def training_curves(history: Sequence[dict], out: str | Path) -> Path:
 # run's history giving them). The keys are TRL's and ATRLTrainer's metric names (docs/ALGORITHM.md, "Logged metrics").
 REPORT_PANELS = (
     ("Reward", "mean reward per completion", _reward_keys),
+    ("Held-out reward (data.eval)", "mean reward per completion", _held_out_reward_keys),
+    ("Completion length", "tokens per completion", [("completions/mean_length", "mean length")]),
     ("Anchor fraction", "share of tokens in anchor clusters", [("atrl/anchor_fraction", "anchor fraction")]),
     ("Connectivity", "mean connectivity c_t (debiased)",
      [("atrl/anchor_conn", "anchor tokens"), ("atrl/other_conn", "other tokens")]),
     ("Bimodality of connectivity", "Sarle's coefficient (> 5/9: bimodal)", [("atrl/bimodality", "bimodality")]),
     ("Credit weights", "per-token weight W(C_k(t))",
      [("atrl/weight_max", "max"), ("atrl/weight_min", "min"), ("atrl/weight_std", "std")]),
-    ("Completion length", "tokens per completion", [("completions/mean_length", "mean length")]),
     ("Policy entropy", "mean token entropy (nats)", [("entropy", "entropy")]),
     ("Time", "seconds per optimizer step",
      [("step_time", "training step (TRL's step_time)"), (_CREDIT_PER_STEP, "credit in the training loop")]),
@@ -132,7 +138,7 @@ def training_report(runs: dict[str, Sequence[dict]], out: str | Path, smooth: in
     if smooth < 1:
         raise ValueError(f"training_report: smooth={smooth} must be at least 1 (1: no smoothing)")
     plt = _plt()
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     runs = {run: _with_credit_per_step(history) for run, history in runs.items()}
     for ax, (title, ylabel, keys) in zip(axes.flat, REPORT_PANELS):
         _draw_panel(ax, runs, keys, smooth)
