@@ -82,6 +82,29 @@ def test_held_out_data_is_other_tasks_of_the_same_mix_and_turns_evaluation_on():
         grpo_config(load_recipe(None, ["--trl.eval_strategy", "steps"]))
 
 
+def test_dry_run_checks_config_rewards_data_and_capture_site_without_training(tmp_path, capsys):
+    out = tmp_path / "never-written"
+    common = ["train", "--dry-run", "--trl.output_dir", str(out)]
+    assert main([*common, "--data.eval", "synthetic", "--data.eval_n", "4", "--trl.num_iterations", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "rewards: accuracy_reward x 1, format_reward x 0.2" in printed
+    assert "data.train: synthetic, 512 rows" in printed and "data.eval: synthetic, 4 rows" in printed
+    assert "connectivity measured on old_logps" in printed  # num_iterations 2: TRL's old-log-prob pass
+    assert printed.rstrip().endswith("recipe checked: nothing trained") and not out.exists()
+    assert main([*common, "--anchor.capture", "old_logps"]) == 2  # TRL makes no such pass with these settings
+    assert "anchor.capture='old_logps' but TRL makes no old-log-prob pass" in capsys.readouterr().err
+    assert main([*common, "--trl.per_device_train_batch_size", "6"]) == 2  # TRL's check: 6 is not a multiple of 4
+    assert "recipe section 'trl': generation_batch_size (6) must be divisible" in capsys.readouterr().err
+    # a data file whose second row's prompt, image tokens included, is over the limit: named, or skipped and counted
+    assert main(["data", "export", "--n", "6", "--seed", "3", "--out", str(tmp_path / "d")]) == 0
+    data = ["--data.train", str(tmp_path / "d" / "data.jsonl"), "--data.max_prompt_length", "150"]
+    assert main([*common, *data]) == 2
+    assert "data.jsonl:2: prompt is 154 tokens" in capsys.readouterr().err
+    assert main([*common, *data, "--data.on_error", "skip"]) == 0
+    printed = capsys.readouterr().out
+    assert "rows, skipped 1 (prompt too long: 1)" in printed and "data.train checked" in printed
+
+
 def test_synthetic_knobs_reach_the_training_data():
     from atrl.rl.recipe import build_dataset
 

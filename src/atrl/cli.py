@@ -98,6 +98,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(args.config, args.overrides)
+    if args.dry_run:
+        from .rl.recipe import check_recipe
+
+        for line in check_recipe(recipe):
+            print(line)
+        print("recipe checked: nothing trained")
+        return 0
     trainer = run_training(recipe)
     out = recipe.trl["output_dir"]
     print(f"trained {trainer.state.global_step} steps (mode {recipe.anchor.mode}) -> {out}/final; "
@@ -266,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Overrides after the options: --section.key value, e.g. "
                                        "--anchor.mode uniform --trl.max_steps 100")
     train.add_argument("--config", default=None, help="YAML recipe (see configs/)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the recipe, its data and rewards without loading the model's weights, and stop")
     train.set_defaults(func=_cmd_train)
 
     plot = sub.add_parser("plot", help="a figure of what training did, for one run or several overlaid",

@@ -289,7 +289,7 @@ def ensure_writable_dir(path: str | os.PathLike, *, argument: str) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".atrl-write-check"
+        probe = out / f".atrl-write-check-{os.getpid()}"  # one per process: ranks of a launch share the folder
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:

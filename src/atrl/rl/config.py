@@ -75,3 +75,20 @@ class AnchorConfig:
     def credit_options(self) -> CreditOptions:
         mode = "threshold" if self.mode == "visual_dependency" else self.mode
         return CreditOptions(mode=mode, **self.credit)
+
+    def capture_site(self, args) -> str:
+        """Where connectivity is measured under GRPOConfig `args`: "old_logps" or "train_forward" (see `capture`).
+
+        TRL makes a no-grad old-log-prob pass when a generation batch serves more optimizer steps than it has
+        accumulation steps (steps_per_generation x num_iterations not dividing gradient_accumulation_steps), or for
+        vLLM's importance-sampling correction."""
+        generate_every = args.steps_per_generation * args.num_iterations
+        trl_scores = (args.gradient_accumulation_steps % generate_every != 0) or bool(
+            args.use_vllm and getattr(args, "vllm_importance_sampling_correction", False))
+        if self.capture == "auto":
+            return "old_logps" if trl_scores else "train_forward"
+        if self.capture == "old_logps" and not trl_scores:
+            raise ValueError("anchor.capture='old_logps' but TRL makes no old-log-prob pass with these settings "
+                             "(num_iterations=1, no vLLM importance sampling); use capture='auto' or "
+                             "'train_forward' rather than adding a forward pass")
+        return self.capture

@@ -246,7 +246,7 @@ def grpo_config(recipe: Recipe):
                          "data.eval (\"synthetic\" or a data file)")
     try:
         return GRPOConfig(**trl)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # an unknown field, or one of TRL's own checks
         raise ValueError(f"recipe section 'trl': {err}") from err
 
 
@@ -264,21 +264,69 @@ def _wandb_ready() -> bool:
         os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
 
 
+def _model_path(recipe: Recipe) -> str | Path | None:
+    """model.path, or for null the embedded default base (None when there is none: a fresh tiny model)."""
+    if recipe.model.path is not None:
+        return recipe.model.path
+    from ..models.default import default_base_model
+
+    return default_base_model()
+
+
 def build_model(recipe: Recipe):
     import torch
 
     from ..models.zoo import build_tiny_vlm, load_model
 
     dtype = getattr(torch, recipe.model.dtype)
-    if recipe.model.path is None:
-        from ..models.default import default_base_model
+    path = _model_path(recipe)
+    if path is None:
+        model, processor = build_tiny_vlm("qwen2_5_vl", seed=recipe.trl.get("seed", 0))
+        return model.to(dtype), processor
+    return load_model(path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
 
-        path = default_base_model()
-        if path is None:
-            model, processor = build_tiny_vlm("qwen2_5_vl", seed=recipe.trl.get("seed", 0))
-            return model.to(dtype), processor
-        return load_model(path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
-    return load_model(recipe.model.path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+
+def check_recipe(recipe: Recipe) -> list[str]:
+    """`atrl train --dry-run`: what the run would fail on before its first step, found without the model's weights
+    (minutes on a GPU node for a 7B model). Builds the GRPOConfig (TRL's own checks, e.g. batch sizes against
+    num_generations), imports the reward functions, loads both data splits (bad rows raise or are counted, as
+    data.on_error says), checks prompt lengths with the model's processor when data.max_prompt_length is set,
+    and resolves where connectivity is measured. Raises what `atrl train` would raise; returns a summary."""
+    args = grpo_config(recipe)
+    lines = [f"trl: {args.per_device_train_batch_size} completions per device x {args.gradient_accumulation_steps} "
+             f"accumulation steps, {args.num_generations} per prompt, loss {args.loss_type}, learning rate "
+             f"{args.learning_rate:g}, max_steps {args.max_steps}, output {args.output_dir}"]
+    rewards = build_rewards(recipe)
+    lines.append("rewards: " + ", ".join(f"{getattr(f, '__name__', f)} x {w:g}"
+                                          for f, w in zip(rewards, args.reward_weights)))
+    files = [f"data.{split}" for split in ("train", "eval") if getattr(recipe.data, split) not in (None, "synthetic")]
+    processor = None
+    if recipe.data.max_prompt_length is not None and files:
+        from ..models.zoo import build_tiny_vlm, load_processor
+
+        path = _model_path(recipe)
+        processor = load_processor(path) if path is not None else build_tiny_vlm("qwen2_5_vl")[1]
+    for split in ("train", "eval"):
+        dataset, report = build_dataset(recipe, processor, split)
+        if dataset is None:
+            lines.append(f"data.{split}: none")
+            continue
+        source = getattr(recipe.data, split)
+        lines.append(f"data.{split}: {source}, {len(dataset)} rows" + (f"; {report}" if report else ""))
+    if recipe.data.max_prompt_length is None:
+        lines.append("prompt lengths: not checked (data.max_prompt_length is not set)")
+    elif not files:
+        lines.append("prompt lengths: not checked (data.max_prompt_length applies to data files; these are synthetic)")
+    else:
+        lines.append(f"prompt lengths: {' and '.join(files)} checked, kept rows fit {recipe.data.max_prompt_length} "
+                     "tokens with their image tokens")
+    a = recipe.anchor
+    site = a.capture_site(args) if a.needs_probe or a.mode == "entropy" else "none (no probes)"
+    lines.append(f"anchor: mode {a.mode}, connectivity measured on {site}, probe layers "
+                 f"{a.probe_layers or 'default'}, region grid {a.region_grid[0]}x{a.region_grid[1]}")
+    lines.append(f"model: {recipe.model.path or 'the embedded default'} ({recipe.model.dtype}, "
+                 f"{recipe.model.attn_implementation}; weights not loaded)")
+    return lines
 
 
 def build_dataset(recipe: Recipe, processor, split: str = "train"):
@@ -374,8 +422,10 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
     from .progress import install_progress
 
     out = ensure_writable_dir(recipe.trl["output_dir"], argument="trl.output_dir")
-    (out / "recipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict(), default=list)),
-                                                    sort_keys=False))
+    # every rank of a launch writes the same text: each to its own temporary file, renamed into place (atomic)
+    tmp = out / f"recipe.yaml.{os.getpid()}.tmp"
+    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict(), default=list)), sort_keys=False))
+    os.replace(tmp, out / "recipe.yaml")
     trainer = build_trainer(recipe, callbacks)
     if progress:
         install_progress(trainer)
@@ -384,12 +434,12 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
         logger.warning("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     final = out / "final"
-    trainer.save_model(str(final))
-    trainer.processing_class.save_pretrained(str(final))
+    trainer.save_model(str(final))  # on every rank: DeepSpeed and FSDP gather the weights together
     trainer.save_state()  # <output_dir>/trainer_state.json: the whole log history, whatever save_steps was
     if trainer.is_world_process_zero():
         from ..viz.plots import training_report
 
+        trainer.processing_class.save_pretrained(str(final))
         training_report({run_label(out): trainer.state.log_history}, out / "training_report.png")
     return trainer
 

@@ -80,17 +80,7 @@ class ATRLTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.anchor = anchor_config or AnchorConfig()
         self.credit_options = self.anchor.credit_options()
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        trl_scores = (self.args.gradient_accumulation_steps % generate_every != 0) or bool(
-            self.use_vllm and getattr(self, "vllm_importance_sampling_correction", False))
-        site = self.anchor.capture
-        if site == "auto":
-            site = "old_logps" if trl_scores else "train_forward"
-        elif site == "old_logps" and not trl_scores:
-            raise ValueError("anchor.capture='old_logps' but TRL makes no old-log-prob pass with these settings "
-                             "(num_iterations=1, no vLLM importance sampling); use capture='auto' or "
-                             "'train_forward' rather than adding a forward pass")
-        self.capture_site = site
+        self.capture_site = self.anchor.capture_site(self.args)
         keep_one_input_grad_hook(self.model)
         self.probe: ConnectivityProbe | None = None
         if self.anchor.needs_probe:
