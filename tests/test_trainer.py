@@ -50,18 +50,44 @@ def _params(trainer):
 
 @pytest.mark.parametrize("mode", TRAINER_MODES)
 def test_every_mode_trains_a_few_steps(tmp_path, mode):
-    trainer = _trainer(tmp_path, anchor=AnchorConfig(mode=mode))
+    trainer = _trainer(tmp_path, anchor=AnchorConfig(mode=mode, report_steps=1))
     before = _params(trainer)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
     after = _params(trainer)
     assert any(not torch.equal(before[k], after[k]) for k in before), "parameters did not change"
+    reports = sorted(p.name for p in (tmp_path / "anchors").glob("*.html"))
     if mode != "uniform":
         assert all("atrl/anchor_fraction" in h and 0 < h["atrl/anchor_fraction"] <= 1 for h in logs)
         assert trainer.last_credit["result"].weights.shape == trainer.last_credit["mask"].shape
+        assert reports == ["step-000000.html", "step-000001.html"]  # anchor.report_steps=1: every step
     else:
         assert not any(k.startswith("atrl/") for h in logs for k in h)
+        assert reports == []  # nothing weighted, nothing to show
+
+
+def test_anchor_report_shows_the_step_s_tokens_anchors_and_weights(tmp_path):
+    """The last step's report against the credit the trainer applied to that step (one micro-batch per step)."""
+    import re
+
+    trainer = _trainer(tmp_path, anchor=AnchorConfig(report_steps=1))
+    trainer.train()
+    page = (tmp_path / "anchors" / "step-000001.html").read_text()
+    credit = trainer.last_credit
+    blocks = page.split("<h3>")[1:]
+    assert len(blocks) == credit["mask"].shape[0] == 4
+    for i, block in enumerate(blocks):
+        keep = credit["mask"][i]
+        hovers = re.findall(r"title='c=(\S+) w=(\S+)'", block)
+        assert len(hovers) == int(keep.sum())  # one span per completion token, padding left out
+        assert [float(c) for c, _ in hovers] == pytest.approx(credit["conn"][i][keep].tolist(), abs=1e-4)
+        assert [float(w) for _, w in hovers] == pytest.approx(credit["result"].weights[i][keep].tolist(), abs=1e-3)
+        assert block.count("tok anchor") == int(credit["result"].boosted_mask[i][keep].sum())
+        advantage = float(re.match(r"A\(i\) = (\S+),", block).group(1))
+        assert advantage == pytest.approx(float(credit["advantages_in"][i]), abs=1e-3)
+    with pytest.raises(ValueError, match="anchor.report_steps=-1"):
+        AnchorConfig(report_steps=-1)
 
 
 def test_gradient_checkpointing_keeps_one_embedding_hook(tmp_path):
@@ -112,9 +138,9 @@ def test_overlapped_credit_waits_per_micro_batch_and_changes_nothing(tmp_path, m
     waits, handed = [], []
     original_weighted, original_hand_on = on._weighted_advantages, CreditInFlight.hand_on
 
-    def weighted(advantages, credit, rows=None):
+    def weighted(advantages, credit, rows=None, **kw):
         waits.append((on._scoring, None if rows is None else sorted(rows)))
-        return original_weighted(advantages, credit, rows)
+        return original_weighted(advantages, credit, rows, **kw)
 
     def hand_on(self, start, mask_BT, *a):
         handed.append((start, mask_BT.shape[0], torch.is_grad_enabled()))

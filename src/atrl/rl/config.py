@@ -41,6 +41,10 @@ class AnchorConfig:
         credit: CreditOptions fields other than `mode` (partition, anchor_ratio, weighting, w_anchor, ...).
         fallback_to_uniform: when credit assignment fails on a batch (e.g. non-finite connectivity), log it
             and use uniform weights for that batch instead of stopping the run.
+        report_steps: every this many optimizer steps, and at the first, write `<output_dir>/anchors/step-N.html`:
+            up to 8 of the step's sampled completions, tokens shaded by connectivity, anchors (the boosted tokens)
+            marked, each token's weight on hover (main process, training only; 0: never). Reading the tokens
+            back costs one device sync on those steps only.
     """
 
     mode: str = "atrl"
@@ -51,6 +55,7 @@ class AnchorConfig:
     overlap: bool = True
     credit: dict[str, Any] = field(default_factory=dict)
     fallback_to_uniform: bool = True
+    report_steps: int = 50
 
     def __post_init__(self) -> None:
         if self.mode not in TRAINER_MODES:
@@ -62,6 +67,8 @@ class AnchorConfig:
         for name in ("overlap", "fallback_to_uniform"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"anchor.{name}={getattr(self, name)!r}: use true or false")
+        if isinstance(self.report_steps, bool) or not isinstance(self.report_steps, int) or self.report_steps < 0:
+            raise ValueError(f"anchor.report_steps={self.report_steps!r}: a number of steps, 0 for never")
         self.region_grid = tuple(self.region_grid)
         if len(self.region_grid) != 2 or min(self.region_grid) < 1:
             raise ValueError(f"anchor.region_grid={self.region_grid}: two positive integers, e.g. [4, 4]")

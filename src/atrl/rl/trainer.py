@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -94,6 +95,7 @@ class ATRLTrainer(GRPOTrainer):
         self._credit_seconds = 0.0  # trainer time in credit since the last weights were applied
         self.last_credit: dict[str, Any] | None = None  # the latest micro-batch's credit inputs and outputs
         self.nonfinite_losses = 0
+        self._reported_step = -1  # the step whose anchor report is written (anchor.report_steps)
 
     # ---------------------------------------------------------------------------------------------- measuring
 
@@ -147,7 +149,8 @@ class ATRLTrainer(GRPOTrainer):
         if self._scoring:
             self._scored = credit
         else:
-            self._pending["advantages"] = self._weighted_advantages(self._pending["advantages"], credit)
+            self._pending["advantages"] = self._weighted_advantages(self._pending["advantages"], credit,
+                                                                    completion_ids=input_ids[:, -logits_to_keep:])
         return logps, (ent if compute_entropy else None), aux
 
     @contextmanager
@@ -162,11 +165,13 @@ class ATRLTrainer(GRPOTrainer):
     # ---------------------------------------------------------------------------------------------- deciding
 
     def _weighted_advantages(self, advantages: torch.Tensor, credit: CreditInFlight,
-                             rows: list[int] | None = None) -> torch.Tensor:
+                             rows: list[int] | None = None, completion_ids: torch.Tensor | None = None
+                             ) -> torch.Tensor:
         """(b,) or (b, T) advantages of `rows` (default: all) -> (b, T) `W(C_k(t)) * A(i)`.
 
         Waits for those rows' partitions; logs the step's credit statistics and the time the trainer spent on
-        credit (submitting, waiting, assembling: `atrl/time/credit_s`) next to the workers' CPU time."""
+        credit (submitting, waiting, assembling: `atrl/time/credit_s`) next to the workers' CPU time. On a report
+        step (`anchor.report_steps`), `completion_ids` (b, T) of the rows go into the step's anchor report."""
         t0 = time.perf_counter()
         pending = credit.ready()
         cpu0 = pending.cpu_seconds
@@ -214,8 +219,38 @@ class ATRLTrainer(GRPOTrainer):
             })
         assert list(stats) == self._metric_names(measured)
         self._log_metric_values(stats)
+        if completion_ids is not None and self._report_due():
+            self._anchor_report(completion_ids, advantages, conn, mask, result)
         base = advantages if advantages.dim() == 2 else advantages[:, None]
         return weights * base
+
+    def _report_due(self) -> bool:
+        every, step = self.anchor.report_steps, self.state.global_step
+        return bool(every) and step % every == 0 and step != self._reported_step and self.model.training \
+            and self.is_world_process_zero()
+
+    def _anchor_report(self, completion_ids: torch.Tensor, advantages: torch.Tensor, conn: torch.Tensor,
+                       mask: torch.Tensor, result) -> None:
+        """`<output_dir>/anchors/step-N.html`: up to 8 of this micro-batch's completions as AT-RL weighted them
+        (N optimizer steps done before it)."""
+        from ..viz.plots import sampled_anchors_html
+
+        step, self._reported_step = self.state.global_step, self.state.global_step
+        n = min(8, completion_ids.shape[0])
+        ids = completion_ids[:n].cpu()  # the one device sync of a report step
+        adv = advantages[:n].float().cpu()
+        adv = adv if adv.dim() == 1 else adv.sum(1) / mask[:n].sum(1).clamp(min=1)  # per-token advantages: mean
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        keep = [mask[i] for i in range(n)]
+        folder = Path(self.args.output_dir) / "anchors"
+        folder.mkdir(parents=True, exist_ok=True)
+        sampled_anchors_html(
+            tokens=[[tokenizer.decode([t]) for t in ids[i][keep[i]].tolist()] for i in range(n)],
+            conn=[conn[i][keep[i]].numpy() for i in range(n)],
+            anchors=[result.boosted_mask[i][keep[i]].numpy() for i in range(n)],
+            weights=[result.weights[i][keep[i]].numpy() for i in range(n)],
+            advantages=adv.tolist(), out=folder / f"step-{step:06d}.html",
+            title=f"Anchor tokens at step {step} (mode {self.anchor.mode})")
 
     @staticmethod
     def _metric_names(measured: bool) -> list[str]:
@@ -261,7 +296,8 @@ class ATRLTrainer(GRPOTrainer):
         else:
             return output
         if not self.anchor.overlap:
-            output["advantages"] = self._weighted_advantages(output["advantages"], credit)
+            output["advantages"] = self._weighted_advantages(output["advantages"], credit,
+                                                             completion_ids=output["completion_ids"])
             return output
         # The weights are applied per micro-batch in _compute_loss. TRL shuffles and splits this batch into
         # micro-batches, so each row carries its index (and the batch its number) through the shuffle.
@@ -279,7 +315,8 @@ class ATRLTrainer(GRPOTrainer):
             number, credit = self._credit_batches["train" if self.model.training else "eval"]
             if number != batch:
                 raise RuntimeError(f"micro-batch of generation batch {batch} met the credit of batch {number}")
-            inputs["advantages"] = self._weighted_advantages(inputs["advantages"], credit, rows)
+            inputs["advantages"] = self._weighted_advantages(inputs["advantages"], credit, rows,
+                                                             completion_ids=inputs["completion_ids"])
             return super()._compute_loss(model, inputs)
         if not (self.capture_site == "train_forward" and self.anchor.mode not in ("uniform", "visual_dependency")):
             return super()._compute_loss(model, inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -182,29 +183,62 @@ def _colour(value: float) -> str:
     return f"rgb({r},{g},{b})"
 
 
-def highlighted_html(views: Sequence, out: str | Path, title: str = "Anchor tokens") -> Path:
+def highlighted_html(views: Sequence, out: str | Path, title: str = "Anchor tokens",
+                     note: str = "Blue outline: perception span (what the reference says was read from the image).",
+                     ) -> Path:
     """A self-contained HTML page: each response's tokens shaded by connectivity, anchors bold and underlined,
-    perception spans outlined."""
+    perception spans outlined; a view with `weights` shows each token's credit weight on hover."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
              "body{font-family:sans-serif;max-width:60em;margin:2em auto}"
              ".tok{white-space:pre;padding:1px 0}.anchor{font-weight:bold;text-decoration:underline}"
              ".percep{outline:1px solid #1565c0}.resp{font-family:monospace;line-height:1.9;margin:.3em 0 1.2em}"
              "</style></head><body>",
              f"<h1>{html.escape(title)}</h1><p>Shading: connectivity (white = none, red = the response's most "
-             "visual token). <b><u>Bold underlined</u></b>: anchor tokens. Blue outline: perception span "
-             "(what the reference says was read from the image).</p>"]
+             f"visual token). <b><u>Bold underlined</u></b>: anchor tokens. {html.escape(note)}</p>"]
     for v in views:
         top = float(v.conn.max()) if v.conn.size and v.conn.max() > 0 else 1.0
+        weights = getattr(v, "weights", None)
         parts.append(f"<h3>{html.escape(v.family)} &middot; {html.escape(v.uid)}</h3><div class='resp'>")
-        for t, c, a, p in zip(v.tokens, v.conn, v.anchor, v.perception):
+        for i, (t, c, a, p) in enumerate(zip(v.tokens, v.conn, v.anchor, v.perception)):
             cls = "tok" + (" anchor" if a else "") + (" percep" if p else "")
+            hover = f"c={c:.4f}" + (f" w={weights[i]:.3f}" if weights is not None else "")
             parts.append(f"<span class='{cls}' style='background:{_colour(c / top)}' "
-                         f"title='c={c:.4f}'>{html.escape(t)}</span>")
+                         f"title='{hover}'>{html.escape(t)}</span>")
         parts.append("</div>")
     parts.append("</body></html>")
     path = Path(out)
     path.write_text("".join(parts), encoding="utf-8")
     return path
+
+
+@dataclass
+class SampledView:
+    """A completion sampled in training, as `highlighted_html` shows it (no reference, so no perception spans)."""
+
+    uid: str
+    family: str  # the heading: advantage, anchor share, largest weight
+    tokens: list[str]
+    conn: np.ndarray  # (T,)
+    anchor: np.ndarray  # (T,) bool
+    weights: np.ndarray  # (T,)
+
+    @property
+    def perception(self) -> np.ndarray:
+        return np.zeros(len(self.tokens), dtype=bool)
+
+
+def sampled_anchors_html(tokens: Sequence[list[str]], conn: Sequence[np.ndarray], anchors: Sequence[np.ndarray],
+                         weights: Sequence[np.ndarray], advantages: Sequence[float], out: str | Path,
+                         title: str) -> Path:
+    """Completions sampled during training with what AT-RL did to them: per completion i, its tokens, their
+    connectivity and anchor flags and weights (each (T_i,), padding removed) and its advantage A(i)."""
+    views = [SampledView(uid=f"completion {i}", tokens=list(t), conn=np.asarray(c, dtype=float),
+                         anchor=np.asarray(a, dtype=bool), weights=np.asarray(w, dtype=float),
+                         family=f"A(i) = {adv:+.3f}, anchors {np.mean(a) if len(a) else 0:.0%} of "
+                                f"{len(t)} tokens, largest weight {max(w, default=0):.2f}")
+             for i, (t, c, a, w, adv) in enumerate(zip(tokens, conn, anchors, weights, advantages))]
+    return highlighted_html(views, out, title=title, note="A token's weight W(C_k(t)) shows on hover; its advantage "
+                            "is W x A(i) (a positive A(i) pushes its log-probability up).")
 
 
 def highlighted_png(views: Sequence, out: str | Path, max_views: int = 6, per_line: int = 60) -> Path:
