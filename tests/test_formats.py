@@ -78,7 +78,7 @@ def test_each_format_loads_into_the_same_schema(files):
     assert mv_json[0].load_images()[0].getpixel((0, 0)) == (255, 0, 0)
     assert [len(s.images) for s in geo] == [1, 2] and geo[0].answer_type == "math"
     assert gen[1].answer == "3" and gen[1].answer_type == "integer"
-    assert gen[0].source.endswith("generic.jsonl:0")
+    assert gen[0].source.endswith("generic.jsonl:1")  # line 1: numbered as editors and grep number lines
 
 
 def test_trl_dataset_is_conversational_and_lazy(files):
@@ -96,7 +96,7 @@ def test_missing_image_names_file_and_row(files):
     with (files / "bad.jsonl").open("w") as fh:
         fh.write(json.dumps({"question": "q", "answer": "1", "image": "images/1.png"}) + "\n")
         fh.write(json.dumps({"question": "q", "answer": "1", "image": "images/missing.png"}) + "\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl:1: image file .*missing\.png' does not exist"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: image file .*missing\.png' does not exist"):
         load_samples(files / "bad.jsonl")
 
 
@@ -104,11 +104,11 @@ def test_corrupt_image_names_file_and_row(files):
     (files / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     with (files / "corrupt.jsonl").open("w") as fh:
         fh.write(json.dumps({"question": "q", "answer": "1", "image": "images/broken.png"}) + "\n")
-    with pytest.raises(DataError, match=r"corrupt\.jsonl:0: image .*broken\.png cannot be read"):
+    with pytest.raises(DataError, match=r"corrupt\.jsonl:1: image .*broken\.png cannot be read"):
         load_samples(files / "corrupt.jsonl")
     # lazily: the same error surfaces when the image is first used
     samples, _ = load_samples(files / "corrupt.jsonl", verify_images=False)
-    with pytest.raises(DataError, match=r"corrupt\.jsonl:0"):
+    with pytest.raises(DataError, match=r"corrupt\.jsonl:1"):
         samples[0].load_images()
 
 
@@ -118,7 +118,7 @@ def test_row_without_answer_and_unknown_type(files):
         fh.write(json.dumps({"question": "q", "answer": "", "image": "images/1.png"}) + "\n")
         fh.write(json.dumps({"question": "q", "answer": "5", "answer_type": "date", "image": "images/1.png"}) + "\n")
         fh.write(json.dumps({"question": "q", "answer": "5", "image": "images/nope.png"}) + "\n")
-    with pytest.raises(DataError, match=r"noanswer\.jsonl:1: no answer"):
+    with pytest.raises(DataError, match=r"noanswer\.jsonl:2: no answer"):
         load_samples(files / "noanswer.jsonl")
     samples, report = load_samples(files / "noanswer.jsonl", on_error="skip")
     assert len(samples) == 1 and report.kept == 1
@@ -133,7 +133,7 @@ def test_prompt_that_would_cut_image_tokens(files, tiny_models):
     kept = check_prompt_lengths(samples, processor, max_prompt_length=10_000)
     assert len(kept) == 2
     # row 0 (one image) is 105 tokens with the byte tokenizer, row 1 (two images) longer
-    with pytest.raises(DataError, match=r"geo\.jsonl:1: prompt is \d+ tokens .* max_prompt_length=110"):
+    with pytest.raises(DataError, match=r"geo\.jsonl:2: prompt is \d+ tokens .* max_prompt_length=110"):
         check_prompt_lengths(samples, processor, max_prompt_length=110)
     kept = check_prompt_lengths(samples, processor, max_prompt_length=110, on_error="skip", report=report)
     assert [s.uid for s in kept] == ["g1"] and report.skipped["prompt too long"] == 1 and report.kept == 1
@@ -146,5 +146,24 @@ def test_unreadable_file_types(tmp_path):
     with pytest.raises(DataError, match="unsupported file type '.csv'"):
         load_samples(tmp_path / "x.csv")
     (tmp_path / "broken.jsonl").write_text('{"question": "q"\n')
-    with pytest.raises(DataError, match=r"broken\.jsonl:0: not valid JSON"):
+    with pytest.raises(DataError, match=r"broken\.jsonl:1: not valid JSON"):
         load_samples(tmp_path / "broken.jsonl")
+
+
+def test_rows_are_named_where_an_editor_finds_them(tmp_path):
+    """JSONL: the 1-based line, blank lines counted; a JSON list or a parquet file: the row's index."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": "q", "answer": "1"}, {"question": "q2", "answer": ""}]
+    (tmp_path / "gaps.jsonl").write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(DataError, match=r"gaps\.jsonl:3: no answer"):
+        load_samples(tmp_path / "gaps.jsonl")
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"rows\.json\[1\]: no answer"):
+        load_samples(tmp_path / "rows.json")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    with pytest.raises(DataError, match=r"rows\.parquet\[1\]: no answer"):
+        load_samples(tmp_path / "rows.parquet")
+    samples, report = load_samples(tmp_path / "gaps.jsonl", on_error="skip")
+    assert [s.source for s in samples] == [f"{tmp_path / 'gaps.jsonl'}:1"] and report.skipped["no answer"] == 1

@@ -99,10 +99,24 @@ def test_dry_run_checks_config_rewards_data_and_capture_site_without_training(tm
     assert main(["data", "export", "--n", "6", "--seed", "3", "--out", str(tmp_path / "d")]) == 0
     data = ["--data.train", str(tmp_path / "d" / "data.jsonl"), "--data.max_prompt_length", "150"]
     assert main([*common, *data]) == 2
-    assert "data.jsonl:2: prompt is 154 tokens" in capsys.readouterr().err
+    assert "data.jsonl:3: prompt is 154 tokens" in capsys.readouterr().err
     assert main([*common, *data, "--data.on_error", "skip"]) == 0
     printed = capsys.readouterr().out
     assert "rows, skipped 1 (prompt too long: 1)" in printed and "data.train checked" in printed
+
+
+def test_bad_data_fails_before_the_model_is_loaded(tmp_path, capsys):
+    """A bad row is reported before any weights load (minutes for a 7B model): here the model path does not even
+    exist, and the error is the data's."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "What colour?", "answer": "red", "image": "missing.png"}\n')
+    common = ["train", "--trl.output_dir", str(tmp_path / "run"), "--model.path", str(tmp_path / "no-model")]
+    assert main([*common, "--data.train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1" in err and "missing.png" in err and "no-model" not in err
+    # the prompt-length check needs the processor (no weights): a missing model folder is named as such
+    assert main([*common, "--data.train", str(bad), "--data.max_prompt_length", "100"]) == 2
+    assert "model path" in capsys.readouterr().err
 
 
 def test_synthetic_knobs_reach_the_training_data():

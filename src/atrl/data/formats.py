@@ -102,33 +102,37 @@ class LoadReport:
 # reading rows
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The file's rows, and where each is in it: `path:LINE` (1-based, as editors and grep count) in a JSONL
+    file, `path[INDEX]` (0-based) in a parquet file or a JSON list, `path[pid=ID]` in a JSON dict keyed by id."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        rows = pq.read_table(path).to_pylist()
+        return rows, [f"{path}[{i}]" for i in range(len(rows))]
     if suffix == ".jsonl":
-        rows = []
+        rows, places = [], []
         with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
+            for number, line in enumerate(fh, start=1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from err
-        return rows
+                        raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+                    places.append(f"{path}:{number}")
+        return rows, places
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
         if isinstance(data, dict):
-            return [{"pid": key, **value} for key, value in data.items()]
+            return [{"pid": key, **value} for key, value in data.items()], [f"{path}[pid={key}]" for key in data]
         if isinstance(data, list):
-            return data
+            return data, [f"{path}[{i}]" for i in range(len(data))]
         raise DataError(f"{path}: expected a JSON list of rows or a dict keyed by id")
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .parquet, .json or .jsonl)")
 
@@ -232,7 +236,7 @@ def load_samples(path: str | Path, format: str = "auto", *, image_root: str | Pa
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: use 'raise' or 'skip'")
     path = Path(path)
-    rows = _read_rows(path)
+    rows, places = _read_rows(path)
     if format == "auto":
         first = rows[0] if rows else {}
         format = "mathvista" if "question_type" in first and "pid" in first else (
@@ -242,8 +246,7 @@ def load_samples(path: str | Path, format: str = "auto", *, image_root: str | Pa
     root = Path(image_root) if image_root is not None else path.parent
     report = LoadReport(str(path))
     samples = []
-    for i, row in enumerate(rows):
-        where = f"{path}:{i}"
+    for row, where in zip(rows, places):
         try:
             sample = _ROW_READERS[format](row, root, where)
             sample.source = where

@@ -308,8 +308,7 @@ def save_model(model: PreTrainedModel, processor: ProcessorMixin, path: str | os
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                attn_implementation: str | None = None, device: str | torch.device | None = None):
     """Load a VLM checkpoint and its processor from a local folder (or any Hugging Face model path)."""
-    if not Path(path).exists() and os.sep in str(path):
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    _check_model_path(path)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -321,8 +320,15 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     return model, load_processor(path)
 
 
+def _check_model_path(path: str | os.PathLike) -> None:
+    """A path with a separator is a local folder, not a hub id: say so plainly when it is missing."""
+    if not Path(path).exists() and os.sep in str(path):
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+
+
 def load_processor(path: str | os.PathLike) -> ProcessorMixin:
     """Load a processor; the image-only Qwen processors saved by this project load without torchvision."""
+    _check_model_path(path)
     config_file = Path(path) / "processor_config.json"
     if config_file.is_file():
         name = json.loads(config_file.read_text()).get("processor_class")

@@ -286,6 +286,22 @@ def build_model(recipe: Recipe):
     return load_model(path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
 
 
+def _data_files(recipe: Recipe) -> list[str]:
+    """The data sections that name files rather than synthetic data ("data.train", "data.eval")."""
+    return [f"data.{split}" for split in ("train", "eval") if getattr(recipe.data, split) not in (None, "synthetic")]
+
+
+def _data_processor(recipe: Recipe):
+    """The model's processor where the data need it (data files with data.max_prompt_length: the prompt-length
+    check counts image tokens), else None. Loads no weights."""
+    if recipe.data.max_prompt_length is None or not _data_files(recipe):
+        return None
+    from ..models.zoo import build_tiny_vlm, load_processor
+
+    path = _model_path(recipe)
+    return load_processor(path) if path is not None else build_tiny_vlm("qwen2_5_vl")[1]
+
+
 def check_recipe(recipe: Recipe) -> list[str]:
     """`atrl train --dry-run`: what the run would fail on before its first step, found without the model's weights
     (minutes on a GPU node for a 7B model). Builds the GRPOConfig (TRL's own checks, e.g. batch sizes against
@@ -299,13 +315,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
     rewards = build_rewards(recipe)
     lines.append("rewards: " + ", ".join(f"{getattr(f, '__name__', f)} x {w:g}"
                                           for f, w in zip(rewards, args.reward_weights)))
-    files = [f"data.{split}" for split in ("train", "eval") if getattr(recipe.data, split) not in (None, "synthetic")]
-    processor = None
-    if recipe.data.max_prompt_length is not None and files:
-        from ..models.zoo import build_tiny_vlm, load_processor
-
-        path = _model_path(recipe)
-        processor = load_processor(path) if path is not None else build_tiny_vlm("qwen2_5_vl")[1]
+    files = _data_files(recipe)
+    processor = _data_processor(recipe)
     for split in ("train", "eval"):
         dataset, report = build_dataset(recipe, processor, split)
         if dataset is None:
@@ -381,9 +392,11 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     from .trainer import ATRLTrainer
 
     args = grpo_config(recipe)
+    # the data first: a bad row or file fails before minutes of loading a large model's weights
+    data_processor = _data_processor(recipe)
+    dataset, _ = build_dataset(recipe, data_processor)
+    eval_dataset, _ = build_dataset(recipe, data_processor, "eval")
     model, processor = build_model(recipe)
-    dataset, _ = build_dataset(recipe, processor)
-    eval_dataset, _ = build_dataset(recipe, processor, "eval")
     peft_config = None
     if recipe.lora:
         from peft import LoraConfig
