@@ -116,5 +116,8 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
         "files": {k: str(v) for k, v in files.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    console.print(f"report: {out} ({summary['seconds']} s); open {files['responses_html']} in a browser")
+    anchors = run_dir / "anchors"  # written by the trainer in modes that weight tokens
+    console.print(f"report: {out} ({summary['seconds']} s); open {files['responses_html']} in a browser; training: "
+                  f"{files['training_report']}" + (f" and {anchors}/ (sampled completions, credited tokens marked)"
+                                                   if anchors.is_dir() else ""))
     return summary
