@@ -23,7 +23,8 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
     assert (out / "run" / "final" / "model.safetensors").is_file()
     assert summary["files"]["training_report"] == str(out / "run" / "training_report.png")
     assert Image.open(out / "run" / "training_report.png").format == "PNG"
-    assert (out / "run" / "anchors" / "step-000000.html").is_file() and "credited tokens marked" in " ".join(printed.split())
+    assert (out / "run" / "anchors" / "step-000000.html").is_file()
+    assert "credited tokens marked" in " ".join(printed.split())  # rich may wrap the line
 
 
 def test_demo_in_uniform_mode_still_analyses_anchors(tmp_path):
