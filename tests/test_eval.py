@@ -188,6 +188,7 @@ def test_training_report_overlays_runs_and_says_what_was_not_logged(tmp_path, mo
     training_report({"u (uniform)": uniform}, tmp_path / "uniform.png")
     single = {ax["title"]: ax for ax in figures[1]}
     assert single["Connectivity"]["texts"] == ["not logged by these runs"] and not single["Connectivity"]["lines"]
+    assert single["Held-out reward (data.eval)"]["texts"] == ["no held-out data in these runs\n(recipe: data.eval)"]
     assert "total reward" in single["Reward"]["lines"]  # one run: series are named without the run
     with pytest.raises(ValueError, match="smooth=0"):
         training_report({"u": uniform}, tmp_path / "x.png", smooth=0)

@@ -58,7 +58,8 @@ def _trailing_mean(y: Sequence[float], window: int) -> np.ndarray:
     return (c[i] - c[lo]) / (i - lo)
 
 
-def _draw_panel(ax, runs: dict[str, Sequence[dict]], keys, smooth: int = 1) -> bool:
+def _draw_panel(ax, runs: dict[str, Sequence[dict]], keys, smooth: int = 1,
+                empty: str = "not logged by these runs") -> bool:
     """Plot `keys` ([(history key, label)], or a function of the history giving them) of every run: a colour
     per run, a line style per key. Returns whether anything was drawn; an empty panel says so."""
     drawn = False
@@ -80,7 +81,7 @@ def _draw_panel(ax, runs: dict[str, Sequence[dict]], keys, smooth: int = 1) -> b
         ax.legend(fontsize=7)
         ax.xaxis.set_major_locator(_plt().MaxNLocator(integer=True))  # steps are whole
     else:
-        ax.text(0.5, 0.5, "not logged by these runs", ha="center", va="center", color="grey", transform=ax.transAxes)
+        ax.text(0.5, 0.5, empty, ha="center", va="center", color="grey", transform=ax.transAxes)
     return drawn
 
 
@@ -142,7 +143,9 @@ def training_report(runs: dict[str, Sequence[dict]], out: str | Path, smooth: in
     fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     runs = {run: _with_credit_per_step(history) for run, history in runs.items()}
     for ax, (title, ylabel, keys) in zip(axes.flat, REPORT_PANELS):
-        _draw_panel(ax, runs, keys, smooth)
+        held_out = title.startswith("Held-out")
+        _draw_panel(ax, runs, keys, smooth, **({"empty": "no held-out data in these runs\n(recipe: data.eval)"}
+                                               if held_out else {}))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
