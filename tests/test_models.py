@@ -174,6 +174,24 @@ def test_unwritable_output_folder_is_named(tiny_models, tmp_path):
 def test_missing_model_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         load_model(tmp_path / "does-not-exist")
+    for local in ("runs/demo/final", "./final"):  # cannot be hub ids: named as missing folders
+        with pytest.raises(FileNotFoundError, match="model path .* does not exist"):
+            load_model(local)
+
+
+def test_hub_ids_reach_transformers(capsys):
+    """"Qwen/Qwen2.5-VL-3B-Instruct" (the shipped recipes' model) is a hub id, not a missing folder: it goes to
+    transformers, which loads it from the hub or its cache. Offline and uncached (as in tests), transformers'
+    own error is what the CLI prints."""
+    from atrl.cli import main
+    from atrl.models.zoo import load_processor
+
+    with pytest.raises(OSError) as err:
+        load_processor("Qwen/Qwen2.5-VL-3B-Instruct")
+    assert "model path" not in str(err.value)
+    assert main(["eval", "--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--n", "1"]) == 2
+    printed = capsys.readouterr().err
+    assert printed.startswith("atrl eval: error:") and "model path" not in printed
 
 
 def test_image_processor_is_pil_backed(tiny_models):

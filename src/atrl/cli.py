@@ -175,8 +175,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval import evaluate
     from .models.zoo import load_model
 
+    rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
     model, processor = load_model(args.model, device=args.device)
-    rows = _eval_rows(args)
     result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       temperature=args.temperature, samples=args.samples, seed=args.seed)
     json_path, md_path = result.write(args.out, title=f"Evaluation of {args.model} on {args.data}")
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad input, a missing file, a model transformers cannot find
         print(f"atrl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

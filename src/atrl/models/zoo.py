@@ -321,9 +321,16 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
 
 
 def _check_model_path(path: str | os.PathLike) -> None:
-    """A path with a separator is a local folder, not a hub id: say so plainly when it is missing."""
-    if not Path(path).exists() and os.sep in str(path):
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    """A missing folder that cannot be a hub id ("Qwen/Qwen2.5-VL-3B-Instruct" can; "runs/demo/final", "./x" or
+    "/abs/x" cannot) is named plainly; a hub id is left to transformers (the hub, or its cache offline)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(path).exists():
+        return
+    try:
+        validate_repo_id(str(path))
+    except HFValidationError:
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist") from None
 
 
 def load_processor(path: str | os.PathLike) -> ProcessorMixin:
