@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from atrl.data.formats import DataError, check_prompt_lengths, load_samples, to_trl_dataset
+from atrl.data.formats import DataError, build_prompt_messages, check_prompt_lengths, load_samples, to_trl_dataset
 
 
 def _png(path, colour="red", size=(40, 30)):
@@ -152,9 +152,6 @@ def test_unreadable_file_types(tmp_path):
 
 def test_rows_are_named_where_an_editor_finds_them(tmp_path):
     """JSONL: the 1-based line, blank lines counted; a JSON list or a parquet file: the row's index."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = [{"question": "q", "answer": "1"}, {"question": "q2", "answer": ""}]
     (tmp_path / "gaps.jsonl").write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
     with pytest.raises(DataError, match=r"gaps\.jsonl:3: no answer"):
@@ -167,3 +164,17 @@ def test_rows_are_named_where_an_editor_finds_them(tmp_path):
         load_samples(tmp_path / "rows.parquet")
     samples, report = load_samples(tmp_path / "gaps.jsonl", on_error="skip")
     assert [s.source for s in samples] == [f"{tmp_path / 'gaps.jsonl'}:1"] and report.skipped["no answer"] == 1
+
+
+def test_image_placeholders_leave_the_question(tmp_path):
+    """Geometry3K / ViRL39K-style questions mark images with <image>; the prompt carries the images themselves."""
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    rows = [{"problem": "<image>Find x.", "answer": "3", "images": ["a.png"]},
+            {"problem": "Compare <image> and\n<image> .", "answer": "A", "images": ["a.png", "a.png"]},
+            {"problem": "<image><image>Find y.", "answer": "1", "images": ["a.png"]}]
+    (tmp_path / "geo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples, report = load_samples(tmp_path / "geo.jsonl", on_error="skip")
+    assert [s.question for s in samples] == ["Find x.", "Compare and ."]
+    assert report.skipped and "2 <image> placeholders but the row has 1 images" in report.examples[0]
+    prompt = build_prompt_messages(samples[0])[0]["content"]
+    assert [c["type"] for c in prompt] == ["image", "text"] and "<image>" not in prompt[1]["text"]

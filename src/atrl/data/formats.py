@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,13 +185,29 @@ def _mathvista_row(row: dict, root: Path, where: str) -> Sample:
     )
 
 
+_IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+
+
+def _question_text(text: Any, n_images: int, where: str) -> str:
+    """The question without `<image>` placeholders (Geometry3K, ViRL39K and EasyR1-style files mark where an image
+    goes; the prompt puts the images first and the model's own image tokens stand for them). A count of
+    placeholders other than the row's images means a broken row."""
+    text = str(text)
+    placeholders = len(_IMAGE_PLACEHOLDER.findall(text))
+    if placeholders and placeholders != n_images:
+        raise DataError(f"{where}: the question has {placeholders} <image> placeholders but the row has "
+                        f"{n_images} images")
+    return _IMAGE_PLACEHOLDER.sub(" ", text).strip() if placeholders else text
+
+
 def _geometry_row(row: dict, root: Path, where: str) -> Sample:
     raw = row.get("images")
     if raw is None and row.get("image") is not None:
         raw = [row["image"]]
     if not raw:
         raise DataError(f"{where}: no images")
-    return Sample(uid=str(row.get("id", where)), question=str(row.get("problem") or row.get("question") or ""),
+    question = _question_text(row.get("problem") or row.get("question") or "", len(raw), where)
+    return Sample(uid=str(row.get("id", where)), question=question,
                   answer=row.get("answer"), answer_type=row.get("answer_type") or "math",
                   images=[_image_ref(v, root, where) for v in raw], choices=row.get("choices"),
                   metadata={k: v for k, v in row.items() if k in ("source", "category", "level")})
@@ -204,7 +221,8 @@ def _jsonl_row(row: dict, root: Path, where: str) -> Sample:
     if _blank(question):
         raise DataError(f"{where}: no question (expected a 'question', 'prompt' or 'problem' field)")
     precision = row.get("precision")
-    return Sample(uid=str(row.get("id", row.get("uid", where))), question=str(question), answer=row.get("answer"),
+    question = _question_text(question, len(raw), where)
+    return Sample(uid=str(row.get("id", row.get("uid", where))), question=question, answer=row.get("answer"),
                   answer_type=row.get("answer_type") or "text", images=[_image_ref(v, root, where) for v in raw],
                   choices=row.get("choices") or None, precision=None if _blank(precision) else float(precision),
                   metadata=row.get("metadata") or {})
