@@ -243,3 +243,30 @@ def test_sampled_evaluation_repeats_rows_and_matches_greedy_when_cold(tiny_model
         generate_responses(model, processor, rows, samples=2)
     with pytest.raises(ValueError, match="temperature=0"):
         generate_responses(model, processor, rows, temperature=0)
+
+
+def test_responses_cut_at_the_token_limit_are_counted():
+    """Against each response's full length, generated one by one with a limit it never reaches: a response is cut
+    at 64 tokens exactly when it needs more (its end-of-turn token included). The default model's answers are
+    about 70 tokens, so 64 cuts most of them, as `atrl eval`'s old default did."""
+    from atrl.data.synthetic import DEFAULT_FAMILIES, DEFAULT_KNOBS, generate, knobs_from_mapping, to_hf_dataset
+    from atrl.eval.score import _images, evaluate
+    from atrl.models.default import default_base_model
+    from atrl.models.zoo import load_model
+
+    model, processor = load_model(default_base_model())
+    rows = [dict(r) for r in to_hf_dataset(generate(6, seed=3, families=DEFAULT_FAMILIES,
+                                                    knobs=knobs_from_mapping(DEFAULT_KNOBS)))]
+    ends = {processor.tokenizer.eos_token_id, *[model.generation_config.eos_token_id]}
+    lengths = []
+    for row in rows:
+        text = processor.apply_chat_template(row["prompt"], add_generation_prompt=True)
+        batch = processor(text=[text], images=[_images(row)], return_tensors="pt")
+        new = model.generate(**batch, max_new_tokens=256, do_sample=False)[0, batch["input_ids"].shape[1]:].tolist()
+        assert any(t in ends for t in new)
+        lengths.append(next(i for i, t in enumerate(new) if t in ends) + 1)
+    result = evaluate(model, processor, rows, max_new_tokens=64, batch_size=1)
+    assert [r["truncated"] for r in result.rows] == [n > 64 for n in lengths]
+    assert result.truncated == sum(n > 64 for n in lengths) > 0
+    assert "cut at the token limit" in result.to_markdown()
+    assert evaluate(model, processor, rows, max_new_tokens=256, batch_size=1).truncated == 0

@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
         _add_task_args(p)
         if name == "eval":
-            p.add_argument("--max-new-tokens", type=int, default=64)
+            p.add_argument("--max-new-tokens", type=int, default=1024,
+                           help="generation limit per response (responses cut at it are counted in the report)")
             p.add_argument("--batch-size", type=int, default=16)
             p.add_argument("--temperature", type=float, default=None,
                            help="sample at this temperature instead of greedy decoding")

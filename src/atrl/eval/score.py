@@ -24,14 +24,18 @@ class EvalResult:
     n: int
     by_category: dict[str, dict[str, float]]
     rows: list[dict[str, Any]] = field(default_factory=list)  # per row: uid, category, answer, extracted, correct
+    truncated: int = 0  # responses cut at max_new_tokens before they ended (`evaluate` counts them)
 
     def to_json(self) -> str:
-        return json.dumps({"accuracy": self.accuracy, "n": self.n, "by_category": self.by_category,
-                           "rows": self.rows}, indent=1, ensure_ascii=False)
+        return json.dumps({"accuracy": self.accuracy, "n": self.n, "truncated": self.truncated,
+                           "by_category": self.by_category, "rows": self.rows}, indent=1, ensure_ascii=False)
 
     def to_markdown(self, title: str = "Evaluation") -> str:
-        lines = [f"# {title}", "", f"Overall accuracy: **{100 * self.accuracy:.1f}%** ({self.n} questions)", "",
-                 "| category | n | accuracy |", "|---|---|---|"]
+        lines = [f"# {title}", "", f"Overall accuracy: **{100 * self.accuracy:.1f}%** ({self.n} questions)", ""]
+        if self.truncated:
+            lines += [f"**{self.truncated} of {self.n} responses were cut at the token limit before they ended**: "
+                      "their answers may be missing; raise --max-new-tokens.", ""]
+        lines += ["| category | n | accuracy |", "|---|---|---|"]
         for cat, v in sorted(self.by_category.items()):
             lines.append(f"| {cat} | {int(v['n'])} | {100 * v['accuracy']:.1f}% |")
         return "\n".join(lines) + "\n"
@@ -66,10 +70,11 @@ def _category(row: dict) -> str:
 @torch.no_grad()
 def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens: int = 64, batch_size: int = 16,
                        temperature: float | None = None, samples: int = 1, seed: int = 0,
-                       progress=None) -> list[str]:
+                       progress=None, cut: list[bool] | None = None) -> list[str]:
     """Responses for `rows` (left-padded batches): greedy, or `samples` per row drawn at `temperature`.
 
-    Sampled responses come row by row (row 0's samples first) and are seeded by `seed`.
+    Sampled responses come row by row (row 0's samples first) and are seeded by `seed`. `cut`, when given, gets
+    one flag per response: True where generation stopped at `max_new_tokens` before an end-of-sequence token.
     """
     if temperature is None and samples != 1:
         raise ValueError(f"samples={samples}: several responses per row need a sampling temperature")
@@ -87,6 +92,7 @@ def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens
     was_training = model.training
     model.eval()
     out: list[str] = []
+    ends = _end_token_ids(model, tok)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         texts = [processor.apply_chat_template(r["prompt"], add_generation_prompt=True) for r in chunk]
@@ -95,12 +101,23 @@ def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens
         batch = processor(text=texts, return_tensors="pt", padding=True, **kwargs).to(device)
         ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                              **decoding)
-        out.extend(tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+        new = ids[:, batch["input_ids"].shape[1]:]
+        out.extend(tok.batch_decode(new, skip_special_tokens=True))
+        if cut is not None:
+            ended = torch.isin(new, torch.tensor(ends, device=new.device)).any(dim=1)
+            cut.extend((~ended & (new.shape[1] >= max_new_tokens)).tolist())
         if progress is not None:
             progress(len(chunk))
     if was_training:
         model.train()
     return out
+
+
+def _end_token_ids(model, tok) -> list[int]:
+    """The tokens that end a response: the generation config's end-of-sequence ids and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [] if ids is None else [ids]
+    return sorted({*ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
 
 
 def score_responses(rows: Sequence[dict], responses: Sequence[str]) -> EvalResult:
@@ -126,4 +143,10 @@ def evaluate(model, processor, rows: Iterable[dict], **kwargs) -> EvalResult:
     """Accuracy of `model` on `rows`; with `temperature` (and `samples`), the mean accuracy of sampled responses."""
     rows = list(rows)
     repeat = kwargs.get("samples", 1)
-    return score_responses([r for r in rows for _ in range(repeat)], generate_responses(model, processor, rows, **kwargs))
+    cut: list[bool] = []
+    result = score_responses([r for r in rows for _ in range(repeat)],
+                             generate_responses(model, processor, rows, cut=cut, **kwargs))
+    result.truncated = sum(cut)
+    for row, was_cut in zip(result.rows, cut):
+        row["truncated"] = was_cut
+    return result
