@@ -33,8 +33,8 @@ class EvalResult:
     def to_markdown(self, title: str = "Evaluation") -> str:
         lines = [f"# {title}", "", f"Overall accuracy: **{100 * self.accuracy:.1f}%** ({self.n} questions)", ""]
         if self.truncated:
-            lines += [f"**{self.truncated} of {self.n} responses were cut at the token limit before they ended**: "
-                      "their answers may be missing; raise --max-new-tokens.", ""]
+            lines += [(f"**{self.truncated} of {self.n} responses were cut at the token limit before they ended**: "
+                       "their answers may be missing; raise --max-new-tokens."), ""]
         lines += ["| category | n | accuracy |", "|---|---|---|"]
         for cat, v in sorted(self.by_category.items()):
             lines.append(f"| {cat} | {int(v['n'])} | {100 * v['accuracy']:.1f}% |")
