@@ -165,3 +165,26 @@ def test_cli_train_runs_and_writes_final_model(tmp_path, capsys):
     assert Image.open(tmp_path / "both.png").format == "PNG"
     assert main(["plot", str(tmp_path)]) == 2
     assert "no trainer_state.json" in capsys.readouterr().err
+
+
+def test_lora_recipe_trains_adapters_and_the_adapter_evaluates(tmp_path, capsys):
+    """`lora:` trains peft adapters on the decoder (probes and credit as usual); `final/` holds the adapter, which
+    `atrl eval` loads onto its base model."""
+    out = tmp_path / "lora"
+    assert main(["train", "--trl.output_dir", str(out), "--trl.max_steps", "1", "--data.n", "8",
+                 "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4",
+                 "--trl.max_completion_length", "8", "--trl.report_to", "[]", "--trl.disable_tqdm", "true",
+                 "--lora", "{r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}"]) == 0
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    assert not (out / "final" / "model.safetensors").exists()  # the adapter only, not a copy of the base
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert any("atrl/anchor_fraction" in h for h in state["log_history"])  # the probes ran under peft
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out / "final"), "--n", "2", "--max-new-tokens", "8",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["n"] == 2
+    from atrl.models.zoo import load_model
+
+    model, _ = load_model(out / "final")  # what `atrl eval` loads: the base with the trained adapter on it
+    assert any("lora_A" in name for name, _ in model.named_parameters())
