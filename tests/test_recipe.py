@@ -136,6 +136,9 @@ def test_synthetic_knobs_reach_the_training_data():
 def test_bad_trl_field_and_cli_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="recipe section 'trl'"):
         grpo_config(load_recipe(None, ["--trl.not_a_field", "1"]))
+    with pytest.raises(ValueError, match=r"trl.report_to=\['no_such_logger'\]: \['no_such_logger'\] not installed"):
+        grpo_config(load_recipe(None, ["--trl.report_to", "[no_such_logger]"]))
+    assert grpo_config(load_recipe(None, ["--trl.report_to", "[]"])).report_to == []
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
     assert main(["train", "--anchor.mode", "bogus"]) == 2

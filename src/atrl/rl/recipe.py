@@ -232,6 +232,7 @@ def grpo_config(recipe: Recipe):
         report_to = [report_to]
     if report_to == ["tensorboard"] and _wandb_ready():
         report_to = ["tensorboard", "wandb"]
+    _check_loggers(report_to)
     trl["report_to"] = report_to
     weights = [recipe.rewards.accuracy, recipe.rewards.format] + ([1.0] if recipe.rewards.overlong else [])
     weights += [float(w) for w in recipe.rewards.custom.values()]
@@ -248,6 +249,17 @@ def grpo_config(recipe: Recipe):
         return GRPOConfig(**trl)
     except (TypeError, ValueError) as err:  # an unknown field, or one of TRL's own checks
         raise ValueError(f"recipe section 'trl': {err}") from err
+
+
+def _check_loggers(report_to: list[str]) -> None:
+    """A logger named in trl.report_to but not installed fails now, naming it, rather than after the model loads."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    installed = get_available_reporting_integrations()
+    missing = [name for name in report_to if name not in ("all", "none") and name not in installed]
+    if missing:
+        raise ValueError(f"trl.report_to={report_to}: {missing} not installed (installed: {installed}); install it "
+                         "(e.g. pip install wandb) or leave it out")
 
 
 def _cuda() -> bool:
