@@ -153,9 +153,8 @@ def test_trainer_overhead_replays_one_generation(tmp_path):
         assert rest_mode == mode and 0 < r < step  # generation is taken out of each block's step
 
 
-def test_rounds_in_budget(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from probe_overhead import MIN_ROUNDS, rounds_in_budget
+def test_rounds_in_budget():
+    from atrl.bench.probe_overhead import MIN_ROUNDS, rounds_in_budget
 
     assert rounds_in_budget(60, 1.4, 200) == 42  # floor(60 / 1.4)
     assert rounds_in_budget(60, 1.4, 30) == 30  # never more than asked
@@ -163,14 +162,30 @@ def test_rounds_in_budget(monkeypatch):
     assert rounds_in_budget(60, 0.0, 30) == 30
 
 
-def test_allocator_activity_is_the_difference_of_two_stats_and_says_what_torch_does_not_count(monkeypatch):
+def test_allocator_activity_is_the_difference_of_two_stats_and_says_what_torch_does_not_count():
     """The benchmarks' allocator meter (printed on a GPU only): counts in the timed steps, not since the process
     started; a count this torch does not keep is None, not 0."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from probe_overhead import ALLOCATOR_COUNTS, allocator_activity
+    from atrl.bench.probe_overhead import ALLOCATOR_COUNTS, allocator_activity
 
     before = {"num_alloc_retries": 2, "num_device_alloc": 40, "num_device_free": 10, "allocated_bytes.all.peak": 9}
     after = {"num_alloc_retries": 2, "num_device_alloc": 43, "num_device_free": 12, "allocated_bytes.all.peak": 99}
     got = allocator_activity(before, after)
     assert list(got) == list(ALLOCATOR_COUNTS)
     assert got == {"num_alloc_retries": 0, "num_device_alloc": 3, "num_device_free": 2, "num_sync_all_streams": None}
+
+
+def test_atrl_bench_lists_and_runs_the_benchmarks(capsys):
+    """`atrl bench` (an installed package has no benchmarks/ folder): the list, a benchmark's own options, a run."""
+    from atrl.cli import main
+
+    assert main(["bench"]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"    {name}  " in listing for name in ("probe", "trainer", "credit"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "probe", "--help"])
+    assert exit_.value.code == 0 and "--decoder-reps" in capsys.readouterr().out
+    assert main(["bench", "credit", "--tokens", "64", "--responses", "4", "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0] for r in rows[1:]] == [
+        "| metis k-way, max 64 parts (default)", "| metis k-way, max 32 parts", "| metis recursive, max 64 parts",
+        "| kmeans", "| threshold (quantile bins)"]

@@ -132,6 +132,19 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    from .bench import BENCHMARKS
+    from .bench import __doc__ as listing
+
+    if args.name is None:
+        print(listing.strip() + "\n\nusage: atrl bench NAME [options]   (atrl bench NAME --help: its options)")
+        return 0
+    importlib.import_module(f"atrl.bench.{BENCHMARKS[args.name]}").main(args.overrides)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -290,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--smooth", type=int, default=1, help="trailing mean over this many logged points (1: none)")
     plot.set_defaults(func=_cmd_plot)
 
+    from .bench import BENCHMARKS
+
+    bench = sub.add_parser("bench", add_help=False, help="measure what AT-RL costs on this machine (not tests): "
+                                                         + ", ".join(BENCHMARKS))
+    bench.add_argument("name", nargs="?", choices=sorted(BENCHMARKS), help="the benchmark (none: list them)")
+    bench.set_defaults(func=_cmd_bench)
+
     data = sub.add_parser("data", help="synthetic visual-reasoning tasks").add_subparsers(dest="action",
                                                                                         required=True)
     export = data.add_parser("export", help="write a data set (JSONL + PNG, or a datasets folder)")
@@ -318,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "demo"):
+    if extra and args.command not in ("train", "demo", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     try:

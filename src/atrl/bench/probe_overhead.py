@@ -1,0 +1,609 @@
+"""Step-time and peak-memory overhead of connectivity probes (not a test; run on the GPU machine).
+
+Qwen2.5-VL-3B / -7B shapes with random bf16 weights built directly on the GPU; one sample with about
+1,000 image tokens (a 64 x 64 patch grid, merged 2 x 2 -> 1,024 tokens) and 1,000 response tokens.
+One step = forward (logits for the response only) + backward of a token-level loss.
+
+Configurations, timed interleaved (round-robin) so drift hits all alike: probes off, off again (the noise
+floor: the same configuration timed twice), the probe's attention installed with no capture (the decoder runs
+"atrl_probe", every call plain), a capture with no probed layer (what a capture costs a forward by itself), 1
+probed layer, 4 probed layers (the default route: with gradients on, the plain call plus a no-grad call with the
+region indicators as values), and 4 layers forced onto the fused route (one call, V widened, Q/K zero-padded: the
+default before session 6, whose backward also carried the region channels). The steps from "installed" to "4
+layers" split a probed step's extra time into the attention switch, the capture and the layers.
+First it prints which SDPA backends take each head-size combination the fused route can use. Each repetition is
+timed with CUDA events; the table gives medians, the inter-quartile range, the ratio of medians against `off`,
+and the paired ratio: the median over rounds of each round's time over that round's `off` (with its quartiles).
+Slow stretches of the device that span a round (the third lease's 3B steps ran in slow and fast rounds) cancel
+in the paired ratio and not in the ratio of medians. Peak memory is `max_memory_allocated` of one step after a
+reset.
+
+Two scopes are timed. `model`: the whole model, vision tower included. `decoder`: the vision tower's output
+is computed once and passed in (`mm_encoder_outputs`), so the step is the decoder's forward + backward alone.
+Probes touch only the decoder, so the decoder ratio is the stricter one (same extra time, smaller step), and
+it is less noisy: transformers' SDPA route through Qwen2.5-VL's vision tower loops over its attention windows
+in Python with a host sync per layer, so the whole-model step is launch-bound (on an H200 the 3B and 7B steps
+took the same ~455 ms, with an inter-quartile range of +-8%).
+
+Then the probed attention call alone (`layer`: forward + backward of one decoder layer's attention at the real
+shape, plain against probed, many interleaved repetitions) says what each probed layer adds, free of the
+step's noise; 4 x that, over the step's median, is the time the kernels add. Last, the costs a capture pays
+once per forward whatever the number of layers (`fixed`: setting up the capture and building the region
+indicators; the reduction to connectivity), each timed alone (an upper bound: in a step, the indicator build
+overlaps the layers before the first probed one, and the reduction's kernels queue behind the forward's).
+
+The check against eager attention runs in the model's dtype at the first decoder layer (the same input on both
+routes, so the difference is the probe's own rounding) and at a middle layer (there bf16 rounding differences
+between the eager and SDPA routes have accumulated through the layers before it), and on CUDA once more with
+the model upcast to float32 at the middle layer, where the probe must match to ~1e-5.
+
+    python benchmarks/probe_overhead.py --shape 3b --reps 30 [--attn flash_attention_2] [--out results.json]
+    python benchmarks/probe_overhead.py --shape 7b --reps 0 --decoder-reps 120 --seconds 75   # fits the device
+    python benchmarks/probe_overhead.py --shape tiny --device cpu --reps 3      # smoke run on a CPU
+    python benchmarks/probe_overhead.py --shape demo --device cpu --grid 8 --response 96 --reps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    # text: hidden, layers, heads, kv heads, intermediate; vision: depth, hidden, intermediate, heads
+    "3b": dict(text=(2048, 36, 16, 2, 11008), vision=(32, 1280, 3420, 16), vocab=151936),
+    "7b": dict(text=(3584, 28, 28, 4, 18944), vision=(32, 1280, 3420, 16), vocab=152064),
+    "tiny": dict(text=(64, 4, 4, 2, 128), vision=(2, 32, 64, 2), vocab=300),
+    "demo": dict(text=(128, 4, 4, 2, 256), vision=(2, 64, 128, 2), vocab=300),  # the embedded default's widths
+}
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    hidden, layers, heads, kv, inter = SHAPES[shape]["text"]
+    vdepth, vhidden, vinter, vheads = SHAPES[shape]["vision"]
+    vocab = SHAPES[shape]["vocab"]
+    head_dim = hidden // heads
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, bos_token_id=vocab - 6, eos_token_id=vocab - 6, hidden_size=hidden,
+                         intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [t, h, half - t - h]}),
+        vision_config=dict(depth=vdepth, hidden_size=vhidden, intermediate_size=vinter, num_heads=vheads,
+                           out_hidden_size=hidden, fullatt_block_indexes=[vdepth // 4 - 1, vdepth // 2 - 1,
+                                                                          3 * vdepth // 4 - 1, vdepth - 1]),
+        image_token_id=vocab - 3, video_token_id=vocab - 2, vision_start_token_id=vocab - 4,
+        vision_end_token_id=vocab - 5,
+    )
+    config._attn_implementation = attn  # "flash_attention_2" needs flash-attn installed
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    model.train()
+    return model
+
+
+def make_inputs(model, grid: int, response: int, prompt_text: int, device, dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    n_image = (grid // 2) ** 2
+    vocab = cfg.text_config.vocab_size
+    ids = torch.randint(0, vocab - 10, (1, prompt_text + n_image + 2 + response), generator=g)
+    ids[0, prompt_text] = cfg.vision_start_token_id
+    ids[0, prompt_text + 1: prompt_text + 1 + n_image] = cfg.image_token_id
+    ids[0, prompt_text + 1 + n_image] = cfg.vision_end_token_id
+    mm = (ids == cfg.image_token_id).int()
+    patch_dim = 3 * 2 * 14 * 14
+    pixel_values = torch.randn(grid * grid, patch_dim, generator=g).to(dtype)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "mm_token_type_ids": mm.to(device), "pixel_values": pixel_values.to(device),
+            "image_grid_thw": torch.tensor([[1, grid, grid]]).to(device)}
+
+
+def step(model, batch, response: int, probe=None):
+    """Forward (logits for the response rows only) + backward of a mean token log-prob loss. With a probe, the
+    forward runs inside its capture and the connectivity is made as the trainer makes it: the per-token sums on
+    the device, copied to the host behind the forward, finished there once the backward is queued."""
+    labels = batch["input_ids"][:, -response:]
+    parts = None
+    if probe is None:
+        out = model(**batch, use_cache=False, logits_to_keep=response + 1)
+    else:
+        with probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=response) as cap:
+            out = model(**batch, use_cache=False, logits_to_keep=response + 1)
+        if probe.layers:  # a capture with no probed layer records nothing to reduce
+            mask = torch.ones(labels.shape, dtype=torch.bool)
+            parts = cap.connectivity_parts(mask).to("cpu", non_blocking=True)
+            copied = torch.cuda.Event() if labels.is_cuda else None
+            if copied is not None:
+                copied.record()
+    logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1).gather(-1, labels[..., None])
+    (-logp.mean()).backward()
+    if parts is not None:
+        if copied is not None:
+            copied.synchronize()
+        parts.finish(mask)
+
+
+def check_against_eager(model, batch, layer: int, route: str = "auto", response_len: int | None = None) -> float:
+    """Max abs difference between the probe's region masses on `layer` and eager attention's probabilities
+    summed over each region's image tokens (the independent computation), in the model's dtype. The forward
+    runs without gradients: route "auto" is the fused route there. With `response_len` the capture keeps only
+    the last response_len + 1 rows (the split route then computes only those) and the check covers them."""
+    from atrl.probe import ConnectivityProbe
+
+    impl = model.config.text_config._attn_implementation
+    probe = ConnectivityProbe(model, layers=[layer], route=route)
+    try:
+        with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len) as cap:
+            model(**batch, use_cache=False, logits_to_keep=1)
+    finally:
+        probe.detach()
+    ind = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid,
+                                         dtype=torch.float32)
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            attn = model(**batch, use_cache=False, output_attentions=True, logits_to_keep=1).attentions[layer]
+    finally:
+        model.config.text_config._attn_implementation = impl
+    ref = torch.einsum("bhqk,bkr->bqhr", attn.float(), ind)
+    if response_len is not None:
+        ref = ref[:, -response_len - 1:]
+    return (cap.state.masses[layer] - ref).abs().max().item()
+
+
+def eager_checks(model, batch) -> list[str]:
+    """The probe against eager attention at the first and the middle decoder layer, in the model's dtype, and on
+    CUDA at the middle layer in float32 (the model upcast for the check, then cast back)."""
+    mid = model.config.text_config.num_hidden_layers // 2
+    dtype = model.dtype
+    rows = batch["input_ids"].shape[1] // 4  # the split route on the last rows only, as in a trainer's capture
+    # the first 4 positions (prompt text) as left padding: the model then runs beside a padding mask, as in a
+    # trainer's batches, and the split route's second call takes the mask's path
+    padded = dict(batch, attention_mask=batch["attention_mask"].clone())
+    padded["attention_mask"][:, :4] = 0
+    lines = [f"probe vs eager softmax on a short sequence ({dtype}, layer {layer}, {route} route{note}): max abs "
+             f"error {check_against_eager(model, inputs, layer, route, response):.2e}"
+             for layer, route, response, note, inputs in (
+                 (0, "fused", None, "", batch), (0, "split", rows, f", last {rows + 1} rows", batch),
+                 (0, "split", rows, f", last {rows + 1} rows, padding mask", padded),
+                 (mid, "fused", None, "", batch), (mid, "split", None, "", batch))]
+    if dtype != torch.float32 and next(model.parameters()).is_cuda:
+        model.float()
+        try:
+            fp32 = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+            lines.append(f"probe vs eager softmax on a short sequence (torch.float32, layer {mid}): max abs error "
+                         f"{check_against_eager(model, fp32, mid):.2e}")
+        finally:
+            model.to(dtype)
+    return lines
+
+
+def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]]:
+    """Forward + backward of one decoder layer's attention call at the real shape (B=1, causal, GQA), through
+    the function the model uses (transformers' SDPA attention), plain and probed, in ms per call; interleaved.
+    Probed: the split route (what a call with gradients takes: the plain call plus a no-grad call with the
+    indicators as values; by default on the response rows a capture keeps where that keeps the plain call's
+    kernel, with the indicator channels alone as values where SDPA picks the same kernel for them; for the
+    comparison with values padded to the head size, on all rows through transformers' SDPA function (the third
+    lease's call), and forced onto the kept rows) and the fused route forced (one call with V widened: the
+    probe's route before session 6)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from atrl.probe import ConnectivityProbe
+    from atrl.probe.attention import ProbeState, activate, deactivate, probed_attention
+
+    probe = ConnectivityProbe(model)
+    ind = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid,
+                                         dtype=torch.float32)
+    probe.detach()
+    device, dtype, n_tokens = ind.device, model.dtype, ind.shape[1]
+    cfg = model.config.text_config
+    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = cfg.hidden_size // H
+    module = torch.nn.Module()
+    module.is_causal, module.training, module.num_key_value_groups = True, True, H // H_kv
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, H, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    grad = torch.randn(1, n_tokens, H, D, device=device, dtype=dtype, generator=g)
+    probed = probed_attention(sdpa_attention_forward, rows="auto")  # as registered for the decoder
+    # name -> (attention function, probe route); route None: no capture
+    variants = {"plain": (sdpa_attention_forward, None), "plain (again)": (sdpa_attention_forward, None),
+                "probed, split (the default with grads)": (probed, "split"),
+                "probed, split, values padded to the head size": (
+                    probed_attention(sdpa_attention_forward, rows="auto", values="wide"), "split"),
+                "probed, split, second call on all rows": (probed_attention(sdpa_attention_forward), "split"),
+                "probed, split, second call on the kept rows": (probed_attention(sdpa_attention_forward, rows="kept"),
+                                                                "split"),
+                "probed, one widened call (fused)": (probed, "fused")}
+
+    def call(name: str) -> float:
+        function, route = variants[name]
+        token = None
+        if route is not None:  # a fresh state per call, as each forward builds its own
+            token = activate(ProbeState(indicators=ind, layer_of_module={id(module): 0}, keep_last=response + 1,
+                                        pad_qk=True, route=route))
+        start, end = timers(device)
+        start()
+        out, _ = function(module, q, k, v, None, scaling=D ** -0.5)
+        out.backward(grad)
+        ms = end()
+        if token is not None:
+            deactivate(token)
+        q.grad = k.grad = v.grad = None
+        return ms
+
+    times = {name: [] for name in variants}
+    for _ in range(3):
+        for name in variants:
+            call(name)
+    for _ in range(reps):
+        for name in variants:
+            times[name].append(call(name))
+    return times
+
+
+def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]]:
+    """The per-forward costs of a capture that do not depend on the number of probed layers, in ms, each timed
+    alone (`timers`) on an idle device: setting up the capture (the indicators' inputs start copying to the
+    host), the setup followed at once by the indicator build (in a forward the build runs at the first probed
+    layer, while the device computes the layers before it), reducing the recorded masses of 4 layers to
+    connectivity and profiles on the device in one piece (`connectivity_from_masses`, as `Capture.connectivity`
+    does), and in the trainer's two halves: the per-token sums on the device (what the forward launches) and
+    their finish on the host (the trainer's helper thread, off the forward's path)."""
+    from atrl.probe import ConnectivityProbe, connectivity_from_masses, connectivity_parts
+
+    probe = ConnectivityProbe(model)  # the default layers: 4 of them
+    probe.detach()
+    R = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid).shape[-1]
+    device = batch["input_ids"].device
+    masses = torch.rand(len(probe.layers), 1, response, model.config.text_config.num_attention_heads, R,
+                        device=device)
+    mask = torch.ones(1, response, dtype=torch.bool, device=device)
+    def new_state():
+        return probe._new_state(batch["input_ids"], batch["image_grid_thw"], response)
+
+    host_parts = connectivity_parts(masses, mask).to("cpu")
+    host_mask = mask.cpu()
+    jobs = {"capture setup (indicators deferred)": new_state,
+            "setup + indicator build, back to back": lambda: new_state().region_indicators(),
+            "connectivity of 4 layers, in one piece on the device": lambda: connectivity_from_masses(masses, mask),
+            "connectivity parts of 4 layers (the forward's share)": lambda: connectivity_parts(masses, mask),
+            "their finish on the host (the helper thread's share)": lambda: host_parts.finish(host_mask)}
+    times = {name: [] for name in jobs}
+    for rep in range(reps + 2):
+        for name, job in jobs.items():
+            start, stop = timers(device)
+            start()
+            job()
+            ms = stop()
+            if rep >= 2:
+                times[name].append(ms)
+    return times
+
+
+def profiler_activities(device) -> list:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def profiled_step(prof, steps: int, wall_ms: float, cuda: bool) -> dict:
+    """Per step, from a profiler that recorded `steps` steps: the wall time given, the device's busy time (the sum
+    of its kernels and copies; on a CPU, of every op's own time), each kernel's time and calls, and the host's own
+    time per op (CUDA runtime calls such as synchronisations included)."""
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = prof.key_averages()
+    own = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000 / steps
+           for e in events if e.device_type == kind}
+    counts = {e.key: e.count / steps for e in events if e.device_type == kind}
+    host = {e.key: e.self_cpu_time_total / 1000 / steps for e in events
+            if e.device_type == torch.autograd.DeviceType.CPU} if cuda else {}  # on a CPU: the kernels above
+    return {"wall_ms": wall_ms, "busy_ms": sum(own.values()), "kernels_ms": own, "counts": counts, "host_ms": host}
+
+
+def kernel_times(model, inputs, response: int, layers: list[int], steps: int = 3) -> dict[str, dict]:
+    """Where a probed step's time goes, by the profiler (`profiled_step`), for "off" and "4 layers": the median
+    wall time of `steps` profiled steps (`timers`) after one unprofiled one, and per-step averages."""
+    from torch.profiler import profile
+
+    from atrl.probe import ConnectivityProbe
+
+    device = next(model.parameters()).device
+    out = {}
+    for name, probed in (("off", None), ("4 layers", layers)):
+        probe = ConnectivityProbe(model, layers=probed) if probed else None
+        model.zero_grad(set_to_none=True)
+        step(model, inputs, response, probe)
+        walls = []
+        with profile(activities=profiler_activities(device)) as prof:
+            for _ in range(steps):
+                model.zero_grad(set_to_none=True)
+                start, stop = timers(device)
+                start()
+                step(model, inputs, response, probe)
+                walls.append(stop())
+        if probe is not None:
+            probe.detach()
+        out[name] = profiled_step(prof, steps, statistics.median(walls), device.type == "cuda")
+    return out
+
+
+def kernel_table(times: dict[str, dict], top: int = 12) -> list[str]:
+    """Markdown: wall, busy and idle ms per step for each configuration (`profiled_step` results), then the
+    kernels and the host-side ops whose time changed most from the first configuration to the second."""
+    (base, ref), (other, new) = list(times.items())[:2]
+    lines = ["| configuration | step wall ms | device busy ms | device idle ms | device ops per step |",
+             "|---|---|---|---|---|"]
+    for name, t in times.items():
+        lines.append(f"| {name} | {t['wall_ms']:.2f} | {t['busy_ms']:.2f} | {t['wall_ms'] - t['busy_ms']:.2f} | "
+                     f"{sum(t['counts'].values()):.0f} |")
+    for what, key in (("kernel", "kernels_ms"), ("host-side op", "host_ms")):
+        if not ref[key] and not new[key]:
+            continue
+        added = {k: new[key].get(k, 0.0) - ref[key].get(k, 0.0) for k in set(new[key]) | set(ref[key])}
+        lines += ["", f"| {what} ({other} against {base}) | added ms per step | calls per step |", "|---|---|---|"]
+        for k in sorted(added, key=lambda k: -abs(added[k]))[:top]:
+            label = k if len(k) <= 90 else k[:87] + "..."
+            calls = f"{ref['counts'].get(k, 0):.0f} -> {new['counts'].get(k, 0):.0f}" if key == "kernels_ms" else "-"
+            lines.append(f"| `{label}` | {added[k]:+.3f} | {calls} |")
+    return lines
+
+
+ALLOCATOR_COUNTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def allocator_activity(before: dict, after: dict) -> dict[str, int | None]:
+    """What the caching allocator did between two `torch.cuda.memory_stats()`: retries (an allocation that failed,
+    freed the cache and synchronised the device to try again), cudaMalloc and cudaFree calls, device-wide
+    synchronisations. None where this torch does not count it. In steady training all should be 0: if a mode's
+    timed steps show any, the allocator is part of its step time."""
+    return {key: after[key] - before[key] if key in after and key in before else None for key in ALLOCATOR_COUNTS}
+
+
+MIN_ROUNDS = 5  # paired ratios need a few rounds whatever the budget
+
+
+def rounds_in_budget(seconds: float, round_seconds: float, most: int, least: int = MIN_ROUNDS) -> int:
+    """How many timed rounds fit in `seconds`, one taking `round_seconds`: at least `least`, at most `most`."""
+    return min(most, max(least, int(seconds / max(round_seconds, 1e-9))))
+
+
+def timers(device):
+    """(start, stop) closures; stop returns the elapsed ms (CUDA events on a GPU, the host clock on a CPU)."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def stop():
+            b.record()
+            torch.cuda.synchronize()
+            return a.elapsed_time(b)
+        return a.record, stop
+    t0 = []
+
+    def stop_cpu():
+        return 1000 * (time.perf_counter() - t0[0])
+    return (lambda: t0.append(time.perf_counter())), stop_cpu
+
+
+def sdpa_backends(model, n_tokens: int, regions: int, device, dtype, reps: int = 10) -> list[str]:
+    """Which SDPA backends take the probed layer's shapes, and how fast: plain (Q, K, V of head size D),
+    V widened to D + R (Q/K as they are), all three padded to D + R, and V the R indicator channels alone (rounded
+    up to 8: the split route's second call where SDPA picks one kernel for it). Markdown rows; the last column is
+    what SDPA picks by itself (compare it with the others to see which backend that is)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg = model.config.text_config
+    H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = cfg.hidden_size // H
+    R = regions
+    shapes = {"plain": (D, D), "V widened": (D, D + R), "Q/K padded": (D + R, D + R),
+              "indicators only": (D, -(-R // 8) * 8)}
+    rows = []
+    for name, (d_qk, d_v) in shapes.items():
+        q = torch.randn(1, H, n_tokens, d_qk, device=device, dtype=dtype)
+        k = torch.randn(1, H_kv, n_tokens, d_qk, device=device, dtype=dtype)
+        v = torch.randn(1, H_kv, n_tokens, d_v, device=device, dtype=dtype)
+        cells = []
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                        SDPBackend.MATH, None):
+            def call(q=q, k=k, v=v):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                                        scale=D ** -0.5)
+            try:
+                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                    call()
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        call()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                cells.append(f"{1000 * (time.perf_counter() - t0) / reps:.3f} ms")
+            except RuntimeError:
+                cells.append("refused")
+        rows.append(f"| {name} (Q/K {d_qk}, V {d_v}) | " + " | ".join(cells) + " |")
+    return rows
+
+
+def summary(times: dict[str, list[float]], base: str) -> dict[str, dict[str, float]]:
+    """Per configuration: median, quartiles, ratio of medians against `base`, and the paired ratio (times taken
+    round-robin, so entry i of every list is round i): the median and quartiles over rounds of time / `base`'s
+    time in the same round."""
+    ref = statistics.median(times[base])
+    rows = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        med = statistics.median(ts)
+        paired = [t / b for t, b in zip(ts, times[base])]
+        pq = statistics.quantiles(paired, n=4)
+        rows[name] = {"median_ms": med, "q1": q[0], "q3": q[2], "ratio": med / ref,
+                      "paired_ratio": statistics.median(paired), "paired_q1": pq[0], "paired_q3": pq[2]}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="atrl bench probe", description=__doc__.split(chr(10))[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="3b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--grid", type=int, default=64, help="patch grid side (tokens = (grid/2)^2)")
+    ap.add_argument("--response", type=int, default=1000)
+    ap.add_argument("--reps", type=int, default=30, help="whole-model steps per configuration (0: skip that scope)")
+    ap.add_argument("--decoder-reps", type=int, default=60, help="decoder-only steps per configuration")
+    ap.add_argument("--seconds", type=float, default=0.0,
+                    help="time budget per scope for the timed rounds: as many rounds as fit (at least "
+                         f"{MIN_ROUNDS}, at most --reps / --decoder-reps), from the time of the untimed round that "
+                         "measures peak memory; 0: the counts as given")
+    ap.add_argument("--layer-reps", type=int, default=200, help="attention calls per variant")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile-steps", type=int, default=3, help="decoder steps profiled per configuration (0: none)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 (the decoder's attention kernel)")
+    args = ap.parse_args(argv)
+    from atrl.probe import ConnectivityProbe, default_probe_layers
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = build(args.shape, device, dtype, args.attn)
+    small = make_inputs(model, 16, 64, 16, device, dtype, seed=1)
+    print("\n".join(eager_checks(model, small)), flush=True)
+    batch = make_inputs(model, args.grid, args.response, 64, device, dtype)
+    print(f"# SDPA backends at one probed layer's shapes ({batch['input_ids'].shape[1]} tokens, causal, GQA, "
+          "forward only; `refused`: the backend does not take these shapes)")
+    print("| Q, K, V head sizes | flash | efficient | cudnn | math | SDPA's own pick |\n|---|---|---|---|---|---|")
+    print("\n".join(sdpa_backends(model, batch["input_ids"].shape[1], 16, device, dtype)), flush=True)
+    with torch.no_grad():  # the vision tower's output, for the decoder-only scope
+        vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+    decoder_batch = {k: v for k, v in batch.items() if k != "pixel_values"} | {"mm_encoder_outputs": {"image": vision}}
+    n_layers = model.config.text_config.num_hidden_layers
+    layers4 = default_probe_layers(n_layers, 4)
+    # name -> None (probes off) or (probed layers, route, whether the step runs inside a capture)
+    probes = {"off": None, "off (again)": None, "installed, no capture": ([], "auto", False),
+              "capture, no probed layer": ([], "auto", True),
+              "1 layer": (layers4[len(layers4) // 2:len(layers4) // 2 + 1], "auto", True),
+              "4 layers": (layers4, "auto", True), "4 layers, one widened call (fused)": (layers4, "fused", True)}
+
+    def run(name, inputs, allocator: dict | None = None):
+        """One timed step of configuration `name`; `allocator`: add what the caching allocator did in it there
+        (its counters are read outside the timed window, on a synchronised device)."""
+        spec = probes[name]
+        probe = None
+        if spec is not None:
+            probe = ConnectivityProbe(model, layers=spec[0], route=spec[1])
+        model.zero_grad(set_to_none=True)
+        before = torch.cuda.memory_stats() if cuda and allocator is not None else None
+        start, stop = timers(device)
+        start()
+        step(model, inputs, args.response, probe if spec is not None and spec[2] else None)
+        ms = stop()
+        if before is not None:
+            for key, n in allocator_activity(before, torch.cuda.memory_stats()).items():
+                allocator[key] = None if n is None or allocator.get(key, 0) is None else allocator.get(key, 0) + n
+        if probe is not None:
+            probe.detach()
+        return ms
+
+    dev = torch.cuda.get_device_name() if cuda else "cpu"
+    result = {"device": dev, "shape": args.shape, "attn": args.attn, "scopes": {}}
+    vision_calls = [0]  # calls of the vision tower in the scope being timed: none in the decoder scope
+    model.model.visual.register_forward_pre_hook(lambda *_: vision_calls.__setitem__(0, vision_calls[0] + 1))
+    for scope, inputs, reps in (("model", batch, args.reps), ("decoder", decoder_batch, args.decoder_reps)):
+        if reps == 0:
+            continue
+        vision_calls[0] = 0
+        for name in probes:
+            for _ in range(args.warmup):
+                run(name, inputs)
+        peaks = {}
+        t0 = time.perf_counter()
+        for name in probes:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            run(name, inputs)
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        if args.seconds > 0:  # a round is one step of every configuration, as the one just made
+            reps = rounds_in_budget(args.seconds, time.perf_counter() - t0, reps)
+            print(f"{scope} scope: {reps} rounds fit in {args.seconds:g} s", flush=True)
+        times = {name: [] for name in probes}
+        allocator = {name: {} for name in probes}  # summed over the timed steps (on a GPU)
+        for _ in range(reps):
+            for name in probes:
+                times[name].append(run(name, inputs, allocator[name]))
+        rows = summary(times, "off")
+        what = "whole model, vision tower included" if scope == "model" else "decoder only, vision output cached"
+        print(f"# probe overhead ({scope}: {what}), "
+              f"Qwen2.5-VL-{args.shape} shape, {args.attn}, bf16={cuda}, {(args.grid // 2) ** 2} image + "
+              f"{args.response} response tokens, {reps} interleaved reps, device {dev}")
+        print("| configuration | median ms | IQR ms | time ratio | paired ratio (IQR) | peak GiB | memory ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for name, row in rows.items():
+            row["peak_gib"] = peaks[name]
+            print(f"| {name} | {row['median_ms']:.2f} | {row['q1']:.2f}-{row['q3']:.2f} | {row['ratio']:.4f} | "
+                  f"{row['paired_ratio']:.4f} ({row['paired_q1']:.4f}-{row['paired_q3']:.4f}) | "
+                  f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
+        if cuda:  # in steady steps all 0; a configuration with more pays for the allocator in its time
+            print(f"allocator in the {reps} timed steps ({'/'.join(ALLOCATOR_COUNTS)}): " + ", ".join(
+                f"{name} {'/'.join('-' if a.get(k) is None else str(a[k]) for k in ALLOCATOR_COUNTS)}"
+                for name, a in allocator.items()), flush=True)
+        result["scopes"][scope] = {"rows": rows, "raw_ms": times, "vision_calls": vision_calls[0],
+                                   "allocator": allocator}
+
+    layer_raw = layer_costs(model, batch, args.response, args.layer_reps)
+    layer = summary(layer_raw, "plain")
+    steps = {scope: rows["rows"]["off"]["median_ms"] for scope, rows in result["scopes"].items()}
+
+    def share(ms: float, scope: str) -> str:
+        return f"{100 * ms / steps[scope]:+.3f}%" if scope in steps else "-"
+
+    n = len(layers4)
+    print(f"# one probed layer's attention call, forward + backward, {batch['input_ids'].shape[1]} tokens, "
+          f"{args.layer_reps} interleaved reps; added time x {n} layers against the `off` step medians")
+    print(f"| attention call | median ms | IQR ms | added ms | x {n} layers / model step | "
+          f"x {n} layers / decoder step |")
+    print("|---|---|---|---|---|---|")
+    plain = layer["plain"]["median_ms"]
+    for name, row in layer.items():
+        added = n * (row["median_ms"] - plain)
+        row["added_ms_probed_layers"] = added
+        print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
+              f"{row['median_ms'] - plain:+.3f} | "
+              f"{share(added, 'model')} | {share(added, 'decoder')} |")
+    result["layer"], result["layer_raw_ms"] = layer, layer_raw
+    fixed_raw = fixed_costs(model, batch, args.response, 50)
+    fixed = summary(fixed_raw, "capture setup (indicators deferred)")
+    print("# fixed costs per probed forward, whatever the number of layers (each timed alone, 50 reps)")
+    print("| part | median ms | IQR ms | share of the decoder step |\n|---|---|---|---|")
+    for name, row in fixed.items():
+        print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
+              f"{share(row['median_ms'], 'decoder')} |")
+    result["fixed"], result["fixed_raw_ms"] = fixed, fixed_raw
+
+    def save() -> None:
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(result, fh, indent=1)
+
+    save()  # before the profiler, which runs last: whatever happens there, the tables above are kept
+    if args.profile_steps:
+        ktimes = kernel_times(model, decoder_batch, args.response, layers4, args.profile_steps)
+        print(f"# the decoder step under the profiler ({args.profile_steps} steps each): device busy and idle time, "
+              "and the kernels the probes add")
+        print("\n".join(kernel_table(ktimes)), flush=True)
+        result["kernels"] = ktimes
+        save()
+
+
+if __name__ == "__main__":
+    main()

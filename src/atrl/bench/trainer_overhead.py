@@ -1,0 +1,517 @@
+"""Step time of `atrl` against `uniform` on the same trainer, model shape, data and seed (not a test).
+
+Both modes run in one process, alternating in blocks (uniform, atrl, then atrl, uniform, ...: the order flips
+each round so that neither mode always follows the other) so that drift affects both; each block is a fresh
+ATRLTrainer on the same random-weight model snapshot, the same synthetic data and seed, with every completion
+forced to the same length (min_new_tokens = max_completion_length), so that generation costs the same in both
+modes. Step time is TRL's `step_time` (generation + scoring +
+forward/backward + optimizer) summed over each generation cycle (`--steps-per-generation` optimizer steps, 1 by
+default); the first cycle of each block is dropped as warm-up, and one short unrecorded block runs first. The
+ratio of medians is printed with the spread of the first mode's blocks (the noise floor). Target (issue 6):
+ratio <= 1.005. Also printed per mode: the share of the step the training loop spent on credit
+(`atrl/time/credit_s`) and the workers' CPU seconds of partitioning per step (`atrl/time/credit_cpu_s`): the
+difference is what overlapping hid.
+
+Generation (TRL's `_generate`, timed with the device synchronised before and after) is the same code in every
+mode and, with HF generate, most of the step and most of its noise (on an H200 at the 3B shape: ~8.5 of ~9 s
+per step, steps spread +-12%). So each cycle's generation time is also recorded, and the table gives the rest
+of the step (scoring, the old-log-prob pass, forward/backward, optimizer, credit) per mode, with its ratio,
+and the whole-step ratio that the rest implies when generation costs the same in every mode
+(1 + (rest - rest of the first mode) / step of the first mode); the generation medians are printed beside it
+so that this can be checked.
+
+In the H200 lease of session 6, generation itself came out slower in `atrl` blocks (probes on the training
+forward: median 8.0 against 6.9 s, all of it in the second block), though a trainer's generation runs no
+probe: the decoder only carries the probe's attention function, which passes every call through outside a
+capture. `--generation-ab N` checks that
+directly before the blocks: `model.generate` on the same prompts with the decoder on plain SDPA and with the
+probe's function installed, N interleaved calls each. Each block also starts from a collected heap
+(`gc.collect`, `torch.cuda.empty_cache`) and records the device memory still allocated, so that anything a
+finished block leaves behind shows up.
+
+`--replay-generation` takes generation out of the measurement: the process's first call of TRL's `_generate`
+runs (and is timed: the "generation s" the whole-step ratio needs), and every later call returns a copy of its
+output; the data set is then one prompt repeated, so every step trains on that one generated batch. Generation
+being the same code in every mode (the generation A/B above), the step is then the part the modes differ in,
+without the +-12% of generation noise, and many more steps fit in a lease (~2 s each at the 3B shape instead
+of ~10).
+
+`--steps-per-generation N` (N > 1) makes TRL score each generation batch on a no-grad old-log-prob pass in
+chunks and train it as N micro-batches (as it always does with vLLM): the probes ride on that pass and the
+partitions overlap with the GPU. Mode `atrl-overlap-off` waits for the whole batch right after the pass.
+
+`--phases` then runs one more block per mode (3 generation cycles, the first dropped) with the device
+synchronised around TRL's scoring (`_generate_and_score_completions`, generation included), its loss
+(`_compute_loss`: the training forward, where the probes ride without an old-log-prob pass, and the wait for
+the weights) and `training_step` (the rest of it is the backward), the remainder of the step being the
+optimizer and the loop's own work. Synchronising costs overlap, so these blocks are not timed with the others;
+they say in which phase a mode's extra time lands.
+
+    python benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 3        # on the GPU machine
+    python benchmarks/trainer_overhead.py --shape 3b --steps-per-generation 4 --modes uniform atrl atrl-overlap-off
+    python benchmarks/trainer_overhead.py --shape tiny --steps 3 --blocks 2       # smoke run on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+MODES = {"uniform": {"mode": "uniform"}, "atrl": {"mode": "atrl"},
+         "atrl-overlap-off": {"mode": "atrl", "overlap": False}}
+
+
+def generation_ab(model, processor, examples, reps: int, tokens: int) -> dict[str, list[float]]:
+    """Seconds per `model.generate` call (sampling, exactly `tokens` new tokens) with the decoder on plain SDPA
+    and with the probe's attention function installed but no capture active (as during a trainer's
+    generation), interleaved, one unrecorded round first."""
+    from atrl.probe import ConnectivityProbe
+
+    from .probe_overhead import timers
+
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]}]
+                for ex in examples]
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, images=[[ex.image] for ex in examples], return_tensors="pt", padding=True)
+    device = next(model.parameters()).device
+    inputs = inputs.to(device)
+    times: dict[str, list[float]] = {"plain sdpa": [], "probe installed": []}
+    for rep in range(reps + 1):
+        for name in times:
+            probe = ConnectivityProbe(model) if name == "probe installed" else None
+            start, stop = timers(device)
+            start()
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True)
+            seconds = stop() / 1000
+            if rep:
+                times[name].append(seconds)
+            if probe is not None:
+                probe.detach()
+    return times
+
+
+def paired_block_ratios(block_rest: list[tuple[int, str, float]], base: str) -> dict[str, list[float]]:
+    """Per mode, one ratio per round: the mode's block-median rest over `base`'s in the same round (the blocks of
+    one round run back to back, so a slow stretch of the machine that spans the round cancels)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for block, mode, rest in block_rest:
+        by_round.setdefault(block, {})[mode] = rest
+    modes = list(dict.fromkeys(mode for _, mode, _ in block_rest))
+    return {mode: [r[mode] / r[base] for r in by_round.values() if mode in r and base in r] for mode in modes}
+
+
+def cycle_sums(values: list[float], per_cycle: int) -> list[float]:
+    """Per-optimizer-step values summed over generation cycles (`per_cycle` steps each), the first one dropped."""
+    return [sum(values[i:i + per_cycle]) for i in range(per_cycle, len(values) - per_cycle + 1, per_cycle)]
+
+
+# phase -> the trainer method whose calls it times (see --phases)
+PHASES = {"scoring": "_generate_and_score_completions", "loss": "_compute_loss", "backward": "accelerator.backward",
+          "training_step": "training_step"}
+
+
+def phase_table_rows(steps: list[dict[str, float]], step_times: list[float], generation: list[float],
+                     per_cycle: int) -> dict[str, float]:
+    """Median seconds per generation cycle (the first dropped) of: generation; scoring without it; the loss's
+    forward; the backward; the rest of the training step; the training step itself (device synchronised at
+    each boundary) and TRL's step time (`step_time`, which is the training step unsynchronised: the optimizer
+    step is in neither)."""
+    scoring, loss, backward, train = (cycle_sums([s[k] for s in steps], per_cycle) for k in PHASES)
+    gen = generation[1:]
+    rows = {"generation": gen, "scoring, generation aside": [s - g for s, g in zip(scoring, gen)],
+            "forward + loss (probes, wait for the weights)": loss, "backward": backward,
+            "rest of the training step": [t - s - f - b for t, s, f, b in zip(train, scoring, loss, backward)],
+            "training step (synchronised)": train, "TRL's step_time": cycle_sums(step_times, per_cycle)}
+    return {name: statistics.median(v) for name, v in rows.items()}
+
+
+def phase_table(phase_times: dict[str, dict[str, float]], base: str) -> list[str]:
+    """Markdown rows: each phase's seconds per cycle in every mode, and each mode's difference from `base`."""
+    modes = list(phase_times)
+    others = [m for m in modes if m != base]
+    lines = ["| phase | " + " | ".join(f"{m} s" for m in modes) + "".join(f" | {m} - {base} s" for m in others)
+             + " |", "|---" * (1 + len(modes) + len(others)) + "|"]
+    for phase in phase_times[base]:
+        row = [phase_times[m][phase] for m in modes]
+        diffs = [phase_times[m][phase] - phase_times[base][phase] for m in others]
+        lines.append(f"| {phase} | " + " | ".join(f"{v:.4f}" for v in row)
+                     + "".join(f" | {d:+.4f}" for d in diffs) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="atrl bench trainer", description=__doc__.split(chr(10))[0])
+    ap.add_argument("--shape", default="3b", choices=["3b", "7b", "tiny"])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--blocks", type=int, default=3, help="rounds of blocks (a block per mode in each)")
+    ap.add_argument("--seconds", type=float, default=0.0,
+                    help="time budget for the rounds of blocks: as many as fit (at least 2, at most --blocks), "
+                         "from the first round's time; 0: --blocks rounds")
+    ap.add_argument("--completion", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=448)
+    ap.add_argument("--workers", type=int, default=8, help="credit n_workers (the recipes' value)")
+    ap.add_argument("--region-grid", type=int, nargs=2, default=(4, 4), metavar=("ROWS", "COLS"),
+                    help="anchor.region_grid (a smoke run on a tiny model uses 2 2: fewer regions than head "
+                         "channels, so the probe's narrow values run)")
+    ap.add_argument("--steps-per-generation", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=8, help="per-device micro-batch (completions)")
+    ap.add_argument("--modes", nargs="+", default=["uniform", "atrl"], choices=list(MODES))
+    ap.add_argument("--generation-ab", type=int, default=0, metavar="N",
+                    help="first time N generate calls with and without the probe's attention installed")
+    ap.add_argument("--ab-tokens", type=int, default=64, help="new tokens per call of --generation-ab")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the blocks, profile one generation cycle of each mode: device busy / idle time, "
+                         "the kernels and host-side ops that differ")
+    ap.add_argument("--phases", action="store_true",
+                    help="after the blocks, one block per mode with the device synchronised around scoring, "
+                         "the loss's forward and the training step: where each mode's step time goes")
+    ap.add_argument("--replay-generation", action="store_true",
+                    help="generate once, then train every step on a copy of that batch (see the module docstring)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.steps % args.steps_per_generation or args.steps < 2 * args.steps_per_generation:
+        ap.error("--steps must be a multiple of --steps-per-generation, at least two generation cycles")
+
+    from transformers import TrainerCallback
+    from trl import GRPOConfig
+
+    from atrl.data.synthetic import BarKnobs, CountKnobs, generate, to_hf_dataset
+    from atrl.models.zoo import TinySize, build_tiny_vlm
+    from atrl.rl.config import AnchorConfig
+    from atrl.rl.rewards import accuracy_reward, format_reward
+    from atrl.rl.trainer import ATRLTrainer
+
+    from .probe_overhead import (
+        ALLOCATOR_COUNTS,
+        allocator_activity,
+        build,
+        kernel_table,
+        profiled_step,
+        profiler_activities,
+        rounds_in_budget,
+        timers,
+    )
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    tiny, processor = build_tiny_vlm("qwen2_5_vl", size=TinySize(image_size=args.image_size))
+    if args.shape == "tiny":
+        base = tiny
+    else:
+        base = build(args.shape, device, torch.bfloat16)
+        # the byte-level processor's special tokens are ids < 300, inside the big vocabulary: point the config at them
+        base.config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        base.config.video_token_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        base.config.vision_start_token_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        base.config.vision_end_token_id = processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    size = args.image_size
+    examples = generate(64, seed=0, families=["count", "bar_value"],
+                        knobs={"count": CountKnobs(image_size=size, cell=size // 5),
+                               "bar_value": BarKnobs(image_size=size)})
+    # replaying one generation needs one prompt: TRL derives parts of the batch (e.g. mm_token_type_ids) from it
+    data = to_hf_dataset([examples[0]] * len(examples) if args.replay_generation else examples)
+    ab = {}
+    if args.generation_ab:
+        ab = generation_ab(base, processor, examples[:args.batch], args.generation_ab, args.ab_tokens)
+        plain = statistics.median(ab["plain sdpa"])
+        print(f"# model.generate, {args.batch} prompts x {args.ab_tokens} new tokens, {args.generation_ab} "
+              "interleaved calls each (no capture active, as in a trainer's generation)")
+        print("| decoder attention | median s | min-max s | ratio |\n|---|---|---|---|")
+        for name, ts in ab.items():
+            print(f"| {name} | {statistics.median(ts):.3f} | {min(ts):.3f}-{max(ts):.3f} | "
+                  f"{statistics.median(ts) / plain:.4f} |", flush=True)
+    snapshot = copy.deepcopy(base.state_dict())
+
+    class Times(TrainerCallback):
+        """Per optimizer step: TRL's step time, the credit times the trainer logs, and the pauses of Python's
+        garbage collector (`gc.callbacks`: seconds, and full collections, which walk every object of the
+        process); `close()` unhooks the collector meter."""
+
+        def __init__(self):
+            self.times, self.credit, self.cpu, self.generation = [], [], [], []
+            self.gc_seconds, self.gc_full = [], []
+            self._gc = [0.0, 0, 0.0]  # pause seconds and full collections since the last step, start of the current
+            self.allocator_start: dict | None = None  # memory_stats() once the warm-up cycle has ended
+            gc.callbacks.append(self._collecting)
+
+        def _collecting(self, phase: str, info: dict) -> None:
+            if phase == "start":
+                self._gc[2] = time.perf_counter()
+            else:
+                self._gc[0] += time.perf_counter() - self._gc[2]
+                self._gc[1] += info["generation"] == 2
+
+        def close(self) -> None:
+            gc.callbacks.remove(self._collecting)
+
+        def on_step_end(self, a, state, control, **kw):
+            if cuda and state.global_step == args.steps_per_generation:  # the warm-up cycle (not timed) ends
+                self.allocator_start = torch.cuda.memory_stats()
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "step_time" in logs:  # one micro-batch per optimizer step; steps without credit log none
+                self.times.append(logs["step_time"])
+                self.credit.append(logs.get("atrl/time/credit_s", 0.0))
+                self.cpu.append(logs.get("atrl/time/credit_cpu_s", 0.0))
+                self.gc_seconds.append(self._gc[0])
+                self.gc_full.append(self._gc[1])
+                self._gc[:2] = [0.0, 0]
+
+        def cycles(self, values: list[float]) -> list[float]:
+            return cycle_sums(values, args.steps_per_generation)
+
+        def timed(self, generate):
+            """TRL's `_generate` (one call per generation cycle), timed with the device synchronised."""
+            def call(*a, **kw):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = generate(*a, **kw)
+                if cuda:
+                    torch.cuda.synchronize()
+                self.generation.append(time.perf_counter() - t0)
+                return out
+            return call
+
+    replay: dict[str, object] = {}  # --replay-generation: the first `_generate` output and its seconds
+
+    def replayed(generate):
+        def call(prompts):
+            if "output" not in replay:
+                start, stop = timers(device)
+                start()
+                replay["output"] = generate(prompts)
+                replay["seconds"] = stop() / 1000
+                replay["prompts"] = len(prompts)
+                replay["calls"] = 0
+            if len(prompts) != replay["prompts"]:
+                raise RuntimeError(f"replaying a generation of {replay['prompts']} prompts for {len(prompts)}")
+            replay["calls"] += 1
+            return copy.deepcopy(replay["output"])  # TRL may edit what it gets
+        return call
+
+    class ProfileCycle(TrainerCallback):
+        """Profiles the block's second generation cycle (optimizer steps spg + 1 .. 2 spg): the first one warms up."""
+
+        def __init__(self):
+            self.steps, self.prof, self.t0, self.result = 0, None, 0.0, None
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.steps += 1
+            if self.steps == args.steps_per_generation + 1:
+                if cuda:
+                    torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=profiler_activities(device))
+                self.prof.start()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if self.steps == 2 * args.steps_per_generation and self.prof is not None:
+                if cuda:
+                    torch.cuda.synchronize()
+                wall_ms = 1000 * (time.perf_counter() - self.t0)
+                self.prof.stop()
+                self.result = profiled_step(self.prof, 1, wall_ms, cuda)
+                self.prof = None
+
+    results: dict[str, list[float]] = {m: [] for m in args.modes}
+    generation: dict[str, list[float]] = {m: [] for m in args.modes}  # generation seconds per cycle
+    credit_share: dict[str, list[float]] = {m: [] for m in args.modes}  # time the loop spent on credit / step
+    credit_loop: dict[str, list[float]] = {m: [] for m in args.modes}  # seconds the loop spent on credit per step
+    credit_cpu: dict[str, list[float]] = {m: [] for m in args.modes}  # workers' partition CPU seconds per step
+    gc_seconds: dict[str, list[float]] = {m: [] for m in args.modes}  # garbage-collector pauses, s per step
+    gc_full: dict[str, list[float]] = {m: [] for m in args.modes}  # full (generation 2) collections per step
+    blocks: list[tuple[str, float]] = []
+    block_rest: list[tuple[int, str, float]] = []  # (round, mode, median rest of the step in that block)
+
+    block_memory: list[tuple[str, float]] = []  # (mode, GiB allocated at the block's start)
+    allocator: list[dict] = []  # per block (the profiled ones too): allocator activity and peaks in the timed cycles
+
+    class Phases(TrainerCallback):
+        """Seconds per optimizer step in TRL's phases, the device synchronised at each boundary (see --phases)."""
+
+        def __init__(self):
+            self.open = {name: 0.0 for name in PHASES}
+            self.steps: list[dict[str, float]] = []
+
+        def wrap(self, trainer) -> None:
+            def timed(name, method):
+                def call(*a, **kw):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    try:
+                        return method(*a, **kw)
+                    finally:
+                        if cuda:
+                            torch.cuda.synchronize()
+                        self.open[name] += time.perf_counter() - t0
+                return call
+            for name, path in PHASES.items():
+                owner, attr = (trainer.accelerator, path.split(".")[1]) if "." in path else (trainer, path)
+                setattr(owner, attr, timed(name, getattr(owner, attr)))
+
+        def on_step_end(self, a, state, control, **kw):
+            self.steps.append(self.open)
+            self.open = dict.fromkeys(PHASES, 0.0)
+
+    def train_block(mode: str, steps: int, profiler: ProfileCycle | None = None, phases: Phases | None = None
+                    ) -> Times:
+        gc.collect()  # the last block's trainer (reference cycles) and its optimizer state go now, not mid-block
+        if cuda:
+            torch.cuda.empty_cache()
+            block_memory.append((mode, torch.cuda.memory_allocated() / 2**30))
+        base.load_state_dict(snapshot)
+        cb = Times()
+        cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, num_generations=8,
+                         steps_per_generation=args.steps_per_generation,
+                         max_completion_length=args.completion, max_steps=steps, logging_steps=1,
+                         report_to=[], save_strategy="no", bf16=cuda, use_cpu=not cuda, seed=0,
+                         learning_rate=1e-7, disable_tqdm=True, gradient_checkpointing=True,
+                         generation_kwargs={"min_new_tokens": args.completion})
+        anchor = AnchorConfig(**MODES[mode], region_grid=tuple(args.region_grid), credit={"n_workers": args.workers})
+        trainer = ATRLTrainer(model=base, processing_class=processor, args=cfg, train_dataset=data,
+                              reward_funcs=[accuracy_reward, format_reward],
+                              callbacks=[cb] + [c for c in (profiler, phases) if c is not None],
+                              anchor_config=anchor)
+        trainer._generate = cb.timed(replayed(trainer._generate) if args.replay_generation else trainer._generate)
+        if phases is not None:
+            phases.wrap(trainer)
+        try:
+            trainer.train()
+        finally:
+            cb.close()
+        if cuda and cb.allocator_start is not None:  # what the allocator did in the timed cycles
+            allocator.append({"mode": mode, **allocator_activity(cb.allocator_start, torch.cuda.memory_stats()),
+                              "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                              "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30})
+        if trainer.probe is not None:
+            trainer.probe.detach()
+        return cb
+
+    # one short block first, not recorded: the process's first training pays one-off costs (allocator growth,
+    # kernel selection) that would otherwise land on whichever mode runs first
+    train_block(args.modes[-1], 2 * args.steps_per_generation)
+    rounds, block, t0 = args.blocks, 0, time.perf_counter()
+    while block < rounds:
+        for mode in (args.modes if block % 2 == 0 else args.modes[::-1]):
+            cb = train_block(mode, args.steps)
+            kept = cb.cycles(cb.times)
+            results[mode].extend(kept)
+            if len(cb.generation) != len(kept) + 1:
+                raise RuntimeError(f"{len(cb.generation)} generation calls for {len(kept) + 1} generation cycles")
+            generation[mode].extend(cb.generation[1:])
+            gc_seconds[mode].extend(cb.cycles(cb.gc_seconds))
+            gc_full[mode].extend(cb.cycles(cb.gc_full))
+            if mode != "uniform":
+                credit_loop[mode].extend(cb.cycles(cb.credit))
+                credit_share[mode].extend(c / t for c, t in zip(cb.cycles(cb.credit), kept))
+                credit_cpu[mode].extend(cb.cycles(cb.cpu))
+            blocks.append((mode, statistics.median(kept)))
+            block_rest.append((block, mode, statistics.median(t - g for t, g in zip(kept, cb.generation[1:]))))
+            print(f"block {block} {mode}: median step {statistics.median(kept):.3f} s over {len(kept)} steps, "
+                  f"of which generation {statistics.median(cb.generation[1:]):.3f} s", flush=True)
+        if block == 0 and args.seconds > 0:
+            rounds = rounds_in_budget(args.seconds, time.perf_counter() - t0, args.blocks, least=2)
+            print(f"{rounds} rounds of blocks fit in {args.seconds:g} s", flush=True)
+        block += 1
+    profiled: dict[str, dict] = {}
+    phase_times: dict[str, dict[str, float]] = {}
+    first = args.modes[0]
+    med_0 = statistics.median(results[first])
+    first_blocks = [t for m, t in blocks if m == first]
+    noise = (max(first_blocks) - min(first_blocks)) / med_0 if len(first_blocks) > 1 else float("nan")
+    dev = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"# trainer step time, Qwen2.5-VL-{args.shape} shape, {args.completion}-token completions, "
+          f"{args.batch} x {args.steps_per_generation} completions per step, credit n_workers={args.workers}, "
+          f"device {dev}")
+    print(f"| mode | median step s | steps | ratio to {first} | loop time in credit, s per step (share) | "
+          "partition CPU s per step |")
+    # a "step" here is one generation cycle: steps_per_generation optimizer steps (the first cycle is warm-up)
+    print("|---|---|---|---|---|---|")
+    for mode in args.modes:
+        med = statistics.median(results[mode])
+        share, cpu = credit_share[mode], credit_cpu[mode]
+        share_s = (f"{statistics.median(credit_loop[mode]):.4f} ({100 * statistics.median(share):.2f}%)"
+                   if share else "-")
+        cpu_s = f"{statistics.median(cpu):.3f}" if cpu else "-"
+        print(f"| {mode} | {med:.3f} | {len(results[mode])} | {med / med_0:.4f} | {share_s} | {cpu_s} |")
+    print(f"spread of the {first} blocks (noise floor): {100 * noise:.2f}%")
+    print("garbage-collector pauses per step, median (max) s, and full collections per step: "
+          + ", ".join(f"{m} {statistics.median(gc_seconds[m]):.4f} ({max(gc_seconds[m]):.4f}) s, "
+                      f"{statistics.mean(gc_full[m]):.2f}" for m in args.modes))
+    if block_memory:
+        print("device memory allocated at each block's start (GiB): "
+              + ", ".join(f"{m} {gib:.2f}" for m, gib in block_memory))
+    if allocator:
+        print("allocator in each block's timed cycles, the unrecorded warm-up block first (retries, cudaMalloc, "
+              "cudaFree, device syncs; peak allocated / reserved GiB): " + ", ".join(
+                  f"{a['mode']} {'/'.join('-' if a[k] is None else str(a[k]) for k in ALLOCATOR_COUNTS)} "
+                  f"{a['peak_allocated_gib']:.1f}/{a['peak_reserved_gib']:.1f}" for a in allocator))
+    rest = {m: [t - g for t, g in zip(results[m], generation[m])] for m in args.modes}
+    rest_0 = statistics.median(rest[first])
+    # the whole step (one generation cycle) the rest is set against: as measured, or, when replaying, the rest
+    # with the one real generation added back
+    step_0 = rest_0 + replay["seconds"] if args.replay_generation else med_0
+    print("# the step without generation (same run; generation is the same code in every mode)"
+          + (f"; generation replayed, the one real call took {replay['seconds']:.3f} s" if args.replay_generation
+             else ""))
+    paired = paired_block_ratios(block_rest, first)
+    print(f"| mode | median generation s | median rest s | rest IQR s | rest ratio to {first} | "
+          "paired rest ratio (min-max over rounds) | whole-step ratio implied (paired) |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in args.modes:
+        r = statistics.median(rest[mode])
+        q = statistics.quantiles(rest[mode], n=4) if len(rest[mode]) > 1 else [r, r, r]
+        pr = paired[mode]
+        pm = statistics.median(pr)
+        print(f"| {mode} | {statistics.median(generation[mode]):.3f} | {r:.3f} | {q[0]:.3f}-{q[2]:.3f} | "
+              f"{r / rest_0:.4f} | {pm:.4f} ({min(pr):.4f}-{max(pr):.4f}) | {1 + (r - rest_0) / step_0:.4f} "
+              f"({1 + (pm - 1) * rest_0 / step_0:.4f}) |")
+
+    def save() -> None:
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump({"device": dev, "shape": args.shape, "results": results, "generation": generation,
+                           "blocks": blocks, "block_rest": block_rest, "paired_rest_ratios": paired,
+                           "block_memory_gib": block_memory, "allocator": allocator, "generation_ab": ab,
+                           "credit_share": credit_share, "credit_loop": credit_loop,
+                           "credit_cpu": credit_cpu, "gc_seconds": gc_seconds, "gc_full": gc_full,
+                           "workers": args.workers, "region_grid": list(args.region_grid),
+                           "steps_per_generation": args.steps_per_generation, "batch": args.batch,
+                           "replayed_generation_s": replay.get("seconds"),
+                           "generate_calls_served": replay.get("calls"), "profiled": profiled,
+                           "phases": phase_times}, fh, indent=1)
+
+    save()  # before the profiled blocks, which run last: whatever happens there, the tables above are kept
+    if args.phases:
+        by_mode = {}
+        for mode in args.modes:
+            meter = Phases()
+            cb = train_block(mode, 3 * args.steps_per_generation, phases=meter)
+            by_mode[mode] = phase_table_rows(meter.steps, cb.times, cb.generation, args.steps_per_generation)
+        phase_times.update(by_mode)
+        print("# where the step goes, per generation cycle (device synchronised at each phase; median of 2 cycles)")
+        print("\n".join(phase_table(phase_times, first)), flush=True)
+        save()
+    if args.profile:
+        for mode in args.modes:
+            profiler = ProfileCycle()
+            train_block(mode, 2 * args.steps_per_generation, profiler)
+            profiled[mode] = profiler.result
+        print("# one generation cycle per mode under the profiler (after the blocks)")
+        print("\n".join(kernel_table(profiled)), flush=True)
+        save()
+
+
+if __name__ == "__main__":
+    main()
