@@ -442,7 +442,10 @@ def resolve_resume(recipe: Recipe, output_dir: str) -> str | None:
 def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool = True):
     """Train according to `recipe`; returns the trainer. Saves the final model + processor to
     `<output_dir>/final`, the resolved recipe to `<output_dir>/recipe.yaml`, the trainer state (log history) to
-    `<output_dir>/trainer_state.json` and a figure of what training did to `<output_dir>/training_report.png`."""
+    `<output_dir>/trainer_state.json` and a figure of what training did to `<output_dir>/training_report.png`.
+
+    From a script of your own, call it under `if __name__ == "__main__":`: the credit workers are spawned
+    processes, which import the main module again (Python's rule for spawned processes)."""
     from ..models.zoo import ensure_writable_dir
     from .progress import install_progress
 
