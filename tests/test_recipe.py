@@ -1,5 +1,6 @@
 """YAML recipes and `atrl train` command-line overrides."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -91,8 +92,14 @@ def test_dry_run_checks_config_rewards_data_and_capture_site_without_training(tm
     assert "data.train: synthetic, 512 rows" in printed and "data.eval: synthetic, 4 rows" in printed
     assert "connectivity measured on old_logps" in printed  # num_iterations 2: TRL's old-log-prob pass
     assert printed.rstrip().endswith("recipe checked: nothing trained") and not out.exists()
+    assert "probe layers [2]" in printed and "4 decoder layers" in printed  # the embedded default's layer 2 of 4
     assert main([*common, "--anchor.capture", "old_logps"]) == 2  # TRL makes no such pass with these settings
     assert "anchor.capture='old_logps' but TRL makes no old-log-prob pass" in capsys.readouterr().err
+    assert main([*common, "--anchor.probe_layers", "[1, 9]"]) == 2  # read from the model's config, no weights
+    assert "probe layers [9] out of range: the decoder has 4 layers" in capsys.readouterr().err
+    if importlib.util.find_spec("flash_attn") is None:  # as on CI: a FlashAttention recipe fails before the weights
+        assert main([*common, "--model.attn_implementation", "flash_attention_2"]) == 2
+        assert "needs the flash_attn package, which is not installed" in capsys.readouterr().err
     assert main([*common, "--trl.per_device_train_batch_size", "6"]) == 2  # TRL's check: 6 is not a multiple of 4
     assert "recipe section 'trl': generation_batch_size (6) must be divisible" in capsys.readouterr().err
     # a data file whose second row's prompt, image tokens included, is over the limit: named, or skipped and counted

@@ -308,7 +308,7 @@ def save_model(model: PreTrainedModel, processor: ProcessorMixin, path: str | os
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                attn_implementation: str | None = None, device: str | torch.device | None = None):
     """Load a VLM checkpoint and its processor from a local folder (or any Hugging Face model path)."""
-    _check_model_path(path)
+    check_model_path(path)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -320,7 +320,7 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     return model, load_processor(path)
 
 
-def _check_model_path(path: str | os.PathLike) -> None:
+def check_model_path(path: str | os.PathLike) -> None:
     """A missing folder that cannot be a hub id ("Qwen/Qwen2.5-VL-3B-Instruct" can; "runs/demo/final", "./x" or
     "/abs/x" cannot) is named plainly; a hub id is left to transformers (the hub, or its cache offline)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -335,7 +335,7 @@ def _check_model_path(path: str | os.PathLike) -> None:
 
 def load_processor(path: str | os.PathLike) -> ProcessorMixin:
     """Load a processor; the image-only Qwen processors saved by this project load without torchvision."""
-    _check_model_path(path)
+    check_model_path(path)
     config_file = Path(path) / "processor_config.json"
     if config_file.is_file():
         name = json.loads(config_file.read_text()).get("processor_class")

@@ -23,7 +23,7 @@ from .connectivity import SINK_DEBIAS, ConnectivityParts, connectivity_from_mass
 from .layout import ProbeError, VisionLayout
 
 __all__ = ["SINK_DEBIAS", "Capture", "ConnectivityParts", "ConnectivityProbe", "ProbeError", "VisionLayout",
-           "connectivity_from_masses", "connectivity_parts", "default_probe_layers"]
+           "connectivity_from_masses", "connectivity_parts", "default_probe_layers", "probe_layers_for"]
 
 
 def default_probe_layers(num_layers: int, count: int = 4) -> list[int]:
@@ -40,6 +40,15 @@ def default_probe_layers(num_layers: int, count: int = 4) -> list[int]:
     top = num_layers - 2 if num_layers >= 3 else num_layers - 1
     picks = {min(top, half + (i * (num_layers - half)) // count) for i in range(count)}
     return sorted(picks)
+
+
+def probe_layers_for(num_layers: int, layers: Sequence[int] | None = None) -> list[int]:
+    """The decoder layers to probe: `layers` (checked against the decoder's `num_layers`), or the default."""
+    chosen = sorted(set(layers)) if layers is not None else default_probe_layers(num_layers)
+    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if bad:
+        raise ProbeError(f"probe layers {bad} out of range: the decoder has {num_layers} layers")
+    return chosen
 
 
 @dataclass
@@ -107,10 +116,7 @@ class ConnectivityProbe:
         self.layout = VisionLayout.from_model(model)
         decoder = model.get_decoder()
         attn_modules = [layer.self_attn for layer in decoder.layers]
-        self.layers = sorted(set(layers)) if layers is not None else default_probe_layers(len(attn_modules))
-        bad = [i for i in self.layers if not 0 <= i < len(attn_modules)]
-        if bad:
-            raise ProbeError(f"probe layers {bad} out of range: the decoder has {len(attn_modules)} layers")
+        self.layers = probe_layers_for(len(attn_modules), layers)
         self.layer_of_module = {id(attn_modules[i]): i for i in self.layers}
         self.region_grid = region_grid
         self.pad_qk = pad_qk

@@ -319,11 +319,15 @@ def check_recipe(recipe: Recipe) -> list[str]:
     (minutes on a GPU node for a 7B model). Builds the GRPOConfig (TRL's own checks, e.g. batch sizes against
     num_generations), imports the reward functions, loads both data splits (bad rows raise or are counted, as
     data.on_error says), checks prompt lengths with the model's processor when data.max_prompt_length is set,
-    and resolves where connectivity is measured. Raises what `atrl train` would raise; returns a summary."""
+    and resolves where connectivity is measured and which decoder layers are probed (from the model's config).
+    Raises what `atrl train` would raise; returns a summary."""
+    from ..probe import probe_layers_for
+
     args = grpo_config(recipe)
-    lines = [f"trl: {args.per_device_train_batch_size} completions per device x {args.gradient_accumulation_steps} "
-             f"accumulation steps, {args.num_generations} per prompt, loss {args.loss_type}, learning rate "
-             f"{args.learning_rate:g}, max_steps {args.max_steps}, output {args.output_dir}"]
+    _check_attention(recipe)
+    lines = [(f"trl: {args.per_device_train_batch_size} completions per device x {args.gradient_accumulation_steps} "
+              f"accumulation steps, {args.num_generations} per prompt, loss {args.loss_type}, learning rate "
+              f"{args.learning_rate:g}, max_steps {args.max_steps}, output {args.output_dir}")]
     rewards = build_rewards(recipe)
     lines.append("rewards: " + ", ".join(f"{getattr(f, '__name__', f)} x {w:g}"
                                           for f, w in zip(rewards, args.reward_weights)))
@@ -343,13 +347,43 @@ def check_recipe(recipe: Recipe) -> list[str]:
     else:
         lines.append(f"prompt lengths: {' and '.join(files)} checked, kept rows fit {recipe.data.max_prompt_length} "
                      "tokens with their image tokens")
+    num_layers, architecture = _decoder_layers(recipe)
     a = recipe.anchor
     site = a.capture_site(args) if a.needs_probe or a.mode == "entropy" else "none (no probes)"
-    lines.append(f"anchor: mode {a.mode}, connectivity measured on {site}, probe layers "
-                 f"{a.probe_layers or 'default'}, region grid {a.region_grid[0]}x{a.region_grid[1]}")
-    lines.append(f"model: {recipe.model.path or 'the embedded default'} ({recipe.model.dtype}, "
-                 f"{recipe.model.attn_implementation}; weights not loaded)")
+    layers = probe_layers_for(num_layers, a.probe_layers) if a.needs_probe else "none"
+    lines.append(f"anchor: mode {a.mode}, connectivity measured on {site}, probe layers {layers}, region grid "
+                 f"{a.region_grid[0]}x{a.region_grid[1]}")
+    lines.append(f"model: {recipe.model.path or 'the embedded default'} ({architecture}, {num_layers} decoder "
+                 f"layers, {recipe.model.dtype}, {recipe.model.attn_implementation}; weights not loaded)")
     return lines
+
+
+def _decoder_layers(recipe: Recipe) -> tuple[int, str]:
+    """The model's decoder depth and architecture, from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    from ..models.zoo import check_model_path
+
+    path = _model_path(recipe)
+    if path is None:  # no default base on this machine: the run would build a fresh tiny model
+        from ..models.zoo import build_tiny_vlm
+
+        config = build_tiny_vlm("qwen2_5_vl")[0].config
+    else:
+        check_model_path(path)
+        config = AutoConfig.from_pretrained(path)
+    return config.get_text_config().num_hidden_layers, (config.architectures or [type(config).__name__])[0]
+
+
+def _check_attention(recipe: Recipe) -> None:
+    """A FlashAttention backend that is not installed fails when the recipe is checked, not at weight loading."""
+    import importlib.util
+
+    package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(
+        recipe.model.attn_implementation)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ValueError(f"model.attn_implementation={recipe.model.attn_implementation!r} needs the {package} "
+                         "package, which is not installed: install it, or use sdpa (the probes run inside either)")
 
 
 def build_dataset(recipe: Recipe, processor, split: str = "train"):
@@ -404,6 +438,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     from .trainer import ATRLTrainer
 
     args = grpo_config(recipe)
+    _check_attention(recipe)
     # the data first: a bad row or file fails before minutes of loading a large model's weights
     data_processor = _data_processor(recipe)
     dataset, _ = build_dataset(recipe, data_processor)
