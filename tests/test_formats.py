@@ -178,3 +178,25 @@ def test_image_placeholders_leave_the_question(tmp_path):
     assert report.skipped and "2 <image> placeholders but the row has 1 images" in report.examples[0]
     prompt = build_prompt_messages(samples[0])[0]["content"]
     assert [c["type"] for c in prompt] == ["image", "text"] and "<image>" not in prompt[1]["text"]
+
+
+def test_a_datasets_folder_loads_like_the_same_rows_as_jsonl(tmp_path):
+    """`atrl data export --format hf` (datasets' save_to_disk) and the JSONL export of the same seed give the same
+    samples; images stay encoded until used. A folder of several splits names them."""
+    from atrl.cli import main
+
+    for fmt in ("hf", "jsonl"):
+        assert main(["data", "export", "--n", "5", "--seed", "2", "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+    folder, _ = load_samples(tmp_path / "hf")
+    jsonl, _ = load_samples(tmp_path / "jsonl" / "data.jsonl")
+    assert [(s.question, s.answer, s.answer_type) for s in folder] == [(s.question, s.answer, s.answer_type)
+                                                                       for s in jsonl]
+    assert folder[0].images[0].data is not None and folder[0].source == f"{tmp_path / 'hf'}[0]"
+    assert list(folder[0].load_images()[0].getdata()) == list(jsonl[0].load_images()[0].getdata())
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.load_from_disk(str(tmp_path / "hf"))}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"a data set with splits \['train'\]: give one split's folder"):
+        load_samples(tmp_path / "dd")
+    with pytest.raises(DataError, match="not a data set saved by datasets"):
+        load_samples(tmp_path / "jsonl")

@@ -105,9 +105,12 @@ class LoadReport:
 
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The file's rows, and where each is in it: `path:LINE` (1-based, as editors and grep count) in a JSONL
-    file, `path[INDEX]` (0-based) in a parquet file or a JSON list, `path[pid=ID]` in a JSON dict keyed by id."""
+    file, `path[INDEX]` (0-based) in a parquet file, a JSON list or a `datasets` folder, `path[pid=ID]` in a JSON
+    dict keyed by id."""
+    if path.is_dir():
+        return _read_dataset_folder(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"data file or folder {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -136,6 +139,22 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             return data, [f"{path}[{i}]" for i in range(len(data))]
         raise DataError(f"{path}: expected a JSON list of rows or a dict keyed by id")
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .parquet, .json or .jsonl)")
+
+
+def _read_dataset_folder(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a data set written by `datasets`' save_to_disk (e.g. `atrl data export --format hf`, or a hub data
+    set downloaded and saved), read from its Arrow table: images stay encoded ({bytes, path}) until used."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise DataError(f"{path}: a data set with splits {splits}: give one split's folder, e.g. "
+                        f"{path / (splits[0] if splits else 'train')}")
+    if not (path / "dataset_info.json").is_file():
+        raise DataError(f"{path}: a folder, but not a data set saved by datasets (no dataset_info.json); give a "
+                        ".parquet, .json or .jsonl file or such a folder")
+    import datasets
+
+    rows = datasets.load_from_disk(str(path)).with_format("arrow")[:].to_pylist()
+    return rows, [f"{path}[{i}]" for i in range(len(rows))]
 
 
 def _image_ref(value: Any, root: Path, where: str) -> ImageRef:
@@ -244,7 +263,7 @@ def load_samples(path: str | Path, format: str = "auto", *, image_root: str | Pa
     """Read a data-set file into `Sample`s.
 
     Args:
-        path: .parquet, .json or .jsonl file.
+        path: a .parquet, .json or .jsonl file, or a folder written by `datasets` (save_to_disk) of one split.
         format: one of FORMATS, or "auto" (MathVista when rows have `pid` and `question_type`, Geometry3K when
             they have `problem`, else generic JSONL).
         image_root: folder relative image paths are resolved against (default: the file's folder).

@@ -73,7 +73,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """train: "synthetic" or a data file (.parquet / .json / .jsonl). format: auto | mathvista | geometry3k | jsonl.
+    """train: "synthetic", a data file (.parquet / .json / .jsonl) or a folder saved by `datasets` (one split).
+    format: auto | mathvista | geometry3k | jsonl.
     n, seed, families, knobs: synthetic data size, seed, task families (null: all five) and per-family difficulty
     knobs ({family: {knob: value}}, see atrl.data.synthetic); the defaults are the embedded default's colour-tile
     task. on_error: raise | skip (bad rows).
