@@ -35,11 +35,13 @@ for phase in "${phases[@]}"; do
 case $phase in
   smoke)
     # spg 1 with 4 regions per image (head size 16): the probe's narrow values run on the training forward,
-    # beside a padding mask; spg 2 with the default 16 (no narrow values: as wide as the heads)
+    # beside a padding mask; spg 2 with the default 16 (no narrow values: as wide as the heads). --sync-debug:
+    # every host-device synchronisation per mode, by the call that made it (the table's "atrl - uniform" column
+    # names any sync atrl adds; shape-independent, so the tiny model shows it in seconds)
     for spg in 1 2; do
       grid=$([ "$spg" = 1 ] && echo "2 2" || echo "4 4")
       timeout 120 python3 benchmarks/trainer_overhead.py --shape tiny --steps 4 --blocks 1 --completion 32 \
-        --steps-per-generation "$spg" --region-grid $grid --modes uniform atrl atrl-overlap-off --workers 4 \
+        --steps-per-generation "$spg" --region-grid $grid --modes uniform atrl atrl-overlap-off --workers 4 --sync-debug \
         2>&1 | tee -a "$out/smoke.txt" | grep -v "it/s\]\|^{"
     done ;;
   probe)

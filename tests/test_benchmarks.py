@@ -91,7 +91,8 @@ def test_trainer_overhead_smoke(tmp_path):
     stdout = _run("trainer_overhead.py", "--shape", "tiny", "--steps", "4", "--blocks", "1", "--completion", "8",
                   "--image-size", "112", "--workers", "2", "--batch", "4", "--steps-per-generation", "2",
                   "--modes", "uniform", "atrl", "atrl-overlap-off", "--generation-ab", "2", "--ab-tokens", "4",
-                  "--region-grid", "2", "3", "--out", str(out))
+                  "--region-grid", "2", "3", "--sync-debug", "--out", str(out))
+    assert "sync debug: needs CUDA" in stdout  # the sync meter runs on a GPU only
     result = json.loads(out.read_text())
     assert result["region_grid"] == [2, 3]
     ab = result["generation_ab"]  # generate with and without the probe's attention installed, interleaved
@@ -189,3 +190,49 @@ def test_atrl_bench_lists_and_runs_the_benchmarks(capsys):
     assert [r.split(" | ")[0] for r in rows[1:]] == [
         "| metis k-way, max 64 parts (default)", "| metis k-way, max 32 parts", "| metis recursive, max 64 parts",
         "| kmeans", "| threshold (quantile bins)"]
+
+
+def test_sync_sites_name_the_call_and_the_atrl_line_that_led_to_it():
+    """--sync-debug's attribution (its counts come from torch's CUDA sync debug mode, on a GPU only)."""
+    import traceback
+
+    from atrl.bench.trainer_overhead import sync_site, sync_table
+
+    def frame(path, line, name):
+        return traceback.FrameSummary(path, line, name)
+
+    trl_sync = [frame("/x/atrl/bench/trainer_overhead.py", 5, "train_block"), frame("/x/atrl/rl/trainer.py", 10,
+                "_compute_loss"), frame("/v/trl/trainer/grpo_trainer.py", 20, "_compute_loss"),
+                frame("/v/torch/_tensor.py", 30, "item")]
+    assert sync_site(trl_sync) == ("trl/trainer/grpo_trainer.py:20 (_compute_loss)",
+                                   "atrl/rl/trainer.py:10 (_compute_loss)")
+    ours = [frame("/x/atrl/rl/handoff.py", 7, "submit_parts_now"), frame("/v/torch/_tensor.py", 30, "cpu")]
+    assert sync_site(ours) == ("atrl/rl/handoff.py:7 (submit_parts_now)",) * 2
+    assert sync_site([frame("/v/torch/a.py", 1, "f")]) == ("-", "-")
+    a, b = ("trl/x.py:1 (f)", "-"), ("atrl/rl/trainer.py:2 (g)", "atrl/rl/trainer.py:2 (g)")
+    rows = sync_table({"uniform": {a: 6}, "atrl": {a: 6, b: 3}}, cycles=3, base="uniform")
+    # the site that differs first
+    assert rows[2] == "| atrl/rl/trainer.py:2 (g) | atrl/rl/trainer.py:2 (g) | 0.0 | 1.0 | +1.0 |"
+    assert rows[3] == "| trl/x.py:1 (f) | - | 2.0 | 2.0 | +0.0 |" and rows[-1] == "| all | | 2.0 | 3.0 | +1.0 |"
+
+
+def test_sync_sites_count_torch_sync_warnings_and_pass_others_on(monkeypatch):
+    """The capture itself, with torch's switch stubbed (it needs CUDA): a sync warning is counted at its caller,
+    any other warning is shown as before, and the warning machinery is restored on exit."""
+    import warnings
+
+    import torch
+
+    from atrl.bench.trainer_overhead import SyncSites
+
+    modes, shown = [], []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
+    before = warnings.showwarning
+    with SyncSites() as sites:
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)  # as torch words it
+        warnings.warn("unrelated", UserWarning)
+    assert modes == ["warn", "default"] and warnings.showwarning is before and shown == ["unrelated"]
+    (site, count), = sites.counts.items()
+    assert count == 2 and site[0].startswith("test_benchmarks.py:") and site[1] == "-"

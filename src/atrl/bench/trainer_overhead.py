@@ -61,6 +61,9 @@ import json
 import statistics
 import tempfile
 import time
+import traceback
+import warnings
+from typing import Self
 
 import torch
 
@@ -147,6 +150,76 @@ def phase_table(phase_times: dict[str, dict[str, float]], base: str) -> list[str
     return lines
 
 
+# where a synchronising call is attributed: the innermost frame in one of these packages, in this order of
+# preference after the innermost frame outside torch (see sync_site)
+_SITE_PACKAGES = ("/atrl/", "/trl/", "/transformers/", "/accelerate/")
+
+
+def sync_site(frames: list[traceback.FrameSummary]) -> tuple[str, str]:
+    """(the innermost frame outside torch, this benchmark and `warnings`; the innermost frame in atrl's own code, or
+    "-") of the Python stack at a synchronising CUDA call: the first names the call that synchronised, the second
+    the atrl line that led to it (a sync inside TRL reached from an atrl override names both)."""
+    def where(f: traceback.FrameSummary) -> str:
+        for package in _SITE_PACKAGES:
+            if package in f.filename:
+                return f"{package.strip('/')}/{f.filename.rsplit(package, 1)[1]}:{f.lineno} ({f.name})"
+        return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({f.name})"
+
+    outside = [f for f in frames if "/torch/" not in f.filename and "/atrl/bench/" not in f.filename
+               and f.filename != warnings.__file__]  # the warning machinery's own frames
+    ours = [f for f in frames if "/atrl/" in f.filename and "/atrl/bench/" not in f.filename]
+    return (where(outside[-1]) if outside else "-"), (where(ours[-1]) if ours else "-")
+
+
+class SyncSites:
+    """Counts host-device synchronisations by calling site while active (torch's sync debug mode, "warn")."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return self._show(message, category, filename, lineno, file, line)
+        site = sync_site(traceback.extract_stack()[:-1])
+        self.counts[site] = self.counts.get(site, 0) + 1
+        return None
+
+    def __enter__(self) -> Self:
+        self._filters = warnings.catch_warnings()
+        self._filters.__enter__()
+        warnings.simplefilter("always")
+        self._show, warnings.showwarning = warnings.showwarning, self.record
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self._show
+        self._filters.__exit__(*exc)
+
+
+def sync_table(counts: dict[str, dict[tuple[str, str], int]], cycles: int, base: str) -> list[str]:
+    """Markdown rows: synchronisations per generation cycle by site, per mode, and each mode's difference from
+    `base`, the sites with a difference first."""
+    modes = list(counts)
+    others = [m for m in modes if m != base]
+    sites = sorted({site for c in counts.values() for site in c},
+                   key=lambda site: (-max((abs(counts[m].get(site, 0) - counts[base].get(site, 0)) for m in others),
+                                          default=0), -counts[base].get(site, 0), site))
+    lines = ["| call that synchronised | atrl line that led to it | " + " | ".join(f"{m} per cycle" for m in modes)
+             + "".join(f" | {m} - {base}" for m in others) + " |", "|---" * (2 + len(modes) + len(others)) + "|"]
+    for site in sites:
+        per = [counts[m].get(site, 0) / cycles for m in modes]
+        diffs = [(counts[m].get(site, 0) - counts[base].get(site, 0)) / cycles for m in others]
+        lines.append(f"| {site[0]} | {site[1]} | " + " | ".join(f"{v:.1f}" for v in per)
+                     + "".join(f" | {d:+.1f}" for d in diffs) + " |")
+    totals = [sum(counts[m].values()) / cycles for m in modes]
+    lines.append("| all | | " + " | ".join(f"{v:.1f}" for v in totals)
+                 + "".join(f" | {(sum(counts[m].values()) - sum(counts[base].values())) / cycles:+.1f}"
+                           for m in others) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="atrl bench trainer", description=__doc__.split(chr(10))[0])
     ap.add_argument("--shape", default="3b", choices=["3b", "7b", "tiny"])
@@ -173,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--phases", action="store_true",
                     help="after the blocks, one block per mode with the device synchronised around scoring, "
                          "the loss's forward and the training step: where each mode's step time goes")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="after the blocks, one block per mode with torch's CUDA sync debug mode on: every host-device "
+                         "synchronisation counted by the call that made it and the atrl line that led there")
     ap.add_argument("--replay-generation", action="store_true",
                     help="generate once, then train every step on a copy of that batch (see the module docstring)")
     ap.add_argument("--out", default=None)
@@ -426,6 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         block += 1
     profiled: dict[str, dict] = {}
     phase_times: dict[str, dict[str, float]] = {}
+    syncs: dict[str, list] = {}
     first = args.modes[0]
     med_0 = statistics.median(results[first])
     first_blocks = [t for m, t in blocks if m == first]
@@ -490,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
                            "steps_per_generation": args.steps_per_generation, "batch": args.batch,
                            "replayed_generation_s": replay.get("seconds"),
                            "generate_calls_served": replay.get("calls"), "profiled": profiled,
-                           "phases": phase_times}, fh, indent=1)
+                           "phases": phase_times, "syncs": syncs}, fh, indent=1)
 
     save()  # before the profiled blocks, which run last: whatever happens there, the tables above are kept
     if args.phases:
@@ -502,6 +579,20 @@ def main(argv: list[str] | None = None) -> None:
         phase_times.update(by_mode)
         print("# where the step goes, per generation cycle (device synchronised at each phase; median of 2 cycles)")
         print("\n".join(phase_table(phase_times, first)), flush=True)
+        save()
+    if args.sync_debug and not cuda:
+        print("sync debug: needs CUDA (host-device synchronisations); skipped on this device")
+    elif args.sync_debug:
+        counts = {}
+        for mode in args.modes:
+            with SyncSites() as sites:
+                train_block(mode, 3 * args.steps_per_generation)
+            counts[mode] = sites.counts
+        # the block's first cycle (warm-up, first calls) is counted too: 3 cycles
+        print("# host-device synchronisations per generation cycle, by the call that synchronised (sync debug mode, "
+              "one block of 3 cycles per mode)")
+        print("\n".join(sync_table(counts, 3, first)), flush=True)
+        syncs.update({m: [[*site, n] for site, n in c.items()] for m, c in counts.items()})
         save()
     if args.profile:
         for mode in args.modes:
