@@ -65,7 +65,13 @@ def test_eval_and_analyze_commands_on_a_tiny_checkpoint(tmp_path, tiny_models, m
     assert main(["eval", "--model", str(ckpt), "--data", str(mathvista), "--out", str(tmp_path / "ev"),
                  "--max-new-tokens", "8"]) == 0
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    # a data file is scored whole unless --n says otherwise (MathVista's testmini is 1,000 rows)
     assert report["n"] == len(ROWS) and set(report["by_category"]) == {"math-targeted-vqa", "general-vqa"}
+    capsys.readouterr()
+    assert main(["eval", "--model", str(ckpt), "--data", str(mathvista), "--n", "2", "--out", str(tmp_path / "ev1"),
+                 "--max-new-tokens", "8"]) == 0
+    assert f"--n 2: the first 2 of {len(ROWS)} rows" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev1" / "eval.json").read_text())["n"] == 2
     assert main(["eval", "--model", str(ckpt), "--n", "6", "--out", str(tmp_path / "ev2"),
                  "--max-new-tokens", "8"]) == 0
     default_task = json.loads((tmp_path / "ev2" / "eval.json").read_text())

@@ -178,10 +178,14 @@ def _eval_rows(args: argparse.Namespace) -> list[dict]:
 
     if args.data == "synthetic":
         families, knobs = _task(args)
-        return [dict(r) for r in to_hf_dataset(generate(args.n, seed=args.seed, families=families, knobs=knobs))]
+        n = 200 if args.n is None else args.n
+        return [dict(r) for r in to_hf_dataset(generate(n, seed=args.seed, families=families, knobs=knobs))]
     samples, report = load_samples(args.data, args.format, on_error=args.on_error)
     print(report)
-    return [dict(r) for r in to_trl_dataset(samples)][: args.n if args.n else None]
+    if args.n is not None and args.n < len(samples):  # a benchmark's score is over all of it unless asked otherwise
+        print(f"--n {args.n}: the first {args.n} of {len(samples)} rows")
+        samples = samples[:args.n]
+    return [dict(r) for r in to_trl_dataset(samples)]
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -261,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", default="synthetic", help="'synthetic' or a data file (MathVista, Geometry3K, JSONL)")
         p.add_argument("--format", default="auto")
         p.add_argument("--on-error", default="raise", choices=["raise", "skip"])
-        p.add_argument("--n", type=int, default=200 if name == "eval" else 50, help="examples")
+        if name == "eval":
+            p.add_argument("--n", type=int, default=None,
+                           help="examples (default: 200 synthetic tasks, or every row of a data file)")
+        else:
+            p.add_argument("--n", type=int, default=50, help="examples")
         p.add_argument("--seed", type=int, default=12345, help="synthetic data seed (held out from training)")
         p.add_argument("--out", default=f"atrl-{name}", help="output folder")
         p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
