@@ -175,7 +175,8 @@ def test_image_placeholders_leave_the_question(tmp_path):
     (tmp_path / "geo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     samples, report = load_samples(tmp_path / "geo.jsonl", on_error="skip")
     assert [s.question for s in samples] == ["Find x.", "Compare and ."]
-    assert report.skipped and "2 <image> placeholders but the row has 1 images" in report.examples[0]
+    assert report.skipped == {"placeholders": 1}
+    assert "2 <image> placeholders but the row has 1 images" in report.examples[0]
     prompt = build_prompt_messages(samples[0])[0]["content"]
     assert [c["type"] for c in prompt] == ["image", "text"] and "<image>" not in prompt[1]["text"]
 

@@ -252,7 +252,8 @@ _ROW_READERS = {"mathvista": _mathvista_row, "geometry3k": _geometry_row, "jsonl
 
 def _reason(err: DataError) -> str:
     msg = str(err)
-    for key in ("no answer", "answer_type", "does not exist", "cannot be read", "no image", "no question"):
+    for key in ("no answer", "answer_type", "does not exist", "cannot be read", "no image", "no question",
+                "placeholders"):
         if key in msg:
             return key
     return "other"

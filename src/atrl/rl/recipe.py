@@ -315,6 +315,17 @@ def _data_processor(recipe: Recipe):
     return load_processor(path) if path is not None else build_tiny_vlm("qwen2_5_vl")[1]
 
 
+def _run_inputs(recipe: Recipe) -> tuple[Any, list, dict[str, tuple[Any, Any]]]:
+    """What a run needs besides the model, built and checked before any weights load (a bad row, a missing
+    package or reward function fails in seconds, not after minutes of loading a large model): the GRPOConfig,
+    the reward functions, and per split ("train", "eval") the data set and its load report (None where absent)."""
+    args = grpo_config(recipe)
+    _check_attention(recipe)
+    rewards = build_rewards(recipe)
+    processor = _data_processor(recipe)
+    return args, rewards, {split: build_dataset(recipe, processor, split) for split in ("train", "eval")}
+
+
 def check_recipe(recipe: Recipe) -> list[str]:
     """`atrl train --dry-run`: what the run would fail on before its first step, found without the model's weights
     (minutes on a GPU node for a 7B model). Builds the GRPOConfig (TRL's own checks, e.g. batch sizes against
@@ -324,18 +335,14 @@ def check_recipe(recipe: Recipe) -> list[str]:
     Raises what `atrl train` would raise; returns a summary."""
     from ..probe import probe_layers_for
 
-    args = grpo_config(recipe)
-    _check_attention(recipe)
+    args, rewards, data = _run_inputs(recipe)
     lines = [(f"trl: {args.per_device_train_batch_size} completions per device x {args.gradient_accumulation_steps} "
               f"accumulation steps, {args.num_generations} per prompt, loss {args.loss_type}, learning rate "
               f"{args.learning_rate:g}, max_steps {args.max_steps}, output {args.output_dir}")]
-    rewards = build_rewards(recipe)
     lines.append("rewards: " + ", ".join(f"{getattr(f, '__name__', f)} x {w:g}"
                                           for f, w in zip(rewards, args.reward_weights)))
     files = _data_files(recipe)
-    processor = _data_processor(recipe)
-    for split in ("train", "eval"):
-        dataset, report = build_dataset(recipe, processor, split)
+    for split, (dataset, report) in data.items():
         if dataset is None:
             lines.append(f"data.{split}: none")
             continue
@@ -438,22 +445,16 @@ def _import_function(ref: str):
 def build_trainer(recipe: Recipe, callbacks: list | None = None):
     from .trainer import ATRLTrainer
 
-    args = grpo_config(recipe)
-    _check_attention(recipe)
-    # the data first: a bad row or file fails before minutes of loading a large model's weights
-    data_processor = _data_processor(recipe)
-    dataset, _ = build_dataset(recipe, data_processor)
-    eval_dataset, _ = build_dataset(recipe, data_processor, "eval")
+    args, rewards, data = _run_inputs(recipe)
     model, processor = build_model(recipe)
     peft_config = None
     if recipe.lora:
         from peft import LoraConfig
 
         peft_config = LoraConfig(**{"task_type": "CAUSAL_LM", **recipe.lora})
-    return ATRLTrainer(model=model, processing_class=processor, reward_funcs=build_rewards(recipe), args=args,
-                       train_dataset=dataset, eval_dataset=eval_dataset, peft_config=peft_config,
-                       anchor_config=recipe.anchor,
-                       callbacks=callbacks)
+    return ATRLTrainer(model=model, processing_class=processor, reward_funcs=rewards, args=args,
+                       train_dataset=data["train"][0], eval_dataset=data["eval"][0], peft_config=peft_config,
+                       anchor_config=recipe.anchor, callbacks=callbacks)
 
 
 def resolve_resume(recipe: Recipe, output_dir: str) -> str | None:

@@ -237,7 +237,7 @@ class ATRLTrainer(GRPOTrainer):
 
         step, self._reported_step = self.state.global_step, self.state.global_step
         n = min(8, completion_ids.shape[0])
-        ids = completion_ids[:n].cpu()  # the one device sync of a report step
+        ids = completion_ids[:n].cpu()  # waits for the device: a report step's sync (the next copy finds it drained)
         adv = advantages[:n].float().cpu()
         adv = adv if adv.dim() == 1 else adv.sum(1) / mask[:n].sum(1).clamp(min=1)  # per-token advantages: mean
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
