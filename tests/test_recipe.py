@@ -21,6 +21,7 @@ def test_every_shipped_recipe_parses():
         recipe = load_recipe(path)
         assert recipe.anchor.mode == "atrl"
         assert recipe.trl["output_dir"].startswith("runs/")
+        grpo_config(recipe)  # TRL's checks on one process (batch against num_generations: one GPU must do)
     for path in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
         cfg = yaml.safe_load(path.read_text())
         assert cfg["num_processes"] >= 2 and cfg["distributed_type"] in ("MULTI_GPU", "DEEPSPEED", "FSDP")
@@ -33,6 +34,32 @@ def test_demo_recipe_is_the_default():
         assert getattr(demo, section) == getattr(default, section)
     assert demo.anchor.mode == default.anchor.mode and demo.resume == default.resume
     assert {**demo.trl, "output_dir": None} == {**default.trl, "output_dir": None}
+
+
+def test_a_recipe_file_does_not_inherit_the_demo_training_values(tmp_path):
+    """A file recipe's trl section sits on GRPOConfig's defaults: the shipped 3B recipe trains its one epoch (the
+    demo's max_steps 150 used to override it) and a field it leaves out is TRL's, not the demo's."""
+    from trl import GRPOConfig
+
+    from atrl.rl.recipe import BASE_TRL, DEFAULT_TRL
+
+    trl_default = GRPOConfig(output_dir=str(tmp_path), use_cpu=True)
+    for name in ("qwen2.5-vl-3b.yaml", "qwen2.5-vl-7b.yaml", "qwen2.5-vl-3b-lora.yaml"):
+        args = grpo_config(load_recipe(ROOT / "configs" / name))
+        assert args.max_steps == -1 and args.num_train_epochs == 1, name
+        assert args.temperature == 1.0 and args.save_steps == 50 and args.activation_checkpointing, name
+    path = tmp_path / "mine.yaml"
+    path.write_text("anchor: {mode: uniform}\ntrl: {num_train_epochs: 2}\n")
+    args = grpo_config(load_recipe(path))
+    assert args.max_steps == -1 and args.num_train_epochs == 2
+    assert args.per_device_train_batch_size == trl_default.per_device_train_batch_size != DEFAULT_TRL[
+        "per_device_train_batch_size"]
+    assert args.temperature == trl_default.temperature != DEFAULT_TRL["temperature"]
+    assert args.logging_steps == BASE_TRL["logging_steps"] != trl_default.logging_steps
+    assert args.beta == 0.0 and args.loss_type == "dapo" and args.output_dir == BASE_TRL["output_dir"]
+    # without a file, the embedded default's values; overrides apply on top of either
+    assert load_recipe(None, ["--trl.seed", "3"]).trl == {**DEFAULT_TRL, "seed": 3}
+    assert load_recipe(path, ["--trl.seed", "3"]).trl == {**BASE_TRL, "num_train_epochs": 2, "seed": 3}
 
 
 def test_overrides_are_typed_and_nested():
@@ -100,6 +127,24 @@ def test_dry_run_checks_config_rewards_data_and_capture_site_without_training(tm
     if importlib.util.find_spec("flash_attn") is None:  # as on CI: a FlashAttention recipe fails before the weights
         assert main([*common, "--model.attn_implementation", "flash_attention_2"]) == 2
         assert "needs the flash_attn package, which is not installed" in capsys.readouterr().err
+    assert "lora: none (full fine-tuning)" in printed
+    # LoRA: fields and target modules checked on a weightless copy of the model; the counts are the tiny
+    # default's 4 decoder layers x 7 projections, and the MLP projections of its vision blocks (same names)
+    from atrl.models.zoo import build_tiny_vlm
+
+    modules = [n for n, _ in build_tiny_vlm("qwen2_5_vl")[0].named_modules()]
+    vision_mlp = sum(n.endswith(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")) and "visual" in n for n in modules)
+    lora = ["--lora.r", "8", "--lora.target_modules", "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"]
+    assert main([*common, *lora]) == 0
+    assert (f"lora: r 8, alpha 8, target_modules {28 + vision_mlp} modules (28 in the language model, {vision_mlp} "
+            "in the vision tower)") in capsys.readouterr().out and vision_mlp > 0
+    regex = r"'.*language_model.*\.(q|k|v|o|gate|up|down)_proj'"  # the LoRA recipe's advice: vision tower frozen
+    assert main([*common, "--lora.target_modules", regex]) == 0
+    assert "target_modules 28 modules (28 in the language model, 0 in the vision tower)" in capsys.readouterr().out
+    assert main([*common, "--lora.target_modules", "[q_proj, qproj]"]) == 2
+    assert "lora.target_modules ['qproj'] name no module of the model" in capsys.readouterr().err
+    assert main([*common, "--lora.rank", "8"]) == 2
+    assert "recipe section 'lora': " in capsys.readouterr().err
     assert main([*common, "--trl.per_device_train_batch_size", "6"]) == 2  # TRL's check: 6 is not a multiple of 4
     assert "recipe section 'trl': generation_batch_size (6) must be divisible" in capsys.readouterr().err
     # a data file whose second row's prompt, image tokens included, is over the limit: named, or skipped and counted

@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
                          steps_per_generation=args.steps_per_generation,
                          max_completion_length=args.completion, max_steps=steps, logging_steps=1,
                          report_to=[], save_strategy="no", bf16=cuda, use_cpu=not cuda, seed=0,
-                         learning_rate=1e-7, disable_tqdm=True, gradient_checkpointing=True,
+                         learning_rate=1e-7, disable_tqdm=True, activation_checkpointing=True,
                          generation_kwargs={"min_new_tokens": args.completion})
         anchor = AnchorConfig(**MODES[mode], region_grid=tuple(args.region_grid), credit={"n_workers": args.workers})
         trainer = ATRLTrainer(model=base, processing_class=processor, args=cfg, train_dataset=data,

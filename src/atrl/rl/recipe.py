@@ -8,7 +8,9 @@ A recipe has these sections (all optional; `configs/demo.yaml` is the embedded d
               max_prompt_length, eval (held-out data scored during training: null, "synthetic" or a file)
     rewards:  accuracy / format weights, overlong ({max_length, cache}) or null
     anchor:   AnchorConfig (atrl.rl.config)
-    trl:      any GRPOConfig field (output_dir, learning_rate, num_generations, loss_type, use_vllm, ...)
+    trl:      any GRPOConfig field (output_dir, learning_rate, num_generations, loss_type, use_vllm, ...); fields
+              a recipe file leaves out take GRPOConfig's defaults, except BASE_TRL's (logging every step,
+              TensorBoard, KL-free DAPO, output_dir runs/atrl). Without a file, the embedded default's (DEFAULT_TRL)
     resume:   "auto" (latest complete checkpoint in trl.output_dir, if any), false, or a checkpoint folder
 
 Overrides: `--section.key value` (the value is read as YAML: numbers, lists, null), e.g.
@@ -33,24 +35,31 @@ from .config import AnchorConfig
 
 logger = logging.getLogger("atrl")
 
-DEFAULT_TRL: dict[str, Any] = {
-    # The embedded default: small enough for two CPU cores, large enough to see rewards move. 16 prompts x 4
-    # generations per step: with 4 prompts x 8 the colour prior of the tiny default drifts with the few images of
-    # each step (docs/benchmarks.md).
+# What every recipe gets in its trl section unless it says otherwise; other GRPOConfig fields keep TRL's defaults.
+BASE_TRL: dict[str, Any] = {
     "output_dir": "runs/atrl",
+    "logging_steps": 1,
+    "report_to": ["tensorboard"],
+    "beta": 0.0,  # KL-free
+    "loss_type": "dapo",
+}
+
+# The embedded default (`atrl train` with no --config; configs/demo.yaml writes it out): small enough for two CPU
+# cores, large enough to see rewards move. 16 prompts x 4 generations per step: with 4 prompts x 8 the colour
+# prior of the tiny default drifts with the few images of each step (docs/benchmarks.md). A recipe file does not
+# inherit these: its run would otherwise stop at the demo's 150 steps whatever its num_train_epochs said, and
+# take the demo's batch, temperature and checkpoint interval for fields it left out.
+DEFAULT_TRL: dict[str, Any] = {
+    **BASE_TRL,
     "per_device_train_batch_size": 64,
     "num_generations": 4,
     "max_completion_length": 96,
     "learning_rate": 5e-5,
     "max_steps": 150,
-    "logging_steps": 1,
     "save_steps": 10,
     "save_total_limit": 3,
     "temperature": 0.7,
-    "beta": 0.0,
-    "loss_type": "dapo",
-    "report_to": ["tensorboard"],
-    "gradient_checkpointing": False,
+    "activation_checkpointing": False,
     "bf16": False,
     "seed": 0,
 }
@@ -188,8 +197,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
-    """Build a Recipe, naming the section and key of anything unknown or invalid."""
+def recipe_from_dict(raw: dict[str, Any], trl_defaults: dict[str, Any] = DEFAULT_TRL) -> Recipe:
+    """Build a Recipe, naming the section and key of anything unknown or invalid. `trl_defaults` fill the trl
+    fields `raw` leaves out: the embedded default's (DEFAULT_TRL) for `atrl train` without a recipe file,
+    BASE_TRL for a recipe file."""
     unknown = set(raw) - {*_SECTIONS, "trl", "lora", "resume"}
     if unknown:
         raise ValueError(f"recipe has unknown sections {sorted(unknown)}")
@@ -201,12 +212,14 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
             kwargs[name] = cls(**section)
         except (TypeError, ValueError) as err:
             raise ValueError(f"recipe section {name!r}: {err}") from err
-    trl = dict(DEFAULT_TRL)
+    trl = dict(trl_defaults)
     trl.update(raw.get("trl") or {})
     return Recipe(trl=trl, lora=raw.get("lora"), resume=raw.get("resume", "auto"), **kwargs)
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
+    """The recipe file at `path` (None: the embedded default) with `overrides` applied. A file's trl section sits
+    on BASE_TRL and GRPOConfig's own defaults, not on the embedded default's training values."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -215,7 +228,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         raw = yaml.safe_load(p.read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"--config {str(p)!r}: a recipe is a YAML mapping of sections")
-    return recipe_from_dict(apply_overrides(raw, overrides or []))
+    return recipe_from_dict(apply_overrides(raw, overrides or []), DEFAULT_TRL if path is None else BASE_TRL)
 
 
 # ---------------------------------------------------------------------------------------------------- building
@@ -315,15 +328,64 @@ def _data_processor(recipe: Recipe):
     return load_processor(path) if path is not None else build_tiny_vlm("qwen2_5_vl")[1]
 
 
-def _run_inputs(recipe: Recipe) -> tuple[Any, list, dict[str, tuple[Any, Any]]]:
+def _run_inputs(recipe: Recipe) -> tuple[Any, list, dict[str, tuple[Any, Any]], Any]:
     """What a run needs besides the model, built and checked before any weights load (a bad row, a missing
     package or reward function fails in seconds, not after minutes of loading a large model): the GRPOConfig,
-    the reward functions, and per split ("train", "eval") the data set and its load report (None where absent)."""
+    the reward functions, per split ("train", "eval") the data set and its load report (None where absent), and
+    the peft LoraConfig (None: full fine-tuning)."""
     args = grpo_config(recipe)
     _check_attention(recipe)
+    peft_config = lora_config(recipe)
     rewards = build_rewards(recipe)
     processor = _data_processor(recipe)
-    return args, rewards, {split: build_dataset(recipe, processor, split) for split in ("train", "eval")}
+    data = {split: build_dataset(recipe, processor, split) for split in ("train", "eval")}
+    return args, rewards, data, peft_config
+
+
+def lora_config(recipe: Recipe):
+    """The recipe's lora section as a peft LoraConfig (task CAUSAL_LM unless given), or None; a field peft does
+    not know, or a value it refuses, is named with the section."""
+    if not recipe.lora:
+        return None
+    if not isinstance(recipe.lora, dict):
+        raise ValueError(f"recipe section 'lora': a mapping of peft LoraConfig fields or null, not {recipe.lora!r}")
+    from peft import LoraConfig
+
+    try:
+        return LoraConfig(**{"task_type": "CAUSAL_LM", **recipe.lora})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"recipe section 'lora': {err}") from err
+
+
+def _lora_targets(peft_config, config) -> str:
+    """How many of the model's modules the adapters' target_modules name, found on a weightless (meta device)
+    copy of the model built from its config; a listed name that matches no module is an error, as it would be
+    when peft wraps the loaded model."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    names = [name for name, _ in skeleton.named_modules() if name]
+    targets = peft_config.target_modules
+    if not targets:  # peft picks defaults per architecture
+        return "peft's default modules for this architecture"
+    if isinstance(targets, str):  # a regular expression, matched by peft on whole names
+        import re
+
+        found = [n for n in names if re.fullmatch(targets, n)]
+    else:
+        found = [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+        missing = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in names))
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules()
+                             if n and not list(m.children()) and not n.rsplit(".", 1)[-1].isdigit()})
+            raise ValueError(f"lora.target_modules {missing} name no module of the model; its layers are named "
+                             f"{leaves}")
+    if not found:
+        raise ValueError(f"lora.target_modules={targets!r} matches no module of the model")
+    vision = sum(any(part in n for part in ("visual", "vision")) for n in found)
+    return f"{len(found)} modules ({len(found) - vision} in the language model, {vision} in the vision tower)"
 
 
 def check_recipe(recipe: Recipe) -> list[str]:
@@ -335,10 +397,12 @@ def check_recipe(recipe: Recipe) -> list[str]:
     Raises what `atrl train` would raise; returns a summary."""
     from ..probe import probe_layers_for
 
-    args, rewards, data = _run_inputs(recipe)
+    args, rewards, data, peft_config = _run_inputs(recipe)
+    length = (f"max_steps {args.max_steps}" if args.max_steps > 0
+              else f"{args.num_train_epochs:g} epoch(s) of data.train (max_steps not set)")
     lines = [(f"trl: {args.per_device_train_batch_size} completions per device x {args.gradient_accumulation_steps} "
               f"accumulation steps, {args.num_generations} per prompt, loss {args.loss_type}, learning rate "
-              f"{args.learning_rate:g}, max_steps {args.max_steps}, output {args.output_dir}")]
+              f"{args.learning_rate:g}, {length}, output {args.output_dir}")]
     lines.append("rewards: " + ", ".join(f"{getattr(f, '__name__', f)} x {w:g}"
                                           for f, w in zip(rewards, args.reward_weights)))
     files = _data_files(recipe)
@@ -355,7 +419,14 @@ def check_recipe(recipe: Recipe) -> list[str]:
     else:
         lines.append(f"prompt lengths: {' and '.join(files)} checked, kept rows fit {recipe.data.max_prompt_length} "
                      "tokens with their image tokens")
-    num_layers, architecture = _decoder_layers(recipe)
+    config = _model_config(recipe)
+    num_layers = config.get_text_config().num_hidden_layers
+    architecture = (config.architectures or [type(config).__name__])[0]
+    if peft_config is None:
+        lines.append("lora: none (full fine-tuning)")
+    else:
+        lines.append(f"lora: r {peft_config.r}, alpha {peft_config.lora_alpha}, target_modules "
+                     f"{_lora_targets(peft_config, config)}")
     a = recipe.anchor
     site = a.capture_site(args) if a.needs_probe or a.mode == "entropy" else "none (no probes)"
     layers = probe_layers_for(num_layers, a.probe_layers) if a.needs_probe else "none"
@@ -366,8 +437,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
     return lines
 
 
-def _decoder_layers(recipe: Recipe) -> tuple[int, str]:
-    """The model's decoder depth and architecture, from its config alone (no weights)."""
+def _model_config(recipe: Recipe):
+    """The model's config alone (no weights)."""
     from transformers import AutoConfig
 
     from ..models.zoo import check_model_path
@@ -376,11 +447,9 @@ def _decoder_layers(recipe: Recipe) -> tuple[int, str]:
     if path is None:  # no default base on this machine: the run would build a fresh tiny model
         from ..models.zoo import build_tiny_vlm
 
-        config = build_tiny_vlm("qwen2_5_vl")[0].config
-    else:
-        check_model_path(path)
-        config = AutoConfig.from_pretrained(path)
-    return config.get_text_config().num_hidden_layers, (config.architectures or [type(config).__name__])[0]
+        return build_tiny_vlm("qwen2_5_vl")[0].config
+    check_model_path(path)
+    return AutoConfig.from_pretrained(path)
 
 
 def _check_attention(recipe: Recipe) -> None:
@@ -445,13 +514,8 @@ def _import_function(ref: str):
 def build_trainer(recipe: Recipe, callbacks: list | None = None):
     from .trainer import ATRLTrainer
 
-    args, rewards, data = _run_inputs(recipe)
+    args, rewards, data, peft_config = _run_inputs(recipe)
     model, processor = build_model(recipe)
-    peft_config = None
-    if recipe.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(**{"task_type": "CAUSAL_LM", **recipe.lora})
     return ATRLTrainer(model=model, processing_class=processor, reward_funcs=rewards, args=args,
                        train_dataset=data["train"][0], eval_dataset=data["eval"][0], peft_config=peft_config,
                        anchor_config=recipe.anchor, callbacks=callbacks)
