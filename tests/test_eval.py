@@ -101,6 +101,60 @@ def test_eval_and_analyze_commands_on_a_tiny_checkpoint(tmp_path, tiny_models, m
     assert html.count("class='tok") > 100 and "anchor" in html
 
 
+def test_analyze_on_a_data_file_reads_the_models_own_responses(tmp_path, tiny_models, mathvista, capsys):
+    """A data file has no reference traces: analyze probes the model's greedy responses, the very ones `atrl eval`
+    scores; precision and recall are n/a (null in analysis.json), not made up."""
+    from atrl.models.zoo import save_model
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    ckpt = tmp_path / "ckpt"
+    save_model(model, processor, ckpt)
+    common = ["--model", str(ckpt), "--data", str(mathvista), "--max-new-tokens", "12"]
+    assert main(["eval", *common, "--out", str(tmp_path / "ev")]) == 0
+    scored = json.loads((tmp_path / "ev" / "eval.json").read_text())["rows"]
+    capsys.readouterr()
+    assert main(["analyze", *common, "--out", str(tmp_path / "an")]) == 0
+    printed = capsys.readouterr().out
+    assert f"the model's greedy responses to {len(ROWS)} prompts" in printed
+    assert "anchor_precision, anchor_recall, random_precision, random_recall: n/a" in printed
+    summary = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert summary["anchor_precision"] is None and summary["random_recall"] is None
+    assert 0 < summary["anchor_fraction"] < 1 and summary["tokens"] > len(ROWS)
+    html = (tmp_path / "an" / "anchors.html").read_text()
+    assert "no perception spans" in html and (tmp_path / "an" / "token_heatmap.png").exists()
+    analysed = [r["response"] for r in scored if r["response"]]  # an empty response has no tokens to analyse
+    assert summary["skipped"] == len(ROWS) - len(analysed)
+    assert all(html.count(f"&middot; {r['uid']}<") == 1 for r in scored if r["response"])
+    assert main(["analyze", *common, "--responses", "reference", "--out", str(tmp_path / "an1")]) == 2
+    assert "a data file has no reference traces" in capsys.readouterr().err
+
+
+def test_analyze_reads_rows_as_it_reads_synthetic_examples(tiny_models):
+    """The same task as a synthetic Example and as a data-set row (to_hf_dataset), with the same response: the
+    same tokens, connectivity and anchors. A row without an image is analysed too, at zero connectivity."""
+    from atrl.data.synthetic import generate, to_hf_dataset
+    from atrl.eval.analyze import analyze
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    examples = generate(3, seed=5)
+    responses = [ex.reasoning for ex in examples]
+    rows = [dict(r) for r in to_hf_dataset(examples)]
+    a = analyze(model, processor, examples, responses=responses)
+    b = analyze(model, processor, rows, responses=responses)
+    for va, vb in zip(a.views, b.views, strict=True):
+        assert va.tokens == vb.tokens and va.family == vb.family
+        np.testing.assert_allclose(va.conn, vb.conn, rtol=0, atol=1e-7)
+        assert (va.anchor == vb.anchor).all()
+    assert np.isnan(a.precision) and np.isnan(b.recall)  # given responses: no perception spans to score against
+    textonly = dict(rows[0], image=None, prompt=[{"role": m["role"], "content": [c for c in m["content"]
+                                                                                if c["type"] == "text"]}
+                                                  for m in rows[0]["prompt"]])
+    c = analyze(model, processor, [textonly], responses=responses[:1])
+    assert c.views[0].image is None and np.abs(c.views[0].conn).max() == 0
+    with pytest.raises(ValueError, match="data-set row, which has no reference trace"):
+        analyze(model, processor, rows)
+
+
 def test_analyze_precision_recall_by_hand(tiny_models):
     from atrl.data.synthetic import generate
     from atrl.eval.analyze import analyze

@@ -204,24 +204,47 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import json
+    import math
 
-    from .data.synthetic import generate
+    from .data.synthetic import generate, to_hf_dataset
     from .eval.analyze import analyze
+    from .eval.score import generate_responses
     from .models.zoo import ensure_writable_dir, load_model
     from .viz.plots import write_analysis_report
 
-    if args.data != "synthetic":
-        raise ValueError("--data: analyze needs perception spans, which the synthetic tasks carry; use synthetic")
     out = ensure_writable_dir(args.out, argument="--out")
+    responses_of = args.responses or ("reference" if args.data == "synthetic" else "generated")
+    if args.data == "synthetic":
+        families, knobs = _task(args)
+        examples = generate(args.n, seed=args.seed, families=families, knobs=knobs)
+        rows = None if responses_of == "reference" else [dict(r) for r in to_hf_dataset(examples)]
+    elif responses_of == "reference":
+        raise ValueError("--responses reference: a data file has no reference traces; its rows are analysed on the "
+                         "model's own responses (--responses generated, the default for data files)")
+    else:
+        examples = rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
     model, processor = load_model(args.model, device=args.device)
-    families, knobs = _task(args)
-    result = analyze(model, processor, generate(args.n, seed=args.seed, families=families, knobs=knobs),
-                     sink_debias=args.sink_debias, layers=args.probe_layers, region_grid=tuple(args.region_grid))
+    responses = None
+    if rows is not None:
+        cut: list[bool] = []
+        responses = generate_responses(model, processor, rows, max_new_tokens=args.max_new_tokens,
+                                       batch_size=args.batch_size, cut=cut)
+        print(f"analysing the model's greedy responses to {len(rows)} prompts ({sum(cut)} cut at "
+              f"--max-new-tokens {args.max_new_tokens})")
+    result = analyze(model, processor, examples, responses=responses, sink_debias=args.sink_debias,
+                     layers=args.probe_layers, region_grid=tuple(args.region_grid))
     write_analysis_report(result, out)
     summary = result.summary()
-    (out / "analysis.json").write_text(json.dumps(summary, indent=1))
+    (out / "analysis.json").write_text(json.dumps(
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}, indent=1))
+    unscored = [key for key, value in summary.items() if isinstance(value, float) and math.isnan(value)]
     for key, value in summary.items():
-        print(f"{key:>18}: {value:.3f}" if isinstance(value, float) else f"{key:>18}: {value}")
+        if key not in unscored:
+            print(f"{key:>18}: {value:.3f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    if unscored:
+        print(f"{', '.join(unscored)}: n/a (perception spans are known for reference traces only)")
+    for reason in result.skipped:
+        print(f"skipped {reason}")
     print(f"-> {out}")
     return 0
 
@@ -259,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.set_defaults(func=_cmd_sft)
 
     for name, helptext in (("eval", "accuracy of a checkpoint, overall and by category"),
-                           ("analyze", "connectivity, anchors and perception spans of a checkpoint")):
+                           ("analyze", "connectivity and anchors of a checkpoint's responses (tasks or a file)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=True, help="checkpoint folder or hub id")
         p.add_argument("--data", default="synthetic", help="'synthetic' or a data file (MathVista, Geometry3K, JSONL)")
@@ -274,15 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=f"atrl-{name}", help="output folder")
         p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
         _add_task_args(p)
+        p.add_argument("--max-new-tokens", type=int, default=1024,
+                       help="generation limit per response (responses cut at it are counted in the report)")
+        p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
         if name == "eval":
-            p.add_argument("--max-new-tokens", type=int, default=1024,
-                           help="generation limit per response (responses cut at it are counted in the report)")
-            p.add_argument("--batch-size", type=int, default=16)
             p.add_argument("--temperature", type=float, default=None,
                            help="sample at this temperature instead of greedy decoding")
             p.add_argument("--samples", type=int, default=1, help="responses sampled per question (with --temperature)")
             p.set_defaults(func=_cmd_eval)
         else:
+            p.add_argument("--responses", choices=["reference", "generated"], default=None,
+                           help="what is analysed: the synthetic tasks' reference traces (default for synthetic "
+                                "data; anchors scored against their perception spans) or the model's own greedy "
+                                "responses (the only choice for a data file)")
             p.add_argument("--sink-debias", default="head_baseline")
             p.add_argument("--probe-layers", type=int, nargs="+", default=None, metavar="LAYER",
                            help="decoder layers to probe, as the training recipe's anchor.probe_layers "

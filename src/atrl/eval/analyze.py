@@ -1,8 +1,9 @@
 """`atrl analyze`: what the probes see on a checkpoint.
 
-For each example, the prompt plus a response (the task's reference trace by default, so that the perception
-spans are known) goes through one forward pass with probes; per response token we get connectivity, a region
-profile and whether `atrl.credit` makes it an anchor. Outputs:
+For each example, the prompt plus a response (a synthetic task's reference trace by default, so that the
+perception spans are known; or the model's own response, the only kind a data file has) goes through one
+forward pass with probes; per response token we get connectivity, a region profile and whether `atrl.credit`
+makes it an anchor. Outputs:
 
 - the connectivity distribution (histogram) with Sarle's bimodality coefficient (> 5/9 suggests two modes);
 - the anchor fraction;
@@ -65,33 +66,71 @@ def _token_spans(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]
     return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
 
 
+@dataclass
+class _Item:
+    uid: str
+    family: str
+    messages: list  # the conversational prompt
+    images: list
+    response: str
+    perception_spans: list[tuple[int, int]] | None  # character spans in `response`; None: unknown
+
+
+def _items(examples: Sequence[Any], responses: Sequence[str] | None) -> list[_Item]:
+    """Synthetic `Example`s (reference trace and its perception spans unless `responses` are given) or data-set
+    rows as `atrl eval` reads them (TRL conversational `prompt`, `images`; `responses` required)."""
+    from ..data.synthetic import build_prompt
+    from .score import _category, _images
+
+    if responses is not None and len(responses) != len(examples):
+        raise ValueError(f"analyze: {len(examples)} examples but {len(responses)} responses")
+    items = []
+    for i, ex in enumerate(examples):
+        if isinstance(ex, dict):
+            if responses is None:
+                raise ValueError(f"analyze: row {i} ({ex.get('uid')}) is a data-set row, which has no reference "
+                                 "trace: pass the responses to analyse (e.g. the model's own)")
+            items.append(_Item(str(ex.get("uid", i)), _category(ex), ex["prompt"], _images(ex), responses[i], None))
+        else:
+            own = responses is None
+            items.append(_Item(ex.uid, ex.family, build_prompt(ex.question), [ex.image],
+                               ex.reasoning if own else responses[i], list(ex.perception_spans) if own else None))
+    return items
+
+
 @torch.no_grad()
 def analyze(model, processor, examples: Sequence[Any], *, responses: Sequence[str] | None = None,
             credit: CreditOptions | None = None, sink_debias: str = "head_baseline",
             region_grid: tuple[int, int] = (4, 4), layers: Sequence[int] | None = None) -> AnalysisResult:
-    """Probe each example's response (default: its reference trace) and score anchors against perception spans.
+    """Probe each example's response and score anchors against perception spans where they are known.
 
     Args:
-        examples: synthetic `Example`s (image, question, reasoning, perception_spans, uid, family).
-        responses: responses to analyse instead of the reference traces (perception spans then do not apply).
+        examples: synthetic `Example`s (image, question, reasoning, perception_spans, uid, family), or data-set
+            rows (`prompt` in TRL's conversational format, `images`, `uid`, a category as `atrl eval` reads it).
+        responses: responses to analyse instead of the reference traces (perception spans then do not apply);
+            required for data-set rows.
     """
-    from ..data.synthetic import build_prompt
-
     credit = credit or CreditOptions()
+    items = _items(examples, responses)
     probe = ConnectivityProbe(model, layers=layers, region_grid=region_grid)
     tok = processor.tokenizer
+    device = next(model.parameters()).device
     views: list[TokenView] = []
     skipped: list[str] = []
     try:
-        for i, ex in enumerate(examples):
-            response = responses[i] if responses is not None else ex.reasoning
-            prompt = processor.apply_chat_template(build_prompt(ex.question), add_generation_prompt=True)
-            batch = processor(text=[prompt + response], images=[[ex.image]], return_tensors="pt")
-            batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+        for item in items:
+            response = item.response
+            prompt = processor.apply_chat_template(item.messages, add_generation_prompt=True)
+            kwargs = {"images": [item.images]} if item.images else {}
+            batch = processor(text=[prompt + response], return_tensors="pt", **kwargs)
+            batch = {k: v.to(device) for k, v in batch.items()}
             ids, spans = _token_spans(tok, response)
             T = len(ids)
-            if T == 0 or batch["input_ids"][0, -T:].tolist() != ids:
-                skipped.append(f"{ex.uid}: the response does not tokenize the same inside the prompt")
+            if T == 0:
+                skipped.append(f"{item.uid}: the response is empty")
+                continue
+            if batch["input_ids"][0, -T:].tolist() != ids:
+                skipped.append(f"{item.uid}: the response does not tokenize the same inside the prompt")
                 continue
             with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=T) as cap:
                 model(**batch, use_cache=False)
@@ -99,22 +138,25 @@ def analyze(model, processor, examples: Sequence[Any], *, responses: Sequence[st
             conn, prof = cap.connectivity(mask, sink_debias=sink_debias)
             result = assign_credit(conn, prof, mask, credit)
             perception_chars = np.zeros(len(response) + 1, dtype=bool)
-            if responses is None:
-                for a, b in ex.perception_spans:
-                    perception_chars[a:b] = True
+            for a, b in item.perception_spans or ():
+                perception_chars[a:b] = True
             perception = np.array([perception_chars[a:b].any() for a, b in spans])
-            views.append(TokenView(ex.uid, ex.family, response, [response[a:b] for a, b in spans], spans,
+            views.append(TokenView(item.uid, item.family, response, [response[a:b] for a, b in spans], spans,
                                    conn[0].numpy(), prof[0].numpy(), result.boosted_mask[0].numpy(), perception,
-                                   ex.image, tuple(region_grid)))
+                                   item.images[0] if item.images else None, tuple(region_grid)))
     finally:
         probe.detach()
     if not views:
         raise ValueError("analyze: no example could be analysed: " + "; ".join(skipped[:3]))
     conn_all = np.concatenate([v.conn for v in views])
     anchors = np.concatenate([v.anchor for v in views])
+    nan = float("nan")
+    if all(item.perception_spans is None for item in items):  # nothing to score anchors against
+        return AnalysisResult(views, conn_all, bimodality_coefficient(conn_all), float(anchors.mean()), nan, nan,
+                              nan, nan, skipped)
     percep = np.concatenate([v.perception for v in views])
     hit = float((anchors & percep).sum())
-    precision = hit / anchors.sum() if anchors.any() else float("nan")
-    recall = hit / percep.sum() if percep.any() else float("nan")
+    precision = hit / anchors.sum() if anchors.any() else nan
+    recall = hit / percep.sum() if percep.any() else nan
     return AnalysisResult(views, conn_all, bimodality_coefficient(conn_all), float(anchors.mean()), precision, recall,
                           float(percep.mean()), float(anchors.mean()), skipped)

@@ -305,11 +305,16 @@ def write_analysis_report(result, out_dir: str | Path, *, html_views: int | None
     out = Path(out_dir)
     views = result.views
     anchors = np.concatenate([v.anchor for v in views])
-    view = views[0]
-    return {
+    spans = any(v.perception.any() for v in views)
+    note = ("Blue outline: perception span (what the reference says was read from the image)." if spans else
+            "The model's own responses: no perception spans to compare with.")
+    written = {
         "connectivity_histogram": connectivity_histogram(result.connectivity, anchors, result.bimodality,
                                                          out / "connectivity_histogram.png"),
-        "responses_html": highlighted_html(views[:html_views], out / "anchors.html"),
+        "responses_html": highlighted_html(views[:html_views], out / "anchors.html", note=note),
         "responses_png": highlighted_png(views, out / "anchors.png", max_views=png_views),
-        "heatmap": token_heatmap(view, int(view.conn.argmax()), out / "token_heatmap.png"),
     }
+    view = next((v for v in views if v.image is not None), None)  # the first response to an image (rows may have none)
+    if view is not None:
+        written["heatmap"] = token_heatmap(view, int(view.conn.argmax()), out / "token_heatmap.png")
+    return written
