@@ -145,6 +145,9 @@ def test_dry_run_checks_config_rewards_data_and_capture_site_without_training(tm
     assert "lora.target_modules ['qproj'] name no module of the model" in capsys.readouterr().err
     assert main([*common, "--lora.rank", "8"]) == 2
     assert "recipe section 'lora': " in capsys.readouterr().err
+    if importlib.util.find_spec("vllm") is None:  # as on CI: vLLM rollouts asked for but not installed
+        assert main([*common, "--trl.use_vllm", "true"]) == 2
+        assert "trl.use_vllm=true needs vLLM, which is not installed" in capsys.readouterr().err
     assert main([*common, "--trl.per_device_train_batch_size", "6"]) == 2  # TRL's check: 6 is not a multiple of 4
     assert "recipe section 'trl': generation_batch_size (6) must be divisible" in capsys.readouterr().err
     # a data file whose second row's prompt, image tokens included, is over the limit: named, or skipped and counted

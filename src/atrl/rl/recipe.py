@@ -334,7 +334,7 @@ def _run_inputs(recipe: Recipe) -> tuple[Any, list, dict[str, tuple[Any, Any]], 
     the reward functions, per split ("train", "eval") the data set and its load report (None where absent), and
     the peft LoraConfig (None: full fine-tuning)."""
     args = grpo_config(recipe)
-    _check_attention(recipe)
+    _check_packages(recipe, args)
     peft_config = lora_config(recipe)
     rewards = build_rewards(recipe)
     processor = _data_processor(recipe)
@@ -402,7 +402,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
               else f"{args.num_train_epochs:g} epoch(s) of data.train (max_steps not set)")
     lines = [(f"trl: {args.per_device_train_batch_size} completions per device x {args.gradient_accumulation_steps} "
               f"accumulation steps, {args.num_generations} per prompt, loss {args.loss_type}, learning rate "
-              f"{args.learning_rate:g}, {length}, output {args.output_dir}")]
+              f"{args.learning_rate:g}, {length}, rollouts by "
+              f"{f'vLLM ({args.vllm_mode} mode)' if args.use_vllm else 'the training model'}, output {args.output_dir}")]
     lines.append("rewards: " + ", ".join(f"{getattr(f, '__name__', f)} x {w:g}"
                                           for f, w in zip(rewards, args.reward_weights)))
     files = _data_files(recipe)
@@ -452,15 +453,21 @@ def _model_config(recipe: Recipe):
     return AutoConfig.from_pretrained(path)
 
 
-def _check_attention(recipe: Recipe) -> None:
-    """A FlashAttention backend that is not installed fails when the recipe is checked, not at weight loading."""
+def _check_packages(recipe: Recipe, args) -> None:
+    """A FlashAttention backend or vLLM that the recipe asks for but is not installed fails when the recipe is
+    checked, not once the weights have loaded."""
     import importlib.util
+
+    from trl.import_utils import is_vllm_available
 
     package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(
         recipe.model.attn_implementation)
     if package is not None and importlib.util.find_spec(package) is None:
         raise ValueError(f"model.attn_implementation={recipe.model.attn_implementation!r} needs the {package} "
                          "package, which is not installed: install it, or use sdpa (the probes run inside either)")
+    if args.use_vllm and not is_vllm_available():
+        raise ValueError("trl.use_vllm=true needs vLLM, which is not installed (pip install 'trl[vllm]'), or set "
+                         "trl.use_vllm: false to generate with the training model")
 
 
 def build_dataset(recipe: Recipe, processor, split: str = "train"):
