@@ -56,10 +56,44 @@ def test_a_recipe_file_does_not_inherit_the_demo_training_values(tmp_path):
         "per_device_train_batch_size"]
     assert args.temperature == trl_default.temperature != DEFAULT_TRL["temperature"]
     assert args.logging_steps == BASE_TRL["logging_steps"] != trl_default.logging_steps
-    assert args.beta == 0.0 and args.loss_type == "dapo" and args.output_dir == BASE_TRL["output_dir"]
+    assert args.beta == 0.0 and args.loss_type == "dapo"
+    assert args.output_dir == "runs/uniform"  # unset: named after the credit mode, so two modes never share it
     # without a file, the embedded default's values; overrides apply on top of either
-    assert load_recipe(None, ["--trl.seed", "3"]).trl == {**DEFAULT_TRL, "seed": 3}
-    assert load_recipe(path, ["--trl.seed", "3"]).trl == {**BASE_TRL, "num_train_epochs": 2, "seed": 3}
+    assert load_recipe(None, ["--trl.seed", "3"]).trl == {**DEFAULT_TRL, "seed": 3, "output_dir": "runs/atrl"}
+    assert load_recipe(path, ["--trl.seed", "3"]).trl == {**BASE_TRL, "num_train_epochs": 2, "seed": 3,
+                                                          "output_dir": "runs/uniform"}
+    assert load_recipe(None, ["--anchor.mode", "random"]).trl["output_dir"] == "runs/random"
+    three_b = load_recipe(ROOT / "configs" / "qwen2.5-vl-3b.yaml", ["--anchor.mode", "uniform"])
+    assert three_b.trl["output_dir"] == "runs/qwen2.5-vl-3b-uniform"  # the recipe's "{mode}"
+
+
+def test_resume_refuses_to_continue_a_run_of_another_recipe(tmp_path, capsys, caplog):
+    """`atrl train` then `atrl train --anchor.mode uniform` into the same folder: resume: auto would have continued
+    the atrl run's checkpoint as the uniform run. Now the changed fields are named and nothing is written; what a
+    resumed run may change (its length, logging, scheduling) passes; an explicitly named checkpoint only warns."""
+    from atrl.rl.checkpoints import mark_checkpoint_complete
+    from atrl.rl.recipe import _recipe_text, check_resume_recipe
+
+    out = tmp_path / "run"
+    first = load_recipe(None, ["--trl.output_dir", str(out)])
+    (out / "checkpoint-10").mkdir(parents=True)
+    mark_checkpoint_complete(out / "checkpoint-10", 10)
+    (out / "recipe.yaml").write_text(_recipe_text(first))
+    before = (out / "recipe.yaml").read_text()
+    common = ["train", "--trl.output_dir", str(out)]
+    assert main([*common, "--anchor.mode", "uniform", "--trl.learning_rate", "1e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "anchor.mode: 'atrl' -> 'uniform'" in err and "trl.learning_rate: 5e-05 -> 0.0001" in err
+    assert "Give this run its own trl.output_dir" in err and str(out / "checkpoint-10") in err
+    assert (out / "recipe.yaml").read_text() == before and not (out / "final").exists()
+    ckpt = str(out / "checkpoint-10")
+    longer = load_recipe(None, ["--trl.output_dir", str(out), "--trl.max_steps", "300", "--trl.save_steps", "50",
+                                "--anchor.credit.n_workers", "4", "--trl.report_to", "[]"])
+    check_resume_recipe(longer, out, ckpt)  # train longer, save and report differently: the same run
+    other = load_recipe(None, ["--trl.output_dir", str(out), "--anchor.mode", "uniform", "--resume", ckpt])
+    with caplog.at_level("WARNING", logger="atrl"):
+        check_resume_recipe(other, out, ckpt)
+    assert "anchor.mode: 'atrl' -> 'uniform'" in caplog.text
 
 
 def test_overrides_are_typed_and_nested():

@@ -8,9 +8,10 @@ A recipe has these sections (all optional; `configs/demo.yaml` is the embedded d
               max_prompt_length, eval (held-out data scored during training: null, "synthetic" or a file)
     rewards:  accuracy / format weights, overlong ({max_length, cache}) or null
     anchor:   AnchorConfig (atrl.rl.config)
-    trl:      any GRPOConfig field (output_dir, learning_rate, num_generations, loss_type, use_vllm, ...); fields
-              a recipe file leaves out take GRPOConfig's defaults, except BASE_TRL's (logging every step,
-              TensorBoard, KL-free DAPO, output_dir runs/atrl). Without a file, the embedded default's (DEFAULT_TRL)
+    trl:      any GRPOConfig field (output_dir, learning_rate, num_generations, loss_type, use_vllm, ...).
+              Fields a recipe file leaves out take GRPOConfig's defaults, except BASE_TRL's (logging every
+              step, TensorBoard, KL-free DAPO); without a file, the embedded default's (DEFAULT_TRL).
+              output_dir defaults to runs/<anchor.mode>; "{mode}" in it stands for anchor.mode.
     resume:   "auto" (latest complete checkpoint in trl.output_dir, if any), false, or a checkpoint folder
 
 Overrides: `--section.key value` (the value is read as YAML: numbers, lists, null), e.g.
@@ -36,8 +37,9 @@ from .config import AnchorConfig
 logger = logging.getLogger("atrl")
 
 # What every recipe gets in its trl section unless it says otherwise; other GRPOConfig fields keep TRL's defaults.
+# output_dir, when a recipe does not set it, is runs/<anchor.mode>, and "{mode}" in a recipe's output_dir is
+# replaced by anchor.mode: runs of two credit modes do not share a folder.
 BASE_TRL: dict[str, Any] = {
-    "output_dir": "runs/atrl",
     "logging_steps": 1,
     "report_to": ["tensorboard"],
     "beta": 0.0,  # KL-free
@@ -142,7 +144,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     rewards: RewardSection = field(default_factory=RewardSection)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
-    trl: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRL))
+    trl: dict[str, Any] = field(default_factory=lambda: {**DEFAULT_TRL, "output_dir": "runs/atrl"})
     resume: str | bool = "auto"
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +216,8 @@ def recipe_from_dict(raw: dict[str, Any], trl_defaults: dict[str, Any] = DEFAULT
             raise ValueError(f"recipe section {name!r}: {err}") from err
     trl = dict(trl_defaults)
     trl.update(raw.get("trl") or {})
+    mode = kwargs["anchor"].mode
+    trl["output_dir"] = str(trl.get("output_dir") or "runs/{mode}").replace("{mode}", mode)
     return Recipe(trl=trl, lora=raw.get("lora"), resume=raw.get("resume", "auto"), **kwargs)
 
 
@@ -547,6 +551,49 @@ def resolve_resume(recipe: Recipe, output_dir: str) -> str | None:
     return str(path)
 
 
+# Fields a resumed run may change: how long it trains, how often it saves, logs and evaluates, where it reports,
+# and how the credit work is scheduled (same numbers either way). Any other change mixes two runs in one folder.
+RESUME_MAY_CHANGE = ("resume", "trl.max_steps", "trl.num_train_epochs", "trl.save_steps", "trl.save_total_limit",
+                     "trl.logging_steps", "trl.eval_steps", "trl.report_to", "trl.disable_tqdm", "trl.run_name",
+                     "trl.logging_dir", "trl.dataloader_num_workers", "anchor.credit.n_workers", "anchor.overlap",
+                     "anchor.report_steps")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _recipe_text(recipe: Recipe) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(recipe.to_dict(), default=list)), sort_keys=False)
+
+
+def check_resume_recipe(recipe: Recipe, out: Path, resume: str | None) -> None:
+    """Resuming (resume: auto) continues the run whose recipe.yaml is in the output folder: a recipe that differs
+    in more than RESUME_MAY_CHANGE (e.g. another anchor.mode, learning rate or data file) is an error naming the
+    fields, not a checkpoint of one run silently continued as another. A checkpoint named explicitly is resumed
+    with a warning listing the differences."""
+    saved_file = Path(resume).parent / "recipe.yaml" if resume else None
+    if saved_file is None or not saved_file.is_file():
+        return
+    saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
+    now = _flat(yaml.safe_load(_recipe_text(recipe)))
+    changed = [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(saved.keys() & now.keys())
+               if saved[key] != now[key] and not key.startswith(RESUME_MAY_CHANGE)]
+    if not changed:
+        return
+    where = f"{resume} belongs to a run of another recipe ({saved_file}): " + "; ".join(changed)
+    if recipe.resume != "auto":
+        logger.warning("resume=%s: %s", recipe.resume, where)
+        return
+    raise ValueError(f"resume: auto would continue {where}. Give this run its own trl.output_dir, or set resume: "
+                     "false to train from the start in this folder (its checkpoints are then overwritten)")
+
+
 def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool = True):
     """Train according to `recipe`; returns the trainer. Saves the final model + processor to
     `<output_dir>/final`, the resolved recipe to `<output_dir>/recipe.yaml`, the trainer state (log history) to
@@ -558,14 +605,15 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
     from .progress import install_progress
 
     out = ensure_writable_dir(recipe.trl["output_dir"], argument="trl.output_dir")
+    resume = resolve_resume(recipe, str(out))
+    check_resume_recipe(recipe, out, resume)  # every rank reads the old recipe.yaml: none writes on a mismatch
     # every rank of a launch writes the same text: each to its own temporary file, renamed into place (atomic)
     tmp = out / f"recipe.yaml.{os.getpid()}.tmp"
-    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict(), default=list)), sort_keys=False))
+    tmp.write_text(_recipe_text(recipe))
     os.replace(tmp, out / "recipe.yaml")
     trainer = build_trainer(recipe, callbacks)
     if progress:
         install_progress(trainer)
-    resume = resolve_resume(recipe, str(out))
     if resume:
         logger.warning("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
