@@ -553,10 +553,10 @@ def resolve_resume(recipe: Recipe, output_dir: str) -> str | None:
 
 # Fields a resumed run may change: how long it trains, how often it saves, logs and evaluates, where it reports,
 # and how the credit work is scheduled (same numbers either way). Any other change mixes two runs in one folder.
-RESUME_MAY_CHANGE = ("resume", "trl.max_steps", "trl.num_train_epochs", "trl.save_steps", "trl.save_total_limit",
-                     "trl.logging_steps", "trl.eval_steps", "trl.report_to", "trl.disable_tqdm", "trl.run_name",
-                     "trl.logging_dir", "trl.dataloader_num_workers", "anchor.credit.n_workers", "anchor.overlap",
-                     "anchor.report_steps")
+RESUME_MAY_CHANGE = ("resume", "trl.output_dir", "trl.max_steps", "trl.num_train_epochs", "trl.save_steps",
+                     "trl.save_total_limit", "trl.logging_steps", "trl.eval_steps", "trl.report_to",
+                     "trl.disable_tqdm", "trl.run_name", "trl.logging_dir", "trl.dataloader_num_workers",
+                     "anchor.credit.n_workers", "anchor.overlap", "anchor.report_steps")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
