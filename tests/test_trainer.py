@@ -90,6 +90,38 @@ def test_anchor_report_shows_the_step_s_tokens_anchors_and_weights(tmp_path):
         AnchorConfig(report_steps=-1)
 
 
+def test_anchor_report_reaches_tensorboard_and_wandb(tmp_path, monkeypatch):
+    """Where the run logs, the report's PNG preview goes with it: TensorBoard gets the image `atrl/anchors` at each
+    report step (read back from the event file), a live W&B run the image and the page. No logger: no PNG drawn."""
+    import types
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    quiet = tmp_path / "quiet"
+    _trainer(quiet, anchor=AnchorConfig(report_steps=1)).train()
+    assert sorted(p.suffix for p in (quiet / "anchors").iterdir()) == [".html", ".html"]
+
+    logged = []
+    fake = types.SimpleNamespace(run=object(), Image=lambda path: ("image", path), Html=lambda text: ("html", text),
+                                 log=logged.append)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    tb = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tb))
+    _trainer(tmp_path, anchor=AnchorConfig(report_steps=1), report_to=["tensorboard"]).train()
+    events = EventAccumulator(str(tb), size_guidance={IMAGES: 0}).Reload()
+    images = events.Images("atrl/anchors")
+    assert [e.step for e in images] == [0, 1]
+    for event in images:
+        on_disk = Image.open(tmp_path / "anchors" / f"step-{event.step:06d}.png")
+        assert (event.width, event.height) == on_disk.size
+    assert [entry["train/global_step"] for entry in logged] == [0, 1]
+    for entry in logged:
+        step = entry["train/global_step"]
+        assert entry["atrl/anchors"] == ("image", str(tmp_path / "anchors" / f"step-{step:06d}.png"))
+        assert entry["atrl/anchors_page"] == ("html", (tmp_path / "anchors" / f"step-{step:06d}.html").read_text())
+
+
 def test_gradient_checkpointing_keeps_one_embedding_hook(tmp_path):
     """TRL re-enables gradient checkpointing after each generation; transformers then adds a forward hook to the
     input embeddings without removing the last one. The trainer keeps their number bounded; training works."""

@@ -555,7 +555,7 @@ def resolve_resume(recipe: Recipe, output_dir: str) -> str | None:
 # and how the credit work is scheduled (same numbers either way). Any other change mixes two runs in one folder.
 RESUME_MAY_CHANGE = ("resume", "trl.output_dir", "trl.max_steps", "trl.num_train_epochs", "trl.save_steps",
                      "trl.save_total_limit", "trl.logging_steps", "trl.eval_steps", "trl.report_to",
-                     "trl.disable_tqdm", "trl.run_name", "trl.logging_dir", "trl.dataloader_num_workers",
+                     "trl.disable_tqdm", "trl.run_name", "trl.dataloader_num_workers",
                      "anchor.credit.n_workers", "anchor.overlap", "anchor.report_steps")
 
 

@@ -232,8 +232,8 @@ class ATRLTrainer(GRPOTrainer):
     def _anchor_report(self, completion_ids: torch.Tensor, advantages: torch.Tensor, conn: torch.Tensor,
                        mask: torch.Tensor, result) -> None:
         """`<output_dir>/anchors/step-N.html`: up to 8 of this micro-batch's completions as AT-RL weighted them
-        (N optimizer steps done before it)."""
-        from ..viz.plots import sampled_anchors_html
+        (N optimizer steps done before it); a PNG preview of it goes to TensorBoard and W&B where they log."""
+        from ..viz.plots import sampled_anchors_html, sampled_anchors_png, sampled_views
 
         step, self._reported_step = self.state.global_step, self.state.global_step
         n = min(8, completion_ids.shape[0])
@@ -244,13 +244,47 @@ class ATRLTrainer(GRPOTrainer):
         keep = [mask[i] for i in range(n)]
         folder = Path(self.args.output_dir) / "anchors"
         folder.mkdir(parents=True, exist_ok=True)
-        sampled_anchors_html(
+        views = sampled_views(
             tokens=[[tokenizer.decode([t]) for t in ids[i][keep[i]].tolist()] for i in range(n)],
             conn=[conn[i][keep[i]].numpy() for i in range(n)],
             anchors=[result.boosted_mask[i][keep[i]].numpy() for i in range(n)],
             weights=[result.weights[i][keep[i]].numpy() for i in range(n)],
-            advantages=adv.tolist(), out=folder / f"step-{step:06d}.html",
-            title=f"Anchor tokens at step {step} (mode {self.anchor.mode})")
+            advantages=adv.tolist())
+        page = sampled_anchors_html(views, folder / f"step-{step:06d}.html",
+                                    title=f"Anchor tokens at step {step} (mode {self.anchor.mode})")
+        loggers = self._report_loggers()
+        if loggers:
+            self._publish_report(page, sampled_anchors_png(views, folder / f"step-{step:06d}.png"), step, loggers)
+
+    def _report_loggers(self) -> list:
+        """The loggers of this run that take the anchor report: TensorBoard's writer (once training began) and a
+        live W&B run."""
+        import sys
+
+        from transformers.integrations import TensorBoardCallback
+
+        found = [cb.tb_writer for cb in self.callback_handler.callbacks
+                 if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None]
+        wandb = sys.modules.get("wandb")  # imported by transformers' W&B callback when it logs
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            found.append(wandb)
+        return found
+
+    @staticmethod
+    def _publish_report(page: Path, png: Path, step: int, loggers: list) -> None:
+        """The report's PNG preview as the image `atrl/anchors` at the optimizer step (TensorBoard), and the
+        page itself with it (W&B, which shows HTML)."""
+        import numpy as np
+        from PIL import Image
+
+        for sink in loggers:
+            if hasattr(sink, "add_image"):
+                image = np.asarray(Image.open(png).convert("RGB"))
+                sink.add_image("atrl/anchors", image, step, dataformats="HWC")
+                sink.flush()
+            else:
+                sink.log({"atrl/anchors": sink.Image(str(png)), "atrl/anchors_page": sink.Html(page.read_text()),
+                          "train/global_step": step})
 
     @staticmethod
     def _metric_names(measured: bool) -> list[str]:

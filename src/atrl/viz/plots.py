@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -230,21 +230,39 @@ class SampledView:
         return np.zeros(len(self.tokens), dtype=bool)
 
 
-def sampled_anchors_html(tokens: Sequence[list[str]], conn: Sequence[np.ndarray], anchors: Sequence[np.ndarray],
-                         weights: Sequence[np.ndarray], advantages: Sequence[float], out: str | Path,
-                         title: str) -> Path:
+def sampled_views(tokens: Sequence[list[str]], conn: Sequence[np.ndarray], anchors: Sequence[np.ndarray],
+                  weights: Sequence[np.ndarray], advantages: Sequence[float]) -> list[SampledView]:
     """Completions sampled during training with what AT-RL did to them: per completion i, its tokens, their
     connectivity and anchor flags and weights (each (T_i,), padding removed) and its advantage A(i)."""
-    views = [SampledView(uid=f"completion {i}", tokens=list(t), conn=np.asarray(c, dtype=float),
-                         anchor=np.asarray(a, dtype=bool), weights=np.asarray(w, dtype=float),
-                         family=f"A(i) = {adv:+.3f}, anchors {np.mean(a) if len(a) else 0:.0%} of "
-                                f"{len(t)} tokens, largest weight {max(w, default=0):.2f}")
-             for i, (t, c, a, w, adv) in enumerate(zip(tokens, conn, anchors, weights, advantages))]
+    return [SampledView(uid=f"completion {i}", tokens=list(t), conn=np.asarray(c, dtype=float),
+                        anchor=np.asarray(a, dtype=bool), weights=np.asarray(w, dtype=float),
+                        family=f"A(i) = {adv:+.3f}, anchors {np.mean(a) if len(a) else 0:.0%} of "
+                               f"{len(t)} tokens, largest weight {max(w, default=0):.2f}")
+            for i, (t, c, a, w, adv) in enumerate(zip(tokens, conn, anchors, weights, advantages))]
+
+
+def sampled_anchors_html(views: Sequence[SampledView], out: str | Path, title: str) -> Path:
+    """The sampled completions (`sampled_views`) as `highlighted_html` shows them, weights on hover."""
     return highlighted_html(views, out, title=title, note="A token's weight W(C_k(t)) shows on hover; its advantage "
                             "is W x A(i) (a positive A(i) pushes its log-probability up).")
 
 
-def highlighted_png(views: Sequence, out: str | Path, max_views: int = 6, per_line: int = 60) -> Path:
+def sampled_anchors_png(views: Sequence[SampledView], out: str | Path, max_views: int = 4,
+                        max_tokens: int = 240) -> Path:
+    """A preview of the sampled completions for image loggers (TensorBoard, W&B): the first `max_views`
+    completions, each cut to its first `max_tokens` tokens (the HTML page has them whole)."""
+    cut = [replace(v, tokens=v.tokens[:max_tokens], conn=v.conn[:max_tokens],
+                               anchor=v.anchor[:max_tokens], weights=v.weights[:max_tokens],
+                               family=v.family + (f" (first {max_tokens} shown)" if len(v.tokens) > max_tokens
+                                                  else ""))
+           for v in list(views)[:max_views]]
+    return highlighted_png(cut, out, max_views=max_views, legend="Completions sampled in training, tokens shaded "
+                           "by connectivity; anchors (the tokens AT-RL boosted) bold red")
+
+
+def highlighted_png(views: Sequence, out: str | Path, max_views: int = 6, per_line: int = 60,
+                    legend: str = "Response tokens shaded by connectivity; anchors bold red; perception spans "
+                                  "underlined blue") -> Path:
     """The same view as `highlighted_html`, drawn as a PNG (one block of lines per response)."""
     plt = _plt()
     views = list(views)[:max_views]
@@ -256,8 +274,7 @@ def highlighted_png(views: Sequence, out: str | Path, max_views: int = 6, per_li
     ax.set_ylim(height, 0)
     ax.axis("off")
     y = 0.35
-    ax.text(0.5, y, "Response tokens shaded by connectivity; anchors bold red; perception spans underlined blue",
-            fontsize=9)
+    ax.text(0.5, y, legend, fontsize=9)
     y += 0.3
     for v, n_lines in zip(views, lines_per_view):
         ax.text(0.5, y + 0.1, f"{v.family} / {v.uid}", fontsize=8, color="gray")
