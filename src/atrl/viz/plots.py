@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -248,21 +248,54 @@ def sampled_anchors_html(views: Sequence[SampledView], out: str | Path, title: s
 
 
 def sampled_anchors_png(views: Sequence[SampledView], out: str | Path, max_views: int = 4,
-                        max_tokens: int = 240) -> Path:
-    """A preview of the sampled completions for image loggers (TensorBoard, W&B): the first `max_views`
-    completions, each cut to its first `max_tokens` tokens (the HTML page has them whole)."""
-    cut = [replace(v, tokens=v.tokens[:max_tokens], conn=v.conn[:max_tokens],
-                               anchor=v.anchor[:max_tokens], weights=v.weights[:max_tokens],
-                               family=v.family + (f" (first {max_tokens} shown)" if len(v.tokens) > max_tokens
-                                                  else ""))
-           for v in list(views)[:max_views]]
-    return highlighted_png(cut, out, max_views=max_views, legend="Completions sampled in training, tokens shaded "
-                           "by connectivity; anchors (the tokens AT-RL boosted) bold red")
+                        max_tokens: int = 240, width: int = 1200) -> Path:
+    """A preview of the sampled completions for image loggers (TensorBoard, W&B), drawn with PIL (about 20 times
+    faster than matplotlib: it runs on the trainer's main process): the first `max_views` completions, each cut
+    to its first `max_tokens` tokens (the HTML page has them whole), shaded as the page is, anchors dark red and
+    underlined."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=12)
+    line, pad = 18, 8
+    items: list[tuple[str, float, float, str, bool]] = []  # (kind, x, y, text, anchor) ; kind: head | tok
+    shades: list[tuple[float, float, float, float, tuple[int, int, int]]] = []
+    y = pad + 2 * line
+    for v in list(views)[:max_views]:
+        shown = len(v.tokens) > max_tokens
+        items.append(("head", pad, y, v.family + (f" (first {max_tokens} tokens shown)" if shown else ""), False))
+        y += line + 2
+        top = float(v.conn.max()) if v.conn.size and v.conn.max() > 0 else 1.0
+        x = pad
+        for t, c, a in zip(v.tokens[:max_tokens], v.conn[:max_tokens], v.anchor[:max_tokens]):
+            text = t.replace("\n", "\\n") or " "
+            w = max(6.0, font.getlength(text) + 2)
+            if x + w > width - pad:
+                x, y = pad, y + line
+            shades.append((x, y, x + w, y + line - 2, tuple(round(255 * k) for k in _rgb(float(c) / top))))
+            items.append(("tok", x + 1, y + 2, text, bool(a)))
+            x += w
+            if "\n" in t:  # the completion's own line breaks
+                x, y = pad, y + line
+        y += line + line // 2
+    image = Image.new("RGB", (width, int(y + pad)), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((pad, pad), "Completions sampled in training, tokens shaded by connectivity (red = the completion's "
+              "most visual token); anchors (the tokens AT-RL boosted) dark red, underlined", fill="black", font=font)
+    for x0, y0, x1, y1, colour in shades:
+        draw.rectangle((x0, y0, x1, y1), fill=colour)
+    for kind, x, yy, text, anchor in items:
+        if kind == "head":
+            draw.text((x, yy), text, fill=(110, 110, 110), font=font)
+        else:
+            draw.text((x, yy), text, fill=(150, 0, 0) if anchor else "black", font=font)
+            if anchor:
+                draw.line((x, yy + 13, x + font.getlength(text), yy + 13), fill=(150, 0, 0), width=1)
+    path = Path(out)
+    image.save(path)
+    return path
 
 
-def highlighted_png(views: Sequence, out: str | Path, max_views: int = 6, per_line: int = 60,
-                    legend: str = "Response tokens shaded by connectivity; anchors bold red; perception spans "
-                                  "underlined blue") -> Path:
+def highlighted_png(views: Sequence, out: str | Path, max_views: int = 6, per_line: int = 60) -> Path:
     """The same view as `highlighted_html`, drawn as a PNG (one block of lines per response)."""
     plt = _plt()
     views = list(views)[:max_views]
@@ -274,7 +307,8 @@ def highlighted_png(views: Sequence, out: str | Path, max_views: int = 6, per_li
     ax.set_ylim(height, 0)
     ax.axis("off")
     y = 0.35
-    ax.text(0.5, y, legend, fontsize=9)
+    ax.text(0.5, y, "Response tokens shaded by connectivity; anchors bold red; perception spans underlined blue",
+            fontsize=9)
     y += 0.3
     for v, n_lines in zip(views, lines_per_view):
         ax.text(0.5, y + 0.1, f"{v.family} / {v.uid}", fontsize=8, color="gray")
