@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -49,6 +51,19 @@ def _task(args: argparse.Namespace) -> tuple[list[str] | None, dict]:
     if args.families is None and not args.knob:
         return list(DEFAULT_FAMILIES), knobs_from_mapping(DEFAULT_KNOBS)
     return args.families, _knob_overrides(args.knob or [])
+
+
+@contextmanager
+def _progress(description: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (the report goes to stdout): yields `advance(n)`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 _DEFAULT_TASK_HELP = "with no --knob either: the embedded default's colour-tile quadrant task"
@@ -194,8 +209,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
     model, processor = load_model(args.model, device=args.device)
-    result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      temperature=args.temperature, samples=args.samples, seed=args.seed)
+    with _progress("answering", len(rows), "prompts") as advance:
+        result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          temperature=args.temperature, samples=args.samples, seed=args.seed, progress=advance)
     json_path, md_path = result.write(args.out, title=f"Evaluation of {args.model} on {args.data}")
     print(result.to_markdown(f"Evaluation of {args.model}"))
     print(f"-> {json_path}, {md_path}")
@@ -227,12 +243,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     responses = None
     if rows is not None:
         cut: list[bool] = []
-        responses = generate_responses(model, processor, rows, max_new_tokens=args.max_new_tokens,
-                                       batch_size=args.batch_size, cut=cut)
+        with _progress("answering", len(rows), "prompts") as advance:
+            responses = generate_responses(model, processor, rows, max_new_tokens=args.max_new_tokens,
+                                           batch_size=args.batch_size, cut=cut, progress=advance)
         print(f"analysing the model's greedy responses to {len(rows)} prompts ({sum(cut)} cut at "
               f"--max-new-tokens {args.max_new_tokens})")
-    result = analyze(model, processor, examples, responses=responses, sink_debias=args.sink_debias,
-                     layers=args.probe_layers, region_grid=tuple(args.region_grid))
+    with _progress("probing", len(examples), "responses") as advance:
+        result = analyze(model, processor, examples, responses=responses, sink_debias=args.sink_debias,
+                         layers=args.probe_layers, region_grid=tuple(args.region_grid), progress=advance)
     write_analysis_report(result, out)
     summary = result.summary()
     (out / "analysis.json").write_text(json.dumps(

@@ -16,7 +16,7 @@ makes it an anchor. Outputs:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -98,10 +98,39 @@ def _items(examples: Sequence[Any], responses: Sequence[str] | None) -> list[_It
     return items
 
 
+def _analyse_one(model, processor, probe, item: _Item, device, credit: CreditOptions, sink_debias: str,
+                 region_grid: tuple[int, int]) -> TokenView | str:
+    """One example through the probed forward: its view, or why it was skipped."""
+    response = item.response
+    prompt = processor.apply_chat_template(item.messages, add_generation_prompt=True)
+    kwargs = {"images": [item.images]} if item.images else {}
+    batch = processor(text=[prompt + response], return_tensors="pt", **kwargs)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    ids, spans = _token_spans(processor.tokenizer, response)
+    T = len(ids)
+    if T == 0:
+        return f"{item.uid}: the response is empty"
+    if batch["input_ids"][0, -T:].tolist() != ids:
+        return f"{item.uid}: the response does not tokenize the same inside the prompt"
+    with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=T) as cap:
+        model(**batch, use_cache=False)
+    mask = torch.ones(1, T, dtype=torch.bool)
+    conn, prof = cap.connectivity(mask, sink_debias=sink_debias)
+    result = assign_credit(conn, prof, mask, credit)
+    perception_chars = np.zeros(len(response) + 1, dtype=bool)
+    for a, b in item.perception_spans or ():
+        perception_chars[a:b] = True
+    perception = np.array([perception_chars[a:b].any() for a, b in spans])
+    return TokenView(item.uid, item.family, response, [response[a:b] for a, b in spans], spans, conn[0].numpy(),
+                     prof[0].numpy(), result.boosted_mask[0].numpy(), perception,
+                     item.images[0] if item.images else None, tuple(region_grid))
+
+
 @torch.no_grad()
 def analyze(model, processor, examples: Sequence[Any], *, responses: Sequence[str] | None = None,
             credit: CreditOptions | None = None, sink_debias: str = "head_baseline",
-            region_grid: tuple[int, int] = (4, 4), layers: Sequence[int] | None = None) -> AnalysisResult:
+            region_grid: tuple[int, int] = (4, 4), layers: Sequence[int] | None = None,
+            progress: Callable[[int], None] | None = None) -> AnalysisResult:
     """Probe each example's response and score anchors against perception spans where they are known.
 
     Args:
@@ -109,41 +138,20 @@ def analyze(model, processor, examples: Sequence[Any], *, responses: Sequence[st
             rows (`prompt` in TRL's conversational format, `images`, `uid`, a category as `atrl eval` reads it).
         responses: responses to analyse instead of the reference traces (perception spans then do not apply);
             required for data-set rows.
+        progress: called with 1 after each example (analysed or skipped).
     """
     credit = credit or CreditOptions()
     items = _items(examples, responses)
     probe = ConnectivityProbe(model, layers=layers, region_grid=region_grid)
-    tok = processor.tokenizer
     device = next(model.parameters()).device
     views: list[TokenView] = []
     skipped: list[str] = []
     try:
         for item in items:
-            response = item.response
-            prompt = processor.apply_chat_template(item.messages, add_generation_prompt=True)
-            kwargs = {"images": [item.images]} if item.images else {}
-            batch = processor(text=[prompt + response], return_tensors="pt", **kwargs)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            ids, spans = _token_spans(tok, response)
-            T = len(ids)
-            if T == 0:
-                skipped.append(f"{item.uid}: the response is empty")
-                continue
-            if batch["input_ids"][0, -T:].tolist() != ids:
-                skipped.append(f"{item.uid}: the response does not tokenize the same inside the prompt")
-                continue
-            with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=T) as cap:
-                model(**batch, use_cache=False)
-            mask = torch.ones(1, T, dtype=torch.bool)
-            conn, prof = cap.connectivity(mask, sink_debias=sink_debias)
-            result = assign_credit(conn, prof, mask, credit)
-            perception_chars = np.zeros(len(response) + 1, dtype=bool)
-            for a, b in item.perception_spans or ():
-                perception_chars[a:b] = True
-            perception = np.array([perception_chars[a:b].any() for a, b in spans])
-            views.append(TokenView(item.uid, item.family, response, [response[a:b] for a, b in spans], spans,
-                                   conn[0].numpy(), prof[0].numpy(), result.boosted_mask[0].numpy(), perception,
-                                   item.images[0] if item.images else None, tuple(region_grid)))
+            outcome = _analyse_one(model, processor, probe, item, device, credit, sink_debias, region_grid)
+            (views if isinstance(outcome, TokenView) else skipped).append(outcome)
+            if progress is not None:
+                progress(1)
     finally:
         probe.detach()
     if not views:
