@@ -57,8 +57,14 @@ def _task(args: argparse.Namespace) -> tuple[list[str] | None, dict]:
 def _progress(description: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
     """A progress bar on stderr (the report goes to stdout): yields `advance(n)`."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
