@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -259,24 +260,44 @@ def test_cli_train_runs_and_writes_final_model(tmp_path, capsys):
     assert "no trainer_state.json" in capsys.readouterr().err
 
 
-def test_lora_recipe_trains_adapters_and_the_adapter_evaluates(tmp_path, capsys):
+def test_lora_recipe_trains_adapters_and_the_adapter_evaluates(tmp_path, capsys, monkeypatch):
     """`lora:` trains peft adapters on the decoder (probes and credit as usual); `final/` holds the adapter, which
-    `atrl eval` loads onto its base model."""
+    `atrl eval` loads onto its base model and `atrl model merge` merges into it."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "scripts"))  # a reward that varies: the adapters get gradients
     out = tmp_path / "lora"
     assert main(["train", "--trl.output_dir", str(out), "--trl.max_steps", "1", "--data.n", "8",
+                 "--rewards.custom", "{ddp_train:diversity_reward: 1.0}",
                  "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4",
-                 "--trl.max_completion_length", "8", "--trl.report_to", "[]", "--trl.disable_tqdm", "true",
+                 "--trl.max_completion_length", "16", "--trl.temperature", "2.0", "--trl.report_to", "[]",
+                 "--trl.disable_tqdm", "true", "--trl.learning_rate", "1e-2",
                  "--lora", "{r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}"]) == 0
     adapter = json.loads((out / "final" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     assert not (out / "final" / "model.safetensors").exists()  # the adapter only, not a copy of the base
     state = json.loads((out / "trainer_state.json").read_text())
     assert any("atrl/anchor_fraction" in h for h in state["log_history"])  # the probes ran under peft
+    assert all(h["grad_norm"] > 0 for h in state["log_history"] if "grad_norm" in h)  # the adapters moved
     capsys.readouterr()
     assert main(["eval", "--model", str(out / "final"), "--n", "2", "--max-new-tokens", "8",
                  "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["n"] == 2
     from atrl.models.zoo import load_model
 
-    model, _ = load_model(out / "final")  # what `atrl eval` loads: the base with the trained adapter on it
+    model, processor = load_model(out / "final")  # what `atrl eval` loads: the base with the trained adapter on it
     assert any("lora_A" in name for name, _ in model.named_parameters())
+    # merged into the base for tools without peft (vLLM): a plain checkpoint whose logits are the adapter model's
+    assert main(["model", "merge", "--adapter", str(out / "final"), "--out", str(tmp_path / "merged")]) == 0
+    merged, _ = load_model(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    from atrl.data.synthetic import build_prompt, generate
+
+    example = generate(1, seed=4)[0]
+    text = processor.apply_chat_template(build_prompt(example.question), add_generation_prompt=True)
+    batch = processor(text=[text + example.reasoning], images=[[example.image]], return_tensors="pt")
+    base, _ = load_model(adapter["base_model_name_or_path"])
+    with torch.no_grad():
+        expected, got, before = model(**batch).logits, merged(**batch).logits, base(**batch).logits
+    assert (expected - before).abs().max() > 1e-3  # the adapter moved the model: merging is not a no-op
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # W + BA summed once: float32 rounding
+    assert main(["model", "merge", "--adapter", str(tmp_path / "merged"), "--out", str(tmp_path / "m2")]) == 2
+    assert "no adapter_config.json there" in capsys.readouterr().err

@@ -24,6 +24,14 @@ def _cmd_model_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_merge(args: argparse.Namespace) -> int:
+    from .models.zoo import merge_adapter
+
+    out = merge_adapter(args.adapter, args.out)
+    print(f"merged {args.adapter} into its base model -> {out}")
+    return 0
+
+
 def _knob_overrides(pairs: list[str]) -> dict:
     """Parse `family.knob=value` pairs into per-family knob dataclasses."""
     import json
@@ -382,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--columns", type=int, default=5)
     preview.set_defaults(func=_cmd_data_preview)
 
-    model = sub.add_parser("model", help="tiny offline VLMs").add_subparsers(dest="action", required=True)
+    model = sub.add_parser("model", help="tiny offline VLMs; merging LoRA adapters").add_subparsers(
+        dest="action", required=True)
     build = model.add_parser("build", help="build a tiny random VLM and save it as a checkpoint folder")
     build.add_argument("--family", default="qwen2_5_vl", help="qwen2_5_vl (default), qwen2_vl or llava")
     build.add_argument("--out", required=True, help="checkpoint folder")
@@ -391,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--hidden", type=int, default=64)
     build.add_argument("--image-size", type=int, default=112)
     build.set_defaults(func=_cmd_model_build)
+    merge = model.add_parser("merge", help="merge a LoRA run's adapter into its base model (a full checkpoint folder)")
+    merge.add_argument("--adapter", required=True, help="the adapter folder (a LoRA run's final/)")
+    merge.add_argument("--out", required=True, help="checkpoint folder for the merged model")
+    merge.set_defaults(func=_cmd_model_merge)
     return parser
 
 

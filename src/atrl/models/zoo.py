@@ -320,6 +320,21 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     return model, load_processor(path)
 
 
+def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A LoRA run's adapter folder (its `final/`) merged into the weights of the base model it names, saved as a
+    full checkpoint folder with the processor: what vLLM or any tool without peft loads."""
+    from peft import PeftConfig, PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ValueError(f"--adapter {str(adapter)!r}: no adapter_config.json there; give a LoRA run's final/ folder")
+    base_path = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    check_model_path(base_path)
+    base = AutoModelForImageTextToText.from_pretrained(base_path, dtype="auto")
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    has_processor = any((Path(adapter) / name).is_file() for name in ("processor_config.json", "tokenizer.json"))
+    return save_model(merged, load_processor(adapter if has_processor else base_path), out)
+
+
 def check_model_path(path: str | os.PathLike) -> None:
     """A missing folder that cannot be a hub id ("Qwen/Qwen2.5-VL-3B-Instruct" can; "runs/demo/final", "./x" or
     "/abs/x" cannot) is named plainly; a hub id is left to transformers (the hub, or its cache offline)."""
