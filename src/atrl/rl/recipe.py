@@ -341,6 +341,10 @@ def _run_inputs(recipe: Recipe) -> tuple[Any, list, dict[str, tuple[Any, Any]], 
     _check_packages(recipe, args)
     peft_config = lora_config(recipe)
     rewards = build_rewards(recipe)
+    for name in _data_files(recipe):  # before the processor, which may come from the hub (minutes offline)
+        path = Path(getattr(recipe.data, name.split(".", 1)[1]))
+        if not path.exists():
+            raise FileNotFoundError(f"{name}={str(path)!r} does not exist")
     processor = _data_processor(recipe)
     data = {split: build_dataset(recipe, processor, split) for split in ("train", "eval")}
     return args, rewards, data, peft_config
