@@ -222,7 +222,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .models.zoo import load_model
 
     rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
-    model, processor = load_model(args.model, device=args.device)
+    model, processor = load_model(args.model, device=_device(args.device))
     with _progress("answering", len(rows), "prompts") as advance:
         result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           temperature=args.temperature, samples=args.samples, seed=args.seed, progress=advance)
@@ -230,6 +230,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(result.to_markdown(f"Evaluation of {args.model}"))
     print(f"-> {json_path}, {md_path}")
     return 0
+
+
+def _device(name: str | None) -> str:
+    """--device, or the GPU when one is visible (a 7B model answering MathVista on the CPU takes days)."""
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -253,7 +260,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                          "model's own responses (--responses generated, the default for data files)")
     else:
         examples = rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
-    model, processor = load_model(args.model, device=args.device)
+    model, processor = load_model(args.model, device=_device(args.device))
     responses = None
     if rows is not None:
         cut: list[bool] = []
@@ -327,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--n", type=int, default=50, help="examples")
         p.add_argument("--seed", type=int, default=12345, help="synthetic data seed (held out from training)")
         p.add_argument("--out", default=f"atrl-{name}", help="output folder")
-        p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the model loads)")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when a GPU is visible)")
         _add_task_args(p)
         p.add_argument("--max-new-tokens", type=int, default=1024,
                        help="generation limit per response (responses cut at it are counted in the report)")
