@@ -343,3 +343,48 @@ def test_bad_inputs_name_what_is_wrong():
         CreditOptions(w_other=0.0)
     with pytest.raises(ValueError, match="anchor_ratio"):
         CreditOptions(anchor_ratio=1.5)
+
+
+_KILLED_PARENT = """
+import os, signal, sys
+from atrl.credit.assign import _worker_pool
+from atrl.rl.rewards import _math_pool
+
+if __name__ == "__main__":
+    pools = [_worker_pool(2), _math_pool()]
+    for pool in pools:
+        [f.result() for f in [pool.submit(os.getpid) for _ in range(8)]]
+    with open(sys.argv[1], "w") as f:
+        f.write(" ".join(str(pid) for pool in pools for pid in pool._processes))
+    os.kill(os.getpid(), signal.SIGKILL)  # no clean-up runs: as a cluster's kill or the out-of-memory killer
+"""
+
+
+def test_workers_end_with_a_killed_parent(tmp_path):
+    """The credit workers and the math-verify worker are spawned processes: a parent killed without clean-up
+    used to leave them running as orphans. Each now exits once its parent is gone."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "parent.py"
+    script.write_text(_KILLED_PARENT)
+    # the workers would hold captured pipes open as long as they live: their output goes nowhere
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "pids")], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == -9
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert len(pids) == 3
+
+    def running(pid: int) -> bool:  # a zombie (exited, not yet reaped by whoever adopted it) has ended
+        status = Path(f"/proc/{pid}/status")
+        try:
+            return "\nState:\tZ" not in status.read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 15
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(running, pids)), [p for p in pids if running(p)]

@@ -249,6 +249,9 @@ def _worker_pool(n_workers: int) -> ProcessPoolExecutor:
 
 
 def _init_worker() -> None:
+    from .._workers import exit_with_parent
+
+    exit_with_parent()
     torch.set_num_threads(1)
     from threadpoolctl import threadpool_limits
 

@@ -196,7 +196,10 @@ def _math_pool() -> ProcessPoolExecutor:
         if _MATH_POOL is None:
             import multiprocessing
 
-            _MATH_POOL = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            from .._workers import exit_with_parent
+
+            _MATH_POOL = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=exit_with_parent)
         return _MATH_POOL
 
 
