@@ -330,3 +330,59 @@ def test_responses_cut_at_the_token_limit_are_counted():
     assert result.truncated == sum(n > 64 for n in lengths) > 0
     assert "cut at the token limit" in result.to_markdown()
     assert evaluate(model, processor, rows, max_new_tokens=256, batch_size=1).truncated == 0
+
+
+def _scored(pattern: list[bool], categories: list[str]):
+    """An EvalResult whose i-th answer is right exactly where pattern[i] is (integer answers, '1' right)."""
+    rows = [{"answer": "1", "answer_type": "integer", "family": cat, "uid": str(i)}
+            for i, cat in enumerate(categories)]
+    return score_responses(rows, [f"<answer>{1 if ok else 2}</answer>" for ok in pattern])
+
+
+def test_compare_results_against_hand_counts_and_scipy():
+    from scipy.stats import binomtest
+
+    from atrl.eval.compare import compare_results, mcnemar_exact
+
+    cats = ["a", "a", "a", "a", "b", "b", "b", "b"]
+    base = [True, True, False, False, True, False, True, False]
+    new = [True, False, True, True, True, True, True, False]
+    comparison = compare_results({"base": _scored(base, cats), "new": _scored(new, cats)}, seed=3)
+    d = comparison.differences["new"]
+    # by hand: new alone right on questions 2, 3, 5; base alone on 1
+    assert (d.only_model_right, d.only_baseline_right) == (3, 1)
+    assert d.accuracy_difference == pytest.approx(6 / 8 - 4 / 8)
+    assert d.mcnemar_p == pytest.approx(binomtest(1, 4, 0.5).pvalue)  # = 2 * 5/16
+    for k, m in [(0, 1), (3, 10), (7, 20), (12, 25)]:
+        assert mcnemar_exact(k, m - k) == pytest.approx(binomtest(k, m, 0.5).pvalue)
+    assert d.ci_low < d.accuracy_difference < d.ci_high
+    assert comparison.by_category == {"a": {"n": 4, "base": 0.5, "new": 0.75}, "b": {"n": 4, "base": 0.5, "new": 0.75}}
+    same = compare_results({"x": _scored(base, cats), "y": _scored(base, cats)}).differences["y"]
+    assert (same.accuracy_difference, same.ci_low, same.ci_high, same.mcnemar_p) == (0, 0, 0, 1)
+    # two sampled answers per question: per-question accuracy, no McNemar
+    two = compare_results({"base": _scored(base, [c for c in cats[::2] for _ in (0, 1)]),
+                           "new": _scored(new, [c for c in cats[::2] for _ in (0, 1)])}, samples=2)
+    assert two.n == 4 and two.differences["new"].mcnemar_p is None
+    assert two.accuracy == {"base": pytest.approx(0.5), "new": pytest.approx(0.75)}
+    md = comparison.to_markdown()
+    assert "| `new` | 75.0% | +25.0 points |" in md and "| 3 / 1 | 0.625 |" in md
+    with pytest.raises(ValueError, match="scored on other questions"):
+        compare_results({"x": _scored(base, cats), "y": _scored(base, cats[::-1])})
+
+
+def test_eval_compares_checkpoints_on_the_same_questions(tmp_path, tiny_models, capsys):
+    from atrl.models.zoo import save_model
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    for name in ("a", "b"):
+        save_model(model, processor, tmp_path / name)
+    common = ["eval", "--n", "6", "--max-new-tokens", "8", "--out", str(tmp_path / "ev")]
+    assert main([*common, "--model", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    comparison = json.loads((tmp_path / "ev" / "compare.json").read_text())
+    each = [json.loads(p.read_text()) for p in sorted((tmp_path / "ev").glob("*/eval.json"))]
+    assert len(each) == 2 and each[0]["rows"] == each[1]["rows"]  # the same weights answer the same
+    diff = comparison["differences"][str(tmp_path / "b")]
+    assert comparison["n"] == 6 and diff["accuracy_difference"] == 0 and diff["mcnemar_p"] == 1
+    capsys.readouterr()
+    assert main([*common, "--model", str(tmp_path / "a"), str(tmp_path / "a")]) == 2
+    assert "names a checkpoint twice" in capsys.readouterr().err

@@ -218,17 +218,33 @@ def _eval_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import re
+
     from .eval import evaluate
-    from .models.zoo import load_model
+    from .eval.compare import compare_results
+    from .models.zoo import ensure_writable_dir, load_model
 
     rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
-    model, processor = load_model(args.model, device=_device(args.device))
-    with _progress("answering", len(rows), "prompts") as advance:
-        result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          temperature=args.temperature, samples=args.samples, seed=args.seed, progress=advance)
-    json_path, md_path = result.write(args.out, title=f"Evaluation of {args.model} on {args.data}")
-    print(result.to_markdown(f"Evaluation of {args.model}"))
-    print(f"-> {json_path}, {md_path}")
+    if len(set(args.model)) != len(args.model):
+        raise ValueError(f"--model names a checkpoint twice: {args.model}")
+    results = {}
+    for path in args.model:
+        model, processor = load_model(path, device=_device(args.device))
+        with _progress(f"answering ({path})" if len(args.model) > 1 else "answering", len(rows), "prompts") as adv:
+            result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              temperature=args.temperature, samples=args.samples, seed=args.seed, progress=adv)
+        del model
+        folder = Path(args.out) if len(args.model) == 1 else Path(args.out) / re.sub(r"[^\w.-]+", "_", path)
+        json_path, md_path = result.write(folder, title=f"Evaluation of {path} on {args.data}")
+        print(result.to_markdown(f"Evaluation of {path}"))
+        print(f"-> {json_path}, {md_path}")
+        results[path] = result
+    if len(results) > 1:
+        comparison = compare_results(results, samples=args.samples, seed=args.seed)
+        ensure_writable_dir(args.out, argument="--out")
+        json_path, md_path = comparison.write(args.out, title=f"Checkpoints compared on {args.data}")
+        print(comparison.to_markdown(f"Checkpoints compared on {args.data}"))
+        print(f"-> {json_path}, {md_path}")
     return 0
 
 
@@ -323,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("eval", "accuracy of a checkpoint, overall and by category"),
                            ("analyze", "connectivity and anchors of a checkpoint's responses (tasks or a file)")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--model", required=True, help="checkpoint folder or hub id")
+        if name == "eval":
+            p.add_argument("--model", required=True, nargs="+",
+                           help="checkpoint folder or hub id; several: each scored on the same questions, and "
+                                "compared with the first (compare.md: differences, paired intervals, McNemar)")
+        else:
+            p.add_argument("--model", required=True, help="checkpoint folder or hub id")
         p.add_argument("--data", default="synthetic", help="'synthetic' or a data file (MathVista, Geometry3K, JSONL)")
         p.add_argument("--format", default="auto")
         p.add_argument("--on-error", default="raise", choices=["raise", "skip"])
