@@ -386,3 +386,5 @@ def test_eval_compares_checkpoints_on_the_same_questions(tmp_path, tiny_models, 
     capsys.readouterr()
     assert main([*common, "--model", str(tmp_path / "a"), str(tmp_path / "a")]) == 2
     assert "names a checkpoint twice" in capsys.readouterr().err
+    assert main([*common, "--model", str(tmp_path / "a"), "--max-pixels", "100"]) == 2  # below the tiny minimum
+    assert "--min-pixels=12544 is above --max-pixels=100 (the processor's own minimum" in capsys.readouterr().err

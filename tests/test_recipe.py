@@ -195,6 +195,33 @@ def test_dry_run_checks_config_rewards_data_and_capture_site_without_training(tm
     assert "rows, skipped 1 (prompt too long: 1)" in printed and "data.train checked" in printed
 
 
+def test_pixel_range_reaches_the_processor_the_check_and_the_saved_model(tmp_path, capsys):
+    """model.min_pixels / max_pixels resize images for training, for the prompt-length check and in the saved
+    processor. By hand: a 224 x 224 image (50,176 pixels) into [3,136, 6,272] shrinks by sqrt(50176 / 6272) to
+    79 pixels a side, floored to the 28-pixel grid: 56 x 56, i.e. 4 x 4 patches of 14 merged 2 x 2 = 4 tokens."""
+    from atrl.data.synthetic import build_prompt, generate
+    from atrl.models.zoo import load_processor
+    from atrl.rl.recipe import build_model
+
+    pixels = ["--model.min_pixels", "3136", "--model.max_pixels", "6272"]
+    _, processor = build_model(load_recipe(None, pixels))
+    example = generate(1, seed=2)[0]
+    assert example.image.size == (224, 224)
+    text = processor.apply_chat_template(build_prompt(example.question), add_generation_prompt=True)
+    batch = processor(text=[text], images=[[example.image]], return_tensors="pt")
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]]
+    assert (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 4
+    processor.save_pretrained(tmp_path / "saved")
+    assert load_processor(tmp_path / "saved").image_processor.size["longest_edge"] == 6272
+    common = ["train", "--dry-run", "--trl.output_dir", str(tmp_path / "never")]
+    assert main([*common, *pixels]) == 0
+    assert "images: resized into 3,136 to 6,272 pixels (at most about 8 image tokens each" in capsys.readouterr().out
+    assert main([*common, "--model.max_pixels", "3136"]) == 2  # the tiny default's own minimum is 12,544
+    assert "model.min_pixels=12544 is above model.max_pixels=3136" in capsys.readouterr().err
+    assert main([*common, "--model.max_pixels", "0"]) == 2
+    assert "model.max_pixels=0: a positive number of pixels" in capsys.readouterr().err
+
+
 def test_bad_data_fails_before_the_model_is_loaded(tmp_path, capsys):
     """A bad row is reported before any weights load (minutes for a 7B model): here the model path does not even
     exist, and the error is the data's."""

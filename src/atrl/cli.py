@@ -222,14 +222,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from .eval import evaluate
     from .eval.compare import compare_results
-    from .models.zoo import ensure_writable_dir, load_model
+    from .models.zoo import ensure_writable_dir
 
     rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
     if len(set(args.model)) != len(args.model):
         raise ValueError(f"--model names a checkpoint twice: {args.model}")
     results = {}
     for path in args.model:
-        model, processor = load_model(path, device=_device(args.device))
+        model, processor = _load(path, args)
         with _progress(f"answering ({path})" if len(args.model) > 1 else "answering", len(rows), "prompts") as adv:
             result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               temperature=args.temperature, samples=args.samples, seed=args.seed, progress=adv)
@@ -248,11 +248,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str | None) -> str:
-    """--device, or the GPU when one is visible (a 7B model answering MathVista on the CPU takes days)."""
+def _load(path: str, args: argparse.Namespace):
+    """A checkpoint for eval / analyze: on --device, or the GPU when one is visible (a 7B model answering
+    MathVista on the CPU takes days), with --min-pixels / --max-pixels applied to its processor."""
     import torch
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .models.zoo import load_model, set_pixel_range
+
+    model, processor = load_model(path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    set_pixel_range(processor, args.min_pixels, args.max_pixels, names=("--min-pixels", "--max-pixels"))
+    return model, processor
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -262,7 +267,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from .data.synthetic import generate, to_hf_dataset
     from .eval.analyze import analyze
     from .eval.score import generate_responses
-    from .models.zoo import ensure_writable_dir, load_model
+    from .models.zoo import ensure_writable_dir
     from .viz.plots import write_analysis_report
 
     out = ensure_writable_dir(args.out, argument="--out")
@@ -276,7 +281,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                          "model's own responses (--responses generated, the default for data files)")
     else:
         examples = rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
-    model, processor = load_model(args.model, device=_device(args.device))
+    model, processor = _load(args.model, args)
     responses = None
     if rows is not None:
         cut: list[bool] = []
@@ -356,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=12345, help="synthetic data seed (held out from training)")
         p.add_argument("--out", default=f"atrl-{name}", help="output folder")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when a GPU is visible)")
+        p.add_argument("--min-pixels", type=int, default=None, help="images resized into at least this many pixels "
+                       "(Qwen-VL; default: the checkpoint's processor, which a trained run saves with its recipe's)")
+        p.add_argument("--max-pixels", type=int, default=None, help="... and at most this many (as model.max_pixels)")
         _add_task_args(p)
         p.add_argument("--max-new-tokens", type=int, default=1024,
                        help="generation limit per response (responses cut at it are counted in the report)")

@@ -335,6 +335,30 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
     return save_model(merged, load_processor(adapter if has_processor else base_path), out)
 
 
+def set_pixel_range(processor: ProcessorMixin, min_pixels: int | None, max_pixels: int | None,
+                    names: tuple[str, str] = ("model.min_pixels", "model.max_pixels")) -> None:
+    """The range of pixels an image is resized into (Qwen-VL image processors: `size` shortest_edge /
+    longest_edge, in pixels); None keeps the processor's own bound. Image tokens per image are about
+    pixels / 784 on Qwen2-VL and Qwen2.5-VL (14-pixel patches merged 2 x 2). `names`: the two settings as the
+    user wrote them, for errors."""
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = getattr(processor, "image_processor", None)
+    size = dict(getattr(image_processor, "size", None) or {})
+    if not {"shortest_edge", "longest_edge"} <= set(size):
+        raise ValueError(f"{names[0]} / {names[1]}: {type(image_processor).__name__} resizes images to a fixed "
+                         f"size ({size}), not into a pixel range (Qwen2-VL / Qwen2.5-VL processors do)")
+    size["shortest_edge"] = size["shortest_edge"] if min_pixels is None else int(min_pixels)
+    size["longest_edge"] = size["longest_edge"] if max_pixels is None else int(max_pixels)
+    if size["shortest_edge"] > size["longest_edge"]:
+        raise ValueError(f"{names[0]}={size['shortest_edge']} is above {names[1]}={size['longest_edge']}"
+                         + ("" if min_pixels is not None else f" (the processor's own minimum; set {names[0]} too)"))
+    image_processor.size = size
+    for name, value in (("min_pixels", size["shortest_edge"]), ("max_pixels", size["longest_edge"])):
+        if hasattr(image_processor, name):  # older processors also read these attributes
+            setattr(image_processor, name, value)
+
+
 def check_model_path(path: str | os.PathLike) -> None:
     """A missing folder that cannot be a hub id ("Qwen/Qwen2.5-VL-3B-Instruct" can; "runs/demo/final", "./x" or
     "/abs/x" cannot) is named plainly; a hub id is left to transformers (the hub, or its cache offline)."""

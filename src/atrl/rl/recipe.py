@@ -71,15 +71,25 @@ DEFAULT_TRL: dict[str, Any] = {
 class ModelSection:
     """path: checkpoint folder or hub id (null: the embedded tiny default). dtype: float32 | bfloat16 | float16.
     attn_implementation: sdpa, or flash_attention_2 / _3 where installed (the probes run inside
-    either); eager only for debugging with mode uniform."""
+    either); eager only for debugging with mode uniform.
+    min_pixels, max_pixels: the pixel range images are resized into (Qwen-VL processors; null: the checkpoint's
+    own, for Qwen2.5-VL 3,136 to 12,845,056 pixels, i.e. up to 16,384 image tokens per image). An image costs
+    about pixels / 784 tokens: max_pixels 1,003,520 (1,280 tokens) is a common choice for RL. The trained
+    model's processor is saved with it, so `atrl eval` sees images as training did."""
 
     path: str | None = None
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype={self.dtype!r}: use float32, bfloat16 or float16")
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"model.{name}={value!r}: a positive number of pixels, or null")
 
 
 @dataclass
@@ -306,14 +316,17 @@ def _model_path(recipe: Recipe) -> str | Path | None:
 def build_model(recipe: Recipe):
     import torch
 
-    from ..models.zoo import build_tiny_vlm, load_model
+    from ..models.zoo import build_tiny_vlm, load_model, set_pixel_range
 
     dtype = getattr(torch, recipe.model.dtype)
     path = _model_path(recipe)
     if path is None:
         model, processor = build_tiny_vlm("qwen2_5_vl", seed=recipe.trl.get("seed", 0))
-        return model.to(dtype), processor
-    return load_model(path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+        model = model.to(dtype)
+    else:
+        model, processor = load_model(path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+    set_pixel_range(processor, recipe.model.min_pixels, recipe.model.max_pixels)
+    return model, processor
 
 
 def _data_files(recipe: Recipe) -> list[str]:
@@ -326,10 +339,27 @@ def _data_processor(recipe: Recipe):
     check counts image tokens), else None. Loads no weights."""
     if recipe.data.max_prompt_length is None or not _data_files(recipe):
         return None
-    from ..models.zoo import build_tiny_vlm, load_processor
+    return _processor(recipe)
+
+
+def _processor(recipe: Recipe):
+    """The model's processor with the recipe's pixel range (as the run will see images); no weights."""
+    from ..models.zoo import build_tiny_vlm, load_processor, set_pixel_range
 
     path = _model_path(recipe)
-    return load_processor(path) if path is not None else build_tiny_vlm("qwen2_5_vl")[1]
+    processor = load_processor(path) if path is not None else build_tiny_vlm("qwen2_5_vl")[1]
+    set_pixel_range(processor, recipe.model.min_pixels, recipe.model.max_pixels)
+    return processor
+
+
+def _image_line(processor) -> str:
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None) or {}
+    if "longest_edge" not in size:
+        return f"images: resized to {dict(size) or 'the processor size'}"
+    patch = getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 2)
+    return (f"images: resized into {size['shortest_edge']:,} to {size['longest_edge']:,} pixels (at most about "
+            f"{size['longest_edge'] // patch ** 2:,} image tokens each; model.min_pixels / max_pixels)")
 
 
 def _run_inputs(recipe: Recipe) -> tuple[Any, list, dict[str, tuple[Any, Any]], Any]:
@@ -431,6 +461,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
     config = _model_config(recipe)
     num_layers = config.get_text_config().num_hidden_layers
     architecture = (config.architectures or [type(config).__name__])[0]
+    lines.append(_image_line(_processor(recipe)))
     if peft_config is None:
         lines.append("lora: none (full fine-tuning)")
     else:
