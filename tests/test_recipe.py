@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -266,7 +267,18 @@ def test_bad_trl_field_and_cli_errors(tmp_path, capsys):
     assert "anchor.mode='bogus'" in capsys.readouterr().err
 
 
-def test_cli_train_runs_and_writes_final_model(tmp_path, capsys):
+def test_cli_train_runs_and_writes_final_model(tmp_path, capsys, monkeypatch):
+    import types
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from atrl.rl import trainer as trainer_module
+
+    updates = []  # a live W&B run (faked, beside the real TensorBoard writer) receives the recipe as its config
+    wandb = types.SimpleNamespace(config=types.SimpleNamespace(update=lambda d, **kw: updates.append(d)),
+                                  Image=lambda path: path, Html=lambda text: text, log=lambda entry: None)
+    real = trainer_module.run_loggers
+    monkeypatch.setattr(trainer_module, "run_loggers", lambda trainer: [*real(trainer), wandb])
     out = tmp_path / "run"
     code = main(["train", "--trl.output_dir", str(out), "--trl.max_steps", "1", "--data.n", "8",
                  "--data.eval", "synthetic", "--data.eval_n", "4", "--trl.eval_steps", "1",
@@ -276,6 +288,11 @@ def test_cli_train_runs_and_writes_final_model(tmp_path, capsys):
     assert (out / "final" / "model.safetensors").is_file() and (out / "recipe.yaml").is_file()
     assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard logs are written by default"
     assert yaml.safe_load((out / "recipe.yaml").read_text())["anchor"]["mode"] == "atrl"
+    # the resolved recipe where the run logs: TensorBoard text, W&B config
+    events = EventAccumulator(str(next(out.glob("runs/*")))).Reload()
+    logged = events.Tensors("atrl/recipe/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert logged == "```yaml\n" + (out / "recipe.yaml").read_text() + "```"
+    assert updates == [{"atrl": yaml.safe_load((out / "recipe.yaml").read_text())}]
     # the run's whole log history and a figure of it; `atrl plot` draws it again, or beside other runs
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 1

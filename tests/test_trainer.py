@@ -102,10 +102,13 @@ def test_anchor_report_reaches_tensorboard_and_wandb(tmp_path, monkeypatch):
     _trainer(quiet, anchor=AnchorConfig(report_steps=1)).train()
     assert sorted(p.suffix for p in (quiet / "anchors").iterdir()) == [".html", ".html"]
 
-    logged = []
-    fake = types.SimpleNamespace(run=object(), Image=lambda path: ("image", path), Html=lambda text: ("html", text),
+    from atrl.rl import trainer as trainer_module
+
+    logged = []  # a live W&B run (faked) beside the real TensorBoard writer
+    fake = types.SimpleNamespace(Image=lambda path: ("image", path), Html=lambda text: ("html", text),
                                  log=logged.append)
-    monkeypatch.setitem(sys.modules, "wandb", fake)
+    real = trainer_module.run_loggers
+    monkeypatch.setattr(trainer_module, "run_loggers", lambda trainer: [*real(trainer), fake])
     tb = tmp_path / "tb"
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tb))
     _trainer(tmp_path, anchor=AnchorConfig(report_steps=1), report_to=["tensorboard"]).train()
@@ -120,6 +123,21 @@ def test_anchor_report_reaches_tensorboard_and_wandb(tmp_path, monkeypatch):
         step = entry["train/global_step"]
         assert entry["atrl/anchors"] == ("image", str(tmp_path / "anchors" / f"step-{step:06d}.png"))
         assert entry["atrl/anchors_page"] == ("html", (tmp_path / "anchors" / f"step-{step:06d}.html").read_text())
+
+
+def test_run_loggers_finds_a_live_wandb_run(monkeypatch):
+    import types
+
+    from atrl.rl.trainer import run_loggers
+
+    trainer = types.SimpleNamespace(callback_handler=types.SimpleNamespace(callbacks=[]))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    assert run_loggers(trainer) == []  # not imported: no W&B
+    wandb = types.SimpleNamespace(run=None)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    assert run_loggers(trainer) == []  # imported, no run started
+    wandb.run = object()
+    assert run_loggers(trainer) == [wandb]
 
 
 def test_gradient_checkpointing_keeps_one_embedding_hook(tmp_path):

@@ -449,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command not in ("train", "demo", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    import warnings
+
+    # TRL 1.16 calls transformers' gradient-checkpointing methods under their old names: a FutureWarning per call
+    # site in the middle of the progress bar, about code that is not the user's (recipes use the new name)
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated")
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # bad input, a missing file, a model transformers cannot find

@@ -646,7 +646,10 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
     tmp = out / f"recipe.yaml.{os.getpid()}.tmp"
     tmp.write_text(_recipe_text(recipe))
     os.replace(tmp, out / "recipe.yaml")
+    from .trainer import RecipeLogCallback
+
     trainer = build_trainer(recipe, callbacks)
+    trainer.add_callback(RecipeLogCallback(trainer, _recipe_text(recipe)))
     if progress:
         install_progress(trainer)
     if resume:

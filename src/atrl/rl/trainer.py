@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import torch
 from torch.nn.utils import get_total_norm
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from ..probe import ConnectivityParts, ConnectivityProbe, ProbeError
@@ -36,6 +37,42 @@ from .config import AnchorConfig
 from .handoff import CreditInFlight
 
 logger = logging.getLogger("atrl")
+
+
+def run_loggers(trainer) -> list:
+    """The loggers of a run that take atrl's own records (anchor reports, the recipe): TensorBoard's writer (once
+    training began) and a live W&B run (the `wandb` module)."""
+    import sys
+
+    from transformers.integrations import TensorBoardCallback
+
+    found = [cb.tb_writer for cb in trainer.callback_handler.callbacks
+             if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None]
+    wandb = sys.modules.get("wandb")  # imported by transformers' W&B callback when it logs
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        found.append(wandb)
+    return found
+
+
+class RecipeLogCallback(TrainerCallback):
+    """At the start of training, the resolved recipe (YAML text) goes where the run logs: TensorBoard text
+    `atrl/recipe`, and W&B's run config under `atrl` (runs filtered and grouped by anchor.mode, credit options,
+    data)."""
+
+    def __init__(self, trainer, recipe_yaml: str):
+        self.trainer, self.recipe_yaml = trainer, recipe_yaml
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import yaml
+
+        if not state.is_world_process_zero:
+            return
+        for sink in run_loggers(self.trainer):
+            if hasattr(sink, "add_text"):
+                sink.add_text("atrl/recipe", "```yaml\n" + self.recipe_yaml + "```", state.global_step)
+                sink.flush()
+            else:
+                sink.config.update({"atrl": yaml.safe_load(self.recipe_yaml)}, allow_val_change=True)
 
 
 def grads_finite(parameters) -> bool:
@@ -252,23 +289,9 @@ class ATRLTrainer(GRPOTrainer):
             advantages=adv.tolist())
         page = sampled_anchors_html(views, folder / f"step-{step:06d}.html",
                                     title=f"Anchor tokens at step {step} (mode {self.anchor.mode})")
-        loggers = self._report_loggers()
+        loggers = run_loggers(self)
         if loggers:
             self._publish_report(page, sampled_anchors_png(views, folder / f"step-{step:06d}.png"), step, loggers)
-
-    def _report_loggers(self) -> list:
-        """The loggers of this run that take the anchor report: TensorBoard's writer (once training began) and a
-        live W&B run."""
-        import sys
-
-        from transformers.integrations import TensorBoardCallback
-
-        found = [cb.tb_writer for cb in self.callback_handler.callbacks
-                 if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None]
-        wandb = sys.modules.get("wandb")  # imported by transformers' W&B callback when it logs
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            found.append(wandb)
-        return found
 
     @staticmethod
     def _publish_report(page: Path, png: Path, step: int, loggers: list) -> None:
