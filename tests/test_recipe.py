@@ -266,13 +266,14 @@ def test_bad_trl_field_and_cli_errors(tmp_path, capsys):
     assert "anchor.mode='bogus'" in capsys.readouterr().err
 
 
-def test_cli_train_runs_and_writes_final_model(tmp_path, capsys, monkeypatch):
+def test_cli_train_runs_and_writes_final_model(tmp_path, capsys, monkeypatch, caplog):
     import types
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from atrl.rl import trainer as trainer_module
 
+    caplog.set_level("INFO", logger="atrl")
     updates = []  # a live W&B run (faked, beside the real TensorBoard writer) receives the recipe as its config
     wandb = types.SimpleNamespace(config=types.SimpleNamespace(update=lambda d, **kw: updates.append(d)),
                                   Image=lambda path: path, Html=lambda text: text, log=lambda entry: None)
@@ -286,6 +287,8 @@ def test_cli_train_runs_and_writes_final_model(tmp_path, capsys, monkeypatch):
     assert code == 0
     assert (out / "final" / "model.safetensors").is_file() and (out / "recipe.yaml").is_file()
     assert list(out.glob("runs/*/events.out.tfevents.*")), "TensorBoard logs are written by default"
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run: ")]
+    assert summary[0].startswith("run: trl: 4 completions per device") and "weights loaded" in summary[-1]
     assert yaml.safe_load((out / "recipe.yaml").read_text())["anchor"]["mode"] == "atrl"
     # the resolved recipe where the run logs: TensorBoard text, W&B config
     events = EventAccumulator(str(next(out.glob("runs/*")))).Reload()

@@ -433,9 +433,16 @@ def check_recipe(recipe: Recipe) -> list[str]:
     data.on_error says), checks prompt lengths with the model's processor when data.max_prompt_length is set,
     and resolves where connectivity is measured and which decoder layers are probed (from the model's config).
     Raises what `atrl train` would raise; returns a summary."""
+    args, rewards, data, peft_config = _run_inputs(recipe)
+    return _summary(recipe, args, rewards, data, peft_config, _model_config(recipe), _processor(recipe),
+                    weights="not loaded")
+
+
+def _summary(recipe: Recipe, args, rewards: list, data: dict, peft_config, config, processor,
+             weights: str) -> list[str]:
+    """What a run will do, line by line: printed by the dry run, logged at the start of a run."""
     from ..probe import probe_layers_for
 
-    args, rewards, data, peft_config = _run_inputs(recipe)
     length = (f"max_steps {args.max_steps}" if args.max_steps > 0
               else f"{args.num_train_epochs:g} epoch(s) of data.train (max_steps not set)")
     lines = [(f"trl: {args.per_device_train_batch_size} completions per device x {args.gradient_accumulation_steps} "
@@ -458,10 +465,9 @@ def check_recipe(recipe: Recipe) -> list[str]:
     else:
         lines.append(f"prompt lengths: {' and '.join(files)} checked, kept rows fit {recipe.data.max_prompt_length} "
                      "tokens with their image tokens")
-    config = _model_config(recipe)
     num_layers = config.get_text_config().num_hidden_layers
     architecture = (config.architectures or [type(config).__name__])[0]
-    lines.append(_image_line(_processor(recipe)))
+    lines.append(_image_line(processor))
     if peft_config is None:
         lines.append("lora: none (full fine-tuning)")
     else:
@@ -473,7 +479,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
     lines.append(f"anchor: mode {a.mode}, connectivity measured on {site}, probe layers {layers}, region grid "
                  f"{a.region_grid[0]}x{a.region_grid[1]}")
     lines.append(f"model: {recipe.model.path or 'the embedded default'} ({architecture}, {num_layers} decoder "
-                 f"layers, {recipe.model.dtype}, {recipe.model.attn_implementation}; weights not loaded)")
+                 f"layers, {recipe.model.dtype}, {recipe.model.attn_implementation}; weights {weights})")
     return lines
 
 
@@ -562,6 +568,9 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
 
     args, rewards, data, peft_config = _run_inputs(recipe)
     model, processor = build_model(recipe)
+    if args.process_index == 0:  # the dry run's summary, at the top of the run's log (once, not per rank)
+        for line in _summary(recipe, args, rewards, data, peft_config, model.config, processor, weights="loaded"):
+            logger.info("run: %s", line)
     return ATRLTrainer(model=model, processing_class=processor, reward_funcs=rewards, args=args,
                        train_dataset=data["train"][0], eval_dataset=data["eval"][0], peft_config=peft_config,
                        anchor_config=recipe.anchor, callbacks=callbacks)
