@@ -125,6 +125,31 @@ def test_anchor_report_reaches_tensorboard_and_wandb(tmp_path, monkeypatch):
         assert entry["atrl/anchors_page"] == ("html", (tmp_path / "anchors" / f"step-{step:06d}.html").read_text())
 
 
+def test_a_batch_mixing_prompts_with_and_without_images_trains(tmp_path):
+    """TRL 1.16 handed None as the image list of a text-only prompt to the processor, which refused it: a data
+    set with some text-only rows stopped at the first mixed batch. Each step here holds both kinds; the
+    text-only prompt's completions read no image (zero connectivity), the other's do."""
+    import io
+
+    from atrl.data.formats import ImageRef, Sample, to_trl_dataset
+
+    buffer = io.BytesIO()
+    generate(1, seed=0)[0].image.save(buffer, format="PNG")
+    samples = [Sample("img", "What colour is the shape in the top-left quadrant?", "red", "text",
+                      [ImageRef(data=buffer.getvalue())]),
+               Sample("txt", "What is 2 + 3?", "5", "integer", [])]
+    torch.manual_seed(0)
+    model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
+    trainer = ATRLTrainer(model=model, processing_class=processor, reward_funcs=[diversity_reward],
+                          args=_args(tmp_path, per_device_train_batch_size=8, max_steps=2, temperature=1.5),
+                          train_dataset=to_trl_dataset(samples), anchor_config=AnchorConfig(overlap=False))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    conn, mask = trainer.last_credit["conn"], trainer.last_credit["mask"]
+    per_completion = (conn * mask).abs().amax(1)
+    assert (per_completion == 0).sum() == 4 and (per_completion > 0).sum() == 4  # 4 generations of each prompt
+
+
 def test_run_loggers_finds_a_live_wandb_run(monkeypatch):
     import types
 

@@ -337,6 +337,16 @@ class ATRLTrainer(GRPOTrainer):
 
     # ---------------------------------------------------------------------------------------------- applying
 
+    def _generate(self, prompts: list):
+        """TRL's rollouts; a batch mixing prompts with and without images gets [] for the image list of a prompt
+        without, after generation (where vLLM wants None). TRL 1.16 hands None to the processor for the training
+        forward's inputs, which transformers 5.24's processor refuses ("only a single or a list of entries is
+        supported"): a data set with some text-only rows stopped at the first batch that mixed them."""
+        *head, images, tool_images = super()._generate(prompts)
+        if images is not None and any(imgs is None for imgs in images):
+            images = [[] if imgs is None else imgs for imgs in images]
+        return (*head, images, tool_images)
+
     def _generate_and_score_completions(self, inputs):
         self._scoring, self._scored = True, None
         try:
