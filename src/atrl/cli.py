@@ -227,14 +227,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
     if len(set(args.model)) != len(args.model):
         raise ValueError(f"--model names a checkpoint twice: {args.model}")
+    folders = [re.sub(r"[^\w.-]+", "_", path) for path in args.model]  # one per model under --out (several)
+    if len(set(folders)) < len(folders):
+        folders = [f"{i + 1}-{name}" for i, name in enumerate(folders)]
     results = {}
-    for path in args.model:
+    for path, name in zip(args.model, folders):
         model, processor = _load(path, args)
         with _progress(f"answering ({path})" if len(args.model) > 1 else "answering", len(rows), "prompts") as adv:
             result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               temperature=args.temperature, samples=args.samples, seed=args.seed, progress=adv)
         del model
-        folder = Path(args.out) if len(args.model) == 1 else Path(args.out) / re.sub(r"[^\w.-]+", "_", path)
+        folder = Path(args.out) if len(args.model) == 1 else Path(args.out) / name
         json_path, md_path = result.write(folder, title=f"Evaluation of {path} on {args.data}")
         print(result.to_markdown(f"Evaluation of {path}"))
         print(f"-> {json_path}, {md_path}")
