@@ -634,8 +634,9 @@ def check_resume_recipe(recipe: Recipe, out: Path, resume: str | None) -> None:
     if recipe.resume != "auto":
         logger.warning("resume=%s: %s", recipe.resume, where)
         return
-    raise ValueError(f"resume: auto would continue {where}. Give this run its own trl.output_dir, or set resume: "
-                     "false to train from the start in this folder (its checkpoints are then overwritten)")
+    raise ValueError(f"resume: auto would continue {where}. Give this run its own trl.output_dir, set resume: "
+                     "false to train from the start in this folder (its checkpoints are then overwritten), or name "
+                     "the checkpoint in resume: to continue it with this recipe all the same")
 
 
 def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool = True):
