@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(sft)
     sft.set_defaults(func=_cmd_sft)
 
-    for name, helptext in (("eval", "accuracy of a checkpoint, overall and by category"),
+    for name, helptext in (("eval", "accuracy of a checkpoint (or several, compared), overall and by category"),
                            ("analyze", "connectivity and anchors of a checkpoint's responses (tasks or a file)")):
         p = sub.add_parser(name, help=helptext)
         if name == "eval":
@@ -354,14 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--model", required=True, help="checkpoint folder or hub id")
         p.add_argument("--data", default="synthetic", help="'synthetic' or a data file (MathVista, Geometry3K, JSONL)")
-        p.add_argument("--format", default="auto")
+        p.add_argument("--format", default="auto", help="auto, mathvista, geometry3k or jsonl (of a data file)")
         p.add_argument("--on-error", default="raise", choices=["raise", "skip"])
         if name == "eval":
             p.add_argument("--n", type=int, default=None,
                            help="examples (default: 200 synthetic tasks, or every row of a data file)")
         else:
             p.add_argument("--n", type=int, default=50, help="examples")
-        p.add_argument("--seed", type=int, default=12345, help="synthetic data seed (held out from training)")
+        p.add_argument("--seed", type=int, default=12345, help="synthetic data seed (held out from training); also seeds sampling and the comparison's bootstrap")
         p.add_argument("--out", default=f"atrl-{name}", help="output folder")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when a GPU is visible)")
         p.add_argument("--min-pixels", type=int, default=None, help="images resized into at least this many pixels "
