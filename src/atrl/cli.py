@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="examples (default: 200 synthetic tasks, or every row of a data file)")
         else:
             p.add_argument("--n", type=int, default=50, help="examples")
-        p.add_argument("--seed", type=int, default=12345, help="synthetic data seed (held out from training); also seeds sampling and the comparison's bootstrap")
+        p.add_argument("--seed", type=int, default=12345,
+                       help="synthetic data seed (held out from training); also seeds sampling and the bootstrap")
         p.add_argument("--out", default=f"atrl-{name}", help="output folder")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when a GPU is visible)")
         p.add_argument("--min-pixels", type=int, default=None, help="images resized into at least this many pixels "
