@@ -457,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # TRL 1.16 calls transformers' gradient-checkpointing methods under their old names: a FutureWarning per call
     # site in the middle of the progress bar, about code that is not the user's (recipes use the new name)
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated")
+    old_names = r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated"
+    warnings.filterwarnings("ignore", category=FutureWarning, message=old_names)
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # bad input, a missing file, a model transformers cannot find

@@ -445,10 +445,10 @@ def _summary(recipe: Recipe, args, rewards: list, data: dict, peft_config, confi
 
     length = (f"max_steps {args.max_steps}" if args.max_steps > 0
               else f"{args.num_train_epochs:g} epoch(s) of data.train (max_steps not set)")
+    rollouts = f"vLLM ({args.vllm_mode} mode)" if args.use_vllm else "the training model"
     lines = [(f"trl: {args.per_device_train_batch_size} completions per device x {args.gradient_accumulation_steps} "
               f"accumulation steps, {args.num_generations} per prompt, loss {args.loss_type}, learning rate "
-              f"{args.learning_rate:g}, {length}, rollouts by "
-              f"{f'vLLM ({args.vllm_mode} mode)' if args.use_vllm else 'the training model'}, output {args.output_dir}")]
+              f"{args.learning_rate:g}, {length}, rollouts by {rollouts}, output {args.output_dir}")]
     lines.append("rewards: " + ", ".join(f"{getattr(f, '__name__', f)} x {w:g}"
                                           for f, w in zip(rewards, args.reward_weights)))
     files = _data_files(recipe)
