@@ -388,3 +388,36 @@ def test_eval_compares_checkpoints_on_the_same_questions(tmp_path, tiny_models, 
     assert "names a checkpoint twice" in capsys.readouterr().err
     assert main([*common, "--model", str(tmp_path / "a"), "--max-pixels", "100"]) == 2  # below the tiny minimum
     assert "--min-pixels=12544 is above --max-pixels=100 (the processor's own minimum" in capsys.readouterr().err
+
+
+def test_analyze_probes_a_trained_checkpoint_as_its_run_did(tmp_path, tiny_models, capsys):
+    """A run's final/ is analysed with the probe and credit settings of the run's recipe.yaml (layers, region grid,
+    sink debiasing, anchor_ratio): the same numbers as `analyze` called with them; flags still override."""
+    from atrl.credit import CreditOptions
+    from atrl.data.synthetic import DEFAULT_FAMILIES, DEFAULT_KNOBS, generate, knobs_from_mapping
+    from atrl.eval.analyze import analyze
+    from atrl.models.zoo import save_model
+    from atrl.rl.recipe import _recipe_text, load_recipe
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    run = tmp_path / "run"
+    save_model(model, processor, run / "final")
+    recipe = load_recipe(None, ["--anchor.probe_layers", "[1]", "--anchor.region_grid", "[2, 2]",
+                                "--anchor.sink_debias", "none", "--anchor.credit.anchor_ratio", "0.4"])
+    (run / "recipe.yaml").write_text(_recipe_text(recipe))
+    assert main(["analyze", "--model", str(run / "final"), "--n", "4", "--seed", "7", "--out", str(tmp_path / "a")]) == 0
+    assert f"settings of the training run: {run / 'recipe.yaml'}" in capsys.readouterr().out
+    got = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    tasks = generate(4, seed=7, families=list(DEFAULT_FAMILIES), knobs=knobs_from_mapping(DEFAULT_KNOBS))
+    expected = analyze(model, processor, tasks, layers=[1], region_grid=(2, 2), sink_debias="none",
+                       credit=CreditOptions(anchor_ratio=0.4))
+    assert got["tokens"] == expected.summary()["tokens"]
+    assert got["anchor_fraction"] == pytest.approx(expected.anchor_fraction)
+    assert got["bimodality"] == pytest.approx(expected.bimodality)
+    assert got["anchor_fraction"] >= 0.4  # the run's anchor_ratio, not the default 0.15
+    assert main(["analyze", "--model", str(run / "final"), "--n", "4", "--seed", "7", "--probe-layers", "0",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "analysis.json").read_text())["bimodality"] != got["bimodality"]
+    (run / "recipe.yaml").write_text("anchor: {mode: nope}\n")
+    assert main(["analyze", "--model", str(run / "final"), "--n", "2", "--out", str(tmp_path / "c")]) == 2
+    assert "its anchor section cannot be read" in capsys.readouterr().err

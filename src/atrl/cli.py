@@ -263,11 +263,35 @@ def _load(path: str, args: argparse.Namespace):
     return model, processor
 
 
+def _run_anchor(model: str):
+    """The anchor section of the training run a checkpoint came from (its recipe.yaml in the checkpoint's folder or
+    the one above: a run's final/ or checkpoint-N/), so that analyze probes and picks anchors as training did;
+    the defaults for any other model."""
+    import yaml
+
+    from .rl.config import AnchorConfig
+
+    for recipe_file in (Path(model) / "recipe.yaml", Path(model).parent / "recipe.yaml"):
+        if recipe_file.is_file():
+            section = (yaml.safe_load(recipe_file.read_text()) or {}).get("anchor") or {}
+            try:
+                anchor = AnchorConfig(**section)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{recipe_file}: its anchor section cannot be read ({err}); move the file aside "
+                                 "to analyze with the defaults") from err
+            print(f"probe and credit settings of the training run: {recipe_file} (probe layers "
+                  f"{anchor.probe_layers or 'default'}, region grid {anchor.region_grid}, sink debias "
+                  f"{anchor.sink_debias}, credit {anchor.credit or 'defaults'})")
+            return anchor
+    return AnchorConfig()
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import json
     import math
 
     from .data.synthetic import generate, to_hf_dataset
+    from .credit import CreditOptions
     from .eval.analyze import analyze
     from .eval.score import generate_responses
     from .models.zoo import ensure_writable_dir
@@ -293,9 +317,13 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                                            batch_size=args.batch_size, cut=cut, progress=advance)
         print(f"analysing the model's greedy responses to {len(rows)} prompts ({sum(cut)} cut at "
               f"--max-new-tokens {args.max_new_tokens})")
+    anchor = _run_anchor(args.model)
+    layers = args.probe_layers if args.probe_layers is not None else anchor.probe_layers
+    grid = tuple(args.region_grid) if args.region_grid is not None else anchor.region_grid
     with _progress("probing", len(examples), "responses") as advance:
-        result = analyze(model, processor, examples, responses=responses, sink_debias=args.sink_debias,
-                         layers=args.probe_layers, region_grid=tuple(args.region_grid), progress=advance)
+        result = analyze(model, processor, examples, responses=responses,
+                         sink_debias=args.sink_debias or anchor.sink_debias, layers=layers, region_grid=grid,
+                         credit=CreditOptions(**anchor.credit), progress=advance)
     write_analysis_report(result, out)
     summary = result.summary()
     (out / "analysis.json").write_text(json.dumps(
@@ -382,12 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="what is analysed: the synthetic tasks' reference traces (default for synthetic "
                                 "data; anchors scored against their perception spans) or the model's own greedy "
                                 "responses (the only choice for a data file)")
-            p.add_argument("--sink-debias", default="head_baseline")
+            run_default = "default: the training run's recipe.yaml beside the checkpoint, else "
+            p.add_argument("--sink-debias", default=None, help=f"as anchor.sink_debias ({run_default}head_baseline)")
             p.add_argument("--probe-layers", type=int, nargs="+", default=None, metavar="LAYER",
-                           help="decoder layers to probe, as the training recipe's anchor.probe_layers "
-                                "(default: atrl.probe.default_probe_layers)")
-            p.add_argument("--region-grid", type=int, nargs=2, default=(4, 4), metavar=("ROWS", "COLS"),
-                           help="cells each image is pooled into, as anchor.region_grid")
+                           help=f"decoder layers to probe, as anchor.probe_layers ({run_default}"
+                                "atrl.probe.default_probe_layers)")
+            p.add_argument("--region-grid", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"),
+                           help=f"cells each image is pooled into, as anchor.region_grid ({run_default}4 4)")
             p.set_defaults(func=_cmd_analyze)
 
     train = sub.add_parser("train", help="AT-RL training from a YAML recipe (no config: the embedded default)",
