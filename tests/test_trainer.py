@@ -405,13 +405,29 @@ def _final_from(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
-def test_two_processes_train_together_and_agree_on_weights(tmp_path):
+def _mixed_file(tmp_path) -> Path:
+    """Two rows, one with an image and one without: with one prompt per rank and step, the two ranks of every step
+    hold one kind each."""
+    example = generate(1, seed=0)[0]
+    example.image.save(tmp_path / "tile.png")
+    rows = [{"question": example.question, "answer": example.answer, "image": "tile.png"},
+            {"question": "What is 2 + 3?", "answer": "5", "answer_type": "integer"}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "mixed.jsonl"
+
+
+@pytest.mark.parametrize("data", ["synthetic", "mixed"])
+def test_two_processes_train_together_and_agree_on_weights(tmp_path, data):
+    """Two ranks train together and agree. `mixed`: one rank's batch has an image and the other's not, each step;
+    TRL's image logging called a collective on the first rank only, and the ranks hung."""
     out = tmp_path / "ddp"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "scripts"))
+    extra = [str(_mixed_file(tmp_path))] if data == "mixed" else []
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(ROOT / "configs" / "accelerate" / "multi_cpu.yaml"), "--main_process_port", "29541",
-                           str(ROOT / "tests" / "scripts" / "ddp_train.py"), str(out)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+                           str(ROOT / "configs" / "accelerate" / "multi_cpu.yaml"), "--main_process_port",
+                           "29541" if data == "synthetic" else "29542",
+                           str(ROOT / "tests" / "scripts" / "ddp_train.py"), str(out), *extra],
+                          capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)

@@ -1,9 +1,10 @@
 """Two-process training for the multi-process test (launched with `accelerate launch`).
 
-    accelerate launch --config_file configs/accelerate/multi_cpu.yaml tests/scripts/ddp_train.py OUT_DIR
+    accelerate launch --config_file configs/accelerate/multi_cpu.yaml tests/scripts/ddp_train.py OUT_DIR [DATA]
 
-Each rank trains the tiny default for 2 steps together, then measures connectivity and credit on the same
-fixed batch with its (synchronised) model copy and writes rank<k>.pt for the test to compare.
+Each rank trains the tiny default for 2 steps together (on the synthetic tasks, or on the data file DATA), then
+measures connectivity and credit on the same fixed batch with its (synchronised) model copy and writes
+rank<k>.pt for the test to compare.
 """
 
 import sys
@@ -26,7 +27,8 @@ def main():
                                 "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4",
                                 "--trl.max_completion_length", "40", "--trl.learning_rate", "1e-2",
                                 "--trl.report_to", "[]", "--trl.disable_tqdm", "true", "--data.n", "16",
-                                "--rewards.custom", "{ddp_train:diversity_reward: 1.0}"])
+                                "--rewards.custom", "{ddp_train:diversity_reward: 1.0}",
+                                *(["--data.train", sys.argv[2]] if len(sys.argv) > 2 else [])])
     trainer = run_training(recipe, progress=False)
     model = trainer.accelerator.unwrap_model(trainer.model)
     processor = trainer.processing_class

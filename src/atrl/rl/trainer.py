@@ -39,6 +39,25 @@ from .handoff import CreditInFlight
 logger = logging.getLogger("atrl")
 
 
+def mixes_images_and_text(dataset) -> bool:
+    """Whether a data set has both rows with images and rows without, read from its Arrow columns (`images`
+    lists, or an `image` column with nulls) without decoding an image; True where that cannot be read (an
+    iterable data set)."""
+    import pyarrow.compute as pc
+
+    table = getattr(dataset, "data", None)
+    names = getattr(dataset, "column_names", None) or []
+    if table is None:
+        return True
+    if "images" in names:
+        has = pc.greater(pc.fill_null(pc.list_value_length(table.column("images")), 0), 0)
+        return bool(pc.any(has).as_py()) and not bool(pc.all(has).as_py())
+    if "image" in names:
+        nulls, n = table.column("image").null_count, len(dataset)
+        return 0 < nulls < n
+    return False
+
+
 def run_loggers(trainer) -> list:
     """The loggers of a run that take atrl's own records (anchor reports, the recipe): TensorBoard's writer (once
     training began) and a live W&B run (the `wandb` module)."""
@@ -133,6 +152,14 @@ class ATRLTrainer(GRPOTrainer):
         self.last_credit: dict[str, Any] | None = None  # the latest micro-batch's credit inputs and outputs
         self.nonfinite_losses = 0
         self._reported_step = -1  # the step whose anchor report is written (anchor.report_steps)
+        if self.accelerator.num_processes > 1 and self.log_multimodal and any(
+                mixes_images_and_text(d) for d in (self.train_dataset, self.eval_dataset) if d is not None):
+            # TRL gathers a batch's images for its completion logs only on the ranks whose batch has one: with
+            # some text-only rows, a rank holding only those skips the collective and the ranks deadlock
+            self.log_multimodal = False
+            if self.accelerator.is_main_process:
+                logger.info("trl.log_multimodal off: the data mix prompts with and without images, and TRL's "
+                            "image logging would hang a multi-process run on a batch without images on one rank")
 
     # ---------------------------------------------------------------------------------------------- measuring
 
