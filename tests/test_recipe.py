@@ -91,6 +91,8 @@ def test_resume_refuses_to_continue_a_run_of_another_recipe(tmp_path, capsys, ca
     longer = load_recipe(None, ["--trl.output_dir", str(out), "--trl.max_steps", "300", "--trl.save_steps", "50",
                                 "--anchor.credit.n_workers", "4", "--trl.report_to", "[]"])
     check_resume_recipe(longer, out, ckpt)  # train longer, save and report differently: the same run
+    with pytest.raises(ValueError, match=r"lora: None -> \{'r': 4\}"):  # full fine-tuning resumed as LoRA
+        check_resume_recipe(load_recipe(None, ["--trl.output_dir", str(out), "--lora", "{r: 4}"]), out, ckpt)
     other = load_recipe(None, ["--trl.output_dir", str(out), "--anchor.mode", "uniform", "--resume", ckpt])
     with caplog.at_level("WARNING", logger="atrl"):
         check_resume_recipe(other, out, ckpt)

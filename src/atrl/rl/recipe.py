@@ -626,13 +626,23 @@ def check_resume_recipe(recipe: Recipe, out: Path, resume: str | None) -> None:
         return
     saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
     now = _flat(yaml.safe_load(_recipe_text(recipe)))
-    changed = [f"{key}: {saved[key]!r} -> {now[key]!r}" for key in sorted(saved.keys() & now.keys())
-               if saved[key] != now[key] and not key.startswith(RESUME_MAY_CHANGE)]
+    differ = {key for key in saved.keys() & now.keys() if saved[key] != now[key]}
+    # a key on one side only: a field another atrl version did not have (ignored), or a section one side leaves
+    # null (lora: {...} against lora: null), which is a change of that section
+    for key in saved.keys() ^ now.keys():
+        other = now if key in saved else saved
+        differ.update(p for p in other if key.startswith(p + "."))
+
+    def shown(side: dict[str, Any], key: str) -> Any:  # a value, or the fields of a section
+        return side[key] if key in side else {k[len(key) + 1:]: v for k, v in side.items() if k.startswith(key + ".")}
+
+    changed = [f"{key}: {shown(saved, key)!r} -> {shown(now, key)!r}" for key in sorted(differ)
+               if not key.startswith(RESUME_MAY_CHANGE)]
     if not changed:
         return
-    where = f"{resume} belongs to a run of another recipe ({saved_file}): " + "; ".join(changed)
+    where = f"{resume}, which belongs to a run of another recipe ({saved_file}): " + "; ".join(changed)
     if recipe.resume != "auto":
-        logger.warning("resume=%s: %s", recipe.resume, where)
+        logger.warning("resume=%s continues %s", recipe.resume, where)
         return
     raise ValueError(f"resume: auto would continue {where}. Give this run its own trl.output_dir, set resume: "
                      "false to train from the start in this folder (its checkpoints are then overwritten), or name "
