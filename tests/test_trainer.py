@@ -150,6 +150,23 @@ def test_a_batch_mixing_prompts_with_and_without_images_trains(tmp_path):
     assert (per_completion == 0).sum() == 4 and (per_completion > 0).sum() == 4  # 4 generations of each prompt
 
 
+def test_visual_dependency_on_a_batch_without_images_is_zero(tmp_path):
+    """`visual_dependency` on prompts without images: nothing to read, so the KL with and without the image is 0
+    (it raised "needs image inputs", stopping a run at the first text-only batch)."""
+    from atrl.data.formats import Sample, to_trl_dataset
+
+    samples = [Sample(f"t{i}", f"What is {i} + 3?", str(i + 3), "integer", []) for i in range(2)]
+    torch.manual_seed(0)
+    model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
+    trainer = ATRLTrainer(model=model, processing_class=processor, reward_funcs=[diversity_reward],
+                          args=_args(tmp_path, per_device_train_batch_size=8, temperature=1.5),
+                          train_dataset=to_trl_dataset(samples),
+                          anchor_config=AnchorConfig(mode="visual_dependency", overlap=False))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert trainer.last_credit["conn"].abs().max() == 0 and trainer.last_credit["mask"].any()
+
+
 def test_run_loggers_finds_a_live_wandb_run(monkeypatch):
     import types
 

@@ -429,13 +429,14 @@ class ATRLTrainer(GRPOTrainer):
         T = completion_ids.shape[1]
         kwargs = {k: output[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes",
                                          "pixel_attention_mask", "token_type_ids") if k in output}
-        if "pixel_values" not in kwargs:
-            raise ValueError("visual_dependency mode needs image inputs (pixel_values) in the batch")
         model = self.model
         with self.accelerator.autocast():
             with_image = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1,
                                **kwargs).logits[:, :-1].float()
-            blank = dict(kwargs, pixel_values=torch.zeros_like(kwargs["pixel_values"]))
+            # A batch without images reads none: both forwards are the same and its KL is 0. Both still run, as on
+            # every other process: a DDP or ZeRO-3 forward takes part in collectives.
+            blank = dict(kwargs, pixel_values=torch.zeros_like(kwargs["pixel_values"])) if "pixel_values" in kwargs \
+                else kwargs
             without = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1,
                             **blank).logits[:, :-1].float()
         logp = torch.log_softmax(with_image, -1)
