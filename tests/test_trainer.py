@@ -253,10 +253,14 @@ def test_overlapped_credit_waits_per_micro_batch_and_changes_nothing(tmp_path, m
     assert torch.equal(again.weights, rec["result"].weights)
 
 
-def test_uniform_is_exactly_trls_loss(tmp_path):
-    plain = _trainer(tmp_path / "trl", cls=GRPOTrainer)  # built and trained one after the other: the
-    plain.train()                                          # sampling RNG is global and seeded at construction
-    ours = _trainer(tmp_path / "atrl", anchor=AnchorConfig(mode="uniform"))
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")  # the recipes' default, and the two others the issue names
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_uniform_is_exactly_trls_loss(tmp_path, loss_type):
+    plain = _trainer(tmp_path / "trl", cls=GRPOTrainer, loss_type=loss_type)  # built and trained one after the
+    plain.train()                                          # other: the sampling RNG is global and seeded at construction
+    ours = _trainer(tmp_path / "atrl", anchor=AnchorConfig(mode="uniform"), loss_type=loss_type)
     ours.train()
     lp = [h["loss"] for h in plain.state.log_history if "loss" in h]
     lo = [h["loss"] for h in ours.state.log_history if "loss" in h]
@@ -265,10 +269,12 @@ def test_uniform_is_exactly_trls_loss(tmp_path):
     assert all(torch.equal(p1[k], p2[k]) for k in p1)
 
 
-def test_atrl_changes_the_gradient_only_through_the_recorded_weights(tmp_path):
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_atrl_changes_the_gradient_only_through_the_recorded_weights(tmp_path, loss_type):
     # SGD: the step is proportional to the gradient (Adam's first step is about lr * sign(g), which turns
     # 1e-7 rounding differences in near-zero gradient entries into full-size steps)
-    ours = _trainer(tmp_path / "atrl", max_steps=1, optim="sgd", learning_rate=1.0)
+    sgd = dict(max_steps=1, optim="sgd", learning_rate=1.0, loss_type=loss_type)
+    ours = _trainer(tmp_path / "atrl", **sgd)
     ours.train()
     rec = ours.last_credit
     # 1. the weights used are those atrl.credit returns for the recorded connectivity
@@ -284,9 +290,9 @@ def test_atrl_changes_the_gradient_only_through_the_recorded_weights(tmp_path):
             inputs = dict(inputs, advantages=weights.to(inputs["advantages"]) * inputs["advantages"][:, None])
             return super()._compute_loss(model, inputs)
 
-    reference = _trainer(tmp_path / "ref", cls=Weighted, max_steps=1, optim="sgd", learning_rate=1.0)
+    reference = _trainer(tmp_path / "ref", cls=Weighted, **sgd)
     reference.train()
-    uniform = _trainer(tmp_path / "uni", cls=GRPOTrainer, max_steps=1, optim="sgd", learning_rate=1.0)
+    uniform = _trainer(tmp_path / "uni", cls=GRPOTrainer, **sgd)
     uniform.train()
     pa, pr, pu = _params(ours), _params(reference), _params(uniform)
     for k in pa:
