@@ -312,6 +312,28 @@ def test_cli_train_runs_and_writes_final_model(tmp_path, capsys, monkeypatch, ca
     assert "no trainer_state.json" in capsys.readouterr().err
 
 
+def test_an_error_inside_training_names_the_step_and_the_checkpoint(tmp_path, monkeypatch):
+    """A reward function's bug at its third call (step 3): not a one-line "error:" as for bad input, but the
+    cause's traceback, the step it stopped at and the checkpoint `resume: auto` continues from."""
+    from atrl.rl.recipe import TrainingStopped
+
+    (tmp_path / "flaky_reward.py").write_text(
+        "calls = []\n"
+        "def flaky(prompts, completions, **columns):\n"
+        "    calls.append(1)\n"
+        "    return [float('not a number' if len(calls) == 3 else 0.5) for _ in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as stopped:
+        main(["train", "--trl.output_dir", str(out), "--trl.max_steps", "4", "--trl.save_steps", "1", "--data.n", "8",
+              "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4", "--trl.max_completion_length",
+              "4", "--trl.report_to", "[]", "--trl.disable_tqdm", "true", "--rewards.custom", "{flaky_reward:flaky: 1}"])
+    message = str(stopped.value)
+    assert message.startswith("training stopped at step 2 by ValueError: could not convert string to float")
+    assert f"`resume: auto` continues from {out / 'checkpoint-2'}" in message
+    assert isinstance(stopped.value.__cause__, ValueError)
+
+
 def test_lora_recipe_trains_adapters_and_the_adapter_evaluates(tmp_path, capsys, monkeypatch):
     """`lora:` trains peft adapters on the decoder (probes and credit as usual); `final/` holds the adapter, which
     `atrl eval` loads onto its base model and `atrl model merge` merges into it."""

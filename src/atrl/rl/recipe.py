@@ -649,6 +649,11 @@ def check_resume_recipe(recipe: Recipe, out: Path, resume: str | None) -> None:
                      "the checkpoint in resume: to continue it with this recipe all the same")
 
 
+class TrainingStopped(RuntimeError):
+    """An error raised inside the training loop, with the step it stopped at and the checkpoint to resume from.
+    Not a ValueError: the CLI prints input errors as one line, and this one with the traceback of its cause."""
+
+
 def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool = True):
     """Train according to `recipe`; returns the trainer. Saves the final model + processor to
     `<output_dir>/final`, the resolved recipe to `<output_dir>/recipe.yaml`, the trainer state (log history) to
@@ -674,7 +679,15 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
         install_progress(trainer)
     if resume:
         logger.warning("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except Exception as err:  # e.g. a reward function's bug at step 57: its traceback, the step, where to resume
+        from .checkpoints import checkpoints
+
+        complete, _ = checkpoints(out)
+        where = (f"`resume: auto` continues from {complete[-1]}" if complete else "no complete checkpoint yet")
+        raise TrainingStopped(f"training stopped at step {trainer.state.global_step} by {type(err).__name__}: "
+                              f"{err} ({where}; the cause's traceback is above)") from err
     final = out / "final"
     trainer.save_model(str(final))  # on every rank: DeepSpeed and FSDP gather the weights together
     trainer.save_state()  # <output_dir>/trainer_state.json: the whole log history, whatever save_steps was
