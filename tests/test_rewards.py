@@ -95,6 +95,13 @@ CASES = [
     ("}}{{\\frac{", "0.5", "float", {}, False),
     ("nan", "42", "float", {}, False),
     ("inf", "42", "float", {}, False),
+    # references stored boxed (some RL data sets): compared by their content, whatever the type
+    ("12", "\\boxed{12}", "integer", {}, True),
+    ("13", "\\boxed{12}", "integer", {}, False),
+    ("cheetah", "\\boxed{Cheetah}", "text", {}, True),
+    ("B", "\\boxed{B}", "choice", {"choices": ["3", "5", "7"]}, True),
+    ("1, 2", "\\boxed{1, 2}", "list", {}, True),
+    ("a", "\\boxed{a}+\\boxed{b}", "text", {}, False),  # not one boxed answer: left as written
 ]
 
 

@@ -66,6 +66,16 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+def _unboxed(gold: str) -> str:
+    """A reference answer written as `\\boxed{...}` (as some RL data sets store them) is its content; the
+    extracted answers it is compared with have lost theirs."""
+    if gold.startswith("\\boxed{") and gold.endswith("}"):
+        inner = _last_boxed(gold)
+        if inner is not None and len(inner) == len(gold) - len("\\boxed{}"):
+            return inner.strip()
+    return gold
+
+
 def extract_answer(text: str) -> tuple[str | None, str]:
     """(answer, rule) where rule is "tag", "boxed", "phrase", "last_line" or "none"."""
     if not isinstance(text, str):
@@ -268,7 +278,7 @@ def is_equivalent(pred: str | None, gold: str, answer_type: str = "text", *, cho
         raise ValueError(f"unknown answer_type {answer_type!r}; choose from {ANSWER_TYPES}")
     if pred is None:
         return False
-    pred, gold = str(pred).strip(), str(gold).strip()
+    pred, gold = str(pred).strip(), _unboxed(str(gold).strip())
     if not pred or len(pred) > MAX_ANSWER_CHARS:
         return False
     if answer_type in ("integer", "float", "number"):
