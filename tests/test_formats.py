@@ -181,6 +181,32 @@ def test_image_placeholders_leave_the_question(tmp_path):
     assert [c["type"] for c in prompt] == ["image", "text"] and "<image>" not in prompt[1]["text"]
 
 
+@pytest.mark.parametrize("fmt", ["geometry3k", "auto"])
+def test_virl39k_rows_with_image_lists_and_boxed_answers(tmp_path, fmt):
+    """ViRL39K's own file: `question` with <image>, `image` a list of paths, the answer written boxed. The row used to
+    be refused ("no usable image (got list)"); a completion with the right answer now scores 1."""
+    from atrl.rl.rewards import accuracy_reward
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    rows = [{"qid": "q1", "question": "<image>How many?", "answer": "\\boxed{3}", "image": ["a.png"],
+             "category": "(GradeSchool) Science"},
+            {"qid": "q2", "question": "<image> vs <image>: which is larger?", "answer": "\\boxed{B}",
+             "image": ["a.png", "a.png"], "category": "Spatial"}]
+    (tmp_path / "virl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "virl.parquet")  # as the data set ships
+    samples, _ = load_samples(tmp_path / "virl.jsonl", fmt)
+    from_parquet, _ = load_samples(tmp_path / "virl.parquet", fmt)
+    assert [(s.question, s.answer, len(s.images)) for s in from_parquet] == \
+        [(s.question, s.answer, len(s.images)) for s in samples]
+    assert [len(s.images) for s in samples] == [1, 2] and samples[0].question == "How many?"
+    rows = [dict(r) for r in to_trl_dataset(samples)]
+    completions = [[{"role": "assistant", "content": "<think>...</think><answer>3</answer>"}],
+                   [{"role": "assistant", "content": "<answer>B</answer>"}]]
+    scores = accuracy_reward([r["prompt"] for r in rows], completions,
+                             **{k: [r[k] for r in rows] for k in ("answer", "answer_type", "choices", "precision")})
+    assert scores == [1.0, 1.0]
+
+
 def test_a_datasets_folder_loads_like_the_same_rows_as_jsonl(tmp_path):
     """`atrl data export --format hf` (datasets' save_to_disk) and the JSONL export of the same seed give the same
     samples; images stay encoded until used. A folder of several splits names them."""

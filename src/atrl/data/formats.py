@@ -173,6 +173,18 @@ def _image_ref(value: Any, root: Path, where: str) -> ImageRef:
     raise DataError(f"{where}: no usable image (got {type(value).__name__})")
 
 
+def _row_images(row: dict) -> list:
+    """A row's images: its `images` list, or its `image`, which ViRL39K-style files also make a list of paths."""
+    raw = row.get("images")
+    if raw is None:
+        raw = row.get("image")
+        if raw is None:
+            return []
+        if not isinstance(raw, (list, tuple)) and not hasattr(raw, "tolist"):
+            return [raw]
+    return list(raw.tolist() if hasattr(raw, "tolist") else raw)
+
+
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or (
         isinstance(value, float) and value != value)
@@ -220,9 +232,7 @@ def _question_text(text: Any, n_images: int, where: str) -> str:
 
 
 def _geometry_row(row: dict, root: Path, where: str) -> Sample:
-    raw = row.get("images")
-    if raw is None and row.get("image") is not None:
-        raw = [row["image"]]
+    raw = _row_images(row)
     if not raw:
         raise DataError(f"{where}: no images")
     question = _question_text(row.get("problem") or row.get("question") or "", len(raw), where)
@@ -233,9 +243,7 @@ def _geometry_row(row: dict, root: Path, where: str) -> Sample:
 
 
 def _jsonl_row(row: dict, root: Path, where: str) -> Sample:
-    raw = row.get("images")
-    if raw is None:
-        raw = [row["image"]] if row.get("image") is not None else []
+    raw = _row_images(row)
     question = row.get("question") or row.get("prompt") or row.get("problem")
     if _blank(question):
         raise DataError(f"{where}: no question (expected a 'question', 'prompt' or 'problem' field)")
