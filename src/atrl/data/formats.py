@@ -5,7 +5,8 @@ Supported shapes (local files only):
     mathvista   parquet, JSON (a dict keyed by pid, or a list) or JSONL with MathVista's fields: pid, question,
                 image (path) and/or decoded_image (bytes), choices, unit, precision, answer, question_type,
                 answer_type, metadata, query. `query` (the prompt with its hint) is used as the question when present.
-    geometry3k  Geometry3K / ViRL39K style: problem, answer, images (paths or {"bytes": ...}); parquet or JSONL.
+    geometry3k  Geometry3K / ViRL39K style: problem (or question), answer (a boxed answer is read by its content),
+                images or image (one or a list of paths, or {"bytes": ...}); parquet or JSONL.
     jsonl       generic JSONL: question (or prompt / problem), answer, image or images (paths), optional
                 answer_type, choices, precision.
 
