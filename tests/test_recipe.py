@@ -93,6 +93,12 @@ def test_resume_refuses_to_continue_a_run_of_another_recipe(tmp_path, capsys, ca
     check_resume_recipe(longer, out, ckpt)  # train longer, save and report differently: the same run
     with pytest.raises(ValueError, match=r"lora: None -> \{'r': 4\}"):  # full fine-tuning resumed as LoRA
         check_resume_recipe(load_recipe(None, ["--trl.output_dir", str(out), "--lora", "{r: 4}"]), out, ckpt)
+    # the checkpoint's own recipe wins over the folder's: a second run with resume: false rewrote recipe.yaml
+    (out / "checkpoint-10" / "recipe.yaml").write_text(before)
+    second = load_recipe(None, ["--trl.output_dir", str(out), "--anchor.mode", "random"])
+    (out / "recipe.yaml").write_text(_recipe_text(second))
+    with pytest.raises(ValueError, match="anchor.mode: 'atrl' -> 'random'"):
+        check_resume_recipe(second, out, ckpt)
     other = load_recipe(None, ["--trl.output_dir", str(out), "--anchor.mode", "uniform", "--resume", ckpt])
     with caplog.at_level("WARNING", logger="atrl"):
         check_resume_recipe(other, out, ckpt)
@@ -292,6 +298,7 @@ def test_cli_train_runs_and_writes_final_model(tmp_path, capsys, monkeypatch, ca
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run: ")]
     assert summary[0].startswith("run: trl: 4 completions per device") and "weights loaded" in summary[-1]
     assert yaml.safe_load((out / "recipe.yaml").read_text())["anchor"]["mode"] == "atrl"
+    assert (out / "checkpoint-1" / "recipe.yaml").read_text() == (out / "recipe.yaml").read_text()
     # the resolved recipe where the run logs: TensorBoard text, W&B config
     events = EventAccumulator(str(next(out.glob("runs/*")))).Reload()
     logged = events.Tensors("atrl/recipe/text_summary")[0].tensor_proto.string_val[0].decode()

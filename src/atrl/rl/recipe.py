@@ -617,12 +617,17 @@ def _recipe_text(recipe: Recipe) -> str:
 
 
 def check_resume_recipe(recipe: Recipe, out: Path, resume: str | None) -> None:
-    """Resuming (resume: auto) continues the run whose recipe.yaml is in the output folder: a recipe that differs
-    in more than RESUME_MAY_CHANGE (e.g. another anchor.mode, learning rate or data file) is an error naming the
+    """Resuming (resume: auto) continues the run whose recipe.yaml is in the checkpoint (or, for checkpoints of older
+    versions, in the output folder): a recipe that differs in more than RESUME_MAY_CHANGE (e.g. another anchor.mode, learning rate or data file) is an error naming the
     fields, not a checkpoint of one run silently continued as another. A checkpoint named explicitly is resumed
     with a warning listing the differences."""
-    saved_file = Path(resume).parent / "recipe.yaml" if resume else None
-    if saved_file is None or not saved_file.is_file():
+    if not resume:
+        return
+    # the checkpoint's own recipe (a folder trained again with resume: false holds checkpoints of two runs), else
+    # its run's
+    saved_file = next((f for f in (Path(resume) / "recipe.yaml", Path(resume).parent / "recipe.yaml")
+                       if f.is_file()), None)
+    if saved_file is None:
         return
     saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
     now = _flat(yaml.safe_load(_recipe_text(recipe)))
@@ -674,7 +679,8 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
     from .trainer import RecipeLogCallback
 
     trainer = build_trainer(recipe, callbacks)
-    trainer.add_callback(RecipeLogCallback(trainer, _recipe_text(recipe)))
+    trainer.recipe_yaml = _recipe_text(recipe)
+    trainer.add_callback(RecipeLogCallback(trainer, trainer.recipe_yaml))
     if progress:
         install_progress(trainer)
     if resume:

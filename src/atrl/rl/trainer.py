@@ -152,6 +152,7 @@ class ATRLTrainer(GRPOTrainer):
         self.last_credit: dict[str, Any] | None = None  # the latest micro-batch's credit inputs and outputs
         self.nonfinite_losses = 0
         self._reported_step = -1  # the step whose anchor report is written (anchor.report_steps)
+        self.recipe_yaml: str | None = None  # set by atrl.rl.recipe.run_training: saved into each checkpoint
         if self.accelerator.num_processes > 1 and self.log_multimodal and any(
                 mixes_images_and_text(d) for d in (self.train_dataset, self.eval_dataset) if d is not None):
             # TRL gathers a batch's images for its completion logs only on the ranks whose batch has one: with
@@ -488,6 +489,8 @@ class ATRLTrainer(GRPOTrainer):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}"
+            if self.recipe_yaml is not None:  # the checkpoint's own recipe: what resume: auto compares with
+                Path(folder, "recipe.yaml").write_text(self.recipe_yaml)
             mark_checkpoint_complete(folder, step=self.state.global_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
