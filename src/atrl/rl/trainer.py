@@ -42,7 +42,8 @@ logger = logging.getLogger("atrl")
 def mixes_images_and_text(dataset) -> bool:
     """Whether a data set has both rows with images and rows without, read from its Arrow columns (`images`
     lists, or an `image` column with nulls) without decoding an image; True where that cannot be read (an
-    iterable data set)."""
+    iterable data set). A selection is judged by the whole table it was taken from: it may be called mixed when
+    its own rows are not, never the reverse."""
     import pyarrow.compute as pc
 
     table = getattr(dataset, "data", None)
