@@ -136,7 +136,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     trainer = run_training(recipe)
     out = recipe.trl["output_dir"]
-    print(f"trained {trainer.state.global_step} steps (mode {recipe.anchor.mode}) -> {out}/final; "
+    steps = trainer.state.global_step
+    print(f"trained {steps} step{'' if steps == 1 else 's'} (mode {recipe.anchor.mode}) -> {out}/final; "
           f"logs: tensorboard --logdir {out}")
     return 0
 
