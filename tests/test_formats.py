@@ -205,6 +205,9 @@ def test_virl39k_rows_with_image_lists_and_boxed_answers(tmp_path, fmt):
     scores = accuracy_reward([r["prompt"] for r in rows], completions,
                              **{k: [r[k] for r in rows] for k in ("answer", "answer_type", "choices", "precision")})
     assert scores == [1.0, 1.0]
+    from atrl.eval.score import _category
+
+    assert [_category(r) for r in rows] == ["(GradeSchool) Science", "Spatial"]  # what `atrl eval` scores by
 
 
 def test_a_datasets_folder_loads_like_the_same_rows_as_jsonl(tmp_path):

@@ -186,6 +186,12 @@ def _row_images(row: dict) -> list:
     return list(raw.tolist() if hasattr(raw, "tolist") else raw)
 
 
+def _row_labels(row: dict) -> dict[str, Any]:
+    """A row's top-level source / category / level (ViRL39K, Geometry3K): its category is what `atrl eval` scores
+    by."""
+    return {k: row[k] for k in ("source", "category", "level") if not _blank(row.get(k))}
+
+
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or (
         isinstance(value, float) and value != value)
@@ -240,7 +246,7 @@ def _geometry_row(row: dict, root: Path, where: str) -> Sample:
     return Sample(uid=str(row.get("id", where)), question=question,
                   answer=row.get("answer"), answer_type=row.get("answer_type") or "math",
                   images=[_image_ref(v, root, where) for v in raw], choices=row.get("choices"),
-                  metadata={k: v for k, v in row.items() if k in ("source", "category", "level")})
+                  metadata=_row_labels(row))
 
 
 def _jsonl_row(row: dict, root: Path, where: str) -> Sample:
@@ -253,7 +259,7 @@ def _jsonl_row(row: dict, root: Path, where: str) -> Sample:
     return Sample(uid=str(row.get("id", row.get("uid", where))), question=question, answer=row.get("answer"),
                   answer_type=row.get("answer_type") or "text", images=[_image_ref(v, root, where) for v in raw],
                   choices=row.get("choices") or None, precision=None if _blank(precision) else float(precision),
-                  metadata=row.get("metadata") or {})
+                  metadata={**_row_labels(row), **(row.get("metadata") or {})})
 
 
 _ROW_READERS = {"mathvista": _mathvista_row, "geometry3k": _geometry_row, "jsonl": _jsonl_row}
