@@ -253,6 +253,10 @@ def test_virl39k_rows_with_image_lists_and_boxed_answers(tmp_path, fmt):
     from atrl.eval.score import _category
 
     assert [_category(r) for r in rows] == ["(GradeSchool) Science", "Spatial"]  # what `atrl eval` scores by
+    # metadata given as JSON text (as to_trl_dataset writes it) is read as the mapping it holds
+    (tmp_path / "meta.jsonl").write_text(json.dumps({"question": "q", "answer": "1", "image": "a.png",
+                                                     "metadata": json.dumps({"category": "Charts"})}) + "\n")
+    assert load_samples(tmp_path / "meta.jsonl", "jsonl")[0][0].metadata == {"category": "Charts"}
 
 
 def test_a_datasets_folder_loads_like_the_same_rows_as_jsonl(tmp_path):

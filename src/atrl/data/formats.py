@@ -200,6 +200,20 @@ def _row_labels(row: dict) -> dict[str, Any]:
     return {k: row[k] for k in ("source", "category", "level") if not _blank(row.get(k))}
 
 
+def _row_metadata(row: dict) -> dict[str, Any]:
+    """A row's `metadata`: a mapping, or JSON text of one (as `to_trl_dataset` writes it); anything else is kept
+    under the key "metadata"."""
+    meta = row.get("metadata")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except json.JSONDecodeError:
+            pass
+    if meta is None:
+        return {}
+    return meta if isinstance(meta, dict) else {"metadata": meta}
+
+
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or (
         isinstance(value, float) and value != value)
@@ -267,7 +281,7 @@ def _jsonl_row(row: dict, root: Path, where: str) -> Sample:
     return Sample(uid=str(row.get("id", row.get("uid", where))), question=question, answer=row.get("answer"),
                   answer_type=row.get("answer_type") or "text", images=[_image_ref(v, root, where) for v in raw],
                   choices=row.get("choices") or None, precision=None if _blank(precision) else float(precision),
-                  metadata={**_row_labels(row), **(row.get("metadata") or {})})
+                  metadata={**_row_labels(row), **_row_metadata(row)})
 
 
 _ROW_READERS = {"mathvista": _mathvista_row, "geometry3k": _geometry_row, "jsonl": _jsonl_row}
