@@ -271,20 +271,21 @@ def _run_anchor(model: str):
     import yaml
 
     from .rl.config import AnchorConfig
+    from .rl.recipe import run_recipe_file
 
-    for recipe_file in (Path(model) / "recipe.yaml", Path(model).parent / "recipe.yaml"):
-        if recipe_file.is_file():
-            section = (yaml.safe_load(recipe_file.read_text()) or {}).get("anchor") or {}
-            try:
-                anchor = AnchorConfig(**section)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{recipe_file}: its anchor section cannot be read ({err}); move the file aside "
-                                 "to analyze with the defaults") from err
-            print(f"probe and credit settings of the training run: {recipe_file} (probe layers "
-                  f"{anchor.probe_layers or 'default'}, region grid {anchor.region_grid}, sink debias "
-                  f"{anchor.sink_debias}, credit {anchor.credit or 'defaults'})")
-            return anchor
-    return AnchorConfig()
+    recipe_file = run_recipe_file(model)
+    if recipe_file is None:
+        return AnchorConfig()
+    section = (yaml.safe_load(recipe_file.read_text()) or {}).get("anchor") or {}
+    try:
+        anchor = AnchorConfig(**section)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{recipe_file}: its anchor section cannot be read ({err}); move the file aside to analyze "
+                         "with the defaults") from err
+    print(f"probe and credit settings of the training run: {recipe_file} (probe layers "
+          f"{anchor.probe_layers or 'default'}, region grid {anchor.region_grid}, sink debias {anchor.sink_debias}, "
+          f"credit {anchor.credit or 'defaults'})")
+    return anchor
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -309,6 +310,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                          "model's own responses (--responses generated, the default for data files)")
     else:
         examples = rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
+    anchor = _run_anchor(args.model)  # before the weights and the generation: an unreadable recipe fails now
     model, processor = _load(args.model, args)
     responses = None
     if rows is not None:
@@ -318,7 +320,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                                            batch_size=args.batch_size, cut=cut, progress=advance)
         print(f"analysing the model's greedy responses to {len(rows)} prompts ({sum(cut)} cut at "
               f"--max-new-tokens {args.max_new_tokens})")
-    anchor = _run_anchor(args.model)
     layers = args.probe_layers if args.probe_layers is not None else anchor.probe_layers
     grid = tuple(args.region_grid) if args.region_grid is not None else anchor.region_grid
     with _progress("probing", len(examples), "responses") as advance:
@@ -327,9 +328,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                          credit=CreditOptions(**anchor.credit), progress=advance)
     write_analysis_report(result, out)
     summary = result.summary()
-    (out / "analysis.json").write_text(json.dumps(
-        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}, indent=1))
     unscored = [key for key, value in summary.items() if isinstance(value, float) and math.isnan(value)]
+    (out / "analysis.json").write_text(json.dumps({k: None if k in unscored else v for k, v in summary.items()},
+                                                  indent=1))
     for key, value in summary.items():
         if key not in unscored:
             print(f"{key:>18}: {value:.3f}" if isinstance(value, float) else f"{key:>18}: {value}")

@@ -418,12 +418,13 @@ def _header_only_counter(processor):
     header: no decoding, ~1000 times faster on large images), as the processor would expand each image
     placeholder: the image resized into the pixel range on the (patch x merge) grid, one token per merged patch.
     None for other processors (the exact count then processes the images)."""
+    from ..models.zoo import pixel_range
+
     image_processor = getattr(processor, "image_processor", None)
-    size = dict(getattr(image_processor, "size", None) or {})
-    image_token = getattr(processor, "image_token", None)
+    pixels = pixel_range(processor)
     patch, merge = getattr(image_processor, "patch_size", None), getattr(image_processor, "merge_size", None)
-    if (size.get("shortest_edge") is None or size.get("longest_edge") is None or image_token is None or not patch
-            or not merge or not getattr(image_processor, "do_resize", True)):
+    if (pixels is None or getattr(processor, "image_token", None) is None or not patch or not merge
+            or not getattr(image_processor, "do_resize", True)):
         return None
     # the same function as the torchvision backend's, in the module that does not need torchvision
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -432,8 +433,7 @@ def _header_only_counter(processor):
         n = len(processor.tokenizer(text)["input_ids"])
         for ref in sample.images:
             width, height = ref.size()
-            h, w = smart_resize(height, width, factor=patch * merge, min_pixels=size["shortest_edge"],
-                                max_pixels=size["longest_edge"])
+            h, w = smart_resize(height, width, factor=patch * merge, min_pixels=pixels[0], max_pixels=pixels[1])
             n += (h // patch) * (w // patch) // merge ** 2 - 1  # the placeholder becomes this many tokens
         return n
 

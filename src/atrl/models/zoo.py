@@ -335,6 +335,14 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
     return save_model(merged, load_processor(adapter if has_processor else base_path), out)
 
 
+def pixel_range(processor: ProcessorMixin) -> tuple[int, int] | None:
+    """(min, max) pixels a Qwen-VL image processor resizes each image into (its `size` shortest_edge /
+    longest_edge); None for a processor that resizes to a fixed size (LLaVA) or has no image processor."""
+    size = dict(getattr(getattr(processor, "image_processor", None), "size", None) or {})
+    low, high = size.get("shortest_edge"), size.get("longest_edge")
+    return None if low is None or high is None else (low, high)
+
+
 def set_pixel_range(processor: ProcessorMixin, min_pixels: int | None, max_pixels: int | None,
                     names: tuple[str, str] = ("model.min_pixels", "model.max_pixels")) -> None:
     """The range of pixels an image is resized into (Qwen-VL image processors: `size` shortest_edge /
@@ -345,7 +353,7 @@ def set_pixel_range(processor: ProcessorMixin, min_pixels: int | None, max_pixel
         return
     image_processor = getattr(processor, "image_processor", None)
     size = dict(getattr(image_processor, "size", None) or {})
-    if not {"shortest_edge", "longest_edge"} <= set(size):
+    if pixel_range(processor) is None:
         raise ValueError(f"{names[0]} / {names[1]}: {type(image_processor).__name__} resizes images to a fixed "
                          f"size ({size}), not into a pixel range (Qwen2-VL / Qwen2.5-VL processors do)")
     size["shortest_edge"] = size["shortest_edge"] if min_pixels is None else int(min_pixels)

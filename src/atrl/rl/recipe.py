@@ -353,13 +353,15 @@ def _processor(recipe: Recipe):
 
 
 def _image_line(processor) -> str:
+    from ..models.zoo import pixel_range
+
     image_processor = getattr(processor, "image_processor", None)
-    size = getattr(image_processor, "size", None) or {}
-    if "longest_edge" not in size:
-        return f"images: resized to {dict(size) or 'the processor size'}"
+    pixels = pixel_range(processor)
+    if pixels is None:
+        return f"images: resized to {dict(getattr(image_processor, 'size', None) or {}) or 'the processor size'}"
     patch = getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 2)
-    return (f"images: resized into {size['shortest_edge']:,} to {size['longest_edge']:,} pixels (at most about "
-            f"{size['longest_edge'] // patch ** 2:,} image tokens each; model.min_pixels / max_pixels)")
+    return (f"images: resized into {pixels[0]:,} to {pixels[1]:,} pixels (at most about "
+            f"{pixels[1] // patch ** 2:,} image tokens each; model.min_pixels / max_pixels)")
 
 
 def _run_inputs(recipe: Recipe) -> tuple[Any, list, dict[str, tuple[Any, Any]], Any]:
@@ -616,17 +618,20 @@ def _recipe_text(recipe: Recipe) -> str:
     return yaml.safe_dump(json.loads(json.dumps(recipe.to_dict(), default=list)), sort_keys=False)
 
 
+def run_recipe_file(folder: str | Path) -> Path | None:
+    """The recipe.yaml a run folder or checkpoint was trained with: the folder's own (a run's output folder; a
+    checkpoint's), else the one above it (a run's final/, an older checkpoint-N/)."""
+    return next((f for f in (Path(folder) / "recipe.yaml", Path(folder).parent / "recipe.yaml") if f.is_file()),
+                None)
+
+
 def check_resume_recipe(recipe: Recipe, out: Path, resume: str | None) -> None:
-    """Resuming (resume: auto) continues the run whose recipe.yaml is in the checkpoint (or, for checkpoints of older
-    versions, in the output folder): a recipe that differs in more than RESUME_MAY_CHANGE (e.g. another anchor.mode, learning rate or data file) is an error naming the
-    fields, not a checkpoint of one run silently continued as another. A checkpoint named explicitly is resumed
-    with a warning listing the differences."""
-    if not resume:
-        return
-    # the checkpoint's own recipe (a folder trained again with resume: false holds checkpoints of two runs), else
-    # its run's
-    saved_file = next((f for f in (Path(resume) / "recipe.yaml", Path(resume).parent / "recipe.yaml")
-                       if f.is_file()), None)
+    """Resuming (resume: auto) continues the run whose recipe.yaml the checkpoint holds (its output folder's, for
+    checkpoints of older versions): a recipe that differs in more than RESUME_MAY_CHANGE (e.g. another anchor.mode,
+    learning rate or data file) is an error naming the fields, not a checkpoint of one run silently continued as
+    another. A checkpoint named explicitly is resumed with a warning listing the differences."""
+    # the checkpoint's own recipe first: a folder trained again with resume: false holds checkpoints of two runs
+    saved_file = run_recipe_file(resume) if resume else None
     if saved_file is None:
         return
     saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
@@ -672,15 +677,16 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
     out = ensure_writable_dir(recipe.trl["output_dir"], argument="trl.output_dir")
     resume = resolve_resume(recipe, str(out))
     check_resume_recipe(recipe, out, resume)  # every rank reads the old recipe.yaml: none writes on a mismatch
+    text = _recipe_text(recipe)
     # every rank of a launch writes the same text: each to its own temporary file, renamed into place (atomic)
     tmp = out / f"recipe.yaml.{os.getpid()}.tmp"
-    tmp.write_text(_recipe_text(recipe))
+    tmp.write_text(text)
     os.replace(tmp, out / "recipe.yaml")
     from .trainer import RecipeLogCallback
 
     trainer = build_trainer(recipe, callbacks)
-    trainer.recipe_yaml = _recipe_text(recipe)
-    trainer.add_callback(RecipeLogCallback(trainer, trainer.recipe_yaml))
+    trainer.recipe_yaml = text
+    trainer.add_callback(RecipeLogCallback(trainer, text))
     if progress:
         install_progress(trainer)
     if resume:
@@ -708,10 +714,6 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
 def run_label(folder: str | Path) -> str:
     """A run's name in plots: its folder's name, with the credit mode its recipe.yaml names (a checkpoint folder's
     recipe is its run's)."""
-    folder = Path(folder)
-    for recipe_file in (folder / "recipe.yaml", folder.parent / "recipe.yaml"):
-        if recipe_file.is_file():
-            mode = ((yaml.safe_load(recipe_file.read_text()) or {}).get("anchor") or {}).get("mode")
-            if mode:
-                return f"{folder.resolve().name} ({mode})"
-    return folder.resolve().name
+    name, recipe_file = Path(folder).resolve().name, run_recipe_file(folder)
+    mode = ((yaml.safe_load(recipe_file.read_text()) or {}).get("anchor") or {}).get("mode") if recipe_file else None
+    return f"{name} ({mode})" if mode else name
