@@ -1,9 +1,11 @@
 """atrl eval scoring on a hand-made MathVista fixture, analyze on a tiny model, and the report plots."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from atrl.cli import main
@@ -421,3 +423,91 @@ def test_analyze_probes_a_trained_checkpoint_as_its_run_did(tmp_path, tiny_model
     (run / "recipe.yaml").write_text("anchor: {mode: nope}\n")
     assert main(["analyze", "--model", str(run / "final"), "--n", "2", "--out", str(tmp_path / "c")]) == 2
     assert "its anchor section cannot be read" in capsys.readouterr().err
+
+
+def _eval_json(folder):
+    return json.loads((folder / "eval.json").read_text())
+
+
+def test_an_interrupted_eval_continues_and_answers_each_question_once(tmp_path, tiny_models, mathvista, monkeypatch,
+                                                                     capsys):
+    """`atrl eval` keeps each response as it comes (<out>/responses/): the same command again answers only what is
+    missing (a kill's half-written line included) and scores the same as an uninterrupted eval; other weights or
+    generation settings are refused, not mixed in."""
+    import atrl.eval.score as score
+    from atrl.models.zoo import save_model
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    ckpt = tmp_path / "ckpt"
+    save_model(model, processor, ckpt)
+    answered = []
+    generate = score.generate_responses
+    monkeypatch.setattr(score, "generate_responses", lambda m, p, rows, **kw: answered.extend(
+        r["uid"] for r in rows) or generate(m, p, rows, **kw))
+    common = ["eval", "--model", str(ckpt), "--data", str(mathvista), "--max-new-tokens", "8", "--batch-size", "1"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    whole = _eval_json(tmp_path / "whole")
+    answered.clear()
+    out = tmp_path / "ev"
+    assert main([*common, "--n", "3", "--out", str(out)]) == 0
+    assert answered == ["1", "2", "3"]
+    part = out / "responses" / "part-0.jsonl"
+    lines = part.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:2]) + lines[2][:25])  # killed while writing question 3's line
+    answered.clear()
+    capsys.readouterr()
+    assert main([*common, "--out", str(out)]) == 0
+    assert answered == ["3", "4", "5", "6", "7", "8"]
+    assert "2 questions answered by an earlier run" in capsys.readouterr().out
+    assert _eval_json(out) == whole
+    assert all(json.loads(line) for line in part.read_text().splitlines())  # the cut line is gone
+    answered.clear()
+    assert main([*common, "--out", str(out)]) == 0  # finished: rescored without answering anything
+    assert answered == [] and _eval_json(out) == whole
+
+    assert main([*common, "--out", str(out), "--max-new-tokens", "9"]) == 2
+    assert "holds responses generated with other settings (max_new_tokens 8 -> 9)" in capsys.readouterr().err
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0  # trained further, saved to the same folder
+    save_model(model, processor, ckpt)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] -= 1.0
+    assert main([*common, "--out", str(out)]) == 2
+    assert "(weights " in capsys.readouterr().err and answered == []
+    assert main([*common, "--out", str(out), "--fresh"]) == 0
+    assert len(answered) == len(ROWS)
+    lines = (out / "responses" / "part-0.jsonl").read_text().splitlines()
+    lines.insert(1, "{not json")
+    (out / "responses" / "part-0.jsonl").write_text("\n".join(lines) + "\n")
+    assert main([*common, "--out", str(out)]) == 2
+    assert "part-0.jsonl, line 2: not a response entry" in capsys.readouterr().err
+
+
+def test_two_processes_share_an_eval_and_score_as_one(tmp_path, tiny_models, mathvista):
+    """Under `accelerate launch`, each process answers every other remaining question (after those an earlier,
+    interrupted run answered) and the first scores them all: the same report as one process (one prompt per batch,
+    so no padding differs)."""
+    import os
+    import subprocess
+    import sys
+
+    from atrl.models.zoo import save_model
+
+    root = Path(__file__).resolve().parents[1]
+    model, processor = tiny_models["qwen2_5_vl"]
+    ckpt = tmp_path / "ckpt"
+    save_model(model, processor, ckpt)
+    common = ["eval", "--model", str(ckpt), "--data", str(mathvista), "--max-new-tokens", "8", "--batch-size", "1"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "two"
+    assert main([*common, "--n", "2", "--out", str(out)]) == 0  # an earlier run stopped after two questions
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(root / "configs" / "accelerate" / "multi_cpu.yaml"), "--main_process_port", "29543",
+                           "-m", "atrl.cli", *common, "--out", str(out)],
+                          capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes, each answering 1 in 2 of the questions" in proc.stdout
+    assert proc.stdout.count("Overall accuracy") == 1  # the first process reports
+    assert _eval_json(out) == _eval_json(tmp_path / "one")
+    parts = {p.name: len(p.read_text().splitlines()) for p in (out / "responses").glob("part-*.jsonl")}
+    assert parts == {"part-0.jsonl": 2 + 3, "part-1.jsonl": 3}  # six left: three each

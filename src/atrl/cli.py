@@ -202,20 +202,40 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_rows(args: argparse.Namespace) -> list[dict]:
+def _eval_rows(args: argparse.Namespace, say: Callable[[str], None] = print):
+    """The rows to answer, a `datasets.Dataset` whose images are decoded a row at a time (MathVista's 1,000 images
+    held decoded would take gigabytes in every process)."""
     from .data.formats import load_samples, to_trl_dataset
     from .data.synthetic import generate, to_hf_dataset
 
     if args.data == "synthetic":
         families, knobs = _task(args)
         n = 200 if args.n is None else args.n
-        return [dict(r) for r in to_hf_dataset(generate(n, seed=args.seed, families=families, knobs=knobs))]
+        return to_hf_dataset(generate(n, seed=args.seed, families=families, knobs=knobs))
     samples, report = load_samples(args.data, args.format, on_error=args.on_error)
-    print(report)
+    say(str(report))
     if args.n is not None and args.n < len(samples):  # a benchmark's score is over all of it unless asked otherwise
-        print(f"--n {args.n}: the first {args.n} of {len(samples)} rows")
+        say(f"--n {args.n}: the first {args.n} of {len(samples)} rows")
         samples = samples[:args.n]
-    return [dict(r) for r in to_trl_dataset(samples)]
+    return to_trl_dataset(samples)
+
+
+def _processes(args: argparse.Namespace):
+    """(rank, world size, device) of this process: under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) the
+    process group is started and each process takes its own GPU; otherwise one process on --device."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        if args.device is not None:
+            raise ValueError(f"--device {args.device}: under {state.num_processes} processes each takes its own "
+                             f"device ({state.device} here); leave --device out")
+        return state.process_index, state.num_processes, str(state.device)
+    return 0, 1, args.device
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -223,25 +243,40 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from .eval import evaluate
     from .eval.compare import compare_results
-    from .models.zoo import ensure_writable_dir
+    from .eval.responses import ResponseLog, weights_fingerprint
+    from .models.zoo import ensure_writable_dir, pixel_range
 
-    rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
+    rank, world, args.device = _processes(args)
+    say = print if rank == 0 else (lambda *_: None)
+    rows = _eval_rows(args, say)  # the data first: a bad row fails before the model's weights load
     if len(set(args.model)) != len(args.model):
         raise ValueError(f"--model names a checkpoint twice: {args.model}")
     folders = [re.sub(r"[^\w.-]+", "_", path) for path in args.model]  # one per model under --out (several)
     if len(set(folders)) < len(folders):
         folders = [f"{i + 1}-{name}" for i, name in enumerate(folders)]
+    if world > 1:
+        say(f"{world} processes, each answering 1 in {world} of the questions")
     results = {}
     for path, name in zip(args.model, folders):
         model, processor = _load(path, args)
-        with _progress(f"answering ({path})" if len(args.model) > 1 else "answering", len(rows), "prompts") as adv:
-            result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              temperature=args.temperature, samples=args.samples, seed=args.seed, progress=adv)
-        del model
         folder = Path(args.out) if len(args.model) == 1 else Path(args.out) / name
+        settings = {"weights": weights_fingerprint(model), "max_new_tokens": args.max_new_tokens,
+                    "temperature": args.temperature, "samples": args.samples,
+                    "seed": args.seed if args.temperature is not None else None,
+                    "pixels": list(pixel_range(processor) or []) or None}
+        log = ResponseLog(folder / "responses", settings, rank)
+        _start_log(log, fresh=args.fresh, rank=rank, world=world, say=say)
+        with (_progress(f"answering ({path})" if len(args.model) > 1 else "answering", len(rows), "prompts")
+              if rank == 0 else _no_progress()) as adv:
+            result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              temperature=args.temperature, samples=args.samples, seed=args.seed, progress=adv,
+                              log=log)
+        del model
+        if result is None:  # another process: the first one scores and writes
+            continue
         json_path, md_path = result.write(folder, title=f"Evaluation of {path} on {args.data}")
         print(result.to_markdown(f"Evaluation of {path}"))
-        print(f"-> {json_path}, {md_path}")
+        print(f"-> {json_path}, {md_path} (responses as generated: {log.folder})")
         results[path] = result
     if len(results) > 1:
         comparison = compare_results(results, samples=args.samples, seed=args.seed)
@@ -250,6 +285,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(comparison.to_markdown(f"Checkpoints compared on {args.data}"))
         print(f"-> {json_path}, {md_path}")
     return 0
+
+
+def _start_log(log, *, fresh: bool, rank: int, world: int, say: Callable[[str], None]) -> None:
+    """--fresh discards earlier responses (the first process, before anyone reads); otherwise they are checked
+    against this run's settings and the rows they answer are not answered again."""
+    import torch.distributed as dist
+
+    from .models.zoo import ensure_writable_dir
+
+    if rank == 0:  # now, not after an hour of answering
+        ensure_writable_dir(log.folder.parent, argument="--out")
+    if fresh and rank == 0:
+        log.discard()
+    if world > 1:
+        dist.barrier()
+    log.check()
+    done, partial = log.read()
+    if done:
+        say(f"{log.folder}: {len(done)} questions answered by an earlier run with the same weights and settings "
+            f"are not answered again{f' ({partial} cut short by a kill are)' if partial else ''} (--fresh: all)")
+
+
+@contextmanager
+def _no_progress() -> Iterator[None]:
+    yield None
 
 
 def _load(path: str, args: argparse.Namespace):
@@ -309,7 +369,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise ValueError("--responses reference: a data file has no reference traces; its rows are analysed on the "
                          "model's own responses (--responses generated, the default for data files)")
     else:
-        examples = rows = _eval_rows(args)  # the data first: a bad row fails before the model's weights load
+        examples = rows = list(_eval_rows(args))  # the data first: a bad row fails before the model's weights load
     anchor = _run_anchor(args.model)  # before the weights and the generation: an unreadable recipe fails now
     model, processor = _load(args.model, args)
     responses = None
@@ -393,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--n", type=int, default=50, help="examples")
         p.add_argument("--seed", type=int, default=12345,
                        help="synthetic data seed (held out from training); also seeds sampling and the bootstrap")
-        p.add_argument("--out", default=f"atrl-{name}", help="output folder")
+        p.add_argument("--out", default=f"atrl-{name}", help="output folder" + (
+            " (its responses/ keeps every response as it comes: the same command again continues an interrupted "
+            "eval, or rescores a finished one)" if name == "eval" else ""))
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when a GPU is visible)")
         p.add_argument("--min-pixels", type=int, default=None, help="images resized into at least this many pixels "
                        "(Qwen-VL; default: the checkpoint's processor, which a trained run saves with its recipe's)")
@@ -406,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--temperature", type=float, default=None,
                            help="sample at this temperature instead of greedy decoding")
             p.add_argument("--samples", type=int, default=1, help="responses sampled per question (with --temperature)")
+            p.add_argument("--fresh", action="store_true",
+                           help="discard the responses an earlier eval left in --out instead of continuing from them")
             p.set_defaults(func=_cmd_eval)
         else:
             p.add_argument("--responses", choices=["reference", "generated"], default=None,

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
 from ..rl.rewards import extract_answer, is_equivalent
+from .responses import ResponseLog, label_rows, row_key
 
 
 @dataclass
@@ -69,11 +71,12 @@ def _category(row: dict) -> str:
 
 @torch.no_grad()
 def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens: int = 64, batch_size: int = 16,
-                       temperature: float | None = None, samples: int = 1, seed: int = 0,
+                       temperature: float | None = None, samples: int = 1, seed: int | None = 0,
                        progress=None, cut: list[bool] | None = None) -> list[str]:
     """Responses for `rows` (left-padded batches): greedy, or `samples` per row drawn at `temperature`.
 
-    Sampled responses come row by row (row 0's samples first) and are seeded by `seed`. `cut`, when given, gets
+    Sampled responses come row by row (row 0's samples first) and are seeded by `seed` (None: drawn from torch's
+    random state as it is, for a caller that seeds once and generates in several calls). `cut`, when given, gets
     one flag per response: True where generation stopped at `max_new_tokens` before an end-of-sequence token.
     """
     if temperature is None and samples != 1:
@@ -84,7 +87,7 @@ def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens
         raise ValueError(f"samples={samples}: must be at least 1")
     decoding = {"do_sample": False} if temperature is None else {
         "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": samples}
-    if temperature is not None:
+    if temperature is not None and seed is not None:
         torch.manual_seed(seed)
     tok = processor.tokenizer
     tok.padding_side = "left"
@@ -139,14 +142,66 @@ def score_responses(rows: Sequence[dict], responses: Sequence[str]) -> EvalResul
     return EvalResult(acc, n, by_cat, scored)
 
 
-def evaluate(model, processor, rows: Iterable[dict], **kwargs) -> EvalResult:
-    """Accuracy of `model` on `rows`; with `temperature` (and `samples`), the mean accuracy of sampled responses."""
-    rows = list(rows)
-    repeat = kwargs.get("samples", 1)
-    cut: list[bool] = []
-    result = score_responses([r for r in rows for _ in range(repeat)],
-                             generate_responses(model, processor, rows, cut=cut, **kwargs))
-    result.truncated = sum(cut)
-    for row, was_cut in zip(result.rows, cut):
+def evaluate(model, processor, rows: Sequence[dict], *, batch_size: int = 16, log: ResponseLog | None = None,
+             progress=None, **kwargs) -> EvalResult | None:
+    """Accuracy of `model` on `rows`; with `temperature` (and `samples`), the mean accuracy of sampled responses.
+
+    `rows` may be a `datasets.Dataset`: a batch's images are decoded when it is answered, and scoring reads the
+    rows without them. With a `log`, responses are kept as they come and rows it already holds are not answered
+    again. Under several processes (torch.distributed initialised, as by `accelerate launch`), each answers every
+    n-th remaining row, a batch at a time in step with the others, and the first process gathers and scores them:
+    the result is returned there, None on the others. Sampled responses are seeded once per process
+    (`seed` + rank), so they depend on the number of processes, as they do on the batch size.
+    """
+    import torch.distributed as dist
+
+    labels = label_rows(rows)
+    samples, seed = kwargs.get("samples", 1), kwargs.pop("seed", 0)
+    distributed = dist.is_available() and dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    keys = [row_key(r) for r in labels]
+    done, _ = log.read() if log is not None else ({}, 0)
+    todo = [i for i, key in enumerate(keys) if key not in done]
+    if log is not None:
+        if distributed:
+            dist.barrier()  # every process has read the log before any writes to it
+        log.start(main_process=rank == 0)
+    if kwargs.get("temperature") is not None:
+        torch.manual_seed(seed + rank)
+    mine = todo[rank::world]
+    steps = -(-len(todo[0::world]) // batch_size)  # the first process has the most rows
+    new: dict[str, tuple[list[str], list[bool]]] = {}
+    device = next(model.parameters()).device
+    for step in range(steps):
+        chunk = mine[step * batch_size:(step + 1) * batch_size]
+        if chunk:
+            cut: list[bool] = []
+            responses = generate_responses(model, processor, [rows[i] for i in chunk], batch_size=len(chunk),
+                                           cut=cut, seed=None, **kwargs)
+            for k, i in enumerate(chunk):
+                entry = responses[k * samples:(k + 1) * samples], cut[k * samples:(k + 1) * samples]
+                new[keys[i]] = entry
+                if log is not None:
+                    log.append(keys[i], *entry)
+        answered = len(chunk)
+        if distributed:  # in step: a process out of rows waits here, a batch at a time, not at the end
+            count = torch.tensor([answered], device=device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(count)
+            answered = int(count.item())
+        if progress is not None:
+            progress(answered)
+    if distributed:
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, new)
+        for part in everyone:
+            new.update(part)
+        if rank != 0:
+            return None
+    answers = {**done, **new}
+    result = score_responses([r for r in labels for _ in range(samples)],
+                             [text for key in keys for text in answers[key][0]])
+    flags = [flag for key in keys for flag in answers[key][1]]
+    result.truncated = sum(flags)
+    for row, was_cut in zip(result.rows, flags):
         row["truncated"] = was_cut
     return result
