@@ -2,6 +2,7 @@
 robustness, resume after a kill, and two processes."""
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -300,7 +301,7 @@ def test_atrl_changes_the_gradient_only_through_the_recorded_weights(tmp_path, l
     assert any((pa[k] - pu[k]).abs().max() > 1e-5 for k in pa), "atrl should change the step"
 
 
-def test_nonfinite_loss_and_flat_rewards_are_handled(tmp_path):
+def test_nonfinite_loss_and_flat_rewards_are_handled(tmp_path, caplog):
     def constant(prompts, completions, **columns):
         return [1.0] * len(completions)
 
@@ -322,9 +323,33 @@ def test_nonfinite_loss_and_flat_rewards_are_handled(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
     flat = _trainer(tmp_path / "flat", reward=constant)
-    flat.train()
+    flat.stall_watch.steps = 2  # warn after 2 such steps (20 by default)
+    with caplog.at_level(logging.WARNING, logger="atrl"):
+        flat.train()
     logs = [h for h in flat.state.log_history if "loss" in h]
     assert all(h["frac_reward_zero_std"] == 1.0 and h["loss"] == 0.0 for h in logs)
+    warned = [r.getMessage() for r in caplog.records if "rewards were equal" in r.getMessage()]
+    assert warned == ["steps 1-2: in every group of trl.num_generations=4 completions the rewards were equal "
+                      "(frac_reward_zero_std 1, mean reward 1): every advantage is 0, so nothing is learned from the "
+                      "rewards. Read a few completions and their rewards (anchors/step-N.html; a reward function "
+                      "returning a constant does this), or use data the model solves sometimes but not always."]
+
+
+def test_stall_watch_warns_once_per_stretch_the_condition_holds_throughout():
+    from atrl.rl.health import StallWatch
+
+    watch = StallWatch(max_completion_length=48, num_generations=8, steps=3)
+    clipped = {"completions/clipped_ratio": 1.0, "frac_reward_zero_std": 0.5}
+    fine = {"completions/clipped_ratio": 0.4, "frac_reward_zero_std": 0.5}
+    seen = [watch.observe(step, logs) for step, logs in enumerate([clipped, clipped, fine, clipped, clipped, clipped,
+                                                                   clipped, clipped, fine, clipped], start=1)]
+    assert [step for step, due in enumerate(seen, start=1) if due] == [6]  # 1-2 broken at 3; 4-6 holds; once
+    assert seen[5][0].startswith("steps 4-6: every completion reached trl.max_completion_length=48 without ending")
+    # with logging every 10 steps, a log stands for the window up to its step
+    sparse = StallWatch(steps=20)
+    flat = {"frac_reward_zero_std": 1.0, "reward": 0.0}
+    assert [bool(sparse.observe(step, flat)) for step in (10, 20, 30)] == [False, True, False]
+    assert StallWatch(steps=1).observe(1, {}) == []  # metrics not logged: nothing to say
 
 
 def test_grads_finite_equals_a_check_of_every_entry():

@@ -35,6 +35,7 @@ from ..probe import ConnectivityParts, ConnectivityProbe, ProbeError
 from .checkpoints import mark_checkpoint_complete
 from .config import AnchorConfig
 from .handoff import CreditInFlight
+from .health import StallWatch
 
 logger = logging.getLogger("atrl")
 
@@ -152,6 +153,8 @@ class ATRLTrainer(GRPOTrainer):
         self._credit_seconds = 0.0  # trainer time in credit since the last weights were applied
         self.last_credit: dict[str, Any] | None = None  # the latest micro-batch's credit inputs and outputs
         self.nonfinite_losses = 0
+        self.stall_watch = StallWatch(self.args.max_completion_length, self.args.num_generations)  # warns a run
+        # whose completions are all cut, or whose groups all score alike, for STALL_STEPS steps
         self._reported_step = -1  # the step whose anchor report is written (anchor.report_steps)
         self.recipe_yaml: str | None = None  # set by atrl.rl.recipe.run_training: saved into each checkpoint
         if self.accelerator.num_processes > 1 and self.log_multimodal and any(
@@ -500,4 +503,7 @@ class ATRLTrainer(GRPOTrainer):
         if step_time and credit and sum(step_time) > 0:
             # credit time summed over the logging window over step time summed over the same window
             metrics["atrl/time/credit_share"] = [sum(credit) / sum(step_time)]
+        training = self.model.training
         super().log(logs, start_time)
+        if training and self.state.is_world_process_zero and self.state.log_history:
+            self.stall_watch.observe(self.state.global_step, self.state.log_history[-1])

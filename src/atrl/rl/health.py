@@ -1,0 +1,69 @@
+"""Warnings for a run that trains nothing: the metrics TRL logs say so, but only to someone who looks.
+
+Two conditions leave every advantage at zero, so nothing is learned from the rewards, and both are easy to miss for hours:
+every completion cut at `max_completion_length` (answers are never given, so accuracy rewards stay 0), and every
+group's rewards equal (`frac_reward_zero_std` 1: all wrong, all right, or a reward function that returns a
+constant). `StallWatch` reads the logged training metrics and warns once per stretch of `steps` optimizer steps
+in which a condition held throughout, naming the steps, the numbers and what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("atrl")
+
+STALL_STEPS = 20  # optimizer steps a condition must hold before the warning
+
+
+@dataclass
+class _Stretch:
+    first: int | None = None  # the first step of the current stretch
+    warned: bool = False
+
+
+@dataclass
+class StallWatch:
+    """Feed it each training log (`observe`); it returns the warnings due (and logs them)."""
+
+    max_completion_length: int | None = None
+    num_generations: int | None = None
+    steps: int = STALL_STEPS
+    _stretches: dict[str, _Stretch] = field(default_factory=dict)
+    _last_step: int = 0  # the step of the previous log: a log's metrics cover the steps after it, up to its own
+
+    def observe(self, step: int, logs: dict[str, float]) -> list[str]:
+        conditions = {
+            "clipped": logs.get("completions/clipped_ratio"),
+            "flat": logs.get("frac_reward_zero_std"),
+        }
+        due = []
+        for name, value in conditions.items():
+            stretch = self._stretches.setdefault(name, _Stretch())
+            if value is None or value < 1.0:  # a metric not logged, or the condition broken: start again
+                self._stretches[name] = _Stretch()
+                continue
+            if stretch.first is None:
+                stretch.first = self._last_step + 1
+            if not stretch.warned and step - stretch.first + 1 >= self.steps:
+                stretch.warned = True
+                due.append(self._message(name, stretch.first, step, logs))
+        self._last_step = step
+        for message in due:
+            logger.warning(message)
+        return due
+
+    def _message(self, name: str, first: int, step: int, logs: dict[str, float]) -> str:
+        steps = f"steps {first}-{step}"
+        if name == "clipped":
+            return (f"{steps}: every completion reached trl.max_completion_length={self.max_completion_length} "
+                    "without ending (completions/clipped_ratio 1): answers are cut before they are given, so "
+                    "rewards that read the answer stay 0. Raise trl.max_completion_length, or ask for shorter "
+                    "responses in the prompt.")
+        reward = logs.get("reward")
+        return (f"{steps}: in every group of trl.num_generations={self.num_generations} completions the rewards "
+                f"were equal (frac_reward_zero_std 1, mean reward {reward if reward is None else f'{reward:.3g}'}): "
+                "every advantage is 0, so nothing is learned from the rewards. Read a few completions and their rewards "
+                "(anchors/step-N.html; a reward function returning a constant does this), or use data the model "
+                "solves sometimes but not always.")
