@@ -301,10 +301,28 @@ def test_sampled_evaluation_repeats_rows_and_matches_greedy_when_cold(tiny_model
     result = evaluate(model, processor, rows, max_new_tokens=12, temperature=1.0, samples=3, seed=1)
     assert result.n == 9 and [r["uid"] for r in result.rows] == [r["uid"] for r in rows for _ in range(3)]
     assert [r["response"] for r in result.rows] == hot
+    assert set(result.pass_at_k) == {1, 2, 3} and result.pass_at_k[1] == pytest.approx(result.accuracy)
+    assert "(3 questions, 3 sampled answers each)" in result.to_markdown()
     with pytest.raises(ValueError, match="samples=2: several responses per row need a sampling temperature"):
         generate_responses(model, processor, rows, samples=2)
     with pytest.raises(ValueError, match="temperature=0"):
         generate_responses(model, processor, rows, temperature=0)
+
+
+def test_pass_at_k_against_every_draw():
+    """The estimator against the fraction of all k-subsets of a question's samples that hold a right answer."""
+    from itertools import combinations
+
+    from atrl.eval.score import pass_at_k
+
+    n = 5
+    for correct in ([0], [5], [2], [1, 3, 0, 4]):
+        for k in range(1, n + 1):
+            draws = [sum(any(s < c for s in subset) for subset in combinations(range(n), k))
+                     / len(list(combinations(range(n), k))) for c in correct]
+            assert pass_at_k(n, correct, k) == pytest.approx(sum(draws) / len(draws))
+    with pytest.raises(ValueError, match="pass@6 needs 1 <= k <= 5"):
+        pass_at_k(5, [1], 6)
 
 
 def test_responses_cut_at_the_token_limit_are_counted():
@@ -434,7 +452,7 @@ def test_an_interrupted_eval_continues_and_answers_each_question_once(tmp_path, 
     """`atrl eval` keeps each response as it comes (<out>/responses/): the same command again answers only what is
     missing (a kill's half-written line included) and scores the same as an uninterrupted eval; other weights or
     generation settings are refused, not mixed in."""
-    import atrl.eval.score as score
+    from atrl.eval import score
     from atrl.models.zoo import save_model
 
     model, processor = tiny_models["qwen2_5_vl"]

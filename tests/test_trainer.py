@@ -329,10 +329,10 @@ def test_nonfinite_loss_and_flat_rewards_are_handled(tmp_path, caplog):
     logs = [h for h in flat.state.log_history if "loss" in h]
     assert all(h["frac_reward_zero_std"] == 1.0 and h["loss"] == 0.0 for h in logs)
     warned = [r.getMessage() for r in caplog.records if "rewards were equal" in r.getMessage()]
-    assert warned == ["steps 1-2: in every group of trl.num_generations=4 completions the rewards were equal "
+    assert warned == [("steps 1-2: in every group of trl.num_generations=4 completions the rewards were equal "
                       "(frac_reward_zero_std 1, mean reward 1): every advantage is 0, so nothing is learned from the "
                       "rewards. Read a few completions and their rewards (anchors/step-N.html; a reward function "
-                      "returning a constant does this), or use data the model solves sometimes but not always."]
+                      "returning a constant does this), or use data the model solves sometimes but not always.")]
 
 
 def test_stall_watch_warns_once_per_stretch_the_condition_holds_throughout():

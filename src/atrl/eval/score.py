@@ -8,6 +8,7 @@ Scoring uses `atrl.rl.rewards`: the answer is extracted from the response and co
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,13 +28,22 @@ class EvalResult:
     by_category: dict[str, dict[str, float]]
     rows: list[dict[str, Any]] = field(default_factory=list)  # per row: uid, category, answer, extracted, correct
     truncated: int = 0  # responses cut at max_new_tokens before they ended (`evaluate` counts them)
+    samples: int = 1  # answers per question (rows holds each question's samples one after another)
+    pass_at_k: dict[int, float] = field(default_factory=dict)  # with several samples: see `pass_at_k`
 
     def to_json(self) -> str:
-        return json.dumps({"accuracy": self.accuracy, "n": self.n, "truncated": self.truncated,
+        return json.dumps({"accuracy": self.accuracy, "n": self.n, "samples": self.samples,
+                           "pass_at_k": self.pass_at_k, "truncated": self.truncated,
                            "by_category": self.by_category, "rows": self.rows}, indent=1, ensure_ascii=False)
 
     def to_markdown(self, title: str = "Evaluation") -> str:
-        lines = [f"# {title}", "", f"Overall accuracy: **{100 * self.accuracy:.1f}%** ({self.n} questions)", ""]
+        each = f", {self.samples} sampled answers each" if self.samples > 1 else ""
+        lines = [f"# {title}", "", f"Overall accuracy: **{100 * self.accuracy:.1f}%** "
+                 f"({self.n // self.samples} questions{each})", ""]
+        if self.pass_at_k:
+            lines += ["pass@k (a question counts when at least one of k answers drawn from its samples is right; "
+                      "unbiased estimate): " + ", ".join(f"pass@{k} {100 * v:.1f}%" for k, v in
+                                                         self.pass_at_k.items()), ""]
         if self.truncated:
             lines += [(f"**{self.truncated} of {self.n} responses were cut at the token limit before they ended**: "
                        "their answers may be missing; raise --max-new-tokens."), ""]
@@ -202,6 +212,22 @@ def evaluate(model, processor, rows: Sequence[dict], *, batch_size: int = 16, lo
                              [text for key in keys for text in answers[key][0]])
     flags = [flag for key in keys for flag in answers[key][1]]
     result.truncated = sum(flags)
+    result.samples = samples
+    if samples > 1:
+        right = [sum(r["correct"] for r in result.rows[i:i + samples]) for i in range(0, result.n, samples)]
+        ks = sorted({*(2 ** j for j in range(samples.bit_length()) if 2 ** j <= samples), samples})
+        result.pass_at_k = {k: pass_at_k(samples, right, k) for k in ks}
     for row, was_cut in zip(result.rows, flags):
         row["truncated"] = was_cut
     return result
+
+
+def pass_at_k(n: int, correct: Sequence[int], k: int) -> float:
+    """The mean over questions of the chance that k of a question's n sampled answers, drawn without replacement,
+    hold at least one right one: 1 - C(n - c, k) / C(n, k) for c right (the unbiased estimator of pass@k from n
+    samples, Chen et al. 2021)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= {n} samples per question")
+    if not correct:
+        return float("nan")
+    return sum(1.0 - math.comb(n - c, k) / math.comb(n, k) for c in correct) / len(correct)
