@@ -467,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--temperature", type=float, default=None,
                            help="sample at this temperature instead of greedy decoding")
-            p.add_argument("--samples", type=int, default=1, help="responses sampled per question (with --temperature): mean accuracy and pass@k")
+            p.add_argument("--samples", type=int, default=1,
+                           help="responses sampled per question (with --temperature): mean accuracy and pass@k")
             p.add_argument("--fresh", action="store_true",
                            help="discard the responses an earlier eval left in --out instead of continuing from them")
             p.set_defaults(func=_cmd_eval)
