@@ -383,6 +383,7 @@ def test_compare_results_against_hand_counts_and_scipy():
     two = compare_results({"base": _scored(base, [c for c in cats[::2] for _ in (0, 1)]),
                            "new": _scored(new, [c for c in cats[::2] for _ in (0, 1)])}, samples=2)
     assert two.n == 4 and two.differences["new"].mcnemar_p is None
+    assert two.pass_at_k == {}  # results made without evaluate's samples know no pass@k
     assert two.accuracy == {"base": pytest.approx(0.5), "new": pytest.approx(0.75)}
     md = comparison.to_markdown()
     assert "| `new` | 75.0% | +25.0 points |" in md and "| 3 / 1 | 0.625 |" in md
@@ -403,6 +404,13 @@ def test_eval_compares_checkpoints_on_the_same_questions(tmp_path, tiny_models, 
     assert len(each) == 2 and each[0]["rows"] == each[1]["rows"]  # the same weights answer the same
     diff = comparison["differences"][str(tmp_path / "b")]
     assert comparison["n"] == 6 and diff["accuracy_difference"] == 0 and diff["mcnemar_p"] == 1
+    sampled = ["eval", "--n", "3", "--max-new-tokens", "8", "--temperature", "1.0", "--samples", "2"]
+    assert main([*sampled, "--out", str(tmp_path / "evs"), "--model", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    comparison = json.loads((tmp_path / "evs" / "compare.json").read_text())
+    for label in (str(tmp_path / "a"), str(tmp_path / "b")):
+        assert list(comparison["pass_at_k"][label]) == ["1", "2"]
+        assert comparison["pass_at_k"][label]["1"] == pytest.approx(comparison["accuracy"][label])
+    assert "| model | pass@1 | pass@2 |" in (tmp_path / "evs" / "compare.md").read_text()
     capsys.readouterr()
     assert main([*common, "--model", str(tmp_path / "a"), str(tmp_path / "a")]) == 2
     assert "names a checkpoint twice" in capsys.readouterr().err

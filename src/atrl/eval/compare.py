@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class Comparison:
     accuracy: dict[str, float]
     by_category: dict[str, dict[str, float]]  # category -> label -> accuracy, and "n"
     differences: dict[str, Difference]  # label (not the baseline) -> against the baseline
+    pass_at_k: dict[str, dict[int, float]] = field(default_factory=dict)  # label -> k -> pass@k (several samples)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -57,6 +58,12 @@ class Comparison:
             lines.append(f"| `{label}` | {100 * self.accuracy[label]:.1f}% | {100 * d.accuracy_difference:+.1f} "
                          f"points | [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}] | {d.only_model_right} / "
                          f"{d.only_baseline_right} | {p} |")
+        if self.pass_at_k:
+            ks = list(self.pass_at_k[base])
+            lines += ["", "pass@k (at least one of k answers right; unbiased estimate from the samples):", "",
+                      "| model | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+            lines += [f"| `{x}` | " + " | ".join(f"{100 * self.pass_at_k[x][k]:.1f}%" for k in ks) + " |"
+                      for x in self.labels]
         lines += ["", "By category:", "", "| category | n | " + " | ".join(f"`{x}`" for x in self.labels) + " |",
                   "|---|---|" + "---|" * len(self.labels)]
         for cat, row in sorted(self.by_category.items()):
@@ -119,4 +126,6 @@ def compare_results(results: dict[str, EvalResult], samples: int = 1, resamples:
     for cat in sorted(set(categories)):
         mask = cats == cat
         by_category[cat] = {"n": int(mask.sum()), **{x: float(scores[x][mask].mean()) for x in labels}}
-    return Comparison(labels, n, samples, {x: float(scores[x].mean()) for x in labels}, by_category, differences)
+    passes = {x: dict(results[x].pass_at_k) for x in labels} if all(r.pass_at_k for r in results.values()) else {}
+    return Comparison(labels, n, samples, {x: float(scores[x].mean()) for x in labels}, by_category, differences,
+                      passes)
