@@ -38,8 +38,8 @@ class EvalResult:
 
     def to_markdown(self, title: str = "Evaluation") -> str:
         each = f", {self.samples} sampled answers each" if self.samples > 1 else ""
-        lines = [f"# {title}", "", f"Overall accuracy: **{100 * self.accuracy:.1f}%** "
-                 f"({self.n // self.samples} questions{each})", ""]
+        lines = [f"# {title}", "", (f"Overall accuracy: **{100 * self.accuracy:.1f}%** "
+                                    f"({self.n // self.samples} questions{each})"), ""]
         if self.pass_at_k:
             lines += ["pass@k (a question counts when at least one of k answers drawn from its samples is right; "
                       "unbiased estimate): " + ", ".join(f"pass@{k} {100 * v:.1f}%" for k, v in
