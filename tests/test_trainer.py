@@ -17,6 +17,7 @@ from trl import GRPOConfig, GRPOTrainer
 from atrl.credit import assign_credit
 from atrl.data.synthetic import generate, to_hf_dataset
 from atrl.models.zoo import build_tiny_vlm
+from atrl.rl.checkpoints import checkpoints
 from atrl.rl.config import TRAINER_MODES, AnchorConfig
 from atrl.rl.handoff import CreditInFlight
 from atrl.rl.trainer import ATRLTrainer, grads_finite
@@ -415,7 +416,8 @@ def test_credit_handoff_submits_from_the_helper_thread_and_keeps_errors():
 def _run(out, steps, crash, *extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "scripts"))
     return subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "run_recipe.py"), str(out), str(steps),
-                           str(crash), *extra], capture_output=True, text=True, env=env, timeout=600)
+                           str(crash), *extra], capture_output=True, text=True, env=env, timeout=600,
+                          start_new_session=True)  # its own process group: the SIGTERM test signals the group
 
 
 def _final(out):
@@ -445,6 +447,28 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_would(tmp_path):
     history = lambda d: [(h["step"], h["reward"]) for h in  # noqa: E731
                          json.loads((d / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]]
     assert history(tmp_path / "a") == history(tmp_path / "b")
+
+
+def test_sigterm_saves_the_step_in_progress_and_the_run_resumes_to_the_same_end(tmp_path):
+    """A cluster's SIGTERM (to the process group: the credit workers get it too) during step 3 of 4, no checkpoint
+    due before step 100: the step finishes, checkpoint-3 is saved, the run exits with 143 and no final/; run again,
+    it resumes there and ends as an uninterrupted run does."""
+    extra = ("--trl.save_steps", "100", "--anchor.credit", "{n_workers: 2}")
+    straight = _run(tmp_path / "a", 4, 0, *extra)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    stopped = _run(tmp_path / "b", 4, "term3", *extra)
+    assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
+    assert "SIGTERM received: step 3 is done; saving checkpoint-3 and stopping" in stopped.stderr
+    assert [p.name for p in checkpoints(tmp_path / "b")[0]] == ["checkpoint-3"]
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = _run(tmp_path / "b", 4, 0, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-3" in resumed.stderr
+    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = lambda d: [(h["step"], h["reward"]) for h in  # noqa: E731
+                         json.loads((d / "trainer_state.json").read_text())["log_history"] if "reward" in h]
+    assert len(history(tmp_path / "a")) == 4 and history(tmp_path / "a") == history(tmp_path / "b")
 
 
 def _final_from(folder):

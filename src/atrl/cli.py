@@ -137,8 +137,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     trainer = run_training(recipe)
     out = recipe.trl["output_dir"]
     steps = trainer.state.global_step
-    print(f"trained {steps} step{'' if steps == 1 else 's'} (mode {recipe.anchor.mode}) -> {out}/final; "
-          f"logs: tensorboard --logdir {out}")
+    if trainer.stopped_by_signal:
+        import signal
+
+        again = ("the same command continues from it" if recipe.resume == "auto" else
+                 f"resume: auto (this recipe says {recipe.resume!r}) continues from it")
+        if trainer.is_world_process_zero():
+            print(f"stopped by {trainer.stopped_by_signal} after step {steps}: {out}/checkpoint-{steps} saved; "
+                  f"{again}")
+        return 128 + getattr(signal, trainer.stopped_by_signal)
+    if trainer.is_world_process_zero():
+        print(f"trained {steps} step{'' if steps == 1 else 's'} (mode {recipe.anchor.mode}) -> {out}/final; "
+              f"logs: tensorboard --logdir {out}")
     return 0
 
 

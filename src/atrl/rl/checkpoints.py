@@ -9,9 +9,17 @@ resumes only from folders that carry it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import signal
+import threading
 from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger("atrl")
 
 MARKER = "atrl_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -74,3 +82,64 @@ def run_history(folder: str | os.PathLike) -> tuple[list[dict], Path]:
         raise FileNotFoundError(f"{root}: no {STATE} in the folder or in a complete checkpoint-N/ under it; give a "
                                 "training run's output folder (trl.output_dir) or one of its checkpoints")
     return best[1], best[2]
+
+
+# ------------------------------------------------------------------------------------------------ stop on a signal
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # a cluster's time limit or preemption (SLURM: --signal=TERM@120), `kill`
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM or SIGUSR1 during training: the step in progress finishes, a checkpoint is saved, training stops.
+
+    Without it the process dies at once, and the steps since the last `save_steps` checkpoint are lost. The handler
+    only sets a flag; at each step's end the processes agree on it (one all-reduce of a single number, so that all
+    save the same step together, as DeepSpeed and FSDP need), and the Trainer's own save path writes the checkpoint
+    (complete once marked, as any other). `received` names the signal afterwards. Installed by `run_training`, in
+    the main thread only; a signal at the last step lets the run finish as usual. Under `torchrun` / `accelerate launch` the launcher passes the signal on and kills its
+    processes 30 s later; a checkpoint that takes longer to write needs the signal sent to the processes themselves
+    (SLURM's `srun` does).
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self.stopped_at: int | None = None  # the step whose checkpoint was saved for the signal
+        self._previous: dict[int, Any] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number, frame) -> None:
+        self.received = signal.Signals(number).name
+
+    def _agreed(self) -> str | None:
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.received
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([0 if self.received is None else getattr(signal, self.received)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        number = int(flag.item())
+        if number and self.received is None:
+            self.received = signal.Signals(number).name  # another process was signalled
+        return self.received
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._agreed() is not None and not control.should_training_stop:
+            if state.is_world_process_zero:
+                logger.warning("%s received: step %d is done; saving checkpoint-%d and stopping (`resume: auto` "
+                               "continues from it)", self.received, state.global_step, state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()

@@ -669,6 +669,9 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
     `<output_dir>/final`, the resolved recipe to `<output_dir>/recipe.yaml`, the trainer state (log history) to
     `<output_dir>/trainer_state.json` and a figure of what training did to `<output_dir>/training_report.png`.
 
+    SIGTERM or SIGUSR1 stops training after the step in progress, with a checkpoint (`StopOnSignal`): then no
+    final/ is written and `trainer.stopped_by_signal` names the signal.
+
     From a script of your own, call it under `if __name__ == "__main__":`: the credit workers are spawned
     processes, which import the main module again (Python's rule for spawned processes)."""
     from ..models.zoo import ensure_writable_dir
@@ -682,14 +685,17 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
     tmp = out / f"recipe.yaml.{os.getpid()}.tmp"
     tmp.write_text(text)
     os.replace(tmp, out / "recipe.yaml")
+    from .checkpoints import StopOnSignal
     from .trainer import RecipeLogCallback
 
-    trainer = build_trainer(recipe, callbacks)
+    stopper = StopOnSignal()
+    trainer = build_trainer(recipe, [*(callbacks or []), stopper])
+    trainer.stopped_by_signal = None
     trainer.recipe_yaml = text
     trainer.add_callback(RecipeLogCallback(trainer, text))
     if progress:
         install_progress(trainer)
-    if resume:
+    if resume and trainer.is_world_process_zero():
         logger.warning("resuming from %s", resume)
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -700,6 +706,9 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
         where = (f"`resume: auto` continues from {complete[-1]}" if complete else "no complete checkpoint yet")
         raise TrainingStopped(f"training stopped at step {trainer.state.global_step} by {type(err).__name__}: "
                               f"{err} ({where}; the cause's traceback is above)") from err
+    if stopper.stopped_at is not None:  # checkpoint-N holds the run; final/ is for a finished one
+        trainer.stopped_by_signal = stopper.received
+        return trainer
     final = out / "final"
     trainer.save_model(str(final))  # on every rank: DeepSpeed and FSDP gather the weights together
     trainer.save_state()  # <output_dir>/trainer_state.json: the whole log history, whatever save_steps was
