@@ -471,6 +471,28 @@ def test_sigterm_saves_the_step_in_progress_and_the_run_resumes_to_the_same_end(
     assert len(history(tmp_path / "a")) == 4 and history(tmp_path / "a") == history(tmp_path / "b")
 
 
+def test_ctrl_c_asks_for_the_checkpoint_and_a_second_stops_at_once():
+    import signal
+
+    from transformers import TrainerControl, TrainerState
+
+    from atrl.rl.checkpoints import StopOnSignal
+
+    stopper, control, state = StopOnSignal(), TrainerControl(), TrainerState(global_step=7)
+    stopper.on_step_end(None, state, control)
+    assert not (control.should_save or control.should_training_stop) and stopper.stopped_at is None
+    stopper._handle(signal.SIGINT, None)
+    stopper.on_step_end(None, state, control)
+    assert control.should_save and control.should_training_stop and stopper.stopped_at == 7
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stopper._handle(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a third Ctrl-C: Python's own
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _final_from(folder):
     from safetensors.torch import load_file
 

@@ -86,19 +86,21 @@ def run_history(folder: str | os.PathLike) -> tuple[list[dict], Path]:
 
 # ------------------------------------------------------------------------------------------------ stop on a signal
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # a cluster's time limit or preemption (SLURM: --signal=TERM@120), `kill`
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # a cluster's time limit or preemption (SLURM:
+# --signal=TERM@120), `kill`, Ctrl-C (a second Ctrl-C stops at once)
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM or SIGUSR1 during training: the step in progress finishes, a checkpoint is saved, training stops.
+    """SIGTERM, SIGUSR1 or Ctrl-C during training: the step in progress finishes, a checkpoint is saved, training
+    stops. A second Ctrl-C raises KeyboardInterrupt at once, as without this callback.
 
     Without it the process dies at once, and the steps since the last `save_steps` checkpoint are lost. The handler
     only sets a flag; at each step's end the processes agree on it (one all-reduce of a single number, so that all
     save the same step together, as DeepSpeed and FSDP need), and the Trainer's own save path writes the checkpoint
     (complete once marked, as any other). `received` names the signal afterwards. Installed by `run_training`, in
-    the main thread only; a signal at the last step lets the run finish as usual. Under `torchrun` / `accelerate launch` the launcher passes the signal on and kills its
-    processes 30 s later; a checkpoint that takes longer to write needs the signal sent to the processes themselves
-    (SLURM's `srun` does).
+    the main thread only; a signal at the last step lets the run finish as usual. Under `torchrun` / `accelerate
+    launch` the launcher passes the signal on and kills its processes 30 s later; a checkpoint that takes longer to
+    write needs the signal sent to the processes themselves (SLURM's `srun` does).
     """
 
     def __init__(self):
@@ -113,6 +115,12 @@ class StopOnSignal(TrainerCallback):
                 self._previous[number] = signal.signal(number, self._handle)
 
     def _handle(self, number, frame) -> None:
+        if number == signal.SIGINT:
+            if self.received == "SIGINT":  # the second Ctrl-C: now
+                signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+                raise KeyboardInterrupt
+            logger.warning("Ctrl-C: the step in progress finishes and a checkpoint is saved; Ctrl-C again to stop "
+                           "at once")
         self.received = signal.Signals(number).name
 
     def _agreed(self) -> str | None:
