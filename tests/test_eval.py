@@ -391,6 +391,33 @@ def test_compare_results_against_hand_counts_and_scipy():
         compare_results({"x": _scored(base, cats), "y": _scored(base, cats[::-1])})
 
 
+def test_comparison_plot_puts_a_runs_checkpoints_on_the_step_axis(tmp_path, monkeypatch):
+    from atrl.eval.compare import compare_results
+    from atrl.viz.plots import comparison_plot
+
+    figures = _figures_saved(monkeypatch)
+    cats = ["a", "a", "b", "b", "b", "a"]
+    late = [True, True, True, False, True, True]
+    early = [True, False, False, False, True, False]
+    run = tmp_path / "runs" / "atrl"
+    results = {str(run / "checkpoint-200"): _scored(late, cats), str(run / "checkpoint-100"): _scored(early, cats)}
+    comparison = compare_results(results, seed=1)
+    for label, (low, high) in comparison.accuracy_ci.items():
+        assert low <= comparison.accuracy[label] <= high
+    assert comparison_plot(comparison, tmp_path / "compare.png").exists()
+    (ax,) = figures[0]
+    assert ax["x"] == "training step (atrl)" and ax["y"] == "accuracy, %"
+    overall = ax["lines"]["all questions"]
+    assert overall[:, 0].tolist() == [100, 200]  # by step, whatever the order given
+    assert np.allclose(overall[:, 1], [100 * 2 / 6, 100 * 5 / 6])
+    assert np.allclose(ax["lines"]["b (n=3)"][:, 1], [100 / 3, 200 / 3])
+    other = compare_results({"base": _scored(early, cats), "new": _scored(late, cats)})
+    comparison_plot(other, tmp_path / "other.png")
+    assert figures[1][0]["x"] == "model" and figures[1][0]["lines"]["all questions"][:, 0].tolist() == [0, 1]
+    perfect = compare_results({"x": _scored([True] * 6, cats), "y": _scored([True] * 6, cats)})
+    assert perfect.accuracy_ci == {"x": [1.0, 1.0], "y": [1.0, 1.0]}
+
+
 def test_eval_compares_checkpoints_on_the_same_questions(tmp_path, tiny_models, capsys):
     from atrl.models.zoo import save_model
 
@@ -411,6 +438,7 @@ def test_eval_compares_checkpoints_on_the_same_questions(tmp_path, tiny_models, 
         assert list(comparison["pass_at_k"][label]) == ["1", "2"]
         assert comparison["pass_at_k"][label]["1"] == pytest.approx(comparison["accuracy"][label])
     assert "| model | pass@1 | pass@2 |" in (tmp_path / "evs" / "compare.md").read_text()
+    assert Image.open(tmp_path / "evs" / "compare.png").format == "PNG"
     capsys.readouterr()
     assert main([*common, "--model", str(tmp_path / "a"), str(tmp_path / "a")]) == 2
     assert "names a checkpoint twice" in capsys.readouterr().err

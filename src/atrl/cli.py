@@ -292,8 +292,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         comparison = compare_results(results, samples=args.samples, seed=args.seed)
         ensure_writable_dir(args.out, argument="--out")
         json_path, md_path = comparison.write(args.out, title=f"Checkpoints compared on {args.data}")
+        from .viz.plots import comparison_plot
+
+        png = comparison_plot(comparison, Path(args.out) / "compare.png")
         print(comparison.to_markdown(f"Checkpoints compared on {args.data}"))
-        print(f"-> {json_path}, {md_path}")
+        print(f"-> {json_path}, {md_path}, {png}")
     return 0
 
 

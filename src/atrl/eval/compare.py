@@ -42,6 +42,7 @@ class Comparison:
     by_category: dict[str, dict[str, float]]  # category -> label -> accuracy, and "n"
     differences: dict[str, Difference]  # label (not the baseline) -> against the baseline
     pass_at_k: dict[str, dict[int, float]] = field(default_factory=dict)  # label -> k -> pass@k (several samples)
+    accuracy_ci: dict[str, list[float]] = field(default_factory=dict)  # label -> 95% bootstrap interval (low, high)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -127,5 +128,6 @@ def compare_results(results: dict[str, EvalResult], samples: int = 1, resamples:
         mask = cats == cat
         by_category[cat] = {"n": int(mask.sum()), **{x: float(scores[x][mask].mean()) for x in labels}}
     passes = {x: dict(results[x].pass_at_k) for x in labels} if all(r.pass_at_k for r in results.values()) else {}
+    intervals = {x: [float(np.percentile(scores[x][picks].mean(1), q)) for q in (2.5, 97.5)] for x in labels}
     return Comparison(labels, n, samples, {x: float(scores[x].mean()) for x in labels}, by_category, differences,
-                      passes)
+                      passes, intervals)

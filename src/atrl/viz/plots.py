@@ -158,6 +158,42 @@ def training_report(runs: dict[str, Sequence[dict]], out: str | Path, smooth: in
     return _save(fig, out)
 
 
+def comparison_plot(comparison, out: str | Path) -> Path:
+    """Accuracy of each compared checkpoint with its 95% bootstrap interval, and by category (thin lines).
+
+    When every model is a `checkpoint-N` folder of one run (`atrl eval --model runs/x/checkpoint-*`), the x axis is
+    the training step; otherwise the models in the order given (the baseline first)."""
+    import re
+
+    plt = _plt()
+    labels = comparison.labels
+    steps = [re.fullmatch(r"checkpoint-(\d+)", Path(x).name) for x in labels]
+    by_step = all(steps) and len({Path(x).resolve().parent for x in labels}) == 1
+    xs = [int(m.group(1)) for m in steps] if by_step else list(range(len(labels)))
+    order = sorted(range(len(labels)), key=lambda i: xs[i])
+    x = [xs[i] for i in order]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels)), 4.2))
+    accuracy = [100 * comparison.accuracy[labels[i]] for i in order]
+    low = [100 * comparison.accuracy_ci[labels[i]][0] for i in order]
+    high = [100 * comparison.accuracy_ci[labels[i]][1] for i in order]
+    ax.fill_between(x, low, high, color="#1565c0", alpha=0.15, label="95% bootstrap interval")
+    ax.plot(x, accuracy, "o-", color="#1565c0", linewidth=2, label="all questions")
+    if len(comparison.by_category) > 1:
+        for cat, row in sorted(comparison.by_category.items()):
+            ax.plot(x, [100 * row[labels[i]] for i in order], linewidth=0.9, alpha=0.7,
+                    label=f"{cat} (n={int(row['n'])})")
+    if by_step:
+        ax.set_xlabel(f"training step ({Path(labels[0]).resolve().parent.name})")
+    else:
+        ax.set_xticks(x, [Path(labels[i]).name or labels[i] for i in order], rotation=20, ha="right", fontsize=8)
+        ax.set_xlabel("model")
+    ax.set_ylabel("accuracy, %")
+    ax.set_title(f"{comparison.n} questions, {comparison.samples} answer(s) each", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def connectivity_histogram(conn: np.ndarray, anchors: np.ndarray, bimodality: float, out: str | Path) -> Path:
     """Histogram of per-token connectivity, anchors and other tokens stacked, with the bimodality coefficient."""
     plt = _plt()
