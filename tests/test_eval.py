@@ -439,6 +439,15 @@ def test_eval_compares_checkpoints_on_the_same_questions(tmp_path, tiny_models, 
         assert comparison["pass_at_k"][label]["1"] == pytest.approx(comparison["accuracy"][label])
     assert "| model | pass@1 | pass@2 |" in (tmp_path / "evs" / "compare.md").read_text()
     assert Image.open(tmp_path / "evs" / "compare.png").format == "PNG"
+    run = tmp_path / "run"
+    for step in (1000, 200):
+        save_model(model, processor, run / f"checkpoint-{step}")
+    capsys.readouterr()
+    assert main(["eval", "--n", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "evc"), "--model",
+                 str(run / "checkpoint-1000"), str(run / "checkpoint-200")]) == 0  # as a shell's checkpoint-* sorts
+    assert json.loads((tmp_path / "evc" / "compare.json").read_text())["labels"] == [
+        str(run / "checkpoint-200"), str(run / "checkpoint-1000")]
+    assert "by step; the baseline is the earliest" in capsys.readouterr().out
     capsys.readouterr()
     assert main([*common, "--model", str(tmp_path / "a"), str(tmp_path / "a")]) == 2
     assert "names a checkpoint twice" in capsys.readouterr().err

@@ -252,7 +252,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import re
 
     from .eval import evaluate
-    from .eval.compare import compare_results
+    from .eval.compare import checkpoint_steps, compare_results
     from .eval.responses import ResponseLog, weights_fingerprint
     from .models.zoo import ensure_writable_dir, pixel_range
 
@@ -261,6 +261,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     rows = _eval_rows(args, say)  # the data first: a bad row fails before the model's weights load
     if len(set(args.model)) != len(args.model):
         raise ValueError(f"--model names a checkpoint twice: {args.model}")
+    steps = checkpoint_steps(args.model)
+    if steps is not None and len(steps) > 1:  # a run's checkpoint-* (a shell sorts 1000 before 200): by step
+        args.model = [path for _, path in sorted(zip(steps, args.model))]
+        say(f"checkpoints of one run, by step; the baseline is the earliest: {args.model[0]}")
     folders = [re.sub(r"[^\w.-]+", "_", path) for path in args.model]  # one per model under --out (several)
     if len(set(folders)) < len(folders):
         folders = [f"{i + 1}-{name}" for i, name in enumerate(folders)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,14 @@ class Comparison:
         (out / "compare.json").write_text(self.to_json())
         (out / "compare.md").write_text(self.to_markdown(title))
         return out / "compare.json", out / "compare.md"
+
+
+def checkpoint_steps(paths: list[str]) -> list[int] | None:
+    """The steps N when every path is a `checkpoint-N` folder of one run, else None."""
+    found = [re.fullmatch(r"checkpoint-(\d+)", Path(p).name) for p in paths]
+    if not all(found) or len({Path(p).resolve().parent for p in paths}) != 1:
+        return None
+    return [int(m.group(1)) for m in found]
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:

@@ -163,13 +163,13 @@ def comparison_plot(comparison, out: str | Path) -> Path:
 
     When every model is a `checkpoint-N` folder of one run (`atrl eval --model runs/x/checkpoint-*`), the x axis is
     the training step; otherwise the models in the order given (the baseline first)."""
-    import re
+    from ..eval.compare import checkpoint_steps
 
     plt = _plt()
     labels = comparison.labels
-    steps = [re.fullmatch(r"checkpoint-(\d+)", Path(x).name) for x in labels]
-    by_step = all(steps) and len({Path(x).resolve().parent for x in labels}) == 1
-    xs = [int(m.group(1)) for m in steps] if by_step else list(range(len(labels)))
+    steps = checkpoint_steps(labels)
+    by_step = steps is not None
+    xs = steps if by_step else list(range(len(labels)))
     order = sorted(range(len(labels)), key=lambda i: xs[i])
     x = [xs[i] for i in order]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels)), 4.2))
