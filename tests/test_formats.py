@@ -279,3 +279,20 @@ def test_a_datasets_folder_loads_like_the_same_rows_as_jsonl(tmp_path):
         load_samples(tmp_path / "dd")
     with pytest.raises(DataError, match="not a data set saved by datasets"):
         load_samples(tmp_path / "jsonl")
+    # a hub data set's files as downloaded: each split in parquet shards under data/
+    shards = tmp_path / "hub" / "data"
+    shards.mkdir(parents=True)
+    whole = datasets.load_from_disk(str(tmp_path / "hf"))
+    whole.select(range(3)).to_parquet(str(shards / "train-00000-of-00002.parquet"))
+    whole.select(range(3, 5)).to_parquet(str(shards / "train-00001-of-00002.parquet"))
+    whole.select(range(1)).to_parquet(str(shards / "test-00000-of-00001.parquet"))
+    with pytest.raises(DataError, match=r"a folder of parquet files \(test, train\): give one split's files, e\.g\. "
+                                        r".*data/test-\*\.parquet"):
+        load_samples(tmp_path / "hub")
+    sharded, _ = load_samples(shards / "train-*.parquet")
+    assert [(s.question, s.answer) for s in sharded] == [(s.question, s.answer) for s in folder]
+    assert [s.source for s in sharded][2:4] == [f"{shards / 'train-00000-of-00002.parquet'}[2]",
+                                                f"{shards / 'train-00001-of-00002.parquet'}[0]"]
+    assert list(sharded[4].load_images()[0].getdata()) == list(folder[4].load_images()[0].getdata())
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        load_samples(shards / "validation-*.parquet")

@@ -245,7 +245,7 @@ def test_bad_data_fails_before_the_model_is_loaded(tmp_path, capsys):
     # ... but a missing data file first: the processor of a hub model may take minutes to fail offline
     assert main([*common, "--data.train", str(tmp_path / "nope.jsonl"), "--data.max_prompt_length", "100"]) == 2
     err = capsys.readouterr().err
-    assert "data.train=" in err and "nope.jsonl' does not exist" in err and "model path" not in err
+    assert "data.train: " in err and "nope.jsonl' does not exist" in err and "model path" not in err
 
 
 def test_synthetic_knobs_reach_the_training_data():

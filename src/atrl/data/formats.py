@@ -112,14 +112,35 @@ class LoadReport:
 # reading rows
 
 
+def expand_data_path(path: str | Path) -> list[Path]:
+    """The files a data path names: itself, or with `*`, `?` or `[...]` in its last part the matching files in
+    sorted order (a split stored in shards, `data/train-*.parquet`). Raises FileNotFoundError naming the path when
+    nothing is there."""
+    path = Path(path)
+    if not any(c in path.name for c in "*?["):
+        if not path.exists():
+            raise FileNotFoundError(f"data file or folder {str(path)!r} does not exist")
+        return [path]
+    files = sorted(p for p in path.parent.glob(path.name) if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no file matches {str(path)!r}")
+    return files
+
+
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The file's rows, and where each is in it: `path:LINE` (1-based, as editors and grep count) in a JSONL
     file, `path[INDEX]` (0-based) in a parquet file, a JSON list or a `datasets` folder, `path[pid=ID]` in a JSON
-    dict keyed by id."""
+    dict keyed by id. A pattern (`train-*.parquet`) reads each matching file in turn."""
+    files = expand_data_path(path)
+    if len(files) > 1 or files[0] != path:
+        rows, places = [], []
+        for file in files:
+            more, where = _read_rows(file)
+            rows += more
+            places += where
+        return rows, places
     if path.is_dir():
         return _read_dataset_folder(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file or folder {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -158,6 +179,12 @@ def _read_dataset_folder(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         raise DataError(f"{path}: a data set with splits {splits}: give one split's folder, e.g. "
                         f"{path / (splits[0] if splits else 'train')}")
     if not (path / "dataset_info.json").is_file():
+        shards = sorted(path.rglob("*.parquet"))
+        if shards:  # a hub data set's files as downloaded: data/<split>-00000-of-00002.parquet, ...
+            splits = sorted({re.sub(r"-\d+-of-\d+.*$", "", p.name) for p in shards})
+            example = shards[0].parent / (re.sub(r"-\d+-of-\d+.*$", "", shards[0].name) + "-*.parquet")
+            raise DataError(f"{path}: a folder of parquet files ({', '.join(splits)}): give one split's files, e.g. "
+                            f"{example}")
         raise DataError(f"{path}: a folder, but not a data set saved by datasets (no dataset_info.json); give a "
                         ".parquet, .json or .jsonl file or such a folder")
     import datasets

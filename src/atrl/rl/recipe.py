@@ -373,10 +373,13 @@ def _run_inputs(recipe: Recipe) -> tuple[Any, list, dict[str, tuple[Any, Any]], 
     _check_packages(recipe, args)
     peft_config = lora_config(recipe)
     rewards = build_rewards(recipe)
+    from ..data.formats import expand_data_path
+
     for name in _data_files(recipe):  # before the processor, which may come from the hub (minutes offline)
-        path = Path(getattr(recipe.data, name.split(".", 1)[1]))
-        if not path.exists():
-            raise FileNotFoundError(f"{name}={str(path)!r} does not exist")
+        try:
+            expand_data_path(getattr(recipe.data, name.split(".", 1)[1]))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{name}: {err}") from err
     processor = _data_processor(recipe)
     data = {split: build_dataset(recipe, processor, split) for split in ("train", "eval")}
     return args, rewards, data, peft_config
