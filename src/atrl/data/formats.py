@@ -256,9 +256,7 @@ def _mathvista_row(row: dict, root: Path, where: str) -> Sample:
     qtype = row.get("question_type") or "free_form"
     kind = "choice" if qtype == "multi_choice" else (row.get("answer_type") or "text")
     precision = row.get("precision")
-    meta = row.get("metadata") or {}
-    if isinstance(meta, str):
-        meta = json.loads(meta)
+    meta = _row_metadata(row)
     return Sample(
         uid=str(row.get("pid", where)),
         question=str(row.get("query") or row.get("question") or ""),
