@@ -309,6 +309,44 @@ def test_sampled_evaluation_repeats_rows_and_matches_greedy_when_cold(tiny_model
         generate_responses(model, processor, rows, temperature=0)
 
 
+def test_eval_decodes_as_training_rollouts_whatever_the_checkpoints_generation_config(tiny_models):
+    """No repetition penalty unless asked (Qwen2.5-VL-Instruct's generation_config sets 1.05; TRL's rollouts use
+    1.0), and never an image token (TRL suppresses it: re-read with the image, it would mismatch the features)."""
+    import copy
+
+    from atrl.data.synthetic import generate, to_hf_dataset
+    from atrl.eval.score import _images, generate_responses
+
+    base, processor = tiny_models["qwen2_5_vl"]
+    model = copy.deepcopy(base)
+    rows = [dict(r) for r in to_hf_dataset(generate(2, seed=4))]
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    batch = processor(text=[processor.apply_chat_template(r["prompt"], add_generation_prompt=True) for r in rows],
+                      images=[_images(r) for r in rows], return_tensors="pt", padding=True)
+    plain = model.generate(**batch, max_new_tokens=12, do_sample=False, repetition_penalty=1.0,
+                           pad_token_id=tok.pad_token_id)[:, batch["input_ids"].shape[1]:]
+    expected = tok.batch_decode(plain, skip_special_tokens=True)
+    model.generation_config.repetition_penalty = 50.0
+    assert generate_responses(model, processor, rows, max_new_tokens=12) == expected
+    assert generate_responses(model, processor, rows, max_new_tokens=12, repetition_penalty=50.0) != expected
+    image_id = model.config.image_token_id
+
+    def favour_image_token(module, args, output):
+        output.logits[..., image_id] += 1e4
+        return output
+
+    model.register_forward_hook(favour_image_token)
+    batch = batch.to(next(model.parameters()).device)
+    raw = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert (raw[:, batch["input_ids"].shape[1]:] == image_id).all()  # the hook works: unsuppressed, it wins
+    made = []  # the token ids generate_responses gets (its text leaves special tokens such as the image's out)
+    real_generate = model.generate
+    model.generate = lambda **kw: made.append(real_generate(**kw)) or made[-1]
+    generate_responses(model, processor, rows, max_new_tokens=4)
+    assert made and not (made[0][:, batch["input_ids"].shape[1]:] == image_id).any()
+
+
 def test_pass_at_k_against_every_draw():
     """The estimator against the fraction of all k-subsets of a question's samples that hold a right answer."""
     from itertools import combinations

@@ -276,6 +276,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         folder = Path(args.out) if len(args.model) == 1 else Path(args.out) / name
         settings = {"weights": weights_fingerprint(model), "max_new_tokens": args.max_new_tokens,
                     "temperature": args.temperature, "samples": args.samples,
+                    "repetition_penalty": args.repetition_penalty,
                     "seed": args.seed if args.temperature is not None else None,
                     "pixels": list(pixel_range(processor) or []) or None}
         log = ResponseLog(folder / "responses", settings, rank)
@@ -284,7 +285,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               if rank == 0 else _no_progress()) as adv:
             result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               temperature=args.temperature, samples=args.samples, seed=args.seed, progress=adv,
-                              log=log)
+                              repetition_penalty=args.repetition_penalty, log=log)
         del model
         if result is None:  # another process: the first one scores and writes
             continue
@@ -486,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="sample at this temperature instead of greedy decoding")
             p.add_argument("--samples", type=int, default=1,
                            help="responses sampled per question (with --temperature): mean accuracy and pass@k")
+            p.add_argument("--repetition-penalty", type=float, default=1.0,
+                           help="as trl.repetition_penalty (default 1.0: none, as training's rollouts; a "
+                                "checkpoint's own generation_config does not apply)")
             p.add_argument("--fresh", action="store_true",
                            help="discard the responses an earlier eval left in --out instead of continuing from them")
             p.set_defaults(func=_cmd_eval)

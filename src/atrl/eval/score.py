@@ -82,7 +82,7 @@ def _category(row: dict) -> str:
 @torch.no_grad()
 def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens: int = 64, batch_size: int = 16,
                        temperature: float | None = None, samples: int = 1, seed: int | None = 0,
-                       progress=None, cut: list[bool] | None = None) -> list[str]:
+                       repetition_penalty: float = 1.0, progress=None, cut: list[bool] | None = None) -> list[str]:
     """Responses for `rows` (left-padded batches): greedy, or `samples` per row drawn at `temperature`.
 
     Sampled responses come row by row (row 0's samples first) and are seeded by `seed` (None: drawn from torch's
@@ -97,6 +97,12 @@ def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens
         raise ValueError(f"samples={samples}: must be at least 1")
     decoding = {"do_sample": False} if temperature is None else {
         "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": samples}
+    # As TRL's rollouts decode: no repetition penalty unless asked (a checkpoint's generation_config may set one:
+    # Qwen2.5-VL-Instruct's 1.05), and never an image token, which no image stands behind
+    decoding["repetition_penalty"] = repetition_penalty
+    image_tokens = [getattr(model.config, name, None) for name in ("image_token_id", "video_token_id")]
+    if any(t is not None for t in image_tokens):
+        decoding["suppress_tokens"] = [t for t in image_tokens if t is not None]
     if temperature is not None and seed is not None:
         torch.manual_seed(seed)
     tok = processor.tokenizer
