@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def _python_block(after: str) -> str:
     text = README.read_text()
     section = text[text.index(after):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_the_own_trainer_example_runs_and_gives_weighted_token_advantages():
