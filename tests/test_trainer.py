@@ -336,6 +336,19 @@ def test_nonfinite_loss_and_flat_rewards_are_handled(tmp_path, caplog):
                       "returning a constant does this), or use data the model solves sometimes but not always.")]
 
 
+def test_run_summary_compares_the_first_and_last_logged_steps():
+    from atrl.rl.health import run_summary
+
+    history = [{"step": i, "reward": 0.1 * i, "atrl/anchor_fraction": 0.2, "atrl/time/credit_share": 0.01 * (i % 2)}
+               for i in range(1, 31)] + [{"step": 30, "eval_reward": 0.9}, {"train_runtime": 5.0}]
+    # by hand: steps 1-10 mean reward 0.55, steps 21-30 mean 2.55; credit share mean 0.005
+    assert run_summary(history) == ("reward 0.55 -> 2.55, anchor fraction 0.20 -> 0.20 (means of the first and last "
+                                    "10 logged steps); credit 0.5% of step time")
+    assert run_summary(history[:3]) == ("reward 0.1 -> 0.3, anchor fraction 0.20 -> 0.20 (the first and the last "
+                                        "logged step); credit 0.7% of step time")  # shares 0.01, 0, 0.01
+    assert run_summary([{"train_runtime": 1.0}]) is None
+
+
 def test_stall_watch_warns_once_per_stretch_the_condition_holds_throughout():
     from atrl.rl.health import StallWatch
 

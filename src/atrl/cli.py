@@ -147,8 +147,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   f"{again}")
         return 128 + getattr(signal, trainer.stopped_by_signal)
     if trainer.is_world_process_zero():
+        from .rl.health import run_summary
+
+        summary = run_summary(trainer.state.log_history)
+        if summary:
+            print(summary)
         print(f"trained {steps} step{'' if steps == 1 else 's'} (mode {recipe.anchor.mode}) -> {out}/final; "
-              f"logs: tensorboard --logdir {out}")
+              f"logs: tensorboard --logdir {out}; report: {out}/training_report.png")
     return 0
 
 

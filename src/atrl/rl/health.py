@@ -67,3 +67,27 @@ class StallWatch:
                 "every advantage is 0, so nothing is learned from the rewards. Read a few completions and their rewards "
                 "(anchors/step-N.html; a reward function returning a constant does this), or use data the model "
                 "solves sometimes but not always.")
+
+
+_SUMMARY = (("reward", "reward", "{:.3g}"), ("rewards/accuracy_reward/mean", "accuracy reward", "{:.3g}"),
+            ("atrl/anchor_fraction", "anchor fraction", "{:.2f}"), ("completions/mean_length", "length", "{:.0f}"))
+
+
+def run_summary(history: list[dict], window: int = 10) -> str | None:
+    """One line on what training did: each headline metric's mean over the first and the last `window` logged
+    training steps (fewer when the run logged fewer than 2 x window), and the credit's share of step time.
+    None when no training step was logged."""
+    logs = [h for h in history if "reward" in h]
+    if not logs:
+        return None
+    n = max(1, min(window, len(logs) // 2))
+    parts = []
+    for key, name, fmt in _SUMMARY:
+        first = [h[key] for h in logs[:n] if key in h]
+        last = [h[key] for h in logs[-n:] if key in h]
+        if first and last:
+            parts.append(f"{name} {fmt.format(sum(first) / len(first))} -> {fmt.format(sum(last) / len(last))}")
+    shares = [h["atrl/time/credit_share"] for h in logs if "atrl/time/credit_share" in h]
+    credit = f"; credit {100 * sum(shares) / len(shares):.1f}% of step time" if shares else ""
+    span = "the first and the last logged step" if n == 1 else f"means of the first and last {n} logged steps"
+    return f"{', '.join(parts)} ({span}){credit}"
