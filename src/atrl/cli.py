@@ -375,8 +375,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     import json
     import math
 
-    from .data.synthetic import generate, to_hf_dataset
     from .credit import CreditOptions
+    from .data.synthetic import generate, to_hf_dataset
     from .eval.analyze import analyze
     from .eval.score import generate_responses
     from .models.zoo import ensure_writable_dir
