@@ -208,6 +208,11 @@ def _figures_saved(monkeypatch):
     return figures
 
 
+def trailing3_of(values):
+    """Trailing means over up to three points, by hand."""
+    return [sum(values[max(0, k - 2):k + 1]) / len(values[max(0, k - 2):k + 1]) for k in range(len(values))]
+
+
 def test_training_report_overlays_runs_and_says_what_was_not_logged(tmp_path, monkeypatch):
     from atrl.viz.plots import REPORT_PANELS, training_report
 
@@ -215,7 +220,8 @@ def test_training_report_overlays_runs_and_says_what_was_not_logged(tmp_path, mo
     atrl = [{"step": i, "reward": 0.1 * i, "rewards/accuracy_reward/mean": 0.05 * i, "rewards/len_penalty/mean": -0.1,
              "atrl/anchor_fraction": 0.15, "atrl/anchor_conn": 0.2, "atrl/other_conn": 0.01,
              "atrl/bimodality": 0.6 + 0.01 * i, "atrl/weight_max": 3.0, "atrl/weight_min": 0.5, "atrl/weight_std": 0.8,
-             "completions/mean_length": 40 + i, "entropy": 0.5, "step_time": 2.0 + i,
+             "completions/mean_length": 40 + i, "completions/clipped_ratio": 0.1 * i, "entropy": 0.5,
+             "step_time": 2.0 + i,
              "atrl/time/credit_share": 0.01} for i in range(1, 7)]
     atrl += [{"step": 3, "eval_reward": 0.3, "eval_rewards/accuracy_reward/mean": 0.2},  # TRL's evaluation
              {"step": 6, "eval_reward": 0.5, "eval_rewards/accuracy_reward/mean": 0.4},
@@ -225,15 +231,20 @@ def test_training_report_overlays_runs_and_says_what_was_not_logged(tmp_path, mo
     out = training_report({"a (atrl)": atrl, "u (uniform)": uniform}, tmp_path / "report.png", smooth=3)
     assert Image.open(out).format == "PNG"
     (axes,) = figures
+    axes, (twin,) = axes[:len(REPORT_PANELS)], axes[len(REPORT_PANELS):]
     assert [ax["title"] for ax in axes] == [p[0] for p in REPORT_PANELS]
     assert all(ax["x"] == "training step" and ax["y"] for ax in axes)
+    # the length panel's second axis: the share of completions cut at the limit, for the run that logged it
+    assert twin["y"] == "share of completions cut at the limit"
+    assert list(twin["lines"]) == ["a (atrl): cut at max_completion_length"]
+    assert np.allclose(twin["lines"]["a (atrl): cut at max_completion_length"][:, 1],
+                       trailing3_of([0.1 * i for i in range(1, 7)]))
     by_title = {ax["title"]: ax for ax in axes}
     reward = by_title["Reward"]["lines"]
     # every reward function a run logged, labelled by run; smoothed: the trailing mean over 3 logged points
     assert {"a (atrl): total reward", "a (atrl): len penalty", "u (uniform): accuracy reward"} <= set(reward)
     assert "u (uniform): len penalty" not in reward
-    def trailing3(values):
-        return [sum(values[max(0, k - 2):k + 1]) / len(values[max(0, k - 2):k + 1]) for k in range(len(values))]
+    trailing3 = trailing3_of
 
     assert np.allclose(reward["a (atrl): total reward"][:, 1], trailing3([0.1 * i for i in range(1, 7)]))
     held_out = by_title["Held-out reward (data.eval)"]["lines"]

@@ -59,13 +59,13 @@ def _trailing_mean(y: Sequence[float], window: int) -> np.ndarray:
 
 
 def _draw_panel(ax, runs: dict[str, Sequence[dict]], keys, smooth: int = 1,
-                empty: str = "not logged by these runs") -> bool:
+                empty: str = "not logged by these runs", styles: Sequence[str] = _LINE_STYLES) -> bool:
     """Plot `keys` ([(history key, label)], or a function of the history giving them) of every run: a colour
     per run, a line style per key. Returns whether anything was drawn; an empty panel says so."""
     drawn = False
     for colour, (run, history) in enumerate(runs.items()):
         run_keys = keys(history) if callable(keys) else keys
-        for style, (key, label) in zip(_LINE_STYLES * 4, run_keys):
+        for style, (key, label) in zip(list(styles) * 4, run_keys):
             x, y = _series(history, key)
             if not x:
                 continue
@@ -105,6 +105,7 @@ def training_curves(history: Sequence[dict], out: str | Path) -> Path:
 
 # The panels of `training_report`: title, y-axis label, and the series ([(logged key, label)] or a function of a
 # run's history giving them). The keys are TRL's and ATRLTrainer's metric names (docs/ALGORITHM.md, "Logged metrics").
+_CLIPPED = "completions/clipped_ratio"
 REPORT_PANELS = (
     ("Reward", "mean reward per completion", _reward_keys),
     ("Held-out reward (data.eval)", "mean reward per completion", _held_out_reward_keys),
@@ -153,6 +154,12 @@ def training_report(runs: dict[str, Sequence[dict]], out: str | Path, smooth: in
             ax.set_ylim(0, 1)
         if title.startswith("Bimodality"):
             ax.axhline(5 / 9, color="grey", linewidth=0.8, linestyle="--")
+        if title == "Completion length" and any(_series(h, _CLIPPED)[0] for h in runs.values()):
+            twin = ax.twinx()  # the share cut at the limit: answers lost to it, and where length growth stops
+            _draw_panel(twin, runs, [(_CLIPPED, "cut at max_completion_length")], smooth, styles=(":",))
+            twin.set_ylabel("share of completions cut at the limit")
+            twin.set_ylim(0, 1.05)
+            twin.legend(fontsize=7, loc="lower right")
     fig.suptitle("AT-RL training: " + ", ".join(runs), fontsize=11)
     fig.tight_layout()
     return _save(fig, out)
