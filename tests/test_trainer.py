@@ -523,19 +523,19 @@ def _mixed_file(tmp_path) -> Path:
     return tmp_path / "mixed.jsonl"
 
 
-@pytest.mark.parametrize("data", ["synthetic", "mixed"])
-def test_two_processes_train_together_and_agree_on_weights(tmp_path, data):
-    """Two ranks train together and agree. `mixed`: one rank's batch has an image and the other's not, each step;
-    TRL's image logging called a collective on the first rank only, and the ranks hung."""
-    out = tmp_path / "ddp"
+def _launch(config: str, port: int, script: str, *args: str, **run) -> subprocess.CompletedProcess:
+    """`accelerate launch` of a tests/scripts script on two CPU processes with configs/accelerate/<config>.yaml
+    (the DeepSpeed configs are for 8 GPUs in bf16: two processes in float32 here)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests" / "scripts"))
-    extra = [str(_mixed_file(tmp_path))] if data == "mixed" else []
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(ROOT / "configs" / "accelerate" / "multi_cpu.yaml"), "--main_process_port",
-                           "29541" if data == "synthetic" else "29542",
-                           str(ROOT / "tests" / "scripts" / "ddp_train.py"), str(out), *extra],
-                          capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [] if config == "multi_cpu" else ["--num_processes", "2", "--mixed_precision", "no"]
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), *two, "--main_process_port",
+                           str(port), str(ROOT / "tests" / "scripts" / script), *args],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT, **run)
+
+
+def _two_ranks(out: Path) -> tuple[dict, dict]:
+    """ddp_train.py's record of each rank, after the checks every launch must pass."""
     r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
     assert r0["steps"] == r1["steps"] == 2
@@ -543,3 +543,61 @@ def test_two_processes_train_together_and_agree_on_weights(tmp_path, data):
     assert torch.equal(r0["params"], r1["params"])  # gradients were synchronised
     assert torch.equal(r0["weights"], r1["weights"]) and torch.equal(r0["conn"], r1["conn"])
     assert not torch.equal(r0["weights"], torch.ones_like(r0["weights"]))
+    return r0, r1
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> dict:
+    """Two processes trained together with DDP on the synthetic tasks: rank 0's record."""
+    out = tmp_path_factory.mktemp("ddp")
+    proc = _launch("multi_cpu", 29541, "ddp_train.py", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _two_ranks(out)[0]
+
+
+def test_two_processes_train_together_and_agree_on_weights(ddp_run, tmp_path):
+    """Two ranks train together and agree (ddp_run). On a file where one rank's batch has an image and the other's
+    not, each step: TRL's image logging called a collective on the first rank only, and the ranks hung."""
+    proc = _launch("multi_cpu", 29542, "ddp_train.py", str(tmp_path / "ddp"), str(_mixed_file(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _two_ranks(tmp_path / "ddp")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_as_ddp_does(ddp_run, tmp_path, stage):
+    """The shipped ZeRO-2 / ZeRO-3 configs (DeepSpeed on the CPU, two processes): the ranks agree, and after two
+    steps the weights, the connectivity the probes measure and the credit weights on a fixed batch are those of
+    DDP. ZeRO-3 holds a shard of each weight per process, gathered for the forward: the probes see whole layers.
+    (Adam turns the last bits of a near-zero gradient into a whole step of the learning rate, 1e-2: ZeRO-3's
+    weights differ from DDP's by about 1e-4 after two steps, ZeRO-2's by about 1e-7.)"""
+    proc = _launch(f"zero{stage}", 29550 + stage, "ddp_train.py", str(tmp_path / "ds"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, _ = _two_ranks(tmp_path / "ds")
+    assert r0["zero_stage"] == stage and ddp_run["zero_stage"] is None  # DeepSpeed's engine, not DDP renamed
+    assert (r0["sharded_params"] > 0) == (stage == 3)  # ZeRO-3: each process holds a shard of the weights
+    assert torch.allclose(r0["params"], ddp_run["params"], atol=1e-3, rtol=0)
+    assert torch.allclose(r0["conn"], ddp_run["conn"], atol=1e-3, rtol=0)
+    assert torch.allclose(r0["weights"], ddp_run["weights"], atol=1e-4, rtol=0)
+
+
+def test_zero3_stops_on_sigterm_with_one_checkpoint_and_resumes_to_the_same_end(tmp_path):
+    """SIGTERM to a 2-process ZeRO-3 launch during step 3 of 4: both processes finish the step and save
+    checkpoint-3 together (a collective save, sharded optimizer states); run again, it resumes there and ends with
+    the weights and rewards of an uninterrupted run."""
+    common = ("4", "0", "--trl.save_steps", "100")
+    straight = _launch("zero3", 29561, "run_recipe.py", str(tmp_path / "a"), *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped = _launch("zero3", 29562, "run_recipe.py", str(tmp_path / "b"), "4", "term3", "--trl.save_steps", "100",
+                      start_new_session=True)  # the signal goes to the launch's process group
+    assert stopped.returncode != 0 and "SIGTERM received: step 3 is done" in stopped.stderr, stopped.stderr[-3000:]
+    assert [p.name for p in checkpoints(tmp_path / "b")[0]] == ["checkpoint-3"]
+    assert (tmp_path / "b" / "checkpoint-3" / "global_step3").is_dir()  # DeepSpeed's own shards
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = _launch("zero3", 29563, "run_recipe.py", str(tmp_path / "b"), *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-3" in resumed.stderr
+    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = lambda d: [(h["step"], h["reward"]) for h in  # noqa: E731
+                         json.loads((d / "trainer_state.json").read_text())["log_history"] if "reward" in h]
+    assert len(history(tmp_path / "a")) == 4 and history(tmp_path / "a") == history(tmp_path / "b")

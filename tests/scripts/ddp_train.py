@@ -2,7 +2,8 @@
 
     accelerate launch --config_file configs/accelerate/multi_cpu.yaml tests/scripts/ddp_train.py OUT_DIR [DATA]
 
-Each rank trains the tiny default for 2 steps together (on the synthetic tasks, or on the data file DATA), then
+(or with configs/accelerate/zero2.yaml / zero3.yaml and --num_processes 2 --mixed_precision no: DeepSpeed on
+the CPU, over gloo). Each rank trains the tiny default for 2 steps together (on the synthetic tasks, or on the data file DATA), then
 measures connectivity and credit on the same fixed batch with its (synchronised) model copy and writes
 rank<k>.pt for the test to compare.
 """
@@ -19,6 +20,17 @@ from atrl.rl.recipe import load_recipe, run_training
 
 def diversity_reward(prompts, completions, **columns):
     return [len(set(c[-1]["content"])) / 10 for c in completions]
+
+
+def _gathered(trainer, model) -> list:
+    """The model's parameters whole: under DeepSpeed ZeRO-3 each process holds a shard, gathered here."""
+    params = list(model.parameters())
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
+    return params
 
 
 def main():
@@ -44,8 +56,11 @@ def main():
     conn, prof = cap.connectivity(mask)
     weights = assign_credit(conn, prof, mask, trainer.credit_options).weights
     rank = dist.get_rank()
-    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    params = torch.cat([p.detach().flatten().clone() for p in _gathered(trainer, model)])
+    plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    sharded = [p for p in model.parameters() if hasattr(p, "ds_numel") and p.numel() < p.ds_numel]
     torch.save({"rank": rank, "world": dist.get_world_size(), "weights": weights, "conn": conn,
+                "zero_stage": plugin.zero_stage if plugin else None, "sharded_params": len(sharded),
                 "params": params, "steps": trainer.state.global_step,
                 "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]},
                f"{out}/rank{rank}.pt")
