@@ -1,9 +1,10 @@
 """Two-process training for the multi-process test (launched with `accelerate launch`).
 
-    accelerate launch --config_file configs/accelerate/multi_cpu.yaml tests/scripts/ddp_train.py OUT_DIR [DATA]
+    accelerate launch --config_file configs/accelerate/multi_cpu.yaml tests/scripts/ddp_train.py OUT_DIR [--key value]
 
 (or with configs/accelerate/zero2.yaml / zero3.yaml and --num_processes 2 --mixed_precision no: DeepSpeed on
-the CPU, over gloo). Each rank trains the tiny default for 2 steps together (on the synthetic tasks, or on the data file DATA), then
+the CPU, over gloo). Each rank trains the tiny default for 2 steps together (on the synthetic tasks; recipe overrides such as
+`--data.train FILE` or `--lora {...}` after OUT_DIR), then
 measures connectivity and credit on the same fixed batch with its (synchronised) model copy and writes
 rank<k>.pt for the test to compare.
 """
@@ -22,15 +23,15 @@ def diversity_reward(prompts, completions, **columns):
     return [len(set(c[-1]["content"])) / 10 for c in completions]
 
 
-def _gathered(trainer, model) -> list:
-    """The model's parameters whole: under DeepSpeed ZeRO-3 each process holds a shard, gathered here."""
-    params = list(model.parameters())
+def _gathered(trainer, model) -> dict:
+    """The model's parameters whole, by name: under DeepSpeed ZeRO-3 each process holds a shard, gathered here."""
+    named = dict(model.named_parameters())
     if getattr(trainer, "is_deepspeed_enabled", False):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params):
-            return [p.detach().clone() for p in params]
-    return params
+        with deepspeed.zero.GatheredParameters(list(named.values())):
+            return {n: p.detach().clone() for n, p in named.items()}
+    return {n: p.detach() for n, p in named.items()}
 
 
 def main():
@@ -39,8 +40,7 @@ def main():
                                 "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4",
                                 "--trl.max_completion_length", "40", "--trl.learning_rate", "1e-2",
                                 "--trl.report_to", "[]", "--trl.disable_tqdm", "true", "--data.n", "16",
-                                "--rewards.custom", "{ddp_train:diversity_reward: 1.0}",
-                                *(["--data.train", sys.argv[2]] if len(sys.argv) > 2 else [])])
+                                "--rewards.custom", "{ddp_train:diversity_reward: 1.0}", *sys.argv[2:]])
     trainer = run_training(recipe, progress=False)
     model = trainer.accelerator.unwrap_model(trainer.model)
     processor = trainer.processing_class
@@ -56,11 +56,14 @@ def main():
     conn, prof = cap.connectivity(mask)
     weights = assign_credit(conn, prof, mask, trainer.credit_options).weights
     rank = dist.get_rank()
-    params = torch.cat([p.detach().flatten().clone() for p in _gathered(trainer, model)])
+    whole = _gathered(trainer, model)
+    params = torch.cat([p.flatten() for p in whole.values()])
+    lora_b = [p.abs().max().item() for n, p in whole.items() if "lora_B" in n]
     plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
     sharded = [p for p in model.parameters() if hasattr(p, "ds_numel") and p.numel() < p.ds_numel]
     torch.save({"rank": rank, "world": dist.get_world_size(), "weights": weights, "conn": conn,
                 "zero_stage": plugin.zero_stage if plugin else None, "sharded_params": len(sharded),
+                "lora_b_max": max(lora_b) if lora_b else None,
                 "params": params, "steps": trainer.state.global_step,
                 "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]},
                f"{out}/rank{rank}.pt")

@@ -400,15 +400,19 @@ def lora_config(recipe: Recipe):
         raise ValueError(f"recipe section 'lora': {err}") from err
 
 
-def _lora_targets(peft_config, config) -> str:
-    """How many of the model's modules the adapters' target_modules name, found on a weightless (meta device)
-    copy of the model built from its config; a listed name that matches no module is an error, as it would be
-    when peft wraps the loaded model."""
-    import torch
-    from transformers import AutoModelForImageTextToText
+def _lora_targets(peft_config, config, model=None) -> str:
+    """How many of the model's modules the adapters' target_modules name, found on `model` or, before it is
+    loaded (the dry run), on a weightless (meta device) copy built from its config; a listed name that matches no
+    module is an error, as it would be when peft wraps the loaded model. (At a run's start the loaded model is
+    used: building a copy there would, under DeepSpeed ZeRO-3, start a collective on the first process alone.)"""
+    if model is not None:
+        skeleton = model
+    else:
+        import torch
+        from transformers import AutoModelForImageTextToText
 
-    with torch.device("meta"):
-        skeleton = AutoModelForImageTextToText.from_config(config)
+        with torch.device("meta"):
+            skeleton = AutoModelForImageTextToText.from_config(config)
     names = [name for name, _ in skeleton.named_modules() if name]
     targets = peft_config.target_modules
     if not targets:  # peft picks defaults per architecture
@@ -444,8 +448,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
 
 
 def _summary(recipe: Recipe, args, rewards: list, data: dict, peft_config, config, processor,
-             weights: str) -> list[str]:
-    """What a run will do, line by line: printed by the dry run, logged at the start of a run."""
+             weights: str, model=None) -> list[str]:
+    """What a run will do, line by line: printed by the dry run, logged at the start of a run (with its model)."""
     from ..probe import probe_layers_for
 
     length = (f"max_steps {args.max_steps}" if args.max_steps > 0
@@ -477,7 +481,7 @@ def _summary(recipe: Recipe, args, rewards: list, data: dict, peft_config, confi
         lines.append("lora: none (full fine-tuning)")
     else:
         lines.append(f"lora: r {peft_config.r}, alpha {peft_config.lora_alpha}, target_modules "
-                     f"{_lora_targets(peft_config, config)}")
+                     f"{_lora_targets(peft_config, config, model)}")
     a = recipe.anchor
     site = a.capture_site(args) if a.needs_probe or a.mode == "entropy" else "none (no probes)"
     layers = probe_layers_for(num_layers, a.probe_layers) if a.needs_probe else "none"
@@ -574,7 +578,8 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     args, rewards, data, peft_config = _run_inputs(recipe)
     model, processor = build_model(recipe)
     if args.process_index == 0:  # the dry run's summary, at the top of the run's log (once, not per rank)
-        for line in _summary(recipe, args, rewards, data, peft_config, model.config, processor, weights="loaded"):
+        for line in _summary(recipe, args, rewards, data, peft_config, model.config, processor, weights="loaded",
+                             model=model):
             logger.info("run: %s", line)
     return ATRLTrainer(model=model, processing_class=processor, reward_funcs=rewards, args=args,
                        train_dataset=data["train"][0], eval_dataset=data["eval"][0], peft_config=peft_config,

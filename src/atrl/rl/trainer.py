@@ -40,9 +40,9 @@ from .health import StallWatch
 logger = logging.getLogger("atrl")
 
 
-def mixes_images_and_text(dataset) -> bool:
+def mixes_images_and_text(dataset, unknown: bool = True) -> bool:
     """Whether a data set has both rows with images and rows without, read from its Arrow columns (`images`
-    lists, or an `image` column with nulls) without decoding an image; True where that cannot be read (an
+    lists, or an `image` column with nulls) without decoding an image; `unknown` where that cannot be read (an
     iterable data set). A selection is judged by the whole table it was taken from: it may be called mixed when
     its own rows are not, never the reverse."""
     import pyarrow.compute as pc
@@ -50,7 +50,7 @@ def mixes_images_and_text(dataset) -> bool:
     table = getattr(dataset, "data", None)
     names = getattr(dataset, "column_names", None) or []
     if table is None:
-        return True
+        return unknown
     if "images" in names:
         has = pc.greater(pc.fill_null(pc.list_value_length(table.column("images")), 0), 0)
         return bool(pc.any(has).as_py()) and not bool(pc.all(has).as_py())
@@ -157,6 +157,15 @@ class ATRLTrainer(GRPOTrainer):
         # whose completions are all cut, or whose groups all score alike, for STALL_STEPS steps
         self._reported_step = -1  # the step whose anchor report is written (anchor.report_steps)
         self.recipe_yaml: str | None = None  # set by atrl.rl.recipe.run_training: saved into each checkpoint
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.accelerator.num_processes > 1 and plugin is not None and plugin.zero_stage == 3 and any(
+                mixes_images_and_text(d, unknown=False) for d in (self.train_dataset, self.eval_dataset)
+                if d is not None):
+            raise ValueError(
+                f"DeepSpeed ZeRO-3 with {self.accelerator.num_processes} processes on data that mixes prompts with "
+                "and without images: ZeRO-3 gathers each layer's weights with a collective as the layer runs, and "
+                "a process whose batch has no image skips the vision tower, so the processes wait on each other "
+                "(a hang under NCCL). Use ZeRO-2 (configs/accelerate/zero2.yaml) or DDP, or keep the rows with images")
         if self.accelerator.num_processes > 1 and self.log_multimodal and any(
                 mixes_images_and_text(d) for d in (self.train_dataset, self.eval_dataset) if d is not None):
             # TRL gathers a batch's images for its completion logs only on the ranks whose batch has one: with
