@@ -539,7 +539,6 @@ def build_dataset(recipe: Recipe, processor, split: str = "train"):
     samples, report = load_samples(source, d.format, image_root=d.image_root, on_error=d.on_error)
     if d.max_prompt_length is not None:
         samples = check_prompt_lengths(samples, processor, d.max_prompt_length, on_error=d.on_error, report=report)
-    logger.info("%s", report)
     if not samples:
         raise ValueError(f"data.{split}={source!r}: no usable rows ({report})")
     return to_trl_dataset(samples), report
