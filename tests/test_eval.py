@@ -595,6 +595,20 @@ def test_an_interrupted_eval_continues_and_answers_each_question_once(tmp_path, 
     assert "part-0.jsonl, line 2: not a response entry" in capsys.readouterr().err
 
 
+def test_a_resumed_evals_progress_counts_the_earlier_answers(tmp_path, tiny_models):
+    from atrl.data.synthetic import generate, to_hf_dataset
+    from atrl.eval.responses import ResponseLog
+    from atrl.eval.score import evaluate
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    rows = to_hf_dataset(generate(5, seed=2))
+    log = ResponseLog(tmp_path / "responses", {"max_new_tokens": 6})
+    evaluate(model, processor, rows.select(range(2)), max_new_tokens=6, log=log)
+    advanced: list[int] = []
+    result = evaluate(model, processor, rows, max_new_tokens=6, batch_size=2, log=log, progress=advanced.append)
+    assert advanced == [2, 2, 1] and result.n == 5  # the two earlier answers first, then batches of the rest
+
+
 def test_two_processes_share_an_eval_and_score_as_one(tmp_path, tiny_models, mathvista):
     """Under `accelerate launch`, each process answers every other remaining question (after those an earlier,
     interrupted run answered) and the first scores them all: the same report as one process (one prompt per batch,

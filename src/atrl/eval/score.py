@@ -184,6 +184,8 @@ def evaluate(model, processor, rows: Sequence[dict], *, batch_size: int = 16, lo
         log.start(main_process=rank == 0)
     if kwargs.get("temperature") is not None:
         torch.manual_seed(seed + rank)
+    if progress is not None and len(todo) < len(keys):
+        progress(len(keys) - len(todo))  # answered by an earlier run
     mine = todo[rank::world]
     steps = -(-len(todo[0::world]) // batch_size)  # the first process has the most rows
     new: dict[str, tuple[list[str], list[bool]]] = {}
