@@ -266,6 +266,8 @@ def grpo_config(recipe: Recipe):
     weights += [float(w) for w in recipe.rewards.custom.values()]
     trl.setdefault("reward_weights", weights)
     trl.setdefault("use_cpu", not _cuda())
+    if trl["use_cpu"]:  # DeepSpeed (when installed) would warn, at its first use, that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if recipe.data.eval is not None:
         trl.setdefault("eval_strategy", "steps")
         if trl["eval_strategy"] == "steps":
