@@ -474,14 +474,22 @@ def test_sigterm_saves_the_step_in_progress_and_the_run_resumes_to_the_same_end(
     assert "SIGTERM received: step 3 is done; saving checkpoint-3 and stopping" in stopped.stderr
     assert [p.name for p in checkpoints(tmp_path / "b")[0]] == ["checkpoint-3"]
     assert not (tmp_path / "b" / "final").exists()
-    resumed = _run(tmp_path / "b", 4, 0, *extra)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _resumed_to_the_same_end(_run(tmp_path / "b", 4, 0, *extra), tmp_path / "a", tmp_path / "b")
+
+
+def _resumed_to_the_same_end(resumed: subprocess.CompletedProcess, straight: Path, stopped: Path) -> None:
+    """The run stopped after step 3 and run again resumed from checkpoint-3 and ended with the uninterrupted run's
+    weights and per-step rewards (4 steps)."""
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr and "checkpoint-3" in resumed.stderr
-    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
+    a, b = _final(straight), _final(stopped)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    history = lambda d: [(h["step"], h["reward"]) for h in  # noqa: E731
-                         json.loads((d / "trainer_state.json").read_text())["log_history"] if "reward" in h]
-    assert len(history(tmp_path / "a")) == 4 and history(tmp_path / "a") == history(tmp_path / "b")
+
+    def history(run: Path) -> list:
+        state = json.loads((run / "trainer_state.json").read_text())
+        return [(h["step"], h["reward"]) for h in state["log_history"] if "reward" in h]
+
+    assert len(history(straight)) == 4 and history(straight) == history(stopped)
 
 
 def test_ctrl_c_asks_for_the_checkpoint_and_a_second_stops_at_once():
@@ -615,10 +623,4 @@ def test_zero3_stops_on_sigterm_with_one_checkpoint_and_resumes_to_the_same_end(
     assert (tmp_path / "b" / "checkpoint-3" / "global_step3").is_dir()  # DeepSpeed's own shards
     assert not (tmp_path / "b" / "final").exists()
     resumed = _launch("zero3", 29563, "run_recipe.py", str(tmp_path / "b"), *common)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr and "checkpoint-3" in resumed.stderr
-    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    history = lambda d: [(h["step"], h["reward"]) for h in  # noqa: E731
-                         json.loads((d / "trainer_state.json").read_text())["log_history"] if "reward" in h]
-    assert len(history(tmp_path / "a")) == 4 and history(tmp_path / "a") == history(tmp_path / "b")
+    _resumed_to_the_same_end(resumed, tmp_path / "a", tmp_path / "b")
