@@ -440,6 +440,25 @@ def test_compare_results_against_hand_counts_and_scipy():
         compare_results({"x": _scored(base, cats), "y": _scored(base, cats[::-1])})
 
 
+def test_default_output_is_a_folder_per_model_which_a_comparison_reuses(tmp_path, tiny_models, monkeypatch, capsys):
+    """Without --out, one model's eval goes to atrl-eval/<model>/ (evaluating another model does not meet its
+    responses) and a comparison to atrl-eval/, with the same folder per model: what was answered alone is reused."""
+    from atrl.models.zoo import save_model
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    for name in ("a", "b"):
+        save_model(model, processor, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    common = ["eval", "--n", "2", "--max-new-tokens", "4"]
+    assert main([*common, "--model", "a"]) == 0 and main([*common, "--model", "b"]) == 0
+    assert (tmp_path / "atrl-eval" / "a" / "eval.json").is_file() and (tmp_path / "atrl-eval" / "b" / "eval.json").is_file()
+    capsys.readouterr()
+    assert main([*common, "--model", "a", "b"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("2 questions answered by an earlier run") == 2  # neither model answered again
+    assert (tmp_path / "atrl-eval" / "compare.json").is_file()
+
+
 def test_comparison_plot_puts_a_runs_checkpoints_on_the_step_axis(tmp_path, monkeypatch):
     from atrl.eval.compare import compare_results
     from atrl.viz.plots import comparison_plot

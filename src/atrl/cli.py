@@ -145,6 +145,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if trainer.is_world_process_zero():
             print(f"stopped by {trainer.stopped_by_signal} after step {steps}: {out}/checkpoint-{steps} saved; "
                   f"{again}")
+        _leave_together()
         return 128 + getattr(signal, trainer.stopped_by_signal)
     if trainer.is_world_process_zero():
         from .rl.health import run_summary
@@ -154,6 +155,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(summary)
         print(f"trained {steps} step{'' if steps == 1 else 's'} (mode {recipe.anchor.mode}) -> {out}/final; "
               f"logs: tensorboard --logdir {out}; report: {out}/training_report.png")
+    _leave_together()
     return 0
 
 
@@ -273,6 +275,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     folders = [re.sub(r"[^\w.-]+", "_", path) for path in args.model]  # one per model under --out (several)
     if len(set(folders)) < len(folders):
         folders = [f"{i + 1}-{name}" for i, name in enumerate(folders)]
+    if args.out is None:  # a folder per model by default: evaluating another model does not meet this one's responses
+        args.out = str(Path("atrl-eval", folders[0]) if len(args.model) == 1 else Path("atrl-eval"))
     if world > 1:
         say(f"{world} processes, each answering 1 in {world} of the questions")
     results = {}
@@ -307,7 +311,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         png = comparison_plot(comparison, Path(args.out) / "compare.png")
         print(comparison.to_markdown(f"Checkpoints compared on {args.data}"))
         print(f"-> {json_path}, {md_path}, {png}")
+    _leave_together()
     return 0
+
+
+def _leave_together() -> None:
+    """Under several processes, all leave together and close the process group: a process that left while the
+    first still gathered or wrote, its connections open, could abort at exit (gloo: "terminate called without an
+    active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _start_log(log, *, fresh: bool, rank: int, world: int, say: Callable[[str], None]) -> None:
@@ -476,9 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--n", type=int, default=50, help="examples")
         p.add_argument("--seed", type=int, default=12345,
                        help="synthetic data seed (held out from training); also seeds sampling and the bootstrap")
-        p.add_argument("--out", default=f"atrl-{name}", help="output folder" + (
-            " (its responses/ keeps every response as it comes: the same command again continues an interrupted "
-            "eval, or rescores a finished one)" if name == "eval" else ""))
+        if name == "eval":
+            p.add_argument("--out", default=None, help="output folder (default: atrl-eval/<model> for one model, "
+                           "atrl-eval for several, one folder per model in it); its responses/ keeps every "
+                           "response as it comes: the same command again continues an interrupted eval, or "
+                           "rescores a finished one")
+        else:
+            p.add_argument("--out", default="atrl-analyze", help="output folder")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when a GPU is visible)")
         p.add_argument("--min-pixels", type=int, default=None, help="images resized into at least this many pixels "
                        "(Qwen-VL; default: the checkpoint's processor, which a trained run saves with its recipe's)")
