@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -331,6 +332,7 @@ def test_an_error_inside_training_names_the_step_and_the_checkpoint(tmp_path, mo
         "    return [float('not a number' if len(calls) == 3 else 0.5) for _ in completions]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     with pytest.raises(TrainingStopped) as stopped:
         main(["train", "--trl.output_dir", str(out), "--trl.max_steps", "4", "--trl.save_steps", "1", "--data.n", "8",
               "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4", "--trl.max_completion_length",
@@ -339,6 +341,8 @@ def test_an_error_inside_training_names_the_step_and_the_checkpoint(tmp_path, mo
     assert message.startswith("training stopped at step 2 by ValueError: could not convert string to float")
     assert f"`resume: auto` continues from {out / 'checkpoint-2'}" in message
     assert isinstance(stopped.value.__cause__, ValueError)
+    # the stop-on-signal handlers are gone with the run (Ctrl-C interrupts at once again, e.g. in a notebook)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
 def test_lora_recipe_trains_adapters_and_the_adapter_evaluates(tmp_path, capsys, monkeypatch):

@@ -148,6 +148,10 @@ class StopOnSignal(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """Give the signals their handlers from before training (also after training raised)."""
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous.clear()

@@ -715,6 +715,8 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
         where = (f"`resume: auto` continues from {complete[-1]}" if complete else "no complete checkpoint yet")
         raise TrainingStopped(f"training stopped at step {trainer.state.global_step} by {type(err).__name__}: "
                               f"{err} ({where}; the cause's traceback is above)") from err
+    finally:
+        stopper.restore()  # a run that raised never reached on_train_end
     if stopper.stopped_at is not None:  # checkpoint-N holds the run; final/ is for a finished one
         trainer.stopped_by_signal = stopper.received
         return trainer
