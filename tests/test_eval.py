@@ -628,6 +628,30 @@ def test_a_resumed_evals_progress_counts_the_earlier_answers(tmp_path, tiny_mode
     assert advanced == [2, 2, 1] and result.n == 5  # the two earlier answers first, then batches of the rest
 
 
+def test_a_batch_out_of_memory_is_answered_in_halves(tiny_models, monkeypatch):
+    from atrl.data.synthetic import generate, to_hf_dataset
+    from atrl.eval import score
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    rows = to_hf_dataset(generate(5, seed=6))
+    one_by_one = score.evaluate(model, processor, rows, max_new_tokens=6, batch_size=1)
+    real, sizes = score.generate_responses, []
+
+    def small_memory(m, p, batch, **kw):
+        sizes.append(len(batch))
+        if len(batch) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(m, p, batch, **kw)
+
+    monkeypatch.setattr(score, "generate_responses", small_memory)
+    halved = score.evaluate(model, processor, rows, max_new_tokens=6, batch_size=5)
+    assert sizes == [5, 2, 1, 1, 3, 1, 2, 1, 1]  # each batch that did not fit, in halves, in order
+    assert halved.rows == one_by_one.rows
+    monkeypatch.setattr(score, "generate_responses", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+    with pytest.raises(torch.OutOfMemoryError):  # one prompt that does not fit: raised, not looped on
+        score.evaluate(model, processor, rows.select(range(1)), max_new_tokens=6)
+
+
 def test_two_processes_share_an_eval_and_score_as_one(tmp_path, tiny_models, mathvista):
     """Under `accelerate launch`, each process answers every other remaining question (after those an earlier,
     interrupted run answered) and the first scores them all: the same report as one process (one prompt per batch,

@@ -194,8 +194,7 @@ def evaluate(model, processor, rows: Sequence[dict], *, batch_size: int = 16, lo
         chunk = mine[step * batch_size:(step + 1) * batch_size]
         if chunk:
             cut: list[bool] = []
-            responses = generate_responses(model, processor, [rows[i] for i in chunk], batch_size=len(chunk),
-                                           cut=cut, seed=None, **kwargs)
+            responses = _generate_halving(model, processor, [rows[i] for i in chunk], cut, **kwargs)
             for k, i in enumerate(chunk):
                 entry = responses[k * samples:(k + 1) * samples], cut[k * samples:(k + 1) * samples]
                 new[keys[i]] = entry
@@ -228,6 +227,24 @@ def evaluate(model, processor, rows: Sequence[dict], *, batch_size: int = 16, lo
     for row, was_cut in zip(result.rows, flags):
         row["truncated"] = was_cut
     return result
+
+
+def _generate_halving(model, processor, rows: list[dict], cut: list[bool], **kwargs) -> list[str]:
+    """`generate_responses` on `rows` as one batch; out of device memory, on each half in turn (down to one row,
+    which then raises), so that a batch of large images does not end a long evaluation."""
+    try:
+        return generate_responses(model, processor, rows, batch_size=len(rows), cut=cut, seed=None, **kwargs)
+    except torch.OutOfMemoryError:
+        if len(rows) == 1:
+            raise
+    import logging
+
+    logging.getLogger("atrl").warning("out of memory generating for %d prompts at once: in halves", len(rows))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(rows) // 2
+    return (_generate_halving(model, processor, rows[:half], cut, **kwargs)
+            + _generate_halving(model, processor, rows[half:], cut, **kwargs))
 
 
 def pass_at_k(n: int, correct: Sequence[int], k: int) -> float:
