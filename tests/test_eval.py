@@ -584,7 +584,8 @@ def test_an_interrupted_eval_continues_and_answers_each_question_once(tmp_path, 
     assert answered == ["1", "2", "3"]
     part = out / "responses" / "part-0.jsonl"
     lines = part.read_text().splitlines(keepends=True)
-    part.write_text("".join(lines[:2]) + lines[2][:25])  # killed while writing question 3's line
+    part.write_bytes(("".join(lines[:2]) + lines[2][:25]).encode() + "×".encode()[:1])  # killed writing line 3,
+    # in the middle of a two-byte character
     answered.clear()
     capsys.readouterr()
     assert main([*common, "--out", str(out)]) == 0

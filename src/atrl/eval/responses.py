@@ -83,14 +83,14 @@ class ResponseLog:
         done: dict[str, tuple[list[str], list[bool]]] = {}
         partial = 0
         for part in sorted(self.folder.glob("part-*.jsonl")):
-            lines = part.read_text().split("\n")
+            lines = part.read_bytes().split(b"\n")  # bytes: a kill may cut a character in two
             for number, line in enumerate(lines, 1):
                 if not line:
                     continue
                 try:
-                    entry = json.loads(line)
+                    entry = json.loads(line.decode("utf-8"))
                     done.setdefault(entry["key"], (list(entry["responses"]), list(entry["cut"])))
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
                     if number == len(lines):  # the last line, without its newline: cut by a kill
                         partial += 1
                         continue
