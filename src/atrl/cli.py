@@ -295,7 +295,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               temperature=args.temperature, samples=args.samples, seed=args.seed, progress=adv,
                               repetition_penalty=args.repetition_penalty, log=log)
-        del model
+        del model  # and its memory, before the next model loads (two 7B models do not fit beside each other)
+        _free_device_memory()
         if result is None:  # another process: the first one scores and writes
             continue
         json_path, md_path = result.write(folder, title=f"Evaluation of {path} on {args.data}")
@@ -313,6 +314,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"-> {json_path}, {md_path}, {png}")
     _leave_together()
     return 0
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _leave_together() -> None:
