@@ -596,6 +596,10 @@ def test_an_interrupted_eval_continues_and_answers_each_question_once(tmp_path, 
     answered.clear()
     assert main([*common, "--out", str(out)]) == 0  # finished: rescored without answering anything
     assert answered == [] and _eval_json(out) == whole
+    capsys.readouterr()  # other questions in the same folder: none of them counted as answered before
+    assert main([*common, "--out", str(out), "--data", "synthetic", "--n", "2"]) == 0
+    assert len(answered) == 2 and "answered by an earlier run" not in capsys.readouterr().out
+    answered.clear()
 
     assert main([*common, "--out", str(out), "--max-new-tokens", "9"]) == 2
     assert "holds responses generated with other settings (max_new_tokens 8 -> 9)" in capsys.readouterr().err

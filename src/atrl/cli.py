@@ -294,7 +294,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               if rank == 0 else _no_progress()) as adv:
             result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               temperature=args.temperature, samples=args.samples, seed=args.seed, progress=adv,
-                              repetition_penalty=args.repetition_penalty, log=log)
+                              repetition_penalty=args.repetition_penalty, log=log,
+                              resumed=lambda answered, partial, log=log: say(
+                                  f"{log.folder}: {answered} questions answered by an earlier run with the same "
+                                  "weights and settings are not answered again"
+                                  f"{f' ({partial} cut short by a kill are)' if partial else ''} (--fresh: all)"))
         del model  # and its memory, before the next model loads (two 7B models do not fit beside each other)
         _free_device_memory()
         if result is None:  # another process: the first one scores and writes
@@ -339,7 +343,7 @@ def _leave_together() -> None:
 
 def _start_log(log, *, fresh: bool, rank: int, world: int, say: Callable[[str], None]) -> None:
     """--fresh discards earlier responses (the first process, before anyone reads); otherwise they are checked
-    against this run's settings and the rows they answer are not answered again."""
+    against this run's settings (`evaluate` then answers only the rows they do not)."""
     import torch.distributed as dist
 
     from .models.zoo import ensure_writable_dir
@@ -351,10 +355,6 @@ def _start_log(log, *, fresh: bool, rank: int, world: int, say: Callable[[str], 
     if world > 1:
         dist.barrier()
     log.check()
-    done, partial = log.read()
-    if done:
-        say(f"{log.folder}: {len(done)} questions answered by an earlier run with the same weights and settings "
-            f"are not answered again{f' ({partial} cut short by a kill are)' if partial else ''} (--fresh: all)")
 
 
 @contextmanager

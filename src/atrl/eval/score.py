@@ -159,12 +159,13 @@ def score_responses(rows: Sequence[dict], responses: Sequence[str]) -> EvalResul
 
 
 def evaluate(model, processor, rows: Sequence[dict], *, batch_size: int = 16, log: ResponseLog | None = None,
-             progress=None, **kwargs) -> EvalResult | None:
+             progress=None, resumed=None, **kwargs) -> EvalResult | None:
     """Accuracy of `model` on `rows`; with `temperature` (and `samples`), the mean accuracy of sampled responses.
 
     `rows` may be a `datasets.Dataset`: a batch's images are decoded when it is answered, and scoring reads the
     rows without them. With a `log`, responses are kept as they come and rows it already holds are not answered
-    again. Under several processes (torch.distributed initialised, as by `accelerate launch`), each answers every
+    again; `resumed(answered, cut_lines)`, when given, hears how many of `rows` the log answered and how many of its
+    lines a kill cut short, before anything is generated. Under several processes (torch.distributed initialised, as by `accelerate launch`), each answers every
     n-th remaining row, a batch at a time in step with the others, and the first process gathers and scores them:
     the result is returned there, None on the others. Sampled responses are seeded once per process
     (`seed` + rank), so they depend on the number of processes, as they do on the batch size.
@@ -176,8 +177,10 @@ def evaluate(model, processor, rows: Sequence[dict], *, batch_size: int = 16, lo
     distributed = dist.is_available() and dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     keys = [row_key(r) for r in labels]
-    done, _ = log.read() if log is not None else ({}, 0)
+    done, partial = log.read() if log is not None else ({}, 0)
     todo = [i for i, key in enumerate(keys) if key not in done]
+    if resumed is not None and (len(todo) < len(keys) or partial):
+        resumed(len(keys) - len(todo), partial)
     if log is not None:
         if distributed:
             dist.barrier()  # every process has read the log before any writes to it
