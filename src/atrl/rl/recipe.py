@@ -266,8 +266,6 @@ def grpo_config(recipe: Recipe):
     weights += [float(w) for w in recipe.rewards.custom.values()]
     trl.setdefault("reward_weights", weights)
     trl.setdefault("use_cpu", not _cuda())
-    if trl["use_cpu"]:  # DeepSpeed (when installed) would warn, at its first use, that it found no GPU
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if recipe.data.eval is not None:
         trl.setdefault("eval_strategy", "steps")
         if trl["eval_strategy"] == "steps":
@@ -577,6 +575,8 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     from .trainer import ATRLTrainer
 
     args, rewards, data, peft_config = _run_inputs(recipe)
+    if args.use_cpu:  # DeepSpeed (when installed) would warn, at its first use in training, that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     model, processor = build_model(recipe)
     if args.process_index == 0:  # the dry run's summary, at the top of the run's log (once, not per rank)
         for line in _summary(recipe, args, rewards, data, peft_config, model.config, processor, weights="loaded",
@@ -678,8 +678,8 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
     `<output_dir>/final`, the resolved recipe to `<output_dir>/recipe.yaml`, the trainer state (log history) to
     `<output_dir>/trainer_state.json` and a figure of what training did to `<output_dir>/training_report.png`.
 
-    SIGTERM or SIGUSR1 stops training after the step in progress, with a checkpoint (`StopOnSignal`): then no
-    final/ is written and `trainer.stopped_by_signal` names the signal.
+    SIGTERM, SIGUSR1 or Ctrl-C stops training after the step in progress, with a checkpoint (`StopOnSignal`): then
+    no final/ is written and `trainer.stopped_by_signal` names the signal.
 
     From a script of your own, call it under `if __name__ == "__main__":`: the credit workers are spawned
     processes, which import the main module again (Python's rule for spawned processes)."""
