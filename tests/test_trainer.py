@@ -1,6 +1,7 @@
 """ATRLTrainer on the tiny Qwen2.5-VL, on CPU: every mode, exactness of `uniform`, where the weights go,
 robustness, resume after a kill, and two processes."""
 
+import gc
 import json
 import logging
 import math
@@ -8,10 +9,12 @@ import os
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from atrl.credit import assign_credit
@@ -334,6 +337,58 @@ def test_nonfinite_loss_and_flat_rewards_are_handled(tmp_path, caplog):
                       "(frac_reward_zero_std 1, mean reward 1): every advantage is 0, so nothing is learned from the "
                       "rewards. Read a few completions and their rewards (anchors/step-N.html; a reward function "
                       "returning a constant does this), or use data the model solves sometimes but not always.")]
+
+
+def _collector_sees(obj) -> bool:
+    """Whether `obj` is in one of the collector's generations (a frozen object is in none of them)."""
+    return any(o is obj for o in gc.get_objects())
+
+
+class _HeapDuringTraining(TrainerCallback):
+    """At the first step's end: whether the model (alive before training) is out of the collector's
+    generations, and whether a reference cycle made and dropped there is collected."""
+
+    def __init__(self):
+        self.model_frozen: bool | None = None
+        self.cycle_collected: bool | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.model_frozen is None:
+            class Node:
+                pass
+            a, b = Node(), Node()
+            a.other, b.other = b, a
+            ref = weakref.ref(a)
+            del a, b
+            gc.collect()
+            self.model_frozen, self.cycle_collected = not _collector_sees(model), ref() is None
+
+
+def _train_watching_the_heap(folder: Path, freeze_heap: bool = True) -> _HeapDuringTraining:
+    trainer = _trainer(folder, anchor=AnchorConfig(mode="uniform"), max_steps=1)
+    if not freeze_heap:
+        trainer.freeze_heap = False  # else the class's default
+    heap = _HeapDuringTraining()
+    trainer.add_callback(heap)
+    assert _collector_sees(trainer.model)
+    trainer.train()
+    assert _collector_sees(trainer.model)  # the heap is given back to the collector at the end
+    assert heap.cycle_collected  # garbage made while training is collected, frozen heap or not
+    return heap
+
+
+def test_training_keeps_the_heap_it_found_out_of_full_collections(tmp_path):
+    assert gc.get_freeze_count() == 0
+    assert _train_watching_the_heap(tmp_path / "on").model_frozen
+    assert gc.get_freeze_count() == 0
+    assert not _train_watching_the_heap(tmp_path / "off", freeze_heap=False).model_frozen
+    gc.freeze()  # a process that froze objects itself keeps those frozen (some die meanwhile), and nothing more
+    try:
+        mine = gc.get_freeze_count()
+        assert not _train_watching_the_heap(tmp_path / "mine").model_frozen
+        assert 0.9 * mine < gc.get_freeze_count() <= mine
+    finally:
+        gc.unfreeze()
 
 
 def test_run_summary_compares_the_first_and_last_logged_steps():

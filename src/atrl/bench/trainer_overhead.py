@@ -101,6 +101,22 @@ def generation_ab(model, processor, examples, reps: int, tokens: int) -> dict[st
     return times
 
 
+def full_collection_ms(reps: int = 5) -> dict[str, float]:
+    """Median milliseconds of one full garbage collection (`gc.collect()`) with the process's heap as it is and
+    with it frozen as `ATRLTrainer.train` keeps it (`heap_frozen`), interleaved: what each full collection in a
+    training step costs without and with the freeze."""
+    from atrl.rl.trainer import heap_frozen
+
+    times: dict[str, list[float]] = {"as it is": [], "frozen": []}
+    for _ in range(reps):
+        for name, ms in times.items():
+            with heap_frozen(name == "frozen"):
+                t0 = time.perf_counter()
+                gc.collect()
+                ms.append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ms) for name, ms in times.items()}
+
+
 def paired_block_ratios(block_rest: list[tuple[int, str, float]], base: str) -> dict[str, list[float]]:
     """Per mode, one ratio per round: the mode's block-median rest over `base`'s in the same round (the blocks of
     one round run back to back, so a slow stretch of the machine that spans the round cancels)."""
@@ -477,6 +493,9 @@ def main(argv: list[str] | None = None) -> None:
     # one short block first, not recorded: the process's first training pays one-off costs (allocator growth,
     # kernel selection) that would otherwise land on whichever mode runs first
     train_block(args.modes[-1], 2 * args.steps_per_generation)
+    full_gc = full_collection_ms()
+    print(f"one full garbage collection, median of 5: {full_gc['as it is']:.1f} ms with the heap as it is, "
+          f"{full_gc['frozen']:.2f} ms with it frozen (as training keeps it)", flush=True)
     rounds, block, t0 = args.blocks, 0, time.perf_counter()
     while block < rounds:
         for mode in (args.modes if block % 2 == 0 else args.modes[::-1]):
@@ -525,7 +544,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"spread of the {first} blocks (noise floor): {100 * noise:.2f}%")
     print("garbage-collector pauses per step, median (max) s, and full collections per step: "
           + ", ".join(f"{m} {statistics.median(gc_seconds[m]):.4f} ({max(gc_seconds[m]):.4f}) s, "
-                      f"{statistics.mean(gc_full[m]):.2f}" for m in args.modes))
+                      f"{statistics.mean(gc_full[m]):.2f}" for m in args.modes)
+          + f"; one full collection {full_gc['as it is']:.1f} ms with the heap as it is, {full_gc['frozen']:.2f} "
+            "ms frozen (training freezes it)")
     if block_memory:
         print("device memory allocated at each block's start (GiB): "
               + ", ".join(f"{m} {gib:.2f}" for m, gib in block_memory))
@@ -563,6 +584,7 @@ def main(argv: list[str] | None = None) -> None:
                            "block_memory_gib": block_memory, "allocator": allocator, "generation_ab": ab,
                            "credit_share": credit_share, "credit_loop": credit_loop,
                            "credit_cpu": credit_cpu, "gc_seconds": gc_seconds, "gc_full": gc_full,
+                           "full_collection_ms": full_gc,
                            "workers": args.workers, "region_grid": list(args.region_grid),
                            "steps_per_generation": args.steps_per_generation, "batch": args.batch,
                            "replayed_generation_s": replay.get("seconds"),
