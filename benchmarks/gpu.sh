@@ -2,10 +2,12 @@
 # The GPU benchmarks of issues 4 and 6 in one script, for one call on the lent machine (not CI).
 #
 #   ../shared/tools/gpu-wheels                      # here, once: trl, datasets, pymetis, ... into .whl/
-#   run(command="bash benchmarks/gpu.sh smoke probe", carry=[".whl"], timeout_s=450)  # tiny trainer, then probes
-#   run(command="bash benchmarks/gpu.sh trainer", carry=[".whl"], timeout_s=590)  # 3B trainer, both credit sites
+#   run(command="bash benchmarks/gpu.sh probe-batch", carry=[".whl"], timeout_s=420)  # probes at batch 4
+#   run(command="bash benchmarks/gpu.sh aligned", carry=[".whl"], timeout_s=380)  # 3B trainer, probes on its forward
+# (the fourth lease, an H100: start ~30 s, `smoke probe` 381 s, `aligned` 276 s, a short spg2 run 142 s)
 # Phases: smoke (the tiny trainer on CUDA, all modes, both credit sites: ~1 min), probe (3B and 7B probe overhead,
-# decoder scope, 7 configurations, with a profiled step: ~4 min), probe-alloc (the decoder scope with expandable
+# decoder scope, 7 configurations, with a profiled step: ~4 min), probe-batch (the same at batch 4, a trainer's
+# micro-batch: ~4.5 min), probe-alloc (the decoder scope with expandable
 # allocator segments: ~2-3 min), aligned (3B trainer, probes on the training forward, generation replayed, one profiled
 # cycle per mode: ~4 min on an H200), spg2 (3B trainer, probes on the old-log-prob pass, generation replayed:
 # ~2.5 min), trainer (= aligned spg2), generation-ab (generate with and without the probe's attention installed:
@@ -63,6 +65,18 @@ case $phase in
       echo "flash-attn is not installed: FlashAttention route not timed"
     fi
     grep -h "^#\|^|\|^probe vs\|^allocator\|rounds fit" "$out"/probe-*.txt ;;
+  probe-batch)
+    # the decoder scope at a trainer's micro-batch (4 sequences, the recipes' per_device_train_batch_size): at
+    # batch 1 the 3B step is near host-bound on the H100 (device idle 40% of the profiled step, fourth lease) and
+    # host jitter (+-15%) hides a fraction of a percent; at batch 4 the device's work grows 4x, the host's not
+    for shape in 3b 7b; do
+      timeout 240 python3 benchmarks/probe_overhead.py --shape "$shape" --batch 4 --reps 0 --decoder-reps 100 \
+        --seconds 80 --layer-reps 100 --profile-steps 2 --out "$out/probe-$shape-batch4.json" 2>&1 \
+        | tee "$out/probe-$shape-batch4.txt"
+      nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,power.draw,clocks_throttle_reasons.active \
+        --format=csv | sed "s/^/after $shape batch 4: /" | tee -a "$out/device.txt"
+    done
+    grep -h "^#\|^|\|^allocator\|rounds fit" "$out"/probe-*-batch4.txt ;;
   probe-alloc)
     # the decoder scope again with the caching allocator's expandable segments: if a probed step's fixed cost
     # (beyond its attention calls and the fixed-cost table) is the allocator splitting and freeing blocks,
@@ -95,7 +109,7 @@ case $phase in
     # model.generate with and without the probe's attention installed (third lease: 0.97, no cost) (~1.5 min)
     timeout 150 python3 benchmarks/trainer_overhead.py --shape 3b --steps 2 --blocks 1 --generation-ab 4 \
       --replay-generation --out "$out/generation-ab.json" 2>&1 | grep "^#\|^|" | tee "$out/generation-ab.txt" ;;
-  *) echo "unknown phase $phase: use smoke, probe, probe-alloc, aligned, spg2, trainer or generation-ab" >&2
+  *) echo "unknown phase $phase: use smoke, probe, probe-batch, probe-alloc, aligned, spg2, trainer or generation-ab" >&2
      exit 2 ;;
 esac
 done

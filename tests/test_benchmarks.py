@@ -70,9 +70,10 @@ def test_probe_overhead_decoder_scope_alone(tmp_path):
     out = tmp_path / "probe.json"
     stdout = _run("probe_overhead.py", "--shape", "tiny", "--device", "cpu", "--reps", "0", "--decoder-reps", "9",
                   "--seconds", "0.001", "--layer-reps", "2", "--warmup", "1", "--grid", "8", "--response", "16",
-                  "--out", str(out))
+                  "--batch", "2", "--out", str(out))
     result = json.loads(out.read_text())
     assert set(result["scopes"]) == {"decoder"}  # --reps 0 skips the whole-model scope
+    assert result["batch"] == 2 and "response tokens, batch 2," in stdout  # two sequences per step
     # a budget far below one round: the fewest rounds paired ratios are read from, not the 9 asked for
     assert "decoder scope: 5 rounds fit in 0.001 s" in stdout
     assert all(len(ts) == 5 for ts in result["scopes"]["decoder"]["raw_ms"].values())
@@ -109,8 +110,10 @@ def test_trainer_overhead_smoke(tmp_path):
         # 700 objects that trigger a young-generation collection, so the meter must have seen some
         assert len(result["gc_seconds"][mode]) == len(result["gc_full"][mode]) == 1
         assert result["gc_seconds"][mode][0] > 0 and result["gc_full"][mode][0] >= 0
-    assert re.search(r"^garbage-collector pauses per step.*atrl-overlap-off [\d.]+ \([\d.]+\) s, [\d.]+$", stdout,
-                     re.MULTILINE)
+    assert re.search(r"^garbage-collector pauses per step.*atrl-overlap-off [\d.]+ \([\d.]+\) s, [\d.]+; one full "
+                     r"collection [\d.]+ ms with the heap as it is, [\d.]+ ms frozen", stdout, re.MULTILINE)
+    full = result["full_collection_ms"]  # a full collection walks every tracked object, unless they are frozen
+    assert full["as it is"] > 10 * full["frozen"]
     for mode in modes:  # one generation per recorded cycle, a part of that cycle's step time
         assert len(result["generation"][mode]) == 1 and 0 < result["generation"][mode][0] < result["results"][mode][0]
     assert re.search(r"\| atrl-overlap-off \| [\d.]+ \| [\d.]+ \| [\d.]+-[\d.]+ \| [\d.]+ \| "

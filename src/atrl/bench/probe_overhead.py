@@ -91,7 +91,8 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, attn: str = "sdp
     return model
 
 
-def make_inputs(model, grid: int, response: int, prompt_text: int, device, dtype, seed: int = 0):
+def make_inputs(model, grid: int, response: int, prompt_text: int, device, dtype, seed: int = 0, batch: int = 1):
+    """One sequence (text, a `grid` x `grid` patch image, `response` tokens), `batch` copies of it."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     n_image = (grid // 2) ** 2
@@ -100,12 +101,13 @@ def make_inputs(model, grid: int, response: int, prompt_text: int, device, dtype
     ids[0, prompt_text] = cfg.vision_start_token_id
     ids[0, prompt_text + 1: prompt_text + 1 + n_image] = cfg.image_token_id
     ids[0, prompt_text + 1 + n_image] = cfg.vision_end_token_id
+    ids = ids.expand(batch, -1).clone()
     mm = (ids == cfg.image_token_id).int()
     patch_dim = 3 * 2 * 14 * 14
-    pixel_values = torch.randn(grid * grid, patch_dim, generator=g).to(dtype)
+    pixel_values = torch.randn(grid * grid, patch_dim, generator=g).to(dtype).repeat(batch, 1)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "mm_token_type_ids": mm.to(device), "pixel_values": pixel_values.to(device),
-            "image_grid_thw": torch.tensor([[1, grid, grid]]).to(device)}
+            "image_grid_thw": torch.tensor([[1, grid, grid]] * batch).to(device)}
 
 
 def step(model, batch, response: int, probe=None):
@@ -206,17 +208,17 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     ind = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid,
                                          dtype=torch.float32)
     probe.detach()
-    device, dtype, n_tokens = ind.device, model.dtype, ind.shape[1]
+    device, dtype, (B, n_tokens) = ind.device, model.dtype, ind.shape[:2]
     cfg = model.config.text_config
     H, H_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = cfg.hidden_size // H
     module = torch.nn.Module()
     module.is_causal, module.training, module.num_key_value_groups = True, True, H // H_kv
     g = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(1, H, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
-    k = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
-    v = torch.randn(1, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
-    grad = torch.randn(1, n_tokens, H, D, device=device, dtype=dtype, generator=g)
+    q = torch.randn(B, H, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(B, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(B, H_kv, n_tokens, D, device=device, dtype=dtype, generator=g).requires_grad_()
+    grad = torch.randn(B, n_tokens, H, D, device=device, dtype=dtype, generator=g)
     probed = probed_attention(sdpa_attention_forward, rows="auto")  # as registered for the decoder
     # name -> (attention function, probe route); route None: no capture
     variants = {"plain": (sdpa_attention_forward, None), "plain (again)": (sdpa_attention_forward, None),
@@ -267,10 +269,10 @@ def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     probe = ConnectivityProbe(model)  # the default layers: 4 of them
     probe.detach()
     R = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid).shape[-1]
-    device = batch["input_ids"].device
-    masses = torch.rand(len(probe.layers), 1, response, model.config.text_config.num_attention_heads, R,
+    device, B = batch["input_ids"].device, batch["input_ids"].shape[0]
+    masses = torch.rand(len(probe.layers), B, response, model.config.text_config.num_attention_heads, R,
                         device=device)
-    mask = torch.ones(1, response, dtype=torch.bool, device=device)
+    mask = torch.ones(B, response, dtype=torch.bool, device=device)
     def new_state():
         return probe._new_state(batch["input_ids"], batch["image_grid_thw"], response)
 
@@ -458,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--grid", type=int, default=64, help="patch grid side (tokens = (grid/2)^2)")
     ap.add_argument("--response", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=1,
+                    help="copies of the sequence per step (a trainer's micro-batch; the recipes' is 4): at batch 1 "
+                         "the 3B step is near host-bound, and host jitter hides a fraction of a percent")
     ap.add_argument("--reps", type=int, default=30, help="whole-model steps per configuration (0: skip that scope)")
     ap.add_argument("--decoder-reps", type=int, default=60, help="decoder-only steps per configuration")
     ap.add_argument("--seconds", type=float, default=0.0,
@@ -478,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build(args.shape, device, dtype, args.attn)
     small = make_inputs(model, 16, 64, 16, device, dtype, seed=1)
     print("\n".join(eager_checks(model, small)), flush=True)
-    batch = make_inputs(model, args.grid, args.response, 64, device, dtype)
+    batch = make_inputs(model, args.grid, args.response, 64, device, dtype, batch=args.batch)
     print(f"# SDPA backends at one probed layer's shapes ({batch['input_ids'].shape[1]} tokens, causal, GQA, "
           "forward only; `refused`: the backend does not take these shapes)")
     print("| Q, K, V head sizes | flash | efficient | cudnn | math | SDPA's own pick |\n|---|---|---|---|---|---|")
@@ -515,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
         return ms
 
     dev = torch.cuda.get_device_name() if cuda else "cpu"
-    result = {"device": dev, "shape": args.shape, "attn": args.attn, "scopes": {}}
+    result = {"device": dev, "shape": args.shape, "attn": args.attn, "batch": args.batch, "scopes": {}}
     vision_calls = [0]  # calls of the vision tower in the scope being timed: none in the decoder scope
     model.model.visual.register_forward_pre_hook(lambda *_: vision_calls.__setitem__(0, vision_calls[0] + 1))
     for scope, inputs, reps in (("model", batch, args.reps), ("decoder", decoder_batch, args.decoder_reps)):
@@ -545,7 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         what = "whole model, vision tower included" if scope == "model" else "decoder only, vision output cached"
         print(f"# probe overhead ({scope}: {what}), "
               f"Qwen2.5-VL-{args.shape} shape, {args.attn}, bf16={cuda}, {(args.grid // 2) ** 2} image + "
-              f"{args.response} response tokens, {reps} interleaved reps, device {dev}")
+              f"{args.response} response tokens, batch {args.batch}, {reps} interleaved reps, device {dev}")
         print("| configuration | median ms | IQR ms | time ratio | paired ratio (IQR) | peak GiB | memory ratio |")
         print("|---|---|---|---|---|---|---|")
         for name, row in rows.items():
