@@ -199,7 +199,7 @@ def test_sync_sites_name_the_call_and_the_atrl_line_that_led_to_it():
     """--sync-debug's attribution (its counts come from torch's CUDA sync debug mode, on a GPU only)."""
     import traceback
 
-    from atrl.bench.trainer_overhead import sync_site, sync_table
+    from atrl.bench.trainer_overhead import sync_net_table, sync_site, sync_table
 
     def frame(path, line, name):
         return traceback.FrameSummary(path, line, name)
@@ -217,6 +217,14 @@ def test_sync_sites_name_the_call_and_the_atrl_line_that_led_to_it():
     # the site that differs first
     assert rows[2] == "| atrl/rl/trainer.py:2 (g) | atrl/rl/trainer.py:2 (g) | 0.0 | 1.0 | +1.0 |"
     assert rows[3] == "| trl/x.py:1 (f) | - | 2.0 | 2.0 | +0.0 |" and rows[-1] == "| all | | 2.0 | 3.0 | +1.0 |"
+    # the same TRL call reached through another atrl line in one mode: two rows that cancel in sync_table, none
+    # in the net table, which keeps the call that differs
+    via = ("trl/x.py:1 (f)", "atrl/rl/trainer.py:9 (h)")
+    counts = {"uniform": {a: 6}, "atrl": {via: 6, b: 3}}
+    assert [r.split(" | ")[-1] for r in sync_table(counts, cycles=3, base="uniform")[2:4]] == ["-2.0 |", "+2.0 |"]
+    assert sync_net_table(counts, cycles=3, base="uniform")[2:] == ["| atrl/rl/trainer.py:2 (g) | 0.0 | 1.0 | +1.0 |"]
+    assert sync_net_table({"uniform": {a: 6}, "atrl": {via: 6}}, 3, "uniform") == [
+        "no call synchronises more or less often in atrl than in uniform"]
 
 
 def test_sync_sites_count_torch_sync_warnings_and_pass_others_on(monkeypatch):

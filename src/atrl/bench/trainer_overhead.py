@@ -236,6 +236,30 @@ def sync_table(counts: dict[str, dict[tuple[str, str], int]], cycles: int, base:
     return lines
 
 
+def sync_net_table(counts: dict[str, dict[tuple[str, str], int]], cycles: int, base: str) -> list[str]:
+    """Markdown rows: per call that synchronised, whatever atrl line led to it, the synchronisations per generation
+    cycle in each mode, only the calls whose count differs from `base` in some mode. A mode that reaches the same
+    call by another route (atrl's probed forward in place of TRL's plain one) shows in `sync_table` as a pair of
+    rows that cancel; here it does not show."""
+    modes = list(counts)
+    others = [m for m in modes if m != base]
+    per_call = {m: {} for m in modes}
+    for m, c in counts.items():
+        for (call, _), n in c.items():
+            per_call[m][call] = per_call[m].get(call, 0) + n
+    calls = sorted(c for c in {c for p in per_call.values() for c in p}
+                   if any(per_call[m].get(c, 0) != per_call[base].get(c, 0) for m in others))
+    if not calls:
+        return [f"no call synchronises more or less often in {', '.join(others)} than in {base}"]
+    lines = ["| call that synchronised (any atrl line) | " + " | ".join(f"{m} per cycle" for m in modes)
+             + "".join(f" | {m} - {base}" for m in others) + " |", "|---" * (1 + len(modes) + len(others)) + "|"]
+    for call in calls:
+        lines.append(f"| {call} | " + " | ".join(f"{per_call[m].get(call, 0) / cycles:.1f}" for m in modes)
+                     + "".join(f" | {(per_call[m].get(call, 0) - per_call[base].get(call, 0)) / cycles:+.1f}"
+                               for m in others) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="atrl bench trainer", description=__doc__.split(chr(10))[0])
     ap.add_argument("--shape", default="3b", choices=["3b", "7b", "tiny"])
@@ -614,6 +638,9 @@ def main(argv: list[str] | None = None) -> None:
         print("# host-device synchronisations per generation cycle, by the call that synchronised (sync debug mode, "
               "one block of 3 cycles per mode)")
         print("\n".join(sync_table(counts, 3, first)), flush=True)
+        print(f"# the same, net per call: the calls that synchronise more or less often than in {first}, whatever "
+              "atrl line led to them")
+        print("\n".join(sync_net_table(counts, 3, first)), flush=True)
         syncs.update({m: [[*site, n] for site, n in c.items()] for m, c in counts.items()})
         save()
     if args.profile:
