@@ -50,7 +50,8 @@ def test_probe_overhead_smoke(tmp_path):
     layer = result["layer"]
     assert set(layer) == {"plain", "plain (again)", "probed, split (the default with grads)",
                           "probed, split, values padded to the head size", "probed, split, second call on all rows",
-                          "probed, split, second call on the kept rows", "probed, one widened call (fused)"}
+                          "probed, split, second call on the kept rows", "probed, one widened call (fused)",
+                          "probed, split, a forward's first probed layer"}
     assert all(row["median_ms"] > 0 for row in layer.values())
     assert {name: len(ts) for name, ts in result["layer_raw_ms"].items()} == dict.fromkeys(layer, 4)
     assert {name: len(ts) for name, ts in result["fixed_raw_ms"].items()} == dict.fromkeys(result["fixed"], 50)

@@ -198,7 +198,11 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     kernel, with the indicator channels alone as values where SDPA picks the same kernel for them; for the
     comparison with values padded to the head size, on all rows through transformers' SDPA function (the third
     lease's call), and forced onto the kept rows) and the fused route forced (one call with V widened: the
-    probe's route before session 6)."""
+    probe's route before session 6).
+
+    Each probed variant keeps one capture state across its calls, as a forward's later probed layers find it
+    (the indicator values and SDPA's kernel choice made once per forward); "..., a forward's first probed layer"
+    builds a fresh state for every call, so its difference from the default is that per-forward work."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from atrl.probe import ConnectivityProbe
@@ -228,14 +232,22 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
                 "probed, split, second call on all rows": (probed_attention(sdpa_attention_forward), "split"),
                 "probed, split, second call on the kept rows": (probed_attention(sdpa_attention_forward, rows="kept"),
                                                                 "split"),
-                "probed, one widened call (fused)": (probed, "fused")}
+                "probed, one widened call (fused)": (probed, "fused"),
+                "probed, split, a forward's first probed layer": (probed, "split")}
+    fresh = "probed, split, a forward's first probed layer"
+    states: dict[str, ProbeState] = {}
+
+    def state_for(name: str, route: str) -> ProbeState:
+        if name == fresh or name not in states:
+            states[name] = ProbeState(indicators=ind, layer_of_module={id(module): 0}, keep_last=response + 1,
+                                      pad_qk=True, route=route)
+        return states[name]
 
     def call(name: str) -> float:
         function, route = variants[name]
         token = None
-        if route is not None:  # a fresh state per call, as each forward builds its own
-            token = activate(ProbeState(indicators=ind, layer_of_module={id(module): 0}, keep_last=response + 1,
-                                        pad_qk=True, route=route))
+        if route is not None:
+            token = activate(state_for(name, route))
         start, end = timers(device)
         start()
         out, _ = function(module, q, k, v, None, scaling=D ** -0.5)
