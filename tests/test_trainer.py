@@ -253,6 +253,7 @@ def test_overlapped_credit_waits_per_micro_batch_and_changes_nothing(tmp_path, m
     assert all(torch.equal(p_off[k], p_on[k]) for k in p_off)
     logs = [h for h in on.state.log_history if "loss" in h]
     assert all(h["atrl/time/credit_cpu_s"] > 0 for h in logs)
+    assert all(0 <= h["atrl/time/credit_wait_s"] <= h["atrl/time/credit_s"] for h in logs)
     rec = on.last_credit
     again = assign_credit(rec["conn"], rec["profile"], rec["mask"], on.credit_options)
     assert torch.equal(again.weights, rec["result"].weights)

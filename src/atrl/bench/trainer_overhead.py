@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def __init__(self):
             self.times, self.credit, self.cpu, self.generation = [], [], [], []
+            self.wait: list[float] = []
             self.gc_seconds, self.gc_full = [], []
             self._gc = [0.0, 0, 0.0]  # pause seconds and full collections since the last step, start of the current
             self.allocator_start: dict | None = None  # memory_stats() once the warm-up cycle has ended
@@ -378,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                 self.times.append(logs["step_time"])
                 self.credit.append(logs.get("atrl/time/credit_s", 0.0))
                 self.cpu.append(logs.get("atrl/time/credit_cpu_s", 0.0))
+                self.wait.append(logs.get("atrl/time/credit_wait_s", 0.0))
                 self.gc_seconds.append(self._gc[0])
                 self.gc_full.append(self._gc[1])
                 self._gc[:2] = [0.0, 0]
@@ -444,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     credit_share: dict[str, list[float]] = {m: [] for m in args.modes}  # time the loop spent on credit / step
     credit_loop: dict[str, list[float]] = {m: [] for m in args.modes}  # seconds the loop spent on credit per step
     credit_cpu: dict[str, list[float]] = {m: [] for m in args.modes}  # workers' partition CPU seconds per step
+    credit_wait: dict[str, list[float]] = {m: [] for m in args.modes}  # of the loop's, blocked on partitions
     gc_seconds: dict[str, list[float]] = {m: [] for m in args.modes}  # garbage-collector pauses, s per step
     gc_full: dict[str, list[float]] = {m: [] for m in args.modes}  # full (generation 2) collections per step
     blocks: list[tuple[str, float]] = []
@@ -535,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
                 credit_loop[mode].extend(cb.cycles(cb.credit))
                 credit_share[mode].extend(c / t for c, t in zip(cb.cycles(cb.credit), kept))
                 credit_cpu[mode].extend(cb.cycles(cb.cpu))
+                credit_wait[mode].extend(cb.cycles(cb.wait))
             blocks.append((mode, statistics.median(kept)))
             block_rest.append((block, mode, statistics.median(t - g for t, g in zip(kept, cb.generation[1:]))))
             print(f"block {block} {mode}: median step {statistics.median(kept):.3f} s over {len(kept)} steps, "
@@ -555,16 +559,17 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.batch} x {args.steps_per_generation} completions per step, credit n_workers={args.workers}, "
           f"device {dev}")
     print(f"| mode | median step s | steps | ratio to {first} | loop time in credit, s per step (share) | "
-          "partition CPU s per step |")
+          "of which blocked on partitions, s | partition CPU s per step |")
     # a "step" here is one generation cycle: steps_per_generation optimizer steps (the first cycle is warm-up)
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for mode in args.modes:
         med = statistics.median(results[mode])
-        share, cpu = credit_share[mode], credit_cpu[mode]
+        share, cpu, wait = credit_share[mode], credit_cpu[mode], credit_wait[mode]
         share_s = (f"{statistics.median(credit_loop[mode]):.4f} ({100 * statistics.median(share):.2f}%)"
                    if share else "-")
+        wait_s = f"{statistics.median(wait):.4f}" if wait else "-"
         cpu_s = f"{statistics.median(cpu):.3f}" if cpu else "-"
-        print(f"| {mode} | {med:.3f} | {len(results[mode])} | {med / med_0:.4f} | {share_s} | {cpu_s} |")
+        print(f"| {mode} | {med:.3f} | {len(results[mode])} | {med / med_0:.4f} | {share_s} | {wait_s} | {cpu_s} |")
     print(f"spread of the {first} blocks (noise floor): {100 * noise:.2f}%")
     print("garbage-collector pauses per step, median (max) s, and full collections per step: "
           + ", ".join(f"{m} {statistics.median(gc_seconds[m]):.4f} ({max(gc_seconds[m]):.4f}) s, "
@@ -607,7 +612,7 @@ def main(argv: list[str] | None = None) -> None:
                            "blocks": blocks, "block_rest": block_rest, "paired_rest_ratios": paired,
                            "block_memory_gib": block_memory, "allocator": allocator, "generation_ab": ab,
                            "credit_share": credit_share, "credit_loop": credit_loop,
-                           "credit_cpu": credit_cpu, "gc_seconds": gc_seconds, "gc_full": gc_full,
+                           "credit_cpu": credit_cpu, "credit_wait": credit_wait, "gc_seconds": gc_seconds, "gc_full": gc_full,
                            "full_collection_ms": full_gc,
                            "workers": args.workers, "region_grid": list(args.region_grid),
                            "steps_per_generation": args.steps_per_generation, "batch": args.batch,

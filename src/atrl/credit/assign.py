@@ -377,6 +377,12 @@ class PendingCredit:
                 ent[b, m] = torch.from_numpy(row.args[2])
         return conn, prof, mask, ent
 
+    def wait(self, rows: Sequence[int] | None = None) -> None:
+        """Wait for the partitions of `rows` (default: all); with `n_workers == 1`, compute them. A failed row
+        raises its error here."""
+        for r in self.rows if rows is None else rows:
+            self._row_result(int(r))
+
     def result(self, rows: Sequence[int] | None = None) -> CreditResult:
         """CreditResult for `rows` (default: all, in order), waiting for their partitions to finish."""
         rows = self.rows if rows is None else [int(r) for r in rows]

@@ -275,13 +275,16 @@ class ATRLTrainer(GRPOTrainer):
         """(b,) or (b, T) advantages of `rows` (default: all) -> (b, T) `W(C_k(t)) * A(i)`.
 
         Waits for those rows' partitions; logs the step's credit statistics and the time the trainer spent on
-        credit (submitting, waiting, assembling: `atrl/time/credit_s`) next to the workers' CPU time. On a report
-        step (`anchor.report_steps`), `completion_ids` (b, T) of the rows go into the step's anchor report."""
+        credit (submitting, waiting, assembling: `atrl/time/credit_s`; the part of it spent blocked on the hand-offs
+        and the partitions: `atrl/time/credit_wait_s`) next to the workers' CPU time. On a report step
+        (`anchor.report_steps`), `completion_ids` (b, T) of the rows go into the step's anchor report."""
         t0 = time.perf_counter()
         pending = credit.ready()
         cpu0 = pending.cpu_seconds
         measured = self.anchor.mode != "entropy"
         try:
+            pending.wait(rows)
+            waited = time.perf_counter() - t0
             result = pending.result(rows)
         except (ValueError, ProbeError) as err:
             if not self.anchor.fallback_to_uniform:
@@ -311,6 +314,7 @@ class ATRLTrainer(GRPOTrainer):
             "atrl/weight_min": [float(w.min())] if w.numel() else [],
             "atrl/weight_std": [float(w.std())] if w.numel() > 1 else [],
             "atrl/time/credit_s": [credit_s],
+            "atrl/time/credit_wait_s": [waited],
             "atrl/time/credit_cpu_s": [pending.cpu_seconds - cpu0],
         }
         if measured:  # statistics of the connectivity (or visual-dependency score) itself
@@ -380,7 +384,7 @@ class ATRLTrainer(GRPOTrainer):
     @staticmethod
     def _metric_names(measured: bool) -> list[str]:
         names = ["atrl/credit_fallback", "atrl/anchor_fraction", "atrl/weight_max", "atrl/weight_min",
-                 "atrl/weight_std", "atrl/time/credit_s", "atrl/time/credit_cpu_s"]
+                 "atrl/weight_std", "atrl/time/credit_s", "atrl/time/credit_wait_s", "atrl/time/credit_cpu_s"]
         if measured:
             names += ["atrl/anchor_conn", "atrl/other_conn", "atrl/bimodality", "atrl/num_parts", "atrl/degenerate",
                       "atrl/mean_conn"]
