@@ -2,12 +2,13 @@
 # The GPU benchmarks of issues 4 and 6 in one script, for one call on the lent machine (not CI).
 #
 #   ../shared/tools/gpu-wheels                      # here, once: trl, datasets, pymetis, ... into .whl/
-#   run(command="bash benchmarks/gpu.sh probe-batch", carry=[".whl"], timeout_s=420)  # probes at batch 4
+#   run(command="bash benchmarks/gpu.sh vision probe-batch", carry=[".whl"], timeout_s=540)  # vision tower; probes
 #   run(command="bash benchmarks/gpu.sh aligned", carry=[".whl"], timeout_s=380)  # 3B trainer, probes on its forward
 # (the fourth lease, an H100: start ~30 s, `smoke probe` 381 s, `aligned` 276 s, a short spg2 run 142 s)
 # Phases: smoke (the tiny trainer on CUDA, all modes, both credit sites: ~1 min), probe (3B and 7B probe overhead,
 # decoder scope, 7 configurations, with a profiled step: ~4 min), probe-batch (the same at batch 4, a trainer's
-# micro-batch: ~4.5 min), probe-alloc (the decoder scope with expandable
+# micro-batch: ~4.5 min), vision (the vision tower's attention, a call per window against one per layer: ~1.5 min),
+# probe-alloc (the decoder scope with expandable
 # allocator segments: ~2-3 min), aligned (3B trainer, probes on the training forward, generation replayed, one profiled
 # cycle per mode: ~4 min on an H200), spg2 (3B trainer, probes on the old-log-prob pass, generation replayed:
 # ~2.5 min), trainer (= aligned spg2), generation-ab (generate with and without the probe's attention installed:
@@ -77,6 +78,12 @@ case $phase in
         --format=csv | sed "s/^/after $shape batch 4: /" | tee -a "$out/device.txt"
     done
     grep -h "^#\|^|\|^allocator\|rounds fit" "$out"/probe-*-batch4.txt ;;
+  vision)
+    # the 3B/7B vision tower, 4 images of ~1,024 merged tokens (the recipes' max_pixels), forward + backward:
+    # transformers' SDPA loop (a call per window: the fourth lease's top host cost) against one call per layer
+    # (atrl.models.vision_attention, the recipes' default) (~1.5 min)
+    timeout 200 python3 benchmarks/vision_attention.py --shape 3b --images 4 --grid 64 --reps 40 --seconds 45 \
+      --out "$out/vision-3b.json" 2>&1 | tee "$out/vision-3b.txt" | grep "^#\|^|\|^largest" ;;
   probe-alloc)
     # the decoder scope again with the caching allocator's expandable segments: if a probed step's fixed cost
     # (beyond its attention calls and the fixed-cost table) is the allocator splitting and freeing blocks,
@@ -109,7 +116,7 @@ case $phase in
     # model.generate with and without the probe's attention installed (third lease: 0.97, no cost) (~1.5 min)
     timeout 150 python3 benchmarks/trainer_overhead.py --shape 3b --steps 2 --blocks 1 --generation-ab 4 \
       --replay-generation --out "$out/generation-ab.json" 2>&1 | grep "^#\|^|" | tee "$out/generation-ab.txt" ;;
-  *) echo "unknown phase $phase: use smoke, probe, probe-batch, probe-alloc, aligned, spg2, trainer or generation-ab" >&2
+  *) echo "unknown phase $phase: use smoke, probe, probe-batch, vision, probe-alloc, aligned, spg2, trainer or generation-ab" >&2
      exit 2 ;;
 esac
 done

@@ -160,6 +160,20 @@ def test_trainer_overhead_replays_one_generation(tmp_path):
         assert rest_mode == mode and 0 < r < step  # generation is taken out of each block's step
 
 
+def test_vision_attention_bench(tmp_path):
+    out = tmp_path / "vision.json"
+    stdout = _run("vision_attention.py", "--shape", "narrow", "--device", "cpu", "--images", "2", "--grid", "20",
+                  "--reps", "3", "--warmup", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    calls = result["calls_per_forward"]
+    # 8 layers: one call each packed; the loop makes one per window (20 x 20 patches: 9 windows of up to 8 x 8) in
+    # the 4 window layers and one per image in the 4 full-attention layers, for each of the 2 images
+    assert calls == {"sdpa, a call per window": 4 * 2 * 9 + 4 * 2, "packed, a call per layer": 8}
+    assert result["max_abs_diff"] <= 1e-5  # fp32: the same numbers
+    assert all(len(ts) == 3 for ts in result["raw_ms"].values())
+    assert "| packed, a call per layer | 8 |" in stdout
+
+
 def test_rounds_in_budget():
     from atrl.bench.probe_overhead import MIN_ROUNDS, rounds_in_budget
 

@@ -127,6 +127,7 @@ def test_overrides_are_typed_and_nested():
     (["--anchor.mode"], "has no value"),
     (["--anchor.overlap", "maybe"], "anchor.overlap=.maybe.: use true or false"),
     (["--model.dtype", "float8"], "model.dtype"),
+    (["--model.vision_attention", "fused"], "model.vision_attention='fused': use packed or per_window"),
     (["--data.knobs", "{quadrant: {size: 1}}"], r"knobs.quadrant has unknown keys \['size'\]"),
     (["--data.knobs", "{colour: {size: 1}}"], "knobs: unknown task family 'colour'"),
     (["--data.knobs", "{quadrant: {jitter: 0.3}}"], "knobs.quadrant: QuadrantKnobs.jitter=0.3"),
@@ -202,6 +203,16 @@ def test_dry_run_checks_config_rewards_data_and_capture_site_without_training(tm
     assert main([*common, *data, "--data.on_error", "skip"]) == 0
     printed = capsys.readouterr().out
     assert "rows, skipped 1 (prompt too long: 1)" in printed and "data.train checked" in printed
+
+
+def test_vision_attention_reaches_the_model():
+    from atrl.models.vision_attention import NAME
+    from atrl.rl.recipe import build_model
+
+    packed, _ = build_model(load_recipe(None))  # the default
+    assert packed.config.vision_config._attn_implementation == NAME
+    loop, _ = build_model(load_recipe(None, ["--model.vision_attention", "per_window"]))
+    assert loop.config.vision_config._attn_implementation == "sdpa"
 
 
 def test_pixel_range_reaches_the_processor_the_check_and_the_saved_model(tmp_path, capsys):

@@ -367,9 +367,11 @@ def _load(path: str, args: argparse.Namespace):
     MathVista on the CPU takes days), with --min-pixels / --max-pixels applied to its processor."""
     import torch
 
+    from .models.vision_attention import use_packed_vision_attention
     from .models.zoo import load_model, set_pixel_range
 
     model, processor = load_model(path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_packed_vision_attention(model)  # as training runs it (the recipes' default): one call per vision layer
     set_pixel_range(processor, args.min_pixels, args.max_pixels, names=("--min-pixels", "--max-pixels"))
     return model, processor
 

@@ -4,6 +4,7 @@
              device), paired against the same step without them; the probe checked against eager attention
     trainer  ATRLTrainer's step with `atrl` credit against `uniform`, same trainer, model, data and seed
     credit   partition time per response and planted-anchor recovery of each partition method, on this CPU
+    vision   the Qwen2.5-VL vision tower's step with transformers' per-window SDPA loop against one call per layer
 
 Each prints tables with medians, spreads and the device; probe and trainer write their raw numbers as JSON
 (`--out`). The same
@@ -11,4 +12,5 @@ scripts run as `python benchmarks/<module>.py` and in `benchmarks/gpu.sh` on the
 so far are in docs/benchmarks.md.
 """
 
-BENCHMARKS = {"probe": "probe_overhead", "trainer": "trainer_overhead", "credit": "credit_partition"}
+BENCHMARKS = {"probe": "probe_overhead", "trainer": "trainer_overhead", "credit": "credit_partition",
+              "vision": "vision_attention"}

@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
                          "synchronisation counted by the call that made it and the atrl line that led there")
     ap.add_argument("--replay-generation", action="store_true",
                     help="generate once, then train every step on a copy of that batch (see the module docstring)")
+    ap.add_argument("--vision-attention", choices=["packed", "per_window"], default="packed",
+                    help="the vision tower's attention: one SDPA call per layer (the recipes' default, "
+                         "model.vision_attention) or transformers' call per window")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.steps % args.steps_per_generation or args.steps < 2 * args.steps_per_generation:
@@ -328,6 +331,10 @@ def main(argv: list[str] | None = None) -> None:
         base.config.video_token_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
         base.config.vision_start_token_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
         base.config.vision_end_token_id = processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    if args.vision_attention == "packed":
+        from atrl.models.vision_attention import use_packed_vision_attention
+
+        use_packed_vision_attention(base)
     size = args.image_size
     examples = generate(64, seed=0, families=["count", "bar_value"],
                         knobs={"count": CountKnobs(image_size=size, cell=size // 5),
@@ -557,7 +564,7 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"# trainer step time, Qwen2.5-VL-{args.shape} shape, {args.completion}-token completions, "
           f"{args.batch} x {args.steps_per_generation} completions per step, credit n_workers={args.workers}, "
-          f"device {dev}")
+          f"vision attention {args.vision_attention}, device {dev}")
     print(f"| mode | median step s | steps | ratio to {first} | loop time in credit, s per step (share) | "
           "of which blocked on partitions, s | partition CPU s per step |")
     # a "step" here is one generation cycle: steps_per_generation optimizer steps (the first cycle is warm-up)

@@ -75,17 +75,23 @@ class ModelSection:
     min_pixels, max_pixels: the pixel range images are resized into (Qwen-VL processors; null: the checkpoint's
     own, for Qwen2.5-VL 3,136 to 12,845,056 pixels, i.e. up to 16,384 image tokens per image). An image costs
     about pixels / 784 tokens: max_pixels 1,003,520 (1,280 tokens) is a common choice for RL. The trained
-    model's processor is saved with it, so `atrl eval` sees images as training did."""
+    model's processor is saved with it, so `atrl eval` sees images as training did.
+    vision_attention: packed (a Qwen-VL vision tower on SDPA attends every window and image of a layer in one call,
+    `atrl.models.vision_attention`; the same numbers) or per_window (transformers' own loop: a call per window).
+    Other towers and implementations are left as they are."""
 
     path: str | None = None
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    vision_attention: str = "packed"
     min_pixels: int | None = None
     max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype={self.dtype!r}: use float32, bfloat16 or float16")
+        if self.vision_attention not in ("packed", "per_window"):
+            raise ValueError(f"model.vision_attention={self.vision_attention!r}: use packed or per_window")
         for name in ("min_pixels", "max_pixels"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -316,6 +322,7 @@ def _model_path(recipe: Recipe) -> str | Path | None:
 def build_model(recipe: Recipe):
     import torch
 
+    from ..models.vision_attention import use_packed_vision_attention
     from ..models.zoo import build_tiny_vlm, load_model, set_pixel_range
 
     dtype = getattr(torch, recipe.model.dtype)
@@ -325,6 +332,8 @@ def build_model(recipe: Recipe):
         model = model.to(dtype)
     else:
         model, processor = load_model(path, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
+    if recipe.model.vision_attention == "packed":
+        use_packed_vision_attention(model)
     set_pixel_range(processor, recipe.model.min_pixels, recipe.model.max_pixels)
     return model, processor
 

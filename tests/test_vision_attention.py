@@ -1,0 +1,111 @@
+"""The Qwen-VL vision towers' attention in one SDPA call per layer: the same outputs and gradients as
+transformers' per-window loop, one call per layer, and clear refusals."""
+
+import copy
+
+import pytest
+import torch
+
+from atrl.models.vision_attention import NAME, packed_sdpa_attention, use_packed_vision_attention
+from atrl.models.zoo import TinySize, build_tiny_vlm
+
+# an image whose sides are not whole windows (the tiny Qwen2.5-VL's windows are 4 x 4 patches): its border
+# windows are shorter, so the packed call pads and masks them; a second image of another size
+GRIDS = torch.tensor([[1, 12, 10], [1, 4, 8]])
+
+
+def _sdpa_calls(monkeypatch) -> list[tuple]:
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(q, *args, **kwargs):
+        calls.append(tuple(q.shape))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    return calls
+
+
+def _tower_step(model, pixels):
+    """The vision tower's merged output and the gradients of a loss on it (input and parameters)."""
+    model.zero_grad(set_to_none=True)
+    pixels = pixels.clone().requires_grad_()
+    out = model.model.visual(pixels, grid_thw=GRIDS).pooler_output
+    out.square().sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.model.visual.named_parameters() if p.grad is not None}
+    return out.detach(), pixels.grad, grads
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_packed_vision_attention_equals_the_per_window_loop(family, monkeypatch):
+    model, _ = build_tiny_vlm(family, size=TinySize(vision_layers=4), seed=0)
+    packed = copy.deepcopy(model)
+    assert use_packed_vision_attention(packed)
+    assert packed.config.vision_config._attn_implementation == NAME
+    assert packed.config.get_text_config()._attn_implementation == "sdpa"  # the decoder is not touched
+    pixels = torch.randn(int(GRIDS.prod(-1).sum()), model.model.visual.patch_embed.proj.weight[0].numel(),
+                         generator=torch.Generator().manual_seed(0))
+    calls = _sdpa_calls(monkeypatch)
+    out_loop, grad_loop, params_loop = _tower_step(model, pixels)
+    loop_calls, calls[:] = len(calls), []
+    out, grad, params = _tower_step(packed, pixels)
+    torch.testing.assert_close(out, out_loop, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, grad_loop, rtol=0, atol=1e-6)
+    assert params.keys() == params_loop.keys()
+    for name in params:
+        torch.testing.assert_close(params[name], params_loop[name], rtol=0, atol=1e-6)
+    layers = len(model.model.visual.blocks)
+    assert len(calls) == layers  # one call per layer (the forward's; the loss's backward makes none)
+    if family == "qwen2_vl":  # the loop: a call per image and layer
+        assert loop_calls == len(GRIDS) * layers
+    else:  # a call per image in the full-attention layers, per window in the others; windows batched here
+        assert loop_calls > len(GRIDS) * layers and any(shape[0] > len(GRIDS) for shape in calls)
+
+
+def test_a_whole_model_forward_is_unchanged(monkeypatch):
+    model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
+    packed = copy.deepcopy(model)
+    use_packed_vision_attention(packed)
+    from PIL import Image
+
+    images = [Image.new("RGB", (84, 56), (200, 30, 30)), Image.new("RGB", (56, 112), (30, 30, 200))]
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                             "text": "what?"}]}],
+                                           add_generation_prompt=True) for _ in images]
+    batch = processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
+
+
+def test_other_models_and_implementations_are_left_alone():
+    llava, _ = build_tiny_vlm("llava", seed=0)
+    assert not use_packed_vision_attention(llava)
+    eager, _ = build_tiny_vlm("qwen2_5_vl", seed=0)
+    eager.set_attn_implementation({"vision_config": "eager"})
+    assert not use_packed_vision_attention(eager)
+    assert eager.config.vision_config._attn_implementation == "eager"
+
+
+def test_packed_attention_refuses_what_it_is_not_for():
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 10, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="segment boundaries"):
+        packed_sdpa_attention(module, q, q, q, None)
+    with pytest.raises(ValueError, match="batch 1"):
+        packed_sdpa_attention(module, q.expand(2, -1, -1, -1), q, q, None, cu_seq_lens_q=cu)
+    with pytest.raises(ValueError, match="only mask"):
+        packed_sdpa_attention(module, q, q, q, torch.ones(1, 1, 10, 10, dtype=torch.bool), cu_seq_lens_q=cu)
+    with pytest.raises(ValueError, match="cover 12 positions, the sequence has 10"):
+        packed_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 4, 12], dtype=torch.int32))
+    with pytest.raises(ValueError, match="must rise strictly"):
+        packed_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 4, 4, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="share their segments"):
+        packed_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=cu,
+                              cu_seq_lens_k=torch.tensor([0, 5, 10], dtype=torch.int32))
+    # against an explicit block-diagonal softmax: segments [0, 4) and [4, 10) attend only within themselves
+    module.training = False
+    out, _ = packed_sdpa_attention(module, q, q, q, None, scaling=0.5, cu_seq_lens_q=cu)
+    expected = torch.cat([torch.softmax(q[0, :, a:b] @ q[0, :, a:b].transpose(-1, -2) * 0.5, -1) @ q[0, :, a:b]
+                          for a, b in ((0, 4), (4, 10))], dim=1)  # (H, S, D)
+    torch.testing.assert_close(out[0].transpose(0, 1), expected, rtol=0, atol=1e-6)
