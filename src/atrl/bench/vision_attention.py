@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -109,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# Qwen2.5-VL vision tower ({args.shape}: {SHAPES[args.shape][0]} layers, width {SHAPES[args.shape][1]}), "
           f"{args.images} images of {args.grid}x{args.grid} patches, forward + backward, {dtype}, {reps} interleaved "
           f"reps, device {dev}")
-    print("| attention | calls per forward | median ms | IQR ms | time ratio | paired ratio (IQR) |\n|---|---|---|---|---|---|")
+    print("| attention | calls per forward | median ms | IQR ms | time ratio | paired ratio (IQR) |")
+    print("|---|---|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {calls[name]} | {row['median_ms']:.2f} | {row['q1']:.2f}-{row['q3']:.2f} | "
               f"{row['ratio']:.4f} | {row['paired_ratio']:.4f} ({row['paired_q1']:.4f}-{row['paired_q3']:.4f}) |")
