@@ -388,3 +388,36 @@ def test_workers_end_with_a_killed_parent(tmp_path):
     while any(map(running, pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(map(running, pids)), [p for p in pids if running(p)]
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_a_stop_signal_while_a_worker_starts_up_does_not_kill_it(blocked):
+    """A pool starts its workers at `submit`, and a worker takes seconds to import torch before its initializer
+    ignores stop signals. A cluster's SIGTERM to the process group in that window killed the worker (the trainer
+    then stopped with BrokenProcessPool instead of saving its checkpoint). Submitted under
+    `stop_signals_blocked`, the worker starts with them blocked and survives; without it, it dies (the failure
+    this guards against, shown so that the test cannot pass for another reason)."""
+    import contextlib
+    import multiprocessing
+    import os
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from atrl._workers import exit_with_parent, stop_signals_blocked
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent)
+    try:
+        with stop_signals_blocked() if blocked else contextlib.nullcontext():
+            future = pool.submit(os.getpid)
+        (worker,) = [p for p in multiprocessing.active_children() if p.pid not in before]
+        os.kill(worker.pid, signal.SIGTERM)  # at once: the worker is still starting up
+        if blocked:
+            assert future.result(timeout=120) == worker.pid
+        else:
+            with pytest.raises(BrokenProcessPool):
+                future.result(timeout=120)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,4 +1,4 @@
-"""Worker processes that do not outlive the process that started them."""
+"""Worker processes that do not outlive the process that started them, and that a stop signal does not kill."""
 
 from __future__ import annotations
 
@@ -6,6 +6,33 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # the parent's to act on: it saves a checkpoint, then exits
+
+
+def _stop_signals() -> set[signal.Signals]:
+    return {getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)}
+
+
+@contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Wrap a process pool's `submit` in this (a pool starts its workers there, one at a time as work comes).
+
+    The calling thread blocks the stop signals, and a worker started meanwhile inherits the blocked mask through
+    fork and exec. A cluster's SIGTERM to the process group while a worker starts up (importing torch takes
+    seconds) then waits until `exit_with_parent` ignores it, where it used to kill the worker and break the pool
+    (BrokenProcessPool at the next submit). A stop signal that reaches the parent meanwhile is delivered to it
+    when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signals())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def exit_with_parent(poll_s: float = 0.5) -> None:
@@ -18,8 +45,10 @@ def exit_with_parent(poll_s: float = 0.5) -> None:
     parent = os.getppid()
     # A cluster's stop signal (or Ctrl-C) reaches the whole process group. The parent saves a checkpoint on
     # SIGTERM / SIGUSR1 after the step in progress, which may still need its workers; they end with the parent.
-    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for sig in _stop_signals():
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # started under `stop_signals_blocked`: what came meanwhile is dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _stop_signals())
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -324,10 +324,13 @@ class PendingCredit:
         workers = self.options.n_workers
         if workers > 1 and B > 1 and self.options.mode != "uniform":
             size = max(1, B // (4 * workers))
+            from .._workers import stop_signals_blocked
+
             pool = _worker_pool(workers)
             for i in range(0, B, size):
                 chunk = new[i:i + size]
-                job = pool.submit(_job, [r.args for r in chunk])
+                with stop_signals_blocked():  # a worker this starts cannot die of a stop signal before it ignores it
+                    job = pool.submit(_job, [r.args for r in chunk])
                 for slot, r in enumerate(chunk):
                     r.job, r.slot = job, slot
         return self

@@ -230,7 +230,10 @@ def math_equal(pred: str, gold: str, timeout: int = MATH_TIMEOUT_S) -> bool:
     in_main = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM")
     if in_main:
         return _math_verify_inline(pred, gold, timeout)
-    future = _math_pool().submit(_math_verify_inline, pred, gold, timeout)
+    from .._workers import stop_signals_blocked
+
+    with stop_signals_blocked():  # the worker this may start ignores stop signals before one can kill it
+        future = _math_pool().submit(_math_verify_inline, pred, gold, timeout)
     try:
         return future.result(timeout=2 * timeout + 30)  # +30 s: a cold worker imports sympy first
     except FutureTimeout:
