@@ -35,8 +35,10 @@ _LAYOUTS_KEPT = 8
 
 class _Layout:
     """Where each packed position comes from: `index` (segments, longest) into the sequence (padding points at the
-    segment's own first position), `valid` (segments, longest) marks real positions, `mask` (segments, 1, 1,
-    longest) the keys SDPA may attend to (None when every segment has the longest length)."""
+    segment's own first position); `mask` (segments, 1, 1, longest) the keys SDPA may attend to (None when every
+    segment has the longest length); `back` (S,) where each sequence position sits among the segments x longest
+    packed rows. All built on the host and copied once: reading them costs the device no synchronisation (a
+    boolean mask as an index would: its count of True is read back in every layer)."""
 
     def __init__(self, cu_seqlens: torch.Tensor):
         bounds = cu_seqlens.tolist()  # one read-back per layout, not per layer
@@ -49,9 +51,9 @@ class _Layout:
         valid = offsets[None, :] < lengths[:, None]
         index = starts[:, None] + torch.where(valid, offsets[None, :], 0)
         device = cu_seqlens.device
-        self.index = index.to(device, non_blocking=True)
-        self.valid = valid.to(device, non_blocking=True)
-        self.mask = None if bool(valid.all()) else self.valid[:, None, None, :]
+        self.index = index.to(device)
+        self.mask = None if bool(valid.all()) else valid[:, None, None, :].to(device)
+        self.back = valid.flatten().nonzero().squeeze(1).to(device)
         self.segments, self.longest, self.total = len(bounds) - 1, longest, bounds[-1]
 
 
@@ -91,8 +93,10 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 
     out = F.scaled_dot_product_attention(packed(query), packed(key), packed(value), attn_mask=layout.mask,
                                          dropout_p=dropout if module.training else 0.0, scale=scaling)
-    # (segments, H, longest, D) -> (segments, longest, H, D) -> the real positions, in sequence order
-    return out.transpose(1, 2)[layout.valid].unsqueeze(0), None
+    # (segments, H, longest, D) -> (segments x longest, H, D) -> the real positions, in sequence order
+    heads, head_size = out.shape[1], out.shape[3]
+    rows = out.transpose(1, 2).reshape(layout.segments * layout.longest, heads, head_size)
+    return rows.index_select(0, layout.back).unsqueeze(0), None
 
 
 def use_packed_vision_attention(model) -> bool:
