@@ -109,3 +109,30 @@ def test_packed_attention_refuses_what_it_is_not_for():
     expected = torch.cat([torch.softmax(q[0, :, a:b] @ q[0, :, a:b].transpose(-1, -2) * 0.5, -1) @ q[0, :, a:b]
                           for a, b in ((0, 4), (4, 10))], dim=1)  # (H, S, D)
     torch.testing.assert_close(out[0].transpose(0, 1), expected, rtol=0, atol=1e-6)
+
+
+def test_the_probe_rides_along_and_measures_the_same_connectivity():
+    """A probe attached to a model with the packed vision tower leaves the tower packed (and its detach too), and
+    the connectivity it records equals the per-window tower's: the decoder sees the same image features."""
+    from atrl.data.synthetic import build_prompt, generate
+    from atrl.probe import ConnectivityProbe
+
+    model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
+    packed = copy.deepcopy(model)
+    use_packed_vision_attention(packed)
+    tasks = generate(2, seed=4)
+    texts = [processor.apply_chat_template(build_prompt(t.question), add_generation_prompt=True) for t in tasks]
+    batch = processor(text=texts, images=[[t.image] for t in tasks], return_tensors="pt", padding=True)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    found = []
+    for m in (model, packed):
+        probe = ConnectivityProbe(m)
+        with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=6) as cap:
+            m(**batch)
+        found.append(cap.connectivity(mask))
+        probe.detach()
+    assert packed.config.vision_config._attn_implementation == NAME
+    (conn, profile), (conn_packed, profile_packed) = found
+    assert conn.min() > 0  # the last 6 positions (text after the image) do read it
+    torch.testing.assert_close(conn_packed, conn, rtol=0, atol=1e-6)
+    torch.testing.assert_close(profile_packed, profile, rtol=0, atol=1e-6)
