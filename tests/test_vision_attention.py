@@ -133,6 +133,6 @@ def test_the_probe_rides_along_and_measures_the_same_connectivity():
         probe.detach()
     assert packed.config.vision_config._attn_implementation == NAME
     (conn, profile), (conn_packed, profile_packed) = found
-    assert conn.min() > 0  # the last 6 positions (text after the image) do read it
+    assert conn.max() > 0  # the last 6 positions (text after the image) read it (debiased: some to 0)
     torch.testing.assert_close(conn_packed, conn, rtol=0, atol=1e-6)
     torch.testing.assert_close(profile_packed, profile, rtol=0, atol=1e-6)
