@@ -80,7 +80,7 @@ case $phase in
     grep -h "^#\|^|\|^allocator\|rounds fit" "$out"/probe-*-batch4.txt ;;
   vision)
     # the 3B/7B vision tower, 4 images of ~1,024 merged tokens (the recipes' max_pixels), forward + backward:
-    # transformers' SDPA loop (a call per window: the fourth lease's top host cost) against one call per layer
+    # transformers' SDPA loop (a call per window: the fourth lease's top host cost) against a call per segment length
     # (atrl.models.vision_attention, the recipes' default) (~1.5 min)
     timeout 200 python3 benchmarks/vision_attention.py --shape 3b --images 4 --grid 64 --reps 40 --seconds 45 \
       --out "$out/vision-3b.json" 2>&1 | tee "$out/vision-3b.txt" | grep "^#\|^|\|^largest" ;;

@@ -166,12 +166,14 @@ def test_vision_attention_bench(tmp_path):
                   "--reps", "3", "--warmup", "1", "--out", str(out))
     result = json.loads(out.read_text())
     calls = result["calls_per_forward"]
-    # 8 layers: one call each packed; the loop makes one per window (20 x 20 patches: 9 windows of up to 8 x 8) in
-    # the 4 window layers and one per image in the 4 full-attention layers, for each of the 2 images
-    assert calls == {"sdpa, a call per window": 4 * 2 * 9 + 4 * 2, "packed, a call per layer": 8}
+    # 8 layers: the loop makes a call per window (20 x 20 patches: 9 windows of up to 8 x 8) in the 4 window layers
+    # and one per image in the 4 full-attention layers, for each of the 2 images
+    # packed: per window layer a call for each window size (8 x 8, 8 x 4 or 4 x 8, 4 x 4 patches: 64, 32, 16), per
+    # full-attention layer one (both images 400 patches)
+    assert calls == {"sdpa, a call per window": 4 * 2 * 9 + 4 * 2, "packed, a call per segment length": 4 * 3 + 4}
     assert result["max_abs_diff"] <= 1e-5  # fp32: the same numbers
     assert all(len(ts) == 3 for ts in result["raw_ms"].values())
-    assert "| packed, a call per layer | 8 |" in stdout
+    assert "| packed, a call per segment length | 16 |" in stdout
 
 
 def test_rounds_in_budget():

@@ -1,5 +1,5 @@
-"""The Qwen-VL vision towers' attention in one SDPA call per layer: the same outputs and gradients as
-transformers' per-window loop, one call per layer, and clear refusals."""
+"""The Qwen-VL vision towers' attention in a call per segment length and layer: the same outputs and gradients
+as transformers' per-window loop, far fewer calls, none masked, and clear refusals."""
 
 import copy
 
@@ -15,11 +15,12 @@ GRIDS = torch.tensor([[1, 12, 10], [1, 4, 8]])
 
 
 def _sdpa_calls(monkeypatch) -> list[tuple]:
+    """(query shape, whether a mask was passed) of every SDPA call from now on."""
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
 
     def counted(q, *args, **kwargs):
-        calls.append(tuple(q.shape))
+        calls.append((tuple(q.shape), kwargs.get("attn_mask") is not None or len(args) > 2))
         return real(q, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
@@ -55,11 +56,16 @@ def test_packed_vision_attention_equals_the_per_window_loop(family, monkeypatch)
     for name in params:
         torch.testing.assert_close(params[name], params_loop[name], rtol=0, atol=1e-6)
     layers = len(model.model.visual.blocks)
-    assert len(calls) == layers  # one call per layer (the forward's; the loss's backward makes none)
+    # a call per distinct segment length and layer, never masked. Whole images: 12 x 10 = 120 and 4 x 8 = 32
+    # patches. Qwen2.5-VL's windows (2 x 2 merged tokens, 16 patches): the first image's 6 x 5 merged grid ends in
+    # a column of half windows (8 patches), the second's 2 x 4 has none
+    assert not any(masked for _, masked in calls)
+    assert len(calls) == 2 * layers
     if family == "qwen2_vl":  # the loop: a call per image and layer
-        assert loop_calls == len(GRIDS) * layers
-    else:  # a call per image in the full-attention layers, per window in the others; windows batched here
-        assert loop_calls > len(GRIDS) * layers and any(shape[0] > len(GRIDS) for shape in calls)
+        assert loop_calls == len(GRIDS) * layers and {shape[2] for shape, _ in calls} == {32, 120}
+    else:  # the loop: a call per image in the full-attention layer, per window in the others
+        assert loop_calls > 3 * len(calls) and {shape[2] for shape, _ in calls} == {8, 16, 32, 120}
+        assert max(shape[0] for shape, _ in calls) > len(GRIDS)  # windows batched
 
 
 def test_a_whole_model_forward_is_unchanged(monkeypatch):
@@ -103,7 +109,8 @@ def test_packed_attention_refuses_what_it_is_not_for():
     with pytest.raises(ValueError, match="share their segments"):
         packed_sdpa_attention(module, q, q, q, None, cu_seq_lens_q=cu,
                               cu_seq_lens_k=torch.tensor([0, 5, 10], dtype=torch.int32))
-    # against an explicit block-diagonal softmax: segments [0, 4) and [4, 10) attend only within themselves
+    # against an explicit block-diagonal softmax: segments [0, 4) and [4, 10) attend only within themselves (two
+    # lengths: two calls, joined back in sequence order)
     module.training = False
     out, _ = packed_sdpa_attention(module, q, q, q, None, scaling=0.5, cu_seq_lens_q=cu)
     expected = torch.cat([torch.softmax(q[0, :, a:b] @ q[0, :, a:b].transpose(-1, -2) * 0.5, -1) @ q[0, :, a:b]

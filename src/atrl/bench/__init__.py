@@ -4,7 +4,8 @@
              device), paired against the same step without them; the probe checked against eager attention
     trainer  ATRLTrainer's step with `atrl` credit against `uniform`, same trainer, model, data and seed
     credit   partition time per response and planted-anchor recovery of each partition method, on this CPU
-    vision   the Qwen2.5-VL vision tower's step with transformers' per-window SDPA loop against one call per layer
+    vision   the Qwen2.5-VL vision tower's step with transformers' per-window SDPA loop against a call per
+             segment length
 
 Each prints tables with medians, spreads and the device; probe and trainer write their raw numbers as JSON
 (`--out`). The same

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replay-generation", action="store_true",
                     help="generate once, then train every step on a copy of that batch (see the module docstring)")
     ap.add_argument("--vision-attention", choices=["packed", "per_window"], default="packed",
-                    help="the vision tower's attention: one SDPA call per layer (the recipes' default, "
+                    help="the vision tower's attention: a few SDPA calls per layer, one per segment length (the recipes' default, "
                          "model.vision_attention) or transformers' call per window")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

@@ -1,5 +1,5 @@
 """The Qwen2.5-VL vision tower's forward + backward with transformers' SDPA loop (one attention call per window
-or image) against `atrl.models.vision_attention` (one call per layer), interleaved on the same module (not a
+or image) against `atrl.models.vision_attention` (a call per segment length), interleaved on the same module (not a
 test).
 
     python -m atrl.bench.vision_attention --shape 3b --images 4 --grid 64     # on the GPU machine: the recipes'
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     grid_thw = torch.tensor([[1, args.grid, args.grid]] * args.images, device=device)
     pixels = torch.randn(args.images * args.grid ** 2, 3 * 2 * 14 * 14, generator=g).to(device, dtype)
-    routes = {"sdpa, a call per window": "sdpa", "packed, a call per layer": NAME}
+    routes = {"sdpa, a call per window": "sdpa", "packed, a call per segment length": NAME}
     calls = {name: 0 for name in routes}
     counting = [None]
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -1,4 +1,4 @@
-"""The Qwen-VL vision towers' attention in one SDPA call per layer instead of one per window.
+"""The Qwen-VL vision towers' attention in a call per segment length and layer (a few) instead of one per window.
 
 transformers' Qwen2-VL and Qwen2.5-VL vision attention hands its packed sequence (every image's patches, in
 windows on Qwen2.5-VL's window layers) to a FlashAttention implementation whole, with the segment boundaries
@@ -9,10 +9,12 @@ backward: on an H100 at the 3B shape the training step spent more host time in t
 (docs/benchmarks.md), and the step was host-bound.
 
 `packed_sdpa_attention` takes the FlashAttention calling convention (`cu_seq_lens_q`, `max_length_q`) and
-computes every segment in one SDPA call: the segments are gathered into a (segments, heads, longest, head size)
-batch, the shorter ones padded and masked out of the keys, and the outputs scattered back into sequence order.
-The layout is computed once per `cu_seqlens` tensor (the vision tower makes two per forward: windows and whole
-images), not once per layer. transformers routes `cu_seqlens` only to implementations whose name contains
+computes the segments of each length in one SDPA call: the segments of that length are gathered into a
+(segments, heads, length, head size) batch, and the outputs are scattered back into sequence order. Windows are
+mostly of one size (border windows of a few others), whole images of one size per image size: a few calls per
+layer, each unpadded and unmasked, so SDPA picks the kernel it picks for one segment. The layout is computed
+once per `cu_seqlens` tensor (the vision tower makes two per forward: windows and whole images), not once per
+layer. transformers routes `cu_seqlens` only to implementations whose name contains
 "flash" (`is_flash_attention_requested`), hence the registered name.
 
     from atrl.models.vision_attention import use_packed_vision_attention
@@ -34,11 +36,11 @@ _LAYOUTS_KEPT = 8
 
 
 class _Layout:
-    """Where each packed position comes from: `index` (segments, longest) into the sequence (padding points at the
-    segment's own first position); `mask` (segments, 1, 1, longest) the keys SDPA may attend to (None when every
-    segment has the longest length); `back` (S,) where each sequence position sits among the segments x longest
-    packed rows. All built on the host and copied once: reading them costs the device no synchronisation (a
-    boolean mask as an index would: its count of True is read back in every layer)."""
+    """The segments grouped by length: `groups` holds, per distinct length L, the (segments of that length, L)
+    positions of each in the sequence; `back` (S,) where each sequence position sits among the groups' outputs
+    laid end to end. Equal-length segments need no padding and no mask, so each group's call takes the kernel
+    a single segment's call takes (flash or cuDNN, never the masked or math path). All built on the host and
+    copied once: reading them costs the device no synchronisation."""
 
     def __init__(self, cu_seqlens: torch.Tensor):
         bounds = cu_seqlens.tolist()  # one read-back per layout, not per layer
@@ -46,15 +48,15 @@ class _Layout:
         lengths = torch.tensor(bounds[1:], dtype=torch.long) - starts
         if len(bounds) < 2 or int(lengths.min()) <= 0:
             raise ValueError(f"vision attention: segment boundaries {bounds[:8]}... must rise strictly")
-        longest = int(lengths.max())
-        offsets = torch.arange(longest)
-        valid = offsets[None, :] < lengths[:, None]
-        index = starts[:, None] + torch.where(valid, offsets[None, :], 0)
         device = cu_seqlens.device
-        self.index = index.to(device)
-        self.mask = None if bool(valid.all()) else valid[:, None, None, :].to(device)
-        self.back = valid.flatten().nonzero().squeeze(1).to(device)
-        self.segments, self.longest, self.total = len(bounds) - 1, longest, bounds[-1]
+        groups, order = [], []
+        for length in sorted(set(lengths.tolist())):
+            positions = starts[lengths == length][:, None] + torch.arange(length)  # (segments, length)
+            groups.append(positions.to(device))
+            order.append(positions.flatten())
+        self.groups = groups
+        self.back = torch.argsort(torch.cat(order)).to(device)  # sequence position -> row of the joined outputs
+        self.total = bounds[-1]
 
 
 def _layout(cu_seqlens: torch.Tensor) -> _Layout:
@@ -88,15 +90,14 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         raise ValueError(f"packed vision attention: the segments cover {layout.total} positions, the sequence has "
                          f"{query.shape[2]}")
 
-    def packed(x: torch.Tensor) -> torch.Tensor:  # (1, H, S, D) -> (segments, H, longest, D)
-        return x[0][:, layout.index].transpose(0, 1)
-
-    out = F.scaled_dot_product_attention(packed(query), packed(key), packed(value), attn_mask=layout.mask,
-                                         dropout_p=dropout if module.training else 0.0, scale=scaling)
-    # (segments, H, longest, D) -> (segments x longest, H, D) -> the real positions, in sequence order
-    heads, head_size = out.shape[1], out.shape[3]
-    rows = out.transpose(1, 2).reshape(layout.segments * layout.longest, heads, head_size)
-    return rows.index_select(0, layout.back).unsqueeze(0), None
+    dropout = dropout if module.training else 0.0
+    rows = []
+    for positions in layout.groups:  # (segments, length): a call per distinct segment length
+        q, k, v = (x[0][:, positions].transpose(0, 1) for x in (query, key, value))  # (segments, H, length, D)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+        rows.append(out.transpose(1, 2).flatten(0, 1))  # (segments x length, H, D)
+    joined = rows[0] if len(rows) == 1 else torch.cat(rows)
+    return joined.index_select(0, layout.back).unsqueeze(0), None
 
 
 def use_packed_vision_attention(model) -> bool:

@@ -76,9 +76,9 @@ class ModelSection:
     own, for Qwen2.5-VL 3,136 to 12,845,056 pixels, i.e. up to 16,384 image tokens per image). An image costs
     about pixels / 784 tokens: max_pixels 1,003,520 (1,280 tokens) is a common choice for RL. The trained
     model's processor is saved with it, so `atrl eval` sees images as training did.
-    vision_attention: packed (a Qwen-VL vision tower on SDPA attends every window and image of a layer in one call,
-    `atrl.models.vision_attention`; the same numbers) or per_window (transformers' own loop: a call per window).
-    Other towers and implementations are left as they are."""
+    vision_attention: packed (a Qwen-VL vision tower on SDPA attends a layer's windows or images of one size in
+    one call, `atrl.models.vision_attention`; the same numbers) or per_window (transformers' own loop: a call per
+    window). Other towers and implementations are left as they are."""
 
     path: str | None = None
     dtype: str = "float32"
