@@ -9,7 +9,7 @@ test).
 `3b`: the 3B/7B vision tower (32 layers, width 1280, 16 heads, full attention in 4 layers, windows elsewhere), in
 bf16 on a GPU. `narrow`: the same windows and layer pattern at width 64 (8 layers): little arithmetic per call,
 so what it times is mostly each call's host cost. Prints the two routes' outputs' largest difference, the
-attention calls per forward, and the step times with their paired ratio.
+attention calls per forward, the step times with their paired ratio, and (on a GPU) each route's peak memory.
 """
 
 from __future__ import annotations
@@ -72,15 +72,22 @@ def main(argv: list[str] | None = None) -> None:
             calls[counting[0]] += 1
         return sdpa(*a, **kw)
 
+    peaks = {name: float("nan") for name in routes}  # GiB allocated at most during the first (counted) step
+
     def step(name: str, count: bool = False) -> tuple[float, torch.Tensor]:
         tower.config._attn_implementation = routes[name]
         tower.zero_grad(set_to_none=True)
         counting[0] = name if count else None
+        if cuda and count:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start, stop = timers(device)
         start()
         out = tower(pixels, grid_thw=grid_thw).pooler_output
         out.float().square().mean().backward()
         ms = stop()
+        if cuda and count:
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**30
         counting[0] = None
         return ms, out.detach()
 
@@ -108,16 +115,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# Qwen2.5-VL vision tower ({args.shape}: {SHAPES[args.shape][0]} layers, width {SHAPES[args.shape][1]}), "
           f"{args.images} images of {args.grid}x{args.grid} patches, forward + backward, {dtype}, {reps} interleaved "
           f"reps, device {dev}")
-    print("| attention | calls per forward | median ms | IQR ms | time ratio | paired ratio (IQR) |")
-    print("|---|---|---|---|---|---|")
+    print("| attention | calls per forward | median ms | IQR ms | time ratio | paired ratio (IQR) | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {calls[name]} | {row['median_ms']:.2f} | {row['q1']:.2f}-{row['q3']:.2f} | "
-              f"{row['ratio']:.4f} | {row['paired_ratio']:.4f} ({row['paired_q1']:.4f}-{row['paired_q3']:.4f}) |")
+              f"{row['ratio']:.4f} | {row['paired_ratio']:.4f} ({row['paired_q1']:.4f}-{row['paired_q3']:.4f}) | "
+              f"{peaks[name]:.3f} |")
     print(f"largest difference between the two routes' outputs: {diff:.2e} ({dtype})")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"device": dev, "shape": args.shape, "images": args.images, "grid": args.grid,
-                       "calls_per_forward": calls, "rows": rows, "raw_ms": times, "max_abs_diff": diff}, fh, indent=1)
+                       "calls_per_forward": calls, "rows": rows, "raw_ms": times, "max_abs_diff": diff,
+                       "peak_gib": peaks}, fh, indent=1)
 
 
 if __name__ == "__main__":
