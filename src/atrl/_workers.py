@@ -9,7 +9,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # the parent's to act on: it saves a checkpoint, then exits
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # a cluster's time limit or preemption (SLURM: --signal=TERM@120),
+# `kill`, Ctrl-C: the training process's to act on (`atrl.rl.checkpoints.StopOnSignal`), its workers ignore them
 
 
 def _stop_signals() -> set[signal.Signals]:

@@ -39,8 +39,7 @@ def build_tower(shape: str, device: torch.device, dtype: torch.dtype):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from atrl.models.vision_attention import NAME, packed_sdpa_attention
-    from transformers import AttentionInterface
+    from atrl.models.vision_attention import register_packed_vision_attention
 
     from .probe_overhead import rounds_in_budget, summary, timers
 
@@ -57,12 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    AttentionInterface.register(NAME, packed_sdpa_attention)
+    packed = register_packed_vision_attention()
     tower = build_tower(args.shape, device, dtype)
     g = torch.Generator().manual_seed(0)
     grid_thw = torch.tensor([[1, args.grid, args.grid]] * args.images, device=device)
     pixels = torch.randn(args.images * args.grid ** 2, 3 * 2 * 14 * 14, generator=g).to(device, dtype)
-    routes = {"sdpa, a call per window": "sdpa", "packed, a call per segment length": NAME}
+    routes = {"sdpa, a call per window": "sdpa", "packed, a call per segment length": packed}
     calls = {name: 0 for name in routes}
     counting = [None]
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -36,6 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .._workers import exit_with_parent, stop_signals_blocked
 from .graph import PARTITION_METHODS, num_parts, partition_tokens
 from .weights import (
     bimodality_coefficient,
@@ -249,8 +250,6 @@ def _worker_pool(n_workers: int) -> ProcessPoolExecutor:
 
 
 def _init_worker() -> None:
-    from .._workers import exit_with_parent
-
     exit_with_parent()
     torch.set_num_threads(1)
     from threadpoolctl import threadpool_limits
@@ -324,8 +323,6 @@ class PendingCredit:
         workers = self.options.n_workers
         if workers > 1 and B > 1 and self.options.mode != "uniform":
             size = max(1, B // (4 * workers))
-            from .._workers import stop_signals_blocked
-
             pool = _worker_pool(workers)
             for i in range(0, B, size):
                 chunk = new[i:i + size]

@@ -100,17 +100,22 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return joined.index_select(0, layout.back).unsqueeze(0), None
 
 
+def register_packed_vision_attention() -> str:
+    """Register `packed_sdpa_attention` with transformers' AttentionInterface; returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, packed_sdpa_attention)
+    return NAME
+
+
 def use_packed_vision_attention(model) -> bool:
     """Put `model`'s vision tower on `packed_sdpa_attention` where it is a Qwen2-VL / Qwen2.5-VL tower on SDPA;
     returns whether it did (other models and implementations are left as they are)."""
-    from transformers import AttentionInterface
-
     config = model.config
     vision = getattr(config, "vision_config", None)
     if getattr(config, "model_type", None) not in ("qwen2_vl", "qwen2_5_vl") or vision is None:
         return False
     if vision._attn_implementation != "sdpa":
         return False
-    AttentionInterface.register(NAME, packed_sdpa_attention)
-    model.set_attn_implementation({"vision_config": NAME})
+    model.set_attn_implementation({"vision_config": register_packed_vision_attention()})
     return True

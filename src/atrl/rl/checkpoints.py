@@ -19,6 +19,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .._workers import STOP_SIGNALS
+
 logger = logging.getLogger("atrl")
 
 MARKER = "atrl_complete.json"
@@ -85,10 +87,6 @@ def run_history(folder: str | os.PathLike) -> tuple[list[dict], Path]:
 
 
 # ------------------------------------------------------------------------------------------------ stop on a signal
-
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # a cluster's time limit or preemption (SLURM:
-# --signal=TERM@120), `kill`, Ctrl-C (a second Ctrl-C stops at once)
-
 
 class StopOnSignal(TrainerCallback):
     """SIGTERM, SIGUSR1 or Ctrl-C during training: the step in progress finishes, a checkpoint is saved, training

@@ -35,6 +35,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
+from .._workers import exit_with_parent, stop_signals_blocked
+
 ANSWER_TYPES = ("integer", "float", "number", "choice", "multi_choice", "math", "expression", "list", "text",
                 "free_form")
 MAX_ANSWER_CHARS = 2000  # longer extracted answers are judged wrong without parsing
@@ -206,8 +208,6 @@ def _math_pool() -> ProcessPoolExecutor:
         if _MATH_POOL is None:
             import multiprocessing
 
-            from .._workers import exit_with_parent
-
             _MATH_POOL = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=exit_with_parent)
         return _MATH_POOL
@@ -230,8 +230,6 @@ def math_equal(pred: str, gold: str, timeout: int = MATH_TIMEOUT_S) -> bool:
     in_main = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM")
     if in_main:
         return _math_verify_inline(pred, gold, timeout)
-    from .._workers import stop_signals_blocked
-
     with stop_signals_blocked():  # the worker this may start ignores stop signals before one can kill it
         future = _math_pool().submit(_math_verify_inline, pred, gold, timeout)
     try:
