@@ -104,17 +104,28 @@ def generation_ab(model, processor, examples, reps: int, tokens: int) -> dict[st
 def full_collection_ms(reps: int = 5) -> dict[str, float]:
     """Median milliseconds of one full garbage collection (`gc.collect()`) with the process's heap as it is and
     with it frozen as `ATRLTrainer.train` keeps it (`heap_frozen`), interleaved: what each full collection in a
-    training step costs without and with the freeze."""
+    training step costs without and with the freeze. "already frozen": the objects the process had frozen before
+    (`gc.freeze` by its start-up or a library); `heap_frozen` leaves such a process as it is, so then both
+    timings are of the heap as it is."""
     from atrl.rl.trainer import heap_frozen
 
     times: dict[str, list[float]] = {"as it is": [], "frozen": []}
+    already = gc.get_freeze_count()
     for _ in range(reps):
         for name, ms in times.items():
             with heap_frozen(name == "frozen"):
                 t0 = time.perf_counter()
                 gc.collect()
                 ms.append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(ms) for name, ms in times.items()}
+    return {name: statistics.median(ms) for name, ms in times.items()} | {"already frozen": already}
+
+
+def gc_note(full_gc: dict[str, float]) -> str:
+    """What the side-by-side collection timings mean when the process had frozen objects before."""
+    if not full_gc["already frozen"]:
+        return ""
+    return (f" -- NOT APPLIED: the process had {int(full_gc['already frozen'])} objects frozen before (its start-up "
+            "or a library called gc.freeze), and training leaves such a process's collector as it is")
 
 
 def paired_block_ratios(block_rest: list[tuple[int, str, float]], base: str) -> dict[str, list[float]]:
@@ -529,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     train_block(args.modes[-1], 2 * args.steps_per_generation)
     full_gc = full_collection_ms()
     print(f"one full garbage collection, median of 5: {full_gc['as it is']:.1f} ms with the heap as it is, "
-          f"{full_gc['frozen']:.2f} ms with it frozen (as training keeps it)", flush=True)
+          f"{full_gc['frozen']:.2f} ms with it frozen (as training keeps it){gc_note(full_gc)}", flush=True)
     rounds, block, t0 = args.blocks, 0, time.perf_counter()
     while block < rounds:
         for mode in (args.modes if block % 2 == 0 else args.modes[::-1]):
@@ -582,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
           + ", ".join(f"{m} {statistics.median(gc_seconds[m]):.4f} ({max(gc_seconds[m]):.4f}) s, "
                       f"{statistics.mean(gc_full[m]):.2f}" for m in args.modes)
           + f"; one full collection {full_gc['as it is']:.1f} ms with the heap as it is, {full_gc['frozen']:.2f} "
-            "ms frozen (training freezes it)")
+            f"ms frozen (training freezes it){gc_note(full_gc)}")
     if block_memory:
         print("device memory allocated at each block's start (GiB): "
               + ", ".join(f"{m} {gib:.2f}" for m, gib in block_memory))

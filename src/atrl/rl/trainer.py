@@ -135,7 +135,12 @@ def heap_frozen(enabled: bool = True) -> Iterator[None]:
     in every credit mode (`atrl bench trainer`'s collector meter): about 14% of the step besides generation,
     and a source of step-to-step noise. Frozen after a collection (`gc.freeze`), those objects are skipped;
     the objects made while training are collected as before. A process that has frozen objects itself is
-    left as it is."""
+    left as it is (logged: its full collections still walk the rest of its heap), since `gc.unfreeze` at the
+    end would give back its objects with ours."""
+    if enabled and gc.get_freeze_count():
+        logger.info("Python's garbage collector left as it is: the process already holds %d frozen objects "
+                    "(gc.freeze), so training does not freeze its heap; full collections walk the %d objects "
+                    "still tracked", gc.get_freeze_count(), len(gc.get_objects()))
     if not enabled or gc.get_freeze_count():
         yield
         return
