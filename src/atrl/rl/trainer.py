@@ -133,7 +133,8 @@ def heap_frozen(enabled: bool = True) -> Iterator[None]:
     A full collection walks every object the collector tracks: about 470,000 once torch, transformers, TRL and a
     trainer are loaded. On the lent H100 machine at the 3B shape that took about 0.3 s, once per optimizer step,
     in every credit mode (`atrl bench trainer`'s collector meter): about 14% of the step besides generation,
-    and a source of step-to-step noise. Frozen after a collection (`gc.freeze`), those objects are skipped;
+    and a source of step-to-step noise (fourth lease; in the fifth, with the vision tower's attention packed,
+    the step no longer ran one). Frozen after a collection (`gc.freeze`), those objects are skipped;
     the objects made while training are collected as before. A process that has frozen objects itself is
     left as it is (logged: its full collections still walk the rest of its heap), since `gc.unfreeze` at the
     end would give back its objects with ours."""
