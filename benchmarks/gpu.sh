@@ -116,7 +116,8 @@ case $phase in
     # model.generate with and without the probe's attention installed (third lease: 0.97, no cost) (~1.5 min)
     timeout 150 python3 benchmarks/trainer_overhead.py --shape 3b --steps 2 --blocks 1 --generation-ab 4 \
       --replay-generation --out "$out/generation-ab.json" 2>&1 | grep "^#\|^|" | tee "$out/generation-ab.txt" ;;
-  *) echo "unknown phase $phase: use smoke, probe, probe-batch, vision, probe-alloc, aligned, spg2, trainer or generation-ab" >&2
+  *) echo "unknown phase $phase: use smoke, probe, probe-batch, vision, probe-alloc, aligned, spg2, trainer or" \
+       "generation-ab" >&2
      exit 2 ;;
 esac
 done

@@ -451,7 +451,7 @@ def test_default_output_is_a_folder_per_model_which_a_comparison_reuses(tmp_path
     monkeypatch.chdir(tmp_path)
     common = ["eval", "--n", "2", "--max-new-tokens", "4"]
     assert main([*common, "--model", "a"]) == 0 and main([*common, "--model", "b"]) == 0
-    assert (tmp_path / "atrl-eval" / "a" / "eval.json").is_file() and (tmp_path / "atrl-eval" / "b" / "eval.json").is_file()
+    assert all((tmp_path / "atrl-eval" / name / "eval.json").is_file() for name in ("a", "b"))
     capsys.readouterr()
     assert main([*common, "--model", "a", "b"]) == 0
     out = capsys.readouterr().out

@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replay-generation", action="store_true",
                     help="generate once, then train every step on a copy of that batch (see the module docstring)")
     ap.add_argument("--vision-attention", choices=["packed", "per_window"], default="packed",
-                    help="the vision tower's attention: a few SDPA calls per layer, one per segment length (the recipes' default, "
-                         "model.vision_attention) or transformers' call per window")
+                    help="the vision tower's attention: a few SDPA calls per layer, one per segment length (the "
+                         "recipes' default, model.vision_attention) or transformers' call per window")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.steps % args.steps_per_generation or args.steps < 2 * args.steps_per_generation:

@@ -165,10 +165,11 @@ def evaluate(model, processor, rows: Sequence[dict], *, batch_size: int = 16, lo
     `rows` may be a `datasets.Dataset`: a batch's images are decoded when it is answered, and scoring reads the
     rows without them. With a `log`, responses are kept as they come and rows it already holds are not answered
     again; `resumed(answered, cut_lines)`, when given, hears how many of `rows` the log answered and how many of its
-    lines a kill cut short, before anything is generated. Under several processes (torch.distributed initialised, as by `accelerate launch`), each answers every
-    n-th remaining row, a batch at a time in step with the others, and the first process gathers and scores them:
-    the result is returned there, None on the others. Sampled responses are seeded once per process
-    (`seed` + rank), so they depend on the number of processes, as they do on the batch size.
+    lines a kill cut short, before anything is generated. Under several processes (torch.distributed initialised,
+    as by `accelerate launch`), each answers every n-th remaining row, a batch at a time in step with the others,
+    and the first process gathers and scores them: the result is returned there, None on the others. Sampled
+    responses are seeded once per process (`seed` + rank), so they depend on the number of processes, as they do
+    on the batch size.
     """
     import torch.distributed as dist
 

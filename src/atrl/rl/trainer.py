@@ -142,7 +142,8 @@ def heap_frozen(enabled: bool = True) -> Iterator[None]:
         logger.info("Python's garbage collector left as it is: the process already holds %d frozen objects "
                     "(gc.freeze), so training does not freeze its heap; full collections walk the %d objects "
                     "still tracked", gc.get_freeze_count(), len(gc.get_objects()))
-    if not enabled or gc.get_freeze_count():
+        enabled = False
+    if not enabled:
         yield
         return
     gc.collect()
