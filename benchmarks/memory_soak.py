@@ -15,7 +15,8 @@ import time
 import psutil
 from transformers import TrainerCallback
 
-from atrl.rl.recipe import load_recipe, run_training
+from atrl.rl.recipe import load_recipe
+from atrl.rl.run import run_training
 
 
 class ResidentMemory(TrainerCallback):

@@ -6,12 +6,12 @@ import scipy.stats
 import torch
 
 from atrl.credit import (
-    CREDIT_MODES,
     CreditOptions,
     PendingCredit,
     assign_credit,
     bimodality_coefficient,
     cluster_densities,
+    credit_mode_names,
     num_parts,
     otsu_threshold,
     select_anchor_clusters,
@@ -154,7 +154,7 @@ def _random_batch(seed=0, lengths=(40, 25, 1, 60)):
                     for T in lengths])
 
 
-@pytest.mark.parametrize("mode", CREDIT_MODES)
+@pytest.mark.parametrize("mode", credit_mode_names())
 def test_padding_zero_and_mean_one(mode):
     conn, prof, mask = _random_batch()
     ent = torch.rand(conn.shape, generator=torch.Generator().manual_seed(0))
@@ -362,7 +362,7 @@ if __name__ == "__main__":
 
 def test_workers_end_with_a_killed_parent(tmp_path):
     """The credit workers and the math-verify worker are spawned processes: a parent killed without clean-up
-    used to leave them running as orphans. Each now exits once its parent is gone."""
+    must not leave them running as orphans. Each exits once its parent is gone."""
     import subprocess
     import sys
     import time

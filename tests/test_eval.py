@@ -523,6 +523,28 @@ def test_eval_compares_checkpoints_on_the_same_questions(tmp_path, tiny_models, 
     assert "--min-pixels=12544 is above --max-pixels=100 (the processor's own minimum" in capsys.readouterr().err
 
 
+def test_run_eval_from_python_gives_what_the_command_writes(tmp_path, tiny_models, capsys):
+    """`atrl.eval.run_eval` is the command without the CLI: the same results as the files `atrl eval` writes for
+    the same models and rows, returned to the caller, with the comparison of the two."""
+    from atrl.eval import run_eval
+    from atrl.models.zoo import save_model
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    for name in ("a", "b"):
+        save_model(model, processor, tmp_path / name)
+    models = [str(tmp_path / "a"), str(tmp_path / "b")]
+    said: list[str] = []
+    run = run_eval(models, n=4, max_new_tokens=6, out=tmp_path / "py", say=said.append)
+    assert main(["eval", "--n", "4", "--max-new-tokens", "6", "--out", str(tmp_path / "cli"), "--model", *models]) == 0
+    assert list(run.results) == models and run.out == tmp_path / "py"
+    for path, folder in zip(models, sorted((tmp_path / "cli").glob("*/eval.json"))):
+        written = json.loads(folder.read_text())
+        assert run.results[path].accuracy == pytest.approx(written["accuracy"])
+        assert [r["response"] for r in run.results[path].rows] == [r["response"] for r in written["rows"]]
+    assert run.comparison.n == 4 and (tmp_path / "py" / "compare.json") in run.files
+    assert any("Checkpoints compared" in line for line in said)
+
+
 def test_analyze_probes_a_trained_checkpoint_as_its_run_did(tmp_path, tiny_models, capsys):
     """A run's final/ is analysed with the probe and credit settings of the run's recipe.yaml (layers, region grid,
     sink debiasing, anchor_ratio): the same numbers as `analyze` called with them; flags still override."""
@@ -530,14 +552,14 @@ def test_analyze_probes_a_trained_checkpoint_as_its_run_did(tmp_path, tiny_model
     from atrl.data.synthetic import DEFAULT_FAMILIES, DEFAULT_KNOBS, generate, knobs_from_mapping
     from atrl.eval.analyze import analyze
     from atrl.models.zoo import save_model
-    from atrl.rl.recipe import _recipe_text, load_recipe
+    from atrl.rl.recipe import load_recipe, recipe_text
 
     model, processor = tiny_models["qwen2_5_vl"]
     run = tmp_path / "run"
     save_model(model, processor, run / "final")
     recipe = load_recipe(None, ["--anchor.probe_layers", "[1]", "--anchor.region_grid", "[2, 2]",
                                 "--anchor.sink_debias", "none", "--anchor.credit.anchor_ratio", "0.4"])
-    (run / "recipe.yaml").write_text(_recipe_text(recipe))
+    (run / "recipe.yaml").write_text(recipe_text(recipe))
     assert main(["analyze", "--model", str(run / "final"), "--n", "4", "--seed", "7", "--out", str(tmp_path / "a")]) == 0
     assert f"settings of the training run: {run / 'recipe.yaml'}" in capsys.readouterr().out
     got = json.loads((tmp_path / "a" / "analysis.json").read_text())

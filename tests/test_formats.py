@@ -228,8 +228,8 @@ def test_image_placeholders_leave_the_question(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["geometry3k", "auto"])
 def test_virl39k_rows_with_image_lists_and_boxed_answers(tmp_path, fmt):
-    """ViRL39K's own file: `question` with <image>, `image` a list of paths, the answer written boxed. The row used to
-    be refused ("no usable image (got list)"); a completion with the right answer now scores 1."""
+    """ViRL39K's own file: `question` with <image>, `image` a list of paths, the answer written boxed. The row is
+    kept (not refused as "no usable image (got list)") and a completion with the right answer scores 1."""
     from atrl.rl.rewards import accuracy_reward
 
     Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")

@@ -374,9 +374,8 @@ def test_host_work_a_probed_training_forward_adds():
     """What the probes add to a forward with gradients, as the trainer makes it (capture + forward + the device
     half of the connectivity), in aten ops against the plain forward: per probed layer (the split route's second
     call, on the kept rows beside the padding mask) and per capture (indicator build, values, the 3-op reduction).
-    A 3B step is close to host-bound, so these are its cost; the budget here is the count at session 9 (6 per
-    layer, 25 per capture, most of the latter host ops on small tensors), to be raised only with a measurement
-    that says why."""
+    A 3B step at batch 1 is close to host-bound, so these are its cost; the budget (6 per layer, 25 per capture,
+    most of the latter host ops on small tensors) is raised only with a measurement that says why."""
     model, processor = _fresh("qwen2_5_vl")
     batch = _batch(processor, (1, 1, 1), "left")
     mask = batch["attention_mask"][:, -RESPONSE:].bool()

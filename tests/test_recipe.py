@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 
 from atrl.cli import main
-from atrl.rl.recipe import apply_overrides, grpo_config, load_recipe, recipe_from_dict
+from atrl.rl.build import grpo_config
+from atrl.rl.recipe import apply_overrides, load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +40,8 @@ def test_demo_recipe_is_the_default():
 
 
 def test_a_recipe_file_does_not_inherit_the_demo_training_values(tmp_path):
-    """A file recipe's trl section sits on GRPOConfig's defaults: the shipped 3B recipe trains its one epoch (the
-    demo's max_steps 150 used to override it) and a field it leaves out is TRL's, not the demo's."""
+    """A file recipe's trl section sits on GRPOConfig's defaults: the shipped 3B recipe trains its one epoch (not
+    the demo's max_steps 150) and a field it leaves out is TRL's, not the demo's."""
     from trl import GRPOConfig
 
     from atrl.rl.recipe import BASE_TRL, DEFAULT_TRL
@@ -74,13 +75,14 @@ def test_resume_refuses_to_continue_a_run_of_another_recipe(tmp_path, capsys, ca
     the atrl run's checkpoint as the uniform run. Now the changed fields are named and nothing is written; what a
     resumed run may change (its length, logging, scheduling) passes; an explicitly named checkpoint only warns."""
     from atrl.rl.checkpoints import mark_checkpoint_complete
-    from atrl.rl.recipe import _recipe_text, check_resume_recipe
+    from atrl.rl.recipe import recipe_text
+    from atrl.rl.run import check_resume_recipe
 
     out = tmp_path / "run"
     first = load_recipe(None, ["--trl.output_dir", str(out)])
     (out / "checkpoint-10").mkdir(parents=True)
     mark_checkpoint_complete(out / "checkpoint-10", 10)
-    (out / "recipe.yaml").write_text(_recipe_text(first))
+    (out / "recipe.yaml").write_text(recipe_text(first))
     before = (out / "recipe.yaml").read_text()
     common = ["train", "--trl.output_dir", str(out)]
     assert main([*common, "--anchor.mode", "uniform", "--trl.learning_rate", "1e-4"]) == 2
@@ -97,7 +99,7 @@ def test_resume_refuses_to_continue_a_run_of_another_recipe(tmp_path, capsys, ca
     # the checkpoint's own recipe wins over the folder's: a second run with resume: false rewrote recipe.yaml
     (out / "checkpoint-10" / "recipe.yaml").write_text(before)
     second = load_recipe(None, ["--trl.output_dir", str(out), "--anchor.mode", "random"])
-    (out / "recipe.yaml").write_text(_recipe_text(second))
+    (out / "recipe.yaml").write_text(recipe_text(second))
     with pytest.raises(ValueError, match="anchor.mode: 'atrl' -> 'random'"):
         check_resume_recipe(second, out, ckpt)
     other = load_recipe(None, ["--trl.output_dir", str(out), "--anchor.mode", "uniform", "--resume", ckpt])
@@ -141,7 +143,7 @@ def test_bad_recipes_name_the_key(override, match):
 
 
 def test_held_out_data_is_other_tasks_of_the_same_mix_and_turns_evaluation_on():
-    from atrl.rl.recipe import build_dataset
+    from atrl.rl.build import build_dataset
 
     recipe = load_recipe(None, ["--data.n", "16", "--data.eval", "synthetic", "--data.eval_n", "8",
                                 "--data.families", "[count, compare]"])
@@ -207,7 +209,7 @@ def test_dry_run_checks_config_rewards_data_and_capture_site_without_training(tm
 
 def test_vision_attention_reaches_the_model():
     from atrl.models.vision_attention import NAME
-    from atrl.rl.recipe import build_model
+    from atrl.rl.build import build_model
 
     packed, _ = build_model(load_recipe(None))  # the default
     assert packed.config.vision_config._attn_implementation == NAME
@@ -221,7 +223,7 @@ def test_pixel_range_reaches_the_processor_the_check_and_the_saved_model(tmp_pat
     79 pixels a side, floored to the 28-pixel grid: 56 x 56, i.e. 4 x 4 patches of 14 merged 2 x 2 = 4 tokens."""
     from atrl.data.synthetic import build_prompt, generate
     from atrl.models.zoo import load_processor
-    from atrl.rl.recipe import build_model
+    from atrl.rl.build import build_model
 
     pixels = ["--model.min_pixels", "3136", "--model.max_pixels", "6272"]
     _, processor = build_model(load_recipe(None, pixels))
@@ -261,7 +263,7 @@ def test_bad_data_fails_before_the_model_is_loaded(tmp_path, capsys):
 
 
 def test_synthetic_knobs_reach_the_training_data():
-    from atrl.rl.recipe import build_dataset
+    from atrl.rl.build import build_dataset
 
     recipe = load_recipe(None, ["--data.n", "8", "--data.families", "[quadrant, count]",
                                 "--data.knobs", "{quadrant: {shapes: [square], jitter: 0}, count: {max_objects: 3}}"])
@@ -334,7 +336,7 @@ def test_cli_train_runs_and_writes_final_model(tmp_path, capsys, monkeypatch, ca
 def test_an_error_inside_training_names_the_step_and_the_checkpoint(tmp_path, monkeypatch):
     """A reward function's bug at its third call (step 3): not a one-line "error:" as for bad input, but the
     cause's traceback, the step it stopped at and the checkpoint `resume: auto` continues from."""
-    from atrl.rl.recipe import TrainingStopped
+    from atrl.rl.run import TrainingStopped
 
     (tmp_path / "flaky_reward.py").write_text(
         "calls = []\n"

@@ -21,7 +21,8 @@ from atrl.credit import assign_credit
 from atrl.data.synthetic import generate, to_hf_dataset
 from atrl.models.zoo import build_tiny_vlm
 from atrl.rl.checkpoints import checkpoints
-from atrl.rl.config import TRAINER_MODES, AnchorConfig
+from atrl.credit import credit_mode_names
+from atrl.rl.config import AnchorConfig
 from atrl.rl.handoff import CreditInFlight
 from atrl.rl.trainer import ATRLTrainer, grads_finite
 
@@ -53,7 +54,7 @@ def _params(trainer):
     return {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", TRAINER_MODES)
+@pytest.mark.parametrize("mode", credit_mode_names())
 def test_every_mode_trains_a_few_steps(tmp_path, mode):
     trainer = _trainer(tmp_path, anchor=AnchorConfig(mode=mode, report_steps=1))
     before = _params(trainer)
@@ -392,7 +393,7 @@ def test_training_keeps_the_heap_it_found_out_of_full_collections(tmp_path, capl
             assert 0.9 * mine < gc.get_freeze_count() <= mine
         finally:
             gc.unfreeze()
-    # and says so: the lent H100's Python had objects frozen before training began (fifth lease)
+    # and says so (a Python whose start-up froze objects, as one GPU machine's did)
     assert "collector left as it is: the process already holds" in caplog.text
 
 

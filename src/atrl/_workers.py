@@ -23,7 +23,7 @@ def stop_signals_blocked() -> Iterator[None]:
 
     The calling thread blocks the stop signals, and a worker started meanwhile inherits the blocked mask through
     fork and exec. A cluster's SIGTERM to the process group while a worker starts up (importing torch takes
-    seconds) then waits until `exit_with_parent` ignores it, where it used to kill the worker and break the pool
+    seconds) then waits until `exit_with_parent` ignores it, instead of killing the worker and breaking the pool
     (BrokenProcessPool at the next submit). A stop signal that reaches the parent meanwhile is delivered to it
     when the block ends."""
     if not hasattr(signal, "pthread_sigmask"):

@@ -100,7 +100,7 @@ def _examples(args: argparse.Namespace):
 
 def _cmd_data_export(args: argparse.Namespace) -> int:
     from .data.synthetic import export_jsonl, to_hf_dataset
-    from .models.zoo import ensure_writable_dir
+    from ._io import ensure_writable_dir
 
     examples = _examples(args)
     if args.format == "jsonl":
@@ -123,12 +123,14 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from .rl.recipe import load_recipe, run_training
+    from ._dist import leave_together
+    from .rl.recipe import load_recipe
+    from .rl.run import run_training
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     recipe = load_recipe(args.config, args.overrides)
     if args.dry_run:
-        from .rl.recipe import check_recipe
+        from .rl.build import check_recipe
 
         for line in check_recipe(recipe):
             print(line)
@@ -145,7 +147,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if trainer.is_world_process_zero():
             print(f"stopped by {trainer.stopped_by_signal} after step {steps}: {out}/checkpoint-{steps} saved; "
                   f"{again}")
-        _leave_together()
+        leave_together()
         return 128 + getattr(signal, trainer.stopped_by_signal)
     if trainer.is_world_process_zero():
         from .rl.health import run_summary
@@ -155,13 +157,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(summary)
         print(f"trained {steps} step{'' if steps == 1 else 's'} (mode {recipe.anchor.mode}) -> {out}/final; "
               f"logs: tensorboard --logdir {out}; report: {out}/training_report.png")
-    _leave_together()
+    leave_together()
     return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .rl.checkpoints import run_history
-    from .rl.recipe import run_label
+    from .rl.run import run_label
     from .viz.plots import training_report
 
     runs = {}
@@ -176,6 +178,22 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.runs[0]) / "training_report.png" if len(args.runs) == 1 \
         else Path("training_report.png")
     print(f"wrote {training_report(runs, out, smooth=args.smooth)}")
+    return 0
+
+
+def _cmd_modes(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .credit import credit_mode, credit_mode_names
+
+    table = Table(title="credit modes (anchor.mode)")
+    for column in ("mode", "score it reads", "graph", "extra forwards", "what it does"):
+        table.add_column(column)
+    for name in credit_mode_names():
+        m = credit_mode(name)
+        table.add_row(name, m.measure, "yes" if m.graph else "no", str(m.extra_forwards), m.help)
+    Console(width=140).print(table)
     return 0
 
 
@@ -220,160 +238,31 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
 
 def _eval_rows(args: argparse.Namespace, say: Callable[[str], None] = print):
-    """The rows to answer, a `datasets.Dataset` whose images are decoded a row at a time (MathVista's 1,000 images
-    held decoded would take gigabytes in every process)."""
-    from .data.formats import load_samples, to_trl_dataset
-    from .data.synthetic import generate, to_hf_dataset
+    from .eval.run import eval_rows
 
-    if args.data == "synthetic":
-        families, knobs = _task(args)
-        n = 200 if args.n is None else args.n
-        return to_hf_dataset(generate(n, seed=args.seed, families=families, knobs=knobs))
-    samples, report = load_samples(args.data, args.format, on_error=args.on_error)
-    say(str(report))
-    if args.n is not None and args.n < len(samples):  # a benchmark's score is over all of it unless asked otherwise
-        say(f"--n {args.n}: the first {args.n} of {len(samples)} rows")
-        samples = samples[:args.n]
-    return to_trl_dataset(samples)
-
-
-def _processes(args: argparse.Namespace):
-    """(rank, world size, device) of this process: under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) the
-    process group is started and each process takes its own GPU; otherwise one process on --device."""
-    import os
-
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())
-        if args.device is not None:
-            raise ValueError(f"--device {args.device}: under {state.num_processes} processes each takes its own "
-                             f"device ({state.device} here); leave --device out")
-        return state.process_index, state.num_processes, str(state.device)
-    return 0, 1, args.device
+    families, knobs = _task(args) if args.data == "synthetic" else (None, None)
+    return eval_rows(args.data, fmt=args.format, on_error=args.on_error, n=args.n, seed=args.seed,
+                     families=families, knobs=knobs, say=say)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import re
+    from ._dist import leave_together
+    from .eval.run import run_eval
 
-    from .eval import evaluate
-    from .eval.compare import checkpoint_steps, compare_results
-    from .eval.responses import ResponseLog, weights_fingerprint
-    from .models.zoo import ensure_writable_dir, pixel_range
-
-    rank, world, args.device = _processes(args)
-    say = print if rank == 0 else (lambda *_: None)
-    rows = _eval_rows(args, say)  # the data first: a bad row fails before the model's weights load
-    if len(set(args.model)) != len(args.model):
-        raise ValueError(f"--model names a checkpoint twice: {args.model}")
-    steps = checkpoint_steps(args.model)
-    if steps is not None and len(steps) > 1:  # a run's checkpoint-* (a shell sorts 1000 before 200): by step
-        args.model = [path for _, path in sorted(zip(steps, args.model))]
-        say(f"checkpoints of one run, by step; the baseline is the earliest: {args.model[0]}")
-    folders = [re.sub(r"[^\w.-]+", "_", path) for path in args.model]  # one per model under --out (several)
-    if len(set(folders)) < len(folders):
-        folders = [f"{i + 1}-{name}" for i, name in enumerate(folders)]
-    if args.out is None:  # a folder per model by default: evaluating another model does not meet this one's responses
-        args.out = str(Path("atrl-eval", folders[0]) if len(args.model) == 1 else Path("atrl-eval"))
-    if world > 1:
-        say(f"{world} processes, each answering 1 in {world} of the questions")
-    results = {}
-    for path, name in zip(args.model, folders):
-        model, processor = _load(path, args)
-        folder = Path(args.out) if len(args.model) == 1 else Path(args.out) / name
-        settings = {"weights": weights_fingerprint(model), "max_new_tokens": args.max_new_tokens,
-                    "temperature": args.temperature, "samples": args.samples,
-                    "repetition_penalty": args.repetition_penalty,
-                    "seed": args.seed if args.temperature is not None else None,
-                    "pixels": list(pixel_range(processor) or []) or None}
-        log = ResponseLog(folder / "responses", settings, rank)
-        _start_log(log, fresh=args.fresh, rank=rank, world=world, say=say)
-        with (_progress(f"answering ({path})" if len(args.model) > 1 else "answering", len(rows), "prompts")
-              if rank == 0 else _no_progress()) as adv:
-            result = evaluate(model, processor, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              temperature=args.temperature, samples=args.samples, seed=args.seed, progress=adv,
-                              repetition_penalty=args.repetition_penalty, log=log,
-                              resumed=lambda answered, partial, log=log: say(
-                                  f"{log.folder}: {answered} questions answered by an earlier run with the same "
-                                  "weights and settings are not answered again"
-                                  f"{f' ({partial} cut short by a kill are)' if partial else ''} (--fresh: all)"))
-        del model  # and its memory, before the next model loads (two 7B models do not fit beside each other)
-        _free_device_memory()
-        if result is None:  # another process: the first one scores and writes
-            continue
-        json_path, md_path = result.write(folder, title=f"Evaluation of {path} on {args.data}")
-        print(result.to_markdown(f"Evaluation of {path}"))
-        print(f"-> {json_path}, {md_path} (responses as generated: {log.folder})")
-        results[path] = result
-    if len(results) > 1:
-        comparison = compare_results(results, samples=args.samples, seed=args.seed)
-        ensure_writable_dir(args.out, argument="--out")
-        json_path, md_path = comparison.write(args.out, title=f"Checkpoints compared on {args.data}")
-        from .viz.plots import comparison_plot
-
-        png = comparison_plot(comparison, Path(args.out) / "compare.png")
-        print(comparison.to_markdown(f"Checkpoints compared on {args.data}"))
-        print(f"-> {json_path}, {md_path}, {png}")
-    _leave_together()
+    families, knobs = _task(args) if args.data == "synthetic" else (None, None)
+    run_eval(args.model, args.data, out=args.out, fmt=args.format, on_error=args.on_error, n=args.n, seed=args.seed,
+             families=families, knobs=knobs, device=args.device, min_pixels=args.min_pixels,
+             max_pixels=args.max_pixels, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+             temperature=args.temperature, samples=args.samples, repetition_penalty=args.repetition_penalty,
+             fresh=args.fresh, progress=_progress)
+    leave_together()
     return 0
 
 
-def _free_device_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _leave_together() -> None:
-    """Under several processes, all leave together and close the process group: a process that left while the
-    first still gathered or wrote, its connections open, could abort at exit (gloo: "terminate called without an
-    active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _start_log(log, *, fresh: bool, rank: int, world: int, say: Callable[[str], None]) -> None:
-    """--fresh discards earlier responses (the first process, before anyone reads); otherwise they are checked
-    against this run's settings (`evaluate` then answers only the rows they do not)."""
-    import torch.distributed as dist
-
-    from .models.zoo import ensure_writable_dir
-
-    if rank == 0:  # now, not after an hour of answering
-        ensure_writable_dir(log.folder.parent, argument="--out")
-    if fresh and rank == 0:
-        log.discard()
-    if world > 1:
-        dist.barrier()
-    log.check()
-
-
-@contextmanager
-def _no_progress() -> Iterator[None]:
-    yield None
-
-
 def _load(path: str, args: argparse.Namespace):
-    """A checkpoint for eval / analyze: on --device, or the GPU when one is visible (a 7B model answering
-    MathVista on the CPU takes days), with --min-pixels / --max-pixels applied to its processor."""
-    import torch
+    from .eval.run import load_for_eval
 
-    from .models.vision_attention import use_packed_vision_attention
-    from .models.zoo import load_model, set_pixel_range
-
-    model, processor = load_model(path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    use_packed_vision_attention(model)  # as training runs it (the recipes' default): one call per vision layer
-    set_pixel_range(processor, args.min_pixels, args.max_pixels, names=("--min-pixels", "--max-pixels"))
-    return model, processor
+    return load_for_eval(path, device=args.device, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 
 
 def _run_anchor(model: str):
@@ -408,7 +297,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from .data.synthetic import generate, to_hf_dataset
     from .eval.analyze import analyze
     from .eval.score import generate_responses
-    from .models.zoo import ensure_writable_dir
+    from ._io import ensure_writable_dir
     from .viz.plots import write_analysis_report
 
     out = ensure_writable_dir(args.out, argument="--out")
@@ -470,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--n-eval", type=int, default=200, help="held-out tasks to answer")
     demo.add_argument("--steps", type=int, default=150, help="AT-RL steps")
-    demo.add_argument("--mode", default="atrl", help="credit mode (see atrl.rl.config.TRAINER_MODES)")
+    demo.add_argument("--mode", default="atrl", help="credit mode (`atrl modes` lists them)")
     demo.set_defaults(func=_cmd_demo)
 
     sft = sub.add_parser("sft", help="warm-start a VLM on the synthetic tasks' reference traces")
@@ -552,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true",
                        help="check the recipe, its data and rewards without loading the model's weights, and stop")
     train.set_defaults(func=_cmd_train)
+
+    modes = sub.add_parser("modes", help="the credit modes (anchor.mode): what each needs and does")
+    modes.set_defaults(func=_cmd_modes)
 
     plot = sub.add_parser("plot", help="a figure of what training did, for one run or several overlaid",
                           description="Reward (training and held-out), completion length, anchor fraction, "

@@ -32,8 +32,10 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
     from .eval import evaluate
     from .eval.analyze import analyze
     from .models.default import ensure_default_base
-    from .models.zoo import ensure_writable_dir, load_model
-    from .rl.recipe import load_recipe, run_training
+    from ._io import ensure_writable_dir
+    from .models.zoo import load_model
+    from .rl.recipe import load_recipe
+    from .rl.run import run_training
     from .viz.grid import task_grid
     from .viz.plots import training_curves, write_analysis_report
 
@@ -93,9 +95,9 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
     console.print(f"after {steps} steps ({mode}): greedy {100 * before.accuracy:.1f}% -> {100 * after.accuracy:.1f}%, "
                   f"sampled {100 * before_s.accuracy:.1f}% -> {100 * after_s.accuracy:.1f}%")
 
-    # Modes that choose no anchors (uniform, entropy) are analysed with AT-RL's partition of the trained model.
+    # Modes whose weights do not come from connectivity (uniform, entropy) are analysed with AT-RL's partition.
     credit = trainer.credit_options
-    if credit.mode in ("uniform", "entropy"):
+    if not recipe.anchor.credit_mode.decides_from_score:
         credit = dataclasses.replace(credit, mode="atrl")
     analysis = analyze(trained, processor, held_out[:40], credit=credit, sink_debias=recipe.anchor.sink_debias,
                        region_grid=recipe.anchor.region_grid, layers=recipe.anchor.probe_layers)

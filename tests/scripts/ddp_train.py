@@ -14,10 +14,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from atrl.cli import _leave_together
+from atrl._dist import leave_together
 from atrl.credit import assign_credit
 from atrl.data.synthetic import build_prompt, generate
-from atrl.rl.recipe import load_recipe, run_training
+from atrl.rl.recipe import load_recipe
+from atrl.rl.run import run_training
 
 
 def diversity_reward(prompts, completions, **columns):
@@ -68,7 +69,7 @@ def main():
                 "params": params, "steps": trainer.state.global_step,
                 "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]},
                f"{out}/rank{rank}.pt")
-    _leave_together()  # as `atrl train` does: a rank that left first could abort at exit (gloo)
+    leave_together()  # as `atrl train` does: a rank that left first could abort at exit (gloo)
 
 
 if __name__ == "__main__":

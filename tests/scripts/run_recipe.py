@@ -13,8 +13,9 @@ import sys
 
 from transformers import TrainerCallback
 
-from atrl.cli import _leave_together
-from atrl.rl.recipe import load_recipe, run_training
+from atrl._dist import leave_together
+from atrl.rl.recipe import load_recipe
+from atrl.rl.run import run_training
 
 
 def diversity_reward(prompts, completions, **columns):
@@ -53,7 +54,7 @@ def main():
                                 "--rewards.custom", "{run_recipe:diversity_reward: 1.0}", *sys.argv[4:]])
     callbacks = [Terminate(int(crash[4:]))] if crash.startswith("term") else [Crash(int(crash))] if int(crash) else []
     trainer = run_training(recipe, callbacks=callbacks, progress=False)
-    _leave_together()  # as `atrl train` does: a rank that left first could abort at exit (gloo)
+    leave_together()  # as `atrl train` does: a rank that left first could abort at exit (gloo)
     if trainer.stopped_by_signal:
         sys.exit(128 + getattr(signal, trainer.stopped_by_signal))
 

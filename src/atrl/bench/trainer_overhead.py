@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig
 
+    from atrl.credit import credit_mode
     from atrl.data.synthetic import BarKnobs, CountKnobs, generate, to_hf_dataset
     from atrl.models.zoo import TinySize, build_tiny_vlm
     from atrl.rl.config import AnchorConfig
@@ -552,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
             generation[mode].extend(cb.generation[1:])
             gc_seconds[mode].extend(cb.cycles(cb.gc_seconds))
             gc_full[mode].extend(cb.cycles(cb.gc_full))
-            if mode != "uniform":
+            if credit_mode(MODES[mode]["mode"]).weighs:
                 credit_loop[mode].extend(cb.cycles(cb.credit))
                 credit_share[mode].extend(c / t for c, t in zip(cb.cycles(cb.credit), kept))
                 credit_cpu[mode].extend(cb.cycles(cb.cpu))

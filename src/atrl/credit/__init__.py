@@ -4,10 +4,12 @@ Pure functions on tensors / arrays; see `assign_credit` for the batched entry po
 `PendingCredit` for its asynchronous form.
 """
 
-from .assign import CREDIT_MODES, CreditOptions, CreditResult, PendingCredit, assign_credit
+from .assign import CreditOptions, CreditResult, PendingCredit, assign_credit
 from .graph import PARTITION_METHODS, CSRGraph, num_parts, partition_tokens, token_graph
+from .modes import Choice, CreditMode, ResponseScores, credit_mode, credit_mode_names, register_credit_mode
 from .weights import bimodality_coefficient, cluster_densities, otsu_threshold, select_anchor_clusters
 
-__all__ = ["CREDIT_MODES", "PARTITION_METHODS", "CSRGraph", "CreditOptions", "CreditResult", "PendingCredit",
-           "assign_credit", "bimodality_coefficient", "cluster_densities", "num_parts", "otsu_threshold", "partition_tokens",
+__all__ = ["PARTITION_METHODS", "CSRGraph", "Choice", "CreditMode", "CreditOptions", "CreditResult", "PendingCredit",
+           "ResponseScores", "assign_credit", "bimodality_coefficient", "cluster_densities", "credit_mode",
+           "credit_mode_names", "num_parts", "otsu_threshold", "partition_tokens", "register_credit_mode",
            "select_anchor_clusters", "token_graph"]

@@ -6,15 +6,8 @@ response. Masks are boolean, True = the token counts.
     weights_BT, result = assign_credit(conn_BT, profile_BTR, mask_BT, options)
     advantages_BT = weights_BT * advantages_B[:, None]          # A_AT(i, t) = W(C_k(t)) * A(i)
 
-Credit modes (DESIGN 3.5; `visual_dependency` needs a model and lives in the trainer):
-
-    uniform       every valid token 1 (plain GRPO / DAPO)
-    atrl          W(C_k) from the graph partition, anchors up-weighted (default)
-    anchors_only  anchor tokens share the whole weight, others 0          (zeroes tokens by design)
-    low_only      the complement of the anchors, anchors 0                (zeroes tokens by design)
-    random        as atrl's two_level, on a random token set of the anchors' size
-    threshold     as atrl's two_level, on the top `anchor_ratio` tokens by connectivity (no graph)
-    entropy       the top `entropy_top` tokens by entropy share the weight, others 0 (the 80/20 baseline)
+Credit modes are registered in `credit.modes` (`credit_mode_names()` lists them): each declares what it needs
+and a weight function for one response; this module runs them over a batch, on worker processes if asked.
 
 Every mode's weights have mean 1 over each response's valid tokens and are 0 on padding. When a
 response's connectivity is all equal (no signal), the graph-based modes give uniform weights and the
@@ -37,18 +30,9 @@ import numpy as np
 import torch
 
 from .._workers import exit_with_parent, stop_signals_blocked
-from .graph import PARTITION_METHODS, num_parts, partition_tokens
-from .weights import (
-    bimodality_coefficient,
-    cluster_densities,
-    cluster_weights,
-    mean_one,
-    otsu_threshold,
-    select_anchor_clusters,
-)
-
-CREDIT_MODES = ("uniform", "atrl", "anchors_only", "low_only", "random", "threshold", "entropy")
-_GRAPH_MODES = ("atrl", "anchors_only", "low_only", "random")
+from .graph import PARTITION_METHODS
+from .modes import CreditMode, ResponseScores, credit_mode
+from .weights import bimodality_coefficient, mean_one
 
 
 @dataclass(frozen=True)
@@ -56,7 +40,7 @@ class CreditOptions:
     """How connectivity becomes per-token weights. Defaults are this project's reconstruction.
 
     Attributes:
-        mode: one of CREDIT_MODES (see the module docstring).
+        mode: a registered credit mode (`credit.modes.credit_mode_names()`).
         partition: "metis" (token graph + METIS, the paper's choice), "kmeans" or "threshold" (quantile bins).
         anchor_ratio: share of a response's tokens in anchor clusters (paper: about 0.15), or "auto" for a
             two-class (Otsu) split of the connectivity distribution.
@@ -96,8 +80,7 @@ class CreditOptions:
     n_workers: int = 1
 
     def __post_init__(self) -> None:
-        if self.mode not in CREDIT_MODES:
-            raise ValueError(f"credit mode {self.mode!r} is unknown; choose from {CREDIT_MODES}")
+        credit_mode(self.mode)  # raises naming the registered modes
         if self.partition not in PARTITION_METHODS:
             raise ValueError(f"partition {self.partition!r} is unknown; choose from {PARTITION_METHODS}")
         if self.anchor_ratio != "auto" and not (isinstance(self.anchor_ratio, (int, float))
@@ -149,7 +132,7 @@ class CreditResult:
                 "bimodality": m(self.bimodality), "degenerate": m(self.degenerate)}
 
 
-def _check_inputs(conn_BT, profile_BTR, mask_BT, entropy_BT, mode) -> None:
+def _check_inputs(conn_BT, profile_BTR, mask_BT, entropy_BT, mode: str) -> None:
     if conn_BT.ndim != 2:
         raise ValueError(f"conn_BT must be (B, T), got shape {tuple(conn_BT.shape)}")
     if mask_BT.shape != conn_BT.shape:
@@ -160,9 +143,9 @@ def _check_inputs(conn_BT, profile_BTR, mask_BT, entropy_BT, mode) -> None:
         raise ValueError(f"profile_BTR must be (B, T, R) with (B, T) = {tuple(conn_BT.shape)}, "
                          f"got {tuple(profile_BTR.shape)}")
     named = [("conn_BT", conn_BT, mask_BT), ("profile_BTR", profile_BTR, mask_BT[..., None])]
-    if mode == "entropy":
+    if credit_mode(mode).needs_entropy:
         if entropy_BT is None:
-            raise ValueError("credit mode 'entropy' needs entropy_BT (per-token entropies)")
+            raise ValueError(f"credit mode {mode!r} needs entropy_BT (per-token entropies)")
         if entropy_BT.shape != conn_BT.shape:
             raise ValueError(f"entropy_BT shape {tuple(entropy_BT.shape)} != conn_BT shape {tuple(conn_BT.shape)}")
         named.append(("entropy_BT", entropy_BT, mask_BT))
@@ -173,56 +156,24 @@ def _check_inputs(conn_BT, profile_BTR, mask_BT, entropy_BT, mode) -> None:
             raise ValueError(f"{name} has a non-finite value (NaN or inf) at (batch, token) = {where}")
 
 
-def _top_set(scores_n: np.ndarray, count: int) -> np.ndarray:
-    chosen = np.zeros(scores_n.size, dtype=bool)
-    chosen[np.argsort(-scores_n, kind="stable")[:count]] = True
-    return chosen
-
-
 def _one_response(conn_n: np.ndarray, profile_nR: np.ndarray, entropy_n: np.ndarray | None,
-                  o: CreditOptions, row: int) -> dict:
-    """Weights for one response's n valid tokens. `row` (its batch index) only seeds the `random` mode, so
-    every other mode gives a response the same weights whatever batch it sits in."""
+                  o: CreditOptions, row: int, spec: CreditMode) -> dict:
+    """Weights for one response's n valid tokens by the mode `spec` (passed along, its function by reference, so
+    that a worker process runs a mode registered in any importable module). `row` (its batch index) only seeds
+    the `random` mode, so every other mode gives a response the same weights whatever batch it sits in."""
     n = conn_n.size
     out = {"weights": np.ones(n), "boosted": np.zeros(n, dtype=bool), "parts": np.full(n, -1),
            "densities": np.zeros(0), "degenerate": False}
-    if n == 0 or o.mode == "uniform":
+    if n == 0 or not spec.weighs:
         return out
-    if o.mode == "entropy":
-        chosen = _top_set(entropy_n, max(1, int(np.ceil(o.entropy_top * n))))
-        out.update(boosted=chosen, weights=mean_one(chosen.astype(np.float64)))
-        return out
-    if np.ptp(conn_n) <= 1e-12 * max(1.0, float(np.abs(conn_n).max())):
+    if spec.decides_from_score and np.ptp(conn_n) <= 1e-12 * max(1.0, float(np.abs(conn_n).max())):
         out["degenerate"] = True
         return out
-    if o.mode == "threshold":
-        budget = max(1, int(np.ceil(o.anchor_ratio * n))) if o.anchor_ratio != "auto" else None
-        chosen = _top_set(conn_n, budget) if budget else conn_n >= otsu_threshold(conn_n)
-        out.update(boosted=chosen, weights=mean_one(np.where(chosen, o.w_anchor, o.w_other)))
-        return out
-
-    k = num_parts(n, o.target_cluster_size, o.min_parts, o.max_parts)
-    parts = partition_tokens(o.partition, conn_n, profile_nR, k, knn=o.knn, seq_weight=o.seq_weight,
-                             sim_scale=o.sim_scale, ufactor=o.metis_ufactor,
-                             recursive=o.metis_recursive, seed=o.seed)
-    dens = cluster_densities(conn_n, parts)
-    sizes = np.bincount(parts)
-    anchors_K = select_anchor_clusters(dens, sizes, o.anchor_ratio, conn_n)
-    anchors = anchors_K[parts]
-    out.update(parts=parts, densities=dens)
-    if o.mode == "atrl":
-        w_K = cluster_weights(dens, sizes, anchors_K, weighting=o.weighting, w_anchor=o.w_anchor,
-                              w_other=o.w_other, beta=o.beta, w_min=o.w_min, w_max=o.w_max)
-        out.update(boosted=anchors, weights=mean_one(w_K[parts]))
-    elif o.mode == "anchors_only":
-        out.update(boosted=anchors, weights=mean_one(anchors.astype(np.float64)))
-    elif o.mode == "low_only":
-        out.update(boosted=~anchors, weights=mean_one((~anchors).astype(np.float64)))
-    elif o.mode == "random":
-        rng = np.random.default_rng([o.seed, row])
-        chosen = np.zeros(n, dtype=bool)
-        chosen[rng.choice(n, size=int(anchors.sum()), replace=False)] = True
-        out.update(boosted=chosen, weights=mean_one(np.where(chosen, o.w_anchor, o.w_other)))
+    choice = spec.weigh(ResponseScores(conn_n, profile_nR, entropy_n), o, row)
+    out.update(boosted=choice.boosted, weights=mean_one(np.asarray(choice.weights, dtype=np.float64)),
+               densities=choice.densities)
+    if choice.parts is not None:
+        out["parts"] = choice.parts
     return out
 
 
@@ -260,7 +211,7 @@ def _init_worker() -> None:
 @dataclass
 class _Row:
     mask_T: np.ndarray
-    args: tuple  # _one_response's arguments: (conn_n, profile_nR, entropy_n, options, row)
+    args: tuple  # _one_response's arguments: (conn_n, profile_nR, entropy_n, options, row, mode)
     job: Future | None = None  # the worker job holding this row (None: computed in this process on demand)
     slot: int = 0  # position in that job's output
     error: BaseException | None = None
@@ -315,13 +266,15 @@ class PendingCredit:
         mask = mask_BT.detach().cpu().numpy()
         ent = entropy_BT.detach().float().cpu().numpy() if entropy_BT is not None else None
         new = []
+        spec = credit_mode(self.options.mode)
         for b in range(B):
             m = mask[b]
-            args = (conn[b, m], prof[b, m], ent[b, m] if ent is not None else None, self.options, row_offset + b)
+            args = (conn[b, m], prof[b, m], ent[b, m] if ent is not None else None, self.options, row_offset + b,
+                    spec)
             self._rows[row_offset + b] = row = _Row(m, args)
             new.append(row)
         workers = self.options.n_workers
-        if workers > 1 and B > 1 and self.options.mode != "uniform":
+        if workers > 1 and B > 1 and spec.weighs:
             size = max(1, B // (4 * workers))
             pool = _worker_pool(workers)
             for i in range(0, B, size):
@@ -406,7 +359,7 @@ def assign_credit(
         profile_BTR: (B, T, R) region masses (or profiles) of each token.
         mask_BT: (B, T) bool, True on real response tokens.
         options: the credit mode and its knobs.
-        entropy_BT: (B, T) per-token entropies, needed by the `entropy` mode only.
+        entropy_BT: (B, T) per-token entropies, needed by modes that read them (`CreditMode.needs_entropy`).
     Returns:
         CreditResult with (B, T) weights (mean 1 over each response's valid tokens, 0 on padding).
     """
@@ -421,6 +374,7 @@ def _assemble(rows: list[_Row], results: list[dict], T: int, options: CreditOpti
     stats = {k: np.full(B, np.nan) for k in ("anchor_fraction", "anchor_conn", "other_conn", "bimodality")}
     n_parts = np.zeros(B, dtype=np.int64)
     degenerate = np.zeros(B, dtype=bool)
+    weighs = credit_mode(options.mode).weighs
     for b, (row, r) in enumerate(zip(rows, results)):
         m, c = row.mask_T, row.conn_n
         weights[b, m], boosted[b, m], parts[b, m] = r["weights"], r["boosted"], r["parts"]
@@ -428,7 +382,7 @@ def _assemble(rows: list[_Row], results: list[dict], T: int, options: CreditOpti
         degenerate[b] = r["degenerate"]
         if c.size:
             stats["bimodality"][b] = bimodality_coefficient(c)
-        if c.size and options.mode != "uniform" and not r["degenerate"]:
+        if c.size and weighs and not r["degenerate"]:
             stats["anchor_fraction"][b] = r["boosted"].mean()
             if r["boosted"].any():
                 stats["anchor_conn"][b] = c[r["boosted"]].mean()

@@ -1,4 +1,4 @@
-"""Token graphs and partitions for one response (DESIGN 3.3; our reconstruction of arXiv 2602.11455).
+"""Token graphs and partitions for one response (docs/ALGORITHM.md, Credit; our reconstruction of arXiv 2602.11455).
 
 Shapes (one response, valid tokens only): n tokens, R image regions.
 
@@ -131,7 +131,7 @@ def partition_metis(graph: CSRGraph, n_parts: int, *, seed: int = 0, ufactor: in
 
     `recursive`: recursive bisection (METIS_PartGraphRecursive) rather than direct k-way: about 4x faster
     at 1,024 tokens and 64 parts, but planted anchor groups share a part with other tokens far more often
-    (see docs/benchmarks.md), so k-way is the default.
+    (docs/benchmarks.md, Partition time), so k-way is the default.
     `ufactor` is METIS's allowed load imbalance in thousandths: a part may hold up to (1 + ufactor/1000)
     times the average. METIS's own default (30) forces nearly equal parts, which splits a small group of
     anchor tokens across parts full of other tokens; 500 lets parts follow the graph.

@@ -1,4 +1,4 @@
-"""Cluster densities, anchor clusters and per-token weights for one response (DESIGN 3.3-3.5).
+"""Cluster densities, anchor clusters and per-token weights for one response (docs/ALGORITHM.md, Credit).
 
 Shapes: n valid tokens of one response, K parts. The paper (arXiv 2602.11455) states the form
 `A_AT(i, t) = W(C_k(t)) * A(i)` and that about 15% of tokens are anchors; the selection rule, the two

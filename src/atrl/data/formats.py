@@ -31,7 +31,7 @@ from typing import Any, Iterable
 
 from PIL import Image
 
-from ..rl.rewards import ANSWER_TYPES
+from .answers import ANSWER_TYPES
 from .synthetic import RESPONSE_INSTRUCTION
 
 FORMATS = ("mathvista", "geometry3k", "jsonl")

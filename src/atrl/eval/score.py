@@ -53,7 +53,7 @@ class EvalResult:
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir: str | Path, title: str = "Evaluation") -> tuple[Path, Path]:
-        from ..models.zoo import ensure_writable_dir
+        from .._io import ensure_writable_dir
 
         out = ensure_writable_dir(out_dir, argument="--out")
         (out / "eval.json").write_text(self.to_json())

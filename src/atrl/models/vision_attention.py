@@ -5,8 +5,8 @@ windows on Qwen2.5-VL's window layers) to a FlashAttention implementation whole,
 (`cu_seqlens`); any other implementation gets one call per segment, in a Python loop, after reading the segment
 lengths back from the device in every layer. With SDPA at the recipes' image sizes (~1,000 merged tokens, 64
 windows of 64 patches per image), that is thousands of small attention calls per forward, and as many in the
-backward: on an H100 at the 3B shape the training step spent more host time in them than in anything else
-(docs/benchmarks.md), and the step was host-bound. This route takes the 3B tower's forward + backward to 0.42 of
+backward: on an H100 at the 3B shape the training step spends more host time in them than in anything else, and
+the step is host-bound (docs/benchmarks.md, Vision tower). This route takes the 3B tower's forward + backward to 0.42 of
 the loop's time there (4 images, 7,184 calls per forward against 32), with 2.5 GiB less peak memory.
 
 `packed_sdpa_attention` takes the FlashAttention calling convention (`cu_seq_lens_q`, `max_length_q`) and

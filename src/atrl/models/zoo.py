@@ -26,6 +26,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from .._io import ensure_writable_dir
 from .processors import IMAGE_ONLY_PROCESSORS
 from .tokenizer import build_byte_tokenizer
 
@@ -282,19 +283,6 @@ def build_tiny_vlm(
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.eval()
     return model, processor
-
-
-def ensure_writable_dir(path: str | os.PathLike, *, argument: str) -> Path:
-    """Create `path` if needed and check that files can be written there; raise naming `argument`."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".atrl-write-check-{os.getpid()}"  # one per process: ranks of a launch share the folder
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"{argument}: cannot write to {str(out)!r} ({err.strerror or err})") from err
-    return out
 
 
 def save_model(model: PreTrainedModel, processor: ProcessorMixin, path: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""Visual-attention probes inside the model's own fused attention kernel (DESIGN 3.1).
+"""Visual-attention probes inside the model's own fused attention kernel (docs/ALGORITHM.md, Probes).
 
 A probed decoder layer gives the kernel R indicator channels as values (channel r is 1 on region r's image
 tokens, 0 elsewhere). The kernel then returns, for every query token and head, `sum over region r's image
@@ -9,8 +9,8 @@ per call (`ProbeState.route`, default "auto"):
   detached and stripped before `o_proj`. Cheapest: the region channels add about a third of a forward.
 - split (a gradient flows through the call): the plain call, untouched, and a second, no-grad call on the same
   Q, K and mask with the indicators, zero-padded to V's head size, as its values. The backward is then the plain
-  one; widening the fused call widened its backward too, which on an H200 doubled the cost of a probed layer's
-  attention (fwd + bwd 0.50 -> 0.88 ms at the 3B shape, docs/benchmarks.md). The second call has the plain
+  one; widening the call widens its backward too, which makes a probed layer's attention call cost about 4x the
+  split route's extra time on an H100 (docs/benchmarks.md, Probe overhead). The second call has the plain
   call's shapes, so it gets the same kernel on every backend, and the layer's output is the plain call's own.
   Under SDPA that call goes to SDPA directly (`_sdpa_masses`), and does less where that keeps the plain call's
   kernel: it computes only the rows the capture keeps (the response rows), SDPA's causal triangle aligned at
@@ -243,8 +243,8 @@ def _bias_keeps_kernel(query: torch.Tensor, key: torch.Tensor, width: int, scali
     """Whether the kernel SDPA picks for the full causal call without a mask, with values `width` channels wide
     (Q and K padded to it where it exceeds their head size), is one that `causal_lower_right` also dispatches
     to: flash, or memory-efficient without GQA. Elsewhere computing fewer rows would switch kernels; e.g. where
-    SDPA picks cuDNN for the full call (H100/H200 with recent torch), the bias would fall back to flash, which the
-    third H200 lease timed 1.5-2x slower than SDPA's pick at the probed layers' shapes. Shapes only."""
+    SDPA picks cuDNN for the full call (H100/H200 with recent torch), the bias would fall back to flash, which is
+    1.5-2x slower than SDPA's pick at the probed layers' shapes on an H200. Shapes only."""
     from torch.nn.attention import SDPBackend
 
     gqa = query.shape[1] != key.shape[1]

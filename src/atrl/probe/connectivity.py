@@ -1,4 +1,4 @@
-"""From per-head region masses to connectivity density and region profiles (DESIGN 3.2).
+"""From per-head region masses to connectivity density and region profiles (docs/ALGORITHM.md, Probes).
 
 Shapes: L probed layers, B batch, T response tokens, H query heads, R regions. Masks: True = real token.
 

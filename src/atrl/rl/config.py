@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._checks import check_keys
-from ..credit import CREDIT_MODES, CreditOptions
+from ..credit import CreditMode, CreditOptions, credit_mode, credit_mode_names
 from ..probe import SINK_DEBIAS
 
-TRAINER_MODES = CREDIT_MODES + ("visual_dependency",)
 CAPTURE_SITES = ("auto", "old_logps", "train_forward")
 
 
@@ -23,9 +22,10 @@ class AnchorConfig:
     """AT-RL's knobs (arXiv 2602.11455; see docs/ALGORITHM.md for which parts are the paper's).
 
     Attributes:
-        mode: credit mode: uniform (plain GRPO/DAPO, no probes), atrl (default), anchors_only, low_only, random,
-            threshold, entropy, or visual_dependency (VPPO-style: per-token KL between the policy with and
-            without the image, one extra no-grad forward; the top `anchor_ratio` tokens by that KL are boosted).
+        mode: a registered credit mode (`atrl.credit.modes`): uniform (plain GRPO/DAPO, no probes), atrl
+            (default), anchors_only, low_only, random, threshold, entropy, or visual_dependency (VPPO-style:
+            per-token KL between the policy with and without the image from extra no-grad forwards; the top
+            `anchor_ratio` tokens by that KL are boosted).
         probe_layers: decoder layers to probe; default: up to four spread over the second half, not the last
             (atrl.probe.default_probe_layers; the embedded 4-layer default probes layer 2).
         region_grid: (rows, cols) cells each image's token grid is pooled into for region profiles.
@@ -58,8 +58,8 @@ class AnchorConfig:
     report_steps: int = 50
 
     def __post_init__(self) -> None:
-        if self.mode not in TRAINER_MODES:
-            raise ValueError(f"anchor.mode={self.mode!r}: choose from {TRAINER_MODES}")
+        if not isinstance(self.mode, str) or self.mode not in credit_mode_names():
+            raise ValueError(f"anchor.mode={self.mode!r}: choose from {credit_mode_names()}")
         if self.sink_debias not in SINK_DEBIAS:
             raise ValueError(f"anchor.sink_debias={self.sink_debias!r}: choose from {SINK_DEBIAS}")
         if self.capture not in CAPTURE_SITES:
@@ -76,12 +76,16 @@ class AnchorConfig:
         self.credit_options()  # validates the credit knobs now, not at the first step
 
     @property
+    def credit_mode(self) -> CreditMode:
+        """The mode's registry entry: what it needs (probes, entropy, extra forwards) and how it weighs."""
+        return credit_mode(self.mode)
+
+    @property
     def needs_probe(self) -> bool:
-        return self.mode not in ("uniform", "entropy", "visual_dependency")
+        return self.credit_mode.needs_probes
 
     def credit_options(self) -> CreditOptions:
-        mode = "threshold" if self.mode == "visual_dependency" else self.mode
-        return CreditOptions(mode=mode, **self.credit)
+        return CreditOptions(mode=self.mode, **self.credit)
 
     def capture_site(self, args) -> str:
         """Where connectivity is measured under GRPOConfig `args`: "old_logps" or "train_forward" (see `capture`).

@@ -36,9 +36,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
 from .._workers import exit_with_parent, stop_signals_blocked
-
-ANSWER_TYPES = ("integer", "float", "number", "choice", "multi_choice", "math", "expression", "list", "text",
-                "free_form")
+from ..data.answers import ANSWER_TYPES
 MAX_ANSWER_CHARS = 2000  # longer extracted answers are judged wrong without parsing
 MATH_TIMEOUT_S = 2
 

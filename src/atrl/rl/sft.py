@@ -45,7 +45,7 @@ def run_sft(model, processor, train_rows, out_dir: str | Path, *, epochs: float 
     """Fine-tune `model` on `train_rows` (a datasets.Dataset from `to_hf_dataset`); saves model + processor."""
     from transformers import Trainer, TrainingArguments
 
-    from ..models.zoo import ensure_writable_dir
+    from .._io import ensure_writable_dir
 
     out = ensure_writable_dir(out_dir, argument="--out")
     args = TrainingArguments(

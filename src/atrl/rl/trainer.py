@@ -131,10 +131,10 @@ def heap_frozen(enabled: bool = True) -> Iterator[None]:
     """Keeps the objects alive at the start of the block out of Python's full garbage collections until it ends.
 
     A full collection walks every object the collector tracks: about 470,000 once torch, transformers, TRL and a
-    trainer are loaded. On the lent H100 machine at the 3B shape that took about 0.3 s, once per optimizer step,
-    in every credit mode (`atrl bench trainer`'s collector meter): about 14% of the step besides generation,
-    and a source of step-to-step noise (fourth lease; in the fifth, with the vision tower's attention packed,
-    the step no longer ran one). Frozen after a collection (`gc.freeze`), those objects are skipped;
+    trainer are loaded: about 0.2-0.3 s each (`atrl bench trainer`'s collector meter; docs/benchmarks.md,
+    Trainer overhead), and where a step's allocations fill the oldest generation, one per optimizer step in
+    every credit mode, and a source of step-to-step noise. Frozen after a collection (`gc.freeze`), those
+    objects are skipped;
     the objects made while training are collected as before. A process that has frozen objects itself is
     left as it is (logged: its full collections still walk the rest of its heap), since `gc.unfreeze` at the
     end would give back its objects with ours."""
@@ -190,7 +190,7 @@ class ATRLTrainer(GRPOTrainer):
         self.stall_watch = StallWatch(self.args.max_completion_length, self.args.num_generations)  # warns a run
         # whose completions are all cut, or whose groups all score alike, for STALL_STEPS steps
         self._reported_step = -1  # the step whose anchor report is written (anchor.report_steps)
-        self.recipe_yaml: str | None = None  # set by atrl.rl.recipe.run_training: saved into each checkpoint
+        self.recipe_yaml: str | None = None  # set by atrl.rl.run.run_training: saved into each checkpoint
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if self.accelerator.num_processes > 1 and plugin is not None and plugin.zero_stage == 3 and any(
                 mixes_images_and_text(d, unknown=False) for d in (self.train_dataset, self.eval_dataset)
@@ -212,7 +212,7 @@ class ATRLTrainer(GRPOTrainer):
     # ---------------------------------------------------------------------------------------------- measuring
 
     def _records_here(self, model) -> bool:
-        if self.anchor.mode in ("uniform", "visual_dependency"):
+        if not self.anchor.credit_mode.scored_in_forward:
             return False
         if self._scoring:
             return self.capture_site == "old_logps" and model is self.model
@@ -223,7 +223,7 @@ class ATRLTrainer(GRPOTrainer):
         if not self._records_here(model):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args,
                                                                compute_entropy=compute_entropy, **kwargs)
-        want_entropy = compute_entropy or self.anchor.mode == "entropy"
+        want_entropy = compute_entropy or self.anchor.credit_mode.needs_entropy
         mask = attention_mask[:, -logits_to_keep:].bool()
         credit = CreditInFlight(self.credit_options)
         if self.probe is None:  # entropy mode: no probes, the entropies decide
@@ -288,7 +288,7 @@ class ATRLTrainer(GRPOTrainer):
         t0 = time.perf_counter()
         pending = credit.ready()
         cpu0 = pending.cpu_seconds
-        measured = self.anchor.mode != "entropy"
+        measured = self.anchor.credit_mode.decides_from_score
         try:
             pending.wait(rows)
             waited = time.perf_counter() - t0
@@ -432,7 +432,7 @@ class ATRLTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._scoring = False
-        if self.anchor.mode == "visual_dependency":
+        if self.anchor.credit_mode.extra_forwards:
             kl, mask = self._visual_dependency(output)
             credit = CreditInFlight(self.credit_options)
             with self._credit_clock():
@@ -464,7 +464,7 @@ class ATRLTrainer(GRPOTrainer):
             inputs["advantages"] = self._weighted_advantages(inputs["advantages"], credit, rows,
                                                              completion_ids=inputs["completion_ids"])
             return super()._compute_loss(model, inputs)
-        if not (self.capture_site == "train_forward" and self.anchor.mode not in ("uniform", "visual_dependency")):
+        if not (self.capture_site == "train_forward" and self.anchor.credit_mode.scored_in_forward):
             return super()._compute_loss(model, inputs)
         self._pending = dict(inputs)  # a copy: the buffered batch keeps its plain advantages
         try:

@@ -28,7 +28,7 @@ def task_grid(examples: Sequence, out_path: str | Path, *, columns: int = 5, til
         lines = [f"[{ex.family}]"] + textwrap.wrap(ex.question, wrap)[:3] + [f"answer: {ex.answer}"]
         draw.multiline_text((x + 2, y + tile + 3), "\n".join(lines), fill=(0, 0, 0), font=font, spacing=2)
     out = Path(out_path)
-    from ..models.zoo import ensure_writable_dir
+    from .._io import ensure_writable_dir
 
     ensure_writable_dir(out.parent if str(out.parent) else ".", argument="--out")
     sheet.save(out)
