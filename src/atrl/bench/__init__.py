@@ -9,8 +9,8 @@
 
 Each prints tables with medians, spreads and the device; probe and trainer write their raw numbers as JSON
 (`--out`). The same
-scripts run as `python benchmarks/<module>.py` and in `benchmarks/gpu.sh` on the lent GPUs; the numbers measured
-so far are in docs/benchmarks.md.
+scripts run as `python benchmarks/<module>.py` and in `benchmarks/gpu.sh` on the lent GPUs; the current
+figures, with their commands and machines, are in docs/benchmarks.md.
 """
 
 BENCHMARKS = {"probe": "probe_overhead", "trainer": "trainer_overhead", "credit": "credit_partition",

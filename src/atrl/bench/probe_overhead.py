@@ -8,14 +8,14 @@ Configurations, timed interleaved (round-robin) so drift hits all alike: probes 
 floor: the same configuration timed twice), the probe's attention installed with no capture (the decoder runs
 "atrl_probe", every call plain), a capture with no probed layer (what a capture costs a forward by itself), 1
 probed layer, 4 probed layers (the default route: with gradients on, the plain call plus a no-grad call with the
-region indicators as values), and 4 layers forced onto the fused route (one call, V widened, Q/K zero-padded: the
-default before session 6, whose backward also carried the region channels). The steps from "installed" to "4
+region indicators as values), and 4 layers forced onto the fused route (one call, V widened, Q/K zero-padded,
+whose backward also carries the region channels). The steps from "installed" to "4
 layers" split a probed step's extra time into the attention switch, the capture and the layers.
 First it prints which SDPA backends take each head-size combination the fused route can use. Each repetition is
 timed with CUDA events; the table gives medians, the inter-quartile range, the ratio of medians against `off`,
 and the paired ratio: the median over rounds of each round's time over that round's `off` (with its quartiles).
-Slow stretches of the device that span a round (the third lease's 3B steps ran in slow and fast rounds) cancel
-in the paired ratio and not in the ratio of medians. Peak memory is `max_memory_allocated` of one step after a
+Slow stretches of the device that span a round (a card can run in slow and fast stretches) cancel in the paired
+ratio and not in the ratio of medians. Peak memory is `max_memory_allocated` of one step after a
 reset.
 
 Two scopes are timed. `model`: the whole model, vision tower included. `decoder`: the vision tower's output
@@ -50,6 +50,7 @@ import contextlib
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -196,9 +197,8 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     Probed: the split route (what a call with gradients takes: the plain call plus a no-grad call with the
     indicators as values; by default on the response rows a capture keeps where that keeps the plain call's
     kernel, with the indicator channels alone as values where SDPA picks the same kernel for them; for the
-    comparison with values padded to the head size, on all rows through transformers' SDPA function (the third
-    lease's call), and forced onto the kept rows) and the fused route forced (one call with V widened: the
-    probe's route before session 6).
+    comparison with values padded to the head size, on all rows through transformers' SDPA function, and forced
+    onto the kept rows) and the fused route forced (one call with V widened).
 
     Each probed variant keeps one capture state across its calls, as a forward's later probed layers find it
     (the indicator values and SDPA's kernel choice made once per forward); "..., a forward's first probed layer"
@@ -466,12 +466,184 @@ def summary(times: dict[str, list[float]], base: str) -> dict[str, dict[str, flo
     return rows
 
 
+# name -> None (probes off) or (which of the default 4 layers: "none", "middle" or "all", route, in a capture)
+CONFIGURATIONS: dict[str, tuple[str, str, bool] | None] = {
+    "off": None, "off (again)": None, "installed, no capture": ("none", "auto", False),
+    "capture, no probed layer": ("none", "auto", True), "1 layer": ("middle", "auto", True),
+    "4 layers": ("all", "auto", True), "4 layers, one widened call (fused)": ("all", "fused", True)}
+
+
+@dataclass
+class ProbeResults:
+    """One run of the bench. `scopes`: per scope ("model", "decoder") the summary rows of every configuration
+    (with `peak_gib`), the raw ms (round-robin), the vision tower's calls and the allocator's activity;
+    `layer` / `fixed`: the attention call's and the capture's fixed costs (summaries and raw ms); `kernels`:
+    the profiled decoder step per configuration."""
+
+    device: str
+    shape: str
+    attn: str
+    batch: int
+    scopes: dict[str, dict] = field(default_factory=dict)
+    layer: dict[str, dict] = field(default_factory=dict)
+    layer_raw_ms: dict[str, list[float]] = field(default_factory=dict)
+    fixed: dict[str, dict] = field(default_factory=dict)
+    fixed_raw_ms: dict[str, list[float]] = field(default_factory=dict)
+    kernels: dict[str, dict] | None = None
+
+    def to_json(self) -> dict:
+        out = {"device": self.device, "shape": self.shape, "attn": self.attn, "batch": self.batch,
+               "scopes": self.scopes, "layer": self.layer, "layer_raw_ms": self.layer_raw_ms, "fixed": self.fixed,
+               "fixed_raw_ms": self.fixed_raw_ms}
+        return out | ({"kernels": self.kernels} if self.kernels is not None else {})
+
+
+class ProbeBench:
+    """The model at a shape, its inputs (the whole model's and the decoder's, with the vision output cached) and
+    one timed step per configuration (`step_ms`)."""
+
+    def __init__(self, shape: str, device: str, attn: str = "sdpa", grid: int = 64, response: int = 1000,
+                 batch: int = 1):
+        from atrl.probe import default_probe_layers
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.shape, self.attn, self.grid, self.response, self.batch_size = shape, attn, grid, response, batch
+        self.model = build(shape, self.device, self.dtype, attn)
+        self.small = make_inputs(self.model, 16, 64, 16, self.device, self.dtype, seed=1)
+        self.batch = make_inputs(self.model, grid, response, 64, self.device, self.dtype, batch=batch)
+        with torch.no_grad():  # the vision tower's output, for the decoder-only scope
+            vision = self.model.model.get_image_features(self.batch["pixel_values"], self.batch["image_grid_thw"],
+                                                         return_dict=True)
+        self.decoder_batch = ({k: v for k, v in self.batch.items() if k != "pixel_values"}
+                              | {"mm_encoder_outputs": {"image": vision}})
+        self.layers4 = default_probe_layers(self.model.config.text_config.num_hidden_layers, 4)
+        self.vision_calls = 0  # calls of the vision tower since the last reset: none in the decoder scope
+        self.model.model.visual.register_forward_pre_hook(lambda *_: setattr(self, "vision_calls",
+                                                                             self.vision_calls + 1))
+
+    @property
+    def tokens(self) -> int:
+        return self.batch["input_ids"].shape[1]
+
+    def layers(self, which: str) -> list[int]:
+        mid = len(self.layers4) // 2
+        return {"none": [], "middle": self.layers4[mid:mid + 1], "all": self.layers4}[which]
+
+    def step_ms(self, name: str, inputs: dict, allocator: dict | None = None) -> float:
+        """One timed step of configuration `name`; `allocator`: add what the caching allocator did in it there
+        (its counters are read outside the timed window, on a synchronised device)."""
+        from atrl.probe import ConnectivityProbe
+
+        spec = CONFIGURATIONS[name]
+        probe = ConnectivityProbe(self.model, layers=self.layers(spec[0]), route=spec[1]) if spec else None
+        self.model.zero_grad(set_to_none=True)
+        before = torch.cuda.memory_stats() if self.cuda and allocator is not None else None
+        start, stop = timers(self.device)
+        start()
+        step(self.model, inputs, self.response, probe if spec is not None and spec[2] else None)
+        ms = stop()
+        if before is not None:
+            for key, n in allocator_activity(before, torch.cuda.memory_stats()).items():
+                allocator[key] = None if n is None or allocator.get(key, 0) is None else allocator.get(key, 0) + n
+        if probe is not None:
+            probe.detach()
+        return ms
+
+
+def measure_scope(bench: ProbeBench, scope: str, reps: int, warmup: int = 3, seconds: float = 0.0,
+                  say=print) -> dict:
+    """Every configuration's step in `scope` ("model" or "decoder"), interleaved: `warmup` untimed rounds, one
+    round measuring peak memory, then `reps` timed rounds (or as many as fit in `seconds`)."""
+    inputs = bench.batch if scope == "model" else bench.decoder_batch
+    bench.vision_calls = 0
+    for name in CONFIGURATIONS:
+        for _ in range(warmup):
+            bench.step_ms(name, inputs)
+    peaks = {}
+    t0 = time.perf_counter()
+    for name in CONFIGURATIONS:
+        if bench.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        bench.step_ms(name, inputs)
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if bench.cuda else float("nan")
+    if seconds > 0:  # a round is one step of every configuration, as the one just made
+        reps = rounds_in_budget(seconds, time.perf_counter() - t0, reps)
+        say(f"{scope} scope: {reps} rounds fit in {seconds:g} s")
+    times: dict[str, list[float]] = {name: [] for name in CONFIGURATIONS}
+    allocator: dict[str, dict] = {name: {} for name in CONFIGURATIONS}  # summed over the timed steps (on a GPU)
+    for _ in range(reps):
+        for name in CONFIGURATIONS:
+            times[name].append(bench.step_ms(name, inputs, allocator[name]))
+    rows = summary(times, "off")
+    for name, row in rows.items():
+        row["peak_gib"] = peaks[name]
+    return {"rows": rows, "raw_ms": times, "vision_calls": bench.vision_calls, "allocator": allocator}
+
+
+def scope_table(r: ProbeResults, scope: str, grid: int, response: int, cuda: bool) -> list[str]:
+    """The scope's table and its allocator line, as printed."""
+    data = r.scopes[scope]
+    rows, reps = data["rows"], len(data["raw_ms"]["off"])
+    what = "whole model, vision tower included" if scope == "model" else "decoder only, vision output cached"
+    lines = [f"# probe overhead ({scope}: {what}), Qwen2.5-VL-{r.shape} shape, {r.attn}, bf16={cuda}, "
+             f"{(grid // 2) ** 2} image + {response} response tokens, batch {r.batch}, {reps} interleaved reps, "
+             f"device {r.device}",
+             "| configuration | median ms | IQR ms | time ratio | paired ratio (IQR) | peak GiB | memory ratio |",
+             "|---|---|---|---|---|---|---|"]
+    off = rows["off"]["peak_gib"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['median_ms']:.2f} | {row['q1']:.2f}-{row['q3']:.2f} | {row['ratio']:.4f} | "
+                     f"{row['paired_ratio']:.4f} ({row['paired_q1']:.4f}-{row['paired_q3']:.4f}) | "
+                     f"{row['peak_gib']:.3f} | {row['peak_gib'] / off:.4f} |")
+    if cuda:  # in steady steps all 0; a configuration with more pays for the allocator in its time
+        lines.append(f"allocator in the {reps} timed steps ({'/'.join(ALLOCATOR_COUNTS)}): " + ", ".join(
+            f"{name} {'/'.join('-' if a.get(k) is None else str(a[k]) for k in ALLOCATOR_COUNTS)}"
+            for name, a in data["allocator"].items()))
+    return lines
+
+
+def _share(r: ProbeResults, ms: float, scope: str) -> str:
+    """`ms` as a share of the scope's `off` step median ("-" where the scope was not timed)."""
+    if scope not in r.scopes:
+        return "-"
+    return f"{100 * ms / r.scopes[scope]['rows']['off']['median_ms']:+.3f}%"
+
+
+def layer_table(r: ProbeResults, n_layers: int, tokens: int, reps: int) -> list[str]:
+    """One probed attention call's cost, and `n_layers` times it against the step medians; fills
+    `added_ms_probed_layers` in `r.layer`."""
+    lines = [f"# one probed layer's attention call, forward + backward, {tokens} tokens, {reps} interleaved reps; "
+             f"added time x {n_layers} layers against the `off` step medians",
+             f"| attention call | median ms | IQR ms | added ms | x {n_layers} layers / model step | "
+             f"x {n_layers} layers / decoder step |", "|---|---|---|---|---|---|"]
+    plain = r.layer["plain"]["median_ms"]
+    for name, row in r.layer.items():
+        added = n_layers * (row["median_ms"] - plain)
+        row["added_ms_probed_layers"] = added
+        lines.append(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
+                     f"{row['median_ms'] - plain:+.3f} | {_share(r, added, 'model')} | "
+                     f"{_share(r, added, 'decoder')} |")
+    return lines
+
+
+def fixed_table(r: ProbeResults, reps: int) -> list[str]:
+    lines = [f"# fixed costs per probed forward, whatever the number of layers (each timed alone, {reps} reps)",
+             "| part | median ms | IQR ms | share of the decoder step |", "|---|---|---|---|"]
+    for name, row in r.fixed.items():
+        lines.append(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
+                     f"{_share(r, row['median_ms'], 'decoder')} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="atrl bench probe", description=__doc__.split(chr(10))[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="3b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--grid", type=int, default=64, help="patch grid side (tokens = (grid/2)^2)")
-    ap.add_argument("--response", type=int, default=1000)
+    ap.add_argument("--response", type=int, default=1000, help="response tokens per sequence")
     ap.add_argument("--batch", type=int, default=1,
                     help="copies of the sequence per step (a trainer's micro-batch; the recipes' is 4): at batch 1 "
                          "the 3B step is near host-bound, and host jitter hides a fraction of a percent")
@@ -482,143 +654,45 @@ def main(argv: list[str] | None = None) -> None:
                          f"{MIN_ROUNDS}, at most --reps / --decoder-reps), from the time of the untimed round that "
                          "measures peak memory; 0: the counts as given")
     ap.add_argument("--layer-reps", type=int, default=200, help="attention calls per variant")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds per scope")
     ap.add_argument("--profile-steps", type=int, default=3, help="decoder steps profiled per configuration (0: none)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="JSON file for the raw numbers")
     ap.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 (the decoder's attention kernel)")
     args = ap.parse_args(argv)
-    from atrl.probe import ConnectivityProbe, default_probe_layers
 
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    model = build(args.shape, device, dtype, args.attn)
-    small = make_inputs(model, 16, 64, 16, device, dtype, seed=1)
-    print("\n".join(eager_checks(model, small)), flush=True)
-    batch = make_inputs(model, args.grid, args.response, 64, device, dtype, batch=args.batch)
-    print(f"# SDPA backends at one probed layer's shapes ({batch['input_ids'].shape[1]} tokens, causal, GQA, "
-          "forward only; `refused`: the backend does not take these shapes)")
-    print("| Q, K, V head sizes | flash | efficient | cudnn | math | SDPA's own pick |\n|---|---|---|---|---|---|")
-    print("\n".join(sdpa_backends(model, batch["input_ids"].shape[1], 16, device, dtype)), flush=True)
-    with torch.no_grad():  # the vision tower's output, for the decoder-only scope
-        vision = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
-    decoder_batch = {k: v for k, v in batch.items() if k != "pixel_values"} | {"mm_encoder_outputs": {"image": vision}}
-    n_layers = model.config.text_config.num_hidden_layers
-    layers4 = default_probe_layers(n_layers, 4)
-    # name -> None (probes off) or (probed layers, route, whether the step runs inside a capture)
-    probes = {"off": None, "off (again)": None, "installed, no capture": ([], "auto", False),
-              "capture, no probed layer": ([], "auto", True),
-              "1 layer": (layers4[len(layers4) // 2:len(layers4) // 2 + 1], "auto", True),
-              "4 layers": (layers4, "auto", True), "4 layers, one widened call (fused)": (layers4, "fused", True)}
+    def say(*lines: str) -> None:
+        print("\n".join(lines), flush=True)
 
-    def run(name, inputs, allocator: dict | None = None):
-        """One timed step of configuration `name`; `allocator`: add what the caching allocator did in it there
-        (its counters are read outside the timed window, on a synchronised device)."""
-        spec = probes[name]
-        probe = None
-        if spec is not None:
-            probe = ConnectivityProbe(model, layers=spec[0], route=spec[1])
-        model.zero_grad(set_to_none=True)
-        before = torch.cuda.memory_stats() if cuda and allocator is not None else None
-        start, stop = timers(device)
-        start()
-        step(model, inputs, args.response, probe if spec is not None and spec[2] else None)
-        ms = stop()
-        if before is not None:
-            for key, n in allocator_activity(before, torch.cuda.memory_stats()).items():
-                allocator[key] = None if n is None or allocator.get(key, 0) is None else allocator.get(key, 0) + n
-        if probe is not None:
-            probe.detach()
-        return ms
-
-    dev = torch.cuda.get_device_name() if cuda else "cpu"
-    result = {"device": dev, "shape": args.shape, "attn": args.attn, "batch": args.batch, "scopes": {}}
-    vision_calls = [0]  # calls of the vision tower in the scope being timed: none in the decoder scope
-    model.model.visual.register_forward_pre_hook(lambda *_: vision_calls.__setitem__(0, vision_calls[0] + 1))
-    for scope, inputs, reps in (("model", batch, args.reps), ("decoder", decoder_batch, args.decoder_reps)):
-        if reps == 0:
-            continue
-        vision_calls[0] = 0
-        for name in probes:
-            for _ in range(args.warmup):
-                run(name, inputs)
-        peaks = {}
-        t0 = time.perf_counter()
-        for name in probes:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            run(name, inputs)
-            peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        if args.seconds > 0:  # a round is one step of every configuration, as the one just made
-            reps = rounds_in_budget(args.seconds, time.perf_counter() - t0, reps)
-            print(f"{scope} scope: {reps} rounds fit in {args.seconds:g} s", flush=True)
-        times = {name: [] for name in probes}
-        allocator = {name: {} for name in probes}  # summed over the timed steps (on a GPU)
-        for _ in range(reps):
-            for name in probes:
-                times[name].append(run(name, inputs, allocator[name]))
-        rows = summary(times, "off")
-        what = "whole model, vision tower included" if scope == "model" else "decoder only, vision output cached"
-        print(f"# probe overhead ({scope}: {what}), "
-              f"Qwen2.5-VL-{args.shape} shape, {args.attn}, bf16={cuda}, {(args.grid // 2) ** 2} image + "
-              f"{args.response} response tokens, batch {args.batch}, {reps} interleaved reps, device {dev}")
-        print("| configuration | median ms | IQR ms | time ratio | paired ratio (IQR) | peak GiB | memory ratio |")
-        print("|---|---|---|---|---|---|---|")
-        for name, row in rows.items():
-            row["peak_gib"] = peaks[name]
-            print(f"| {name} | {row['median_ms']:.2f} | {row['q1']:.2f}-{row['q3']:.2f} | {row['ratio']:.4f} | "
-                  f"{row['paired_ratio']:.4f} ({row['paired_q1']:.4f}-{row['paired_q3']:.4f}) | "
-                  f"{peaks[name]:.3f} | {peaks[name] / peaks['off']:.4f} |", flush=True)
-        if cuda:  # in steady steps all 0; a configuration with more pays for the allocator in its time
-            print(f"allocator in the {reps} timed steps ({'/'.join(ALLOCATOR_COUNTS)}): " + ", ".join(
-                f"{name} {'/'.join('-' if a.get(k) is None else str(a[k]) for k in ALLOCATOR_COUNTS)}"
-                for name, a in allocator.items()), flush=True)
-        result["scopes"][scope] = {"rows": rows, "raw_ms": times, "vision_calls": vision_calls[0],
-                                   "allocator": allocator}
-
-    layer_raw = layer_costs(model, batch, args.response, args.layer_reps)
-    layer = summary(layer_raw, "plain")
-    steps = {scope: rows["rows"]["off"]["median_ms"] for scope, rows in result["scopes"].items()}
-
-    def share(ms: float, scope: str) -> str:
-        return f"{100 * ms / steps[scope]:+.3f}%" if scope in steps else "-"
-
-    n = len(layers4)
-    print(f"# one probed layer's attention call, forward + backward, {batch['input_ids'].shape[1]} tokens, "
-          f"{args.layer_reps} interleaved reps; added time x {n} layers against the `off` step medians")
-    print(f"| attention call | median ms | IQR ms | added ms | x {n} layers / model step | "
-          f"x {n} layers / decoder step |")
-    print("|---|---|---|---|---|---|")
-    plain = layer["plain"]["median_ms"]
-    for name, row in layer.items():
-        added = n * (row["median_ms"] - plain)
-        row["added_ms_probed_layers"] = added
-        print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
-              f"{row['median_ms'] - plain:+.3f} | "
-              f"{share(added, 'model')} | {share(added, 'decoder')} |")
-    result["layer"], result["layer_raw_ms"] = layer, layer_raw
-    fixed_raw = fixed_costs(model, batch, args.response, 50)
-    fixed = summary(fixed_raw, "capture setup (indicators deferred)")
-    print("# fixed costs per probed forward, whatever the number of layers (each timed alone, 50 reps)")
-    print("| part | median ms | IQR ms | share of the decoder step |\n|---|---|---|---|")
-    for name, row in fixed.items():
-        print(f"| {name} | {row['median_ms']:.3f} | {row['q1']:.3f}-{row['q3']:.3f} | "
-              f"{share(row['median_ms'], 'decoder')} |")
-    result["fixed"], result["fixed_raw_ms"] = fixed, fixed_raw
+    bench = ProbeBench(args.shape, args.device, args.attn, args.grid, args.response, args.batch)
+    say(*eager_checks(bench.model, bench.small))
+    say(f"# SDPA backends at one probed layer's shapes ({bench.tokens} tokens, causal, GQA, forward only; "
+        "`refused`: the backend does not take these shapes)",
+        "| Q, K, V head sizes | flash | efficient | cudnn | math | SDPA's own pick |", "|---|---|---|---|---|---|",
+        *sdpa_backends(bench.model, bench.tokens, 16, bench.device, bench.dtype))
+    result = ProbeResults(device=torch.cuda.get_device_name() if bench.cuda else "cpu", shape=args.shape,
+                          attn=args.attn, batch=args.batch)
+    for scope, reps in (("model", args.reps), ("decoder", args.decoder_reps)):
+        if reps:
+            result.scopes[scope] = measure_scope(bench, scope, reps, args.warmup, args.seconds, say)
+            say(*scope_table(result, scope, args.grid, args.response, bench.cuda))
+    result.layer_raw_ms = layer_costs(bench.model, bench.batch, args.response, args.layer_reps)
+    result.layer = summary(result.layer_raw_ms, "plain")
+    say(*layer_table(result, len(bench.layers4), bench.tokens, args.layer_reps))
+    result.fixed_raw_ms = fixed_costs(bench.model, bench.batch, args.response, 50)
+    result.fixed = summary(result.fixed_raw_ms, "capture setup (indicators deferred)")
+    say(*fixed_table(result, 50))
 
     def save() -> None:
         if args.out:
             with open(args.out, "w") as fh:
-                json.dump(result, fh, indent=1)
+                json.dump(result.to_json(), fh, indent=1)
 
     save()  # before the profiler, which runs last: whatever happens there, the tables above are kept
     if args.profile_steps:
-        ktimes = kernel_times(model, decoder_batch, args.response, layers4, args.profile_steps)
-        print(f"# the decoder step under the profiler ({args.profile_steps} steps each): device busy and idle time, "
-              "and the kernels the probes add")
-        print("\n".join(kernel_table(ktimes)), flush=True)
-        result["kernels"] = ktimes
+        result.kernels = kernel_times(bench.model, bench.decoder_batch, args.response, bench.layers4,
+                                      args.profile_steps)
+        say(f"# the decoder step under the profiler ({args.profile_steps} steps each): device busy and idle time, "
+            "and the kernels the probes add", *kernel_table(result.kernels))
         save()
 
 

@@ -20,11 +20,8 @@ and the whole-step ratio that the rest implies when generation costs the same in
 (1 + (rest - rest of the first mode) / step of the first mode); the generation medians are printed beside it
 so that this can be checked.
 
-In the H200 lease of session 6, generation itself came out slower in `atrl` blocks (probes on the training
-forward: median 8.0 against 6.9 s, all of it in the second block), though a trainer's generation runs no
-probe: the decoder only carries the probe's attention function, which passes every call through outside a
-capture. `--generation-ab N` checks that
-directly before the blocks: `model.generate` on the same prompts with the decoder on plain SDPA and with the
+A trainer's generation runs no probe: the decoder only carries the probe's attention function, which passes
+every call through outside a capture. `--generation-ab N` checks that directly before the blocks: `model.generate` on the same prompts with the decoder on plain SDPA and with the
 probe's function installed, N interleaved calls each. Each block also starts from a collected heap
 (`gc.collect`, `torch.cuda.empty_cache`) and records the device memory still allocated, so that anything a
 finished block leaves behind shows up.
@@ -33,7 +30,7 @@ finished block leaves behind shows up.
 runs (and is timed: the "generation s" the whole-step ratio needs), and every later call returns a copy of its
 output; the data set is then one prompt repeated, so every step trains on that one generated batch. Generation
 being the same code in every mode (the generation A/B above), the step is then the part the modes differ in,
-without the +-12% of generation noise, and many more steps fit in a lease (~2 s each at the 3B shape instead
+without generation's +-12% noise, and many more steps fit in a time budget (~2 s each at the 3B shape instead
 of ~10).
 
 `--steps-per-generation N` (N > 1) makes TRL score each generation batch on a no-grad old-log-prob pass in
@@ -56,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import statistics
@@ -63,9 +61,24 @@ import tempfile
 import time
 import traceback
 import warnings
+from dataclasses import dataclass, field
 from typing import Self
 
 import torch
+from transformers import TrainerCallback
+
+from atrl.credit import credit_mode
+
+from .probe_overhead import (
+    ALLOCATOR_COUNTS,
+    allocator_activity,
+    build,
+    kernel_table,
+    profiled_step,
+    profiler_activities,
+    rounds_in_budget,
+    timers,
+)
 
 MODES = {"uniform": {"mode": "uniform"}, "atrl": {"mode": "atrl"},
          "atrl-overlap-off": {"mode": "atrl", "overlap": False}}
@@ -271,21 +284,445 @@ def sync_net_table(counts: dict[str, dict[tuple[str, str], int]], cycles: int, b
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+class StepMeter(TrainerCallback):
+    """Per optimizer step: TRL's step time, the credit times the trainer logs, and the pauses of Python's garbage
+    collector (`gc.callbacks`: seconds, and full collections, which walk every object of the process); the
+    generation calls' seconds (`timed`); `close()` unhooks the collector meter."""
+
+    def __init__(self, steps_per_generation: int, cuda: bool):
+        self.spg, self.cuda = steps_per_generation, cuda
+        self.times, self.credit, self.cpu, self.generation = [], [], [], []
+        self.wait: list[float] = []
+        self.gc_seconds, self.gc_full = [], []
+        self._gc = [0.0, 0, 0.0]  # pause seconds and full collections since the last step, start of the current
+        self.allocator_start: dict | None = None  # memory_stats() once the warm-up cycle has ended
+        gc.callbacks.append(self._collecting)
+
+    def _collecting(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc[2] = time.perf_counter()
+        else:
+            self._gc[0] += time.perf_counter() - self._gc[2]
+            self._gc[1] += info["generation"] == 2
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._collecting)
+
+    def on_step_end(self, a, state, control, **kw):
+        if self.cuda and state.global_step == self.spg:  # the warm-up cycle (not timed) ends
+            self.allocator_start = torch.cuda.memory_stats()
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_log(self, a, state, control, logs=None, **kw):
+        if logs and "step_time" in logs:  # one micro-batch per optimizer step; steps without credit log none
+            self.times.append(logs["step_time"])
+            self.credit.append(logs.get("atrl/time/credit_s", 0.0))
+            self.cpu.append(logs.get("atrl/time/credit_cpu_s", 0.0))
+            self.wait.append(logs.get("atrl/time/credit_wait_s", 0.0))
+            self.gc_seconds.append(self._gc[0])
+            self.gc_full.append(self._gc[1])
+            self._gc[:2] = [0.0, 0]
+
+    def cycles(self, values: list[float]) -> list[float]:
+        return cycle_sums(values, self.spg)
+
+    def timed(self, generate):
+        """TRL's `_generate` (one call per generation cycle), timed with the device synchronised."""
+        def call(*a, **kw):
+            if self.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = generate(*a, **kw)
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.generation.append(time.perf_counter() - t0)
+            return out
+        return call
+
+
+class Replay:
+    """--replay-generation: the first `_generate` call runs (and is timed); every later call returns a copy."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.output, self.seconds, self.prompts, self.calls = None, None, 0, 0
+
+    def wrap(self, generate):
+        def call(prompts):
+            if self.output is None:
+                start, stop = timers(self.device)
+                start()
+                self.output = generate(prompts)
+                self.seconds = stop() / 1000
+                self.prompts = len(prompts)
+            if len(prompts) != self.prompts:
+                raise RuntimeError(f"replaying a generation of {self.prompts} prompts for {len(prompts)}")
+            self.calls += 1
+            return copy.deepcopy(self.output)  # TRL may edit what it gets
+        return call
+
+
+class ProfileCycle(TrainerCallback):
+    """Profiles the block's second generation cycle (optimizer steps spg + 1 .. 2 spg): the first one warms up."""
+
+    def __init__(self, steps_per_generation: int, device: torch.device):
+        self.spg, self.device, self.cuda = steps_per_generation, device, device.type == "cuda"
+        self.steps, self.prof, self.t0, self.result = 0, None, 0.0, None
+
+    def on_step_begin(self, a, state, control, **kw):
+        self.steps += 1
+        if self.steps == self.spg + 1:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=profiler_activities(self.device))
+            self.prof.start()
+            self.t0 = time.perf_counter()
+
+    def on_step_end(self, a, state, control, **kw):
+        if self.steps == 2 * self.spg and self.prof is not None:
+            if self.cuda:
+                torch.cuda.synchronize()
+            wall_ms = 1000 * (time.perf_counter() - self.t0)
+            self.prof.stop()
+            self.result = profiled_step(self.prof, 1, wall_ms, self.cuda)
+            self.prof = None
+
+
+class Phases(TrainerCallback):
+    """Seconds per optimizer step in TRL's phases, the device synchronised at each boundary (see --phases)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.open = {name: 0.0 for name in PHASES}
+        self.steps: list[dict[str, float]] = []
+
+    def wrap(self, trainer) -> None:
+        def timed(name, method):
+            def call(*a, **kw):
+                if self.cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                try:
+                    return method(*a, **kw)
+                finally:
+                    if self.cuda:
+                        torch.cuda.synchronize()
+                    self.open[name] += time.perf_counter() - t0
+            return call
+        for name, path in PHASES.items():
+            owner, attr = (trainer.accelerator, path.split(".")[1]) if "." in path else (trainer, path)
+            setattr(owner, attr, timed(name, getattr(owner, attr)))
+
+    def on_step_end(self, a, state, control, **kw):
+        self.steps.append(self.open)
+        self.open = dict.fromkeys(PHASES, 0.0)
+
+
+@dataclass
+class TrainerResults:
+    """One run of the bench. Per mode (a key of MODES): step seconds per generation cycle (`results`, the first
+    cycle of each block dropped), generation seconds per cycle, the loop's credit seconds, share of the step,
+    partition CPU seconds and time blocked on partitions per cycle (modes that weigh tokens), collector pauses and
+    full collections per cycle. Per block: (mode, median step), (round, mode, median rest), device memory at its
+    start and the allocator's activity. Then the optional tables: generation A/B, phases, syncs, profiles."""
+
+    device: str
+    shape: str
+    modes: list[str]
+    workers: int
+    region_grid: list[int]
+    steps_per_generation: int
+    batch: int
+    results: dict[str, list[float]] = field(default_factory=dict)
+    generation: dict[str, list[float]] = field(default_factory=dict)
+    credit_share: dict[str, list[float]] = field(default_factory=dict)
+    credit_loop: dict[str, list[float]] = field(default_factory=dict)
+    credit_cpu: dict[str, list[float]] = field(default_factory=dict)
+    credit_wait: dict[str, list[float]] = field(default_factory=dict)
+    gc_seconds: dict[str, list[float]] = field(default_factory=dict)
+    gc_full: dict[str, list[float]] = field(default_factory=dict)
+    blocks: list[tuple[str, float]] = field(default_factory=list)
+    block_rest: list[tuple[int, str, float]] = field(default_factory=list)
+    block_memory_gib: list[tuple[str, float]] = field(default_factory=list)
+    allocator: list[dict] = field(default_factory=list)
+    generation_ab: dict[str, list[float]] = field(default_factory=dict)
+    full_collection_ms: dict[str, float] = field(default_factory=dict)
+    replayed_generation_s: float | None = None
+    generate_calls_served: int | None = None
+    profiled: dict[str, dict] = field(default_factory=dict)
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    syncs: dict[str, list] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("results", "generation", "credit_share", "credit_loop", "credit_cpu", "credit_wait",
+                     "gc_seconds", "gc_full"):
+            getattr(self, name).update({m: [] for m in self.modes})
+
+    def record(self, block: int, mode: str, meter: StepMeter) -> None:
+        """A timed block's numbers, its first generation cycle (warm-up) dropped."""
+        kept = meter.cycles(meter.times)
+        if len(meter.generation) != len(kept) + 1:
+            raise RuntimeError(f"{len(meter.generation)} generation calls for {len(kept) + 1} generation cycles")
+        self.results[mode].extend(kept)
+        self.generation[mode].extend(meter.generation[1:])
+        self.gc_seconds[mode].extend(meter.cycles(meter.gc_seconds))
+        self.gc_full[mode].extend(meter.cycles(meter.gc_full))
+        if credit_mode(MODES[mode]["mode"]).weighs:
+            self.credit_loop[mode].extend(meter.cycles(meter.credit))
+            self.credit_share[mode].extend(c / t for c, t in zip(meter.cycles(meter.credit), kept))
+            self.credit_cpu[mode].extend(meter.cycles(meter.cpu))
+            self.credit_wait[mode].extend(meter.cycles(meter.wait))
+        self.blocks.append((mode, statistics.median(kept)))
+        self.block_rest.append((block, mode, statistics.median(t - g for t, g in zip(kept, meter.generation[1:]))))
+
+    @property
+    def paired_rest_ratios(self) -> dict[str, list[float]]:
+        return paired_block_ratios(self.block_rest, self.modes[0]) if self.block_rest else {}
+
+    def to_json(self) -> dict:
+        skip = {"modes"}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return out | {"paired_rest_ratios": self.paired_rest_ratios}
+
+
+class TrainerBench:
+    """The model at a shape (random weights) or the tiny one, its data, and `train_block`: a fresh ATRLTrainer
+    in one mode from the same starting weights, with the meters attached."""
+
+    def __init__(self, args: argparse.Namespace):
+        from atrl.data.synthetic import BarKnobs, CountKnobs, generate, to_hf_dataset
+        from atrl.models.zoo import TinySize, build_tiny_vlm
+
+        self.args = args
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        tiny, self.processor = build_tiny_vlm("qwen2_5_vl", size=TinySize(image_size=args.image_size))
+        if args.shape == "tiny":
+            self.model = tiny
+        else:
+            self.model = build(args.shape, self.device, torch.bfloat16)
+            # the byte-level processor's special tokens are ids < 300, inside the big vocabulary: point the config
+            tok, config = self.processor.tokenizer, self.model.config
+            config.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+            config.video_token_id = tok.convert_tokens_to_ids("<|video_pad|>")
+            config.vision_start_token_id = tok.convert_tokens_to_ids("<|vision_start|>")
+            config.vision_end_token_id = tok.convert_tokens_to_ids("<|vision_end|>")
+        if args.vision_attention == "packed":
+            from atrl.models.vision_attention import use_packed_vision_attention
+
+            use_packed_vision_attention(self.model)
+        size = args.image_size
+        self.examples = generate(64, seed=0, families=["count", "bar_value"],
+                                 knobs={"count": CountKnobs(image_size=size, cell=size // 5),
+                                        "bar_value": BarKnobs(image_size=size)})
+        # replaying one generation needs one prompt: TRL derives parts of the batch (e.g. mm_token_type_ids) from it
+        self.data = to_hf_dataset([self.examples[0]] * len(self.examples) if args.replay_generation
+                                  else self.examples)
+        self.replay = Replay(self.device) if args.replay_generation else None
+        self.snapshot: dict | None = None
+        self.results = TrainerResults(
+            device=torch.cuda.get_device_name() if self.cuda else "cpu", shape=args.shape, modes=list(args.modes),
+            workers=args.workers, region_grid=list(args.region_grid),
+            steps_per_generation=args.steps_per_generation, batch=args.batch)
+
+    def generation_ab(self) -> dict[str, list[float]]:
+        self.results.generation_ab = generation_ab(self.model, self.processor, self.examples[:self.args.batch],
+                                                   self.args.generation_ab, self.args.ab_tokens)
+        return self.results.generation_ab
+
+    def train_block(self, mode: str, steps: int, profiler: ProfileCycle | None = None,
+                    phases: Phases | None = None) -> StepMeter:
+        from trl import GRPOConfig
+
+        from atrl.rl.config import AnchorConfig
+        from atrl.rl.rewards import accuracy_reward, format_reward
+        from atrl.rl.trainer import ATRLTrainer
+
+        args, cuda = self.args, self.cuda
+        if self.snapshot is None:
+            self.snapshot = copy.deepcopy(self.model.state_dict())
+        gc.collect()  # the last block's trainer (reference cycles) and its optimizer state go now, not mid-block
+        if cuda:
+            torch.cuda.empty_cache()
+            self.results.block_memory_gib.append((mode, torch.cuda.memory_allocated() / 2**30))
+        self.model.load_state_dict(self.snapshot)
+        meter = StepMeter(args.steps_per_generation, cuda)
+        cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, num_generations=8,
+                         steps_per_generation=args.steps_per_generation,
+                         max_completion_length=args.completion, max_steps=steps, logging_steps=1,
+                         report_to=[], save_strategy="no", bf16=cuda, use_cpu=not cuda, seed=0,
+                         learning_rate=1e-7, disable_tqdm=True, activation_checkpointing=True,
+                         generation_kwargs={"min_new_tokens": args.completion})
+        anchor = AnchorConfig(**MODES[mode], region_grid=tuple(args.region_grid), credit={"n_workers": args.workers})
+        trainer = ATRLTrainer(model=self.model, processing_class=self.processor, args=cfg, train_dataset=self.data,
+                              reward_funcs=[accuracy_reward, format_reward],
+                              callbacks=[meter] + [c for c in (profiler, phases) if c is not None],
+                              anchor_config=anchor)
+        generate = self.replay.wrap(trainer._generate) if self.replay is not None else trainer._generate
+        trainer._generate = meter.timed(generate)
+        if phases is not None:
+            phases.wrap(trainer)
+        try:
+            trainer.train()
+        finally:
+            meter.close()
+        if cuda and meter.allocator_start is not None:  # what the allocator did in the timed cycles
+            self.results.allocator.append({
+                "mode": mode, **allocator_activity(meter.allocator_start, torch.cuda.memory_stats()),
+                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30})
+        if trainer.probe is not None:
+            trainer.probe.detach()
+        if self.replay is not None:
+            self.results.replayed_generation_s, self.results.generate_calls_served = self.replay.seconds, \
+                self.replay.calls
+        return meter
+
+    def run_blocks(self, say=print) -> None:
+        """An unrecorded warm-up block, one full collection timed, then rounds of blocks (a block per mode, the
+        order reversed every other round), as many as --seconds allows."""
+        args, spg = self.args, self.args.steps_per_generation
+        # the process's first training pays one-off costs (allocator growth, kernel selection) that would
+        # otherwise land on whichever mode runs first
+        self.train_block(args.modes[-1], 2 * spg)
+        self.results.full_collection_ms = full_collection_ms()
+        say(gc_line(self.results.full_collection_ms))
+        rounds, block, t0 = args.blocks, 0, time.perf_counter()
+        while block < rounds:
+            for mode in (args.modes if block % 2 == 0 else args.modes[::-1]):
+                meter = self.train_block(mode, args.steps)
+                self.results.record(block, mode, meter)
+                kept = meter.cycles(meter.times)
+                say(f"block {block} {mode}: median step {statistics.median(kept):.3f} s over {len(kept)} steps, "
+                    f"of which generation {statistics.median(meter.generation[1:]):.3f} s")
+            if block == 0 and args.seconds > 0:
+                rounds = rounds_in_budget(args.seconds, time.perf_counter() - t0, args.blocks, least=2)
+                say(f"{rounds} rounds of blocks fit in {args.seconds:g} s")
+            block += 1
+
+    def run_phases(self) -> None:
+        spg = self.args.steps_per_generation
+        for mode in self.args.modes:
+            meter = Phases(self.cuda)
+            step = self.train_block(mode, 3 * spg, phases=meter)
+            self.results.phases[mode] = phase_table_rows(meter.steps, step.times, step.generation, spg)
+
+    def run_sync_debug(self) -> dict[str, dict]:
+        counts = {}
+        for mode in self.args.modes:
+            with SyncSites() as sites:
+                self.train_block(mode, 3 * self.args.steps_per_generation)
+            counts[mode] = sites.counts
+        self.results.syncs.update({m: [[*site, n] for site, n in c.items()] for m, c in counts.items()})
+        return counts
+
+    def run_profile(self) -> None:
+        for mode in self.args.modes:
+            profiler = ProfileCycle(self.args.steps_per_generation, self.device)
+            self.train_block(mode, 2 * self.args.steps_per_generation, profiler)
+            self.results.profiled[mode] = profiler.result
+
+
+def gc_line(full_gc: dict[str, float]) -> str:
+    return (f"one full garbage collection, median of 5: {full_gc['as it is']:.1f} ms with the heap as it is, "
+            f"{full_gc['frozen']:.2f} ms with it frozen (as training keeps it){gc_note(full_gc)}")
+
+
+def generation_ab_table(ab: dict[str, list[float]], batch: int, tokens: int, reps: int) -> list[str]:
+    plain = statistics.median(ab["plain sdpa"])
+    lines = [f"# model.generate, {batch} prompts x {tokens} new tokens, {reps} interleaved calls each (no capture "
+             "active, as in a trainer's generation)", "| decoder attention | median s | min-max s | ratio |",
+             "|---|---|---|---|"]
+    for name, ts in ab.items():
+        lines.append(f"| {name} | {statistics.median(ts):.3f} | {min(ts):.3f}-{max(ts):.3f} | "
+                     f"{statistics.median(ts) / plain:.4f} |")
+    return lines
+
+
+def step_report(r: TrainerResults, args: argparse.Namespace) -> list[str]:
+    """The step-time table (a "step" is one generation cycle), the noise floor, the collector, memory and
+    allocator lines."""
+    first = r.modes[0]
+    med_0 = statistics.median(r.results[first])
+    first_blocks = [t for m, t in r.blocks if m == first]
+    noise = (max(first_blocks) - min(first_blocks)) / med_0 if len(first_blocks) > 1 else float("nan")
+    lines = [f"# trainer step time, Qwen2.5-VL-{r.shape} shape, {args.completion}-token completions, "
+             f"{r.batch} x {r.steps_per_generation} completions per step, credit n_workers={r.workers}, "
+             f"vision attention {args.vision_attention}, device {r.device}",
+             f"| mode | median step s | steps | ratio to {first} | loop time in credit, s per step (share) | "
+             "of which blocked on partitions, s | partition CPU s per step |", "|---|---|---|---|---|---|---|"]
+    for mode in r.modes:
+        med = statistics.median(r.results[mode])
+        share, cpu, wait = r.credit_share[mode], r.credit_cpu[mode], r.credit_wait[mode]
+        share_s = (f"{statistics.median(r.credit_loop[mode]):.4f} ({100 * statistics.median(share):.2f}%)"
+                   if share else "-")
+        wait_s = f"{statistics.median(wait):.4f}" if wait else "-"
+        cpu_s = f"{statistics.median(cpu):.3f}" if cpu else "-"
+        lines.append(f"| {mode} | {med:.3f} | {len(r.results[mode])} | {med / med_0:.4f} | {share_s} | {wait_s} | "
+                     f"{cpu_s} |")
+    full_gc = r.full_collection_ms
+    lines.append(f"spread of the {first} blocks (noise floor): {100 * noise:.2f}%")
+    lines.append("garbage-collector pauses per step, median (max) s, and full collections per step: "
+                 + ", ".join(f"{m} {statistics.median(r.gc_seconds[m]):.4f} ({max(r.gc_seconds[m]):.4f}) s, "
+                             f"{statistics.mean(r.gc_full[m]):.2f}" for m in r.modes)
+                 + f"; one full collection {full_gc['as it is']:.1f} ms with the heap as it is, "
+                   f"{full_gc['frozen']:.2f} ms frozen (training freezes it){gc_note(full_gc)}")
+    if r.block_memory_gib:
+        lines.append("device memory allocated at each block's start (GiB): "
+                     + ", ".join(f"{m} {gib:.2f}" for m, gib in r.block_memory_gib))
+    if r.allocator:
+        def counts(a: dict) -> str:
+            return "/".join("-" if a[k] is None else str(a[k]) for k in ALLOCATOR_COUNTS)
+
+        lines.append("allocator in each block's timed cycles, the unrecorded warm-up block first (retries, "
+                     "cudaMalloc, cudaFree, device syncs; peak allocated / reserved GiB): " + ", ".join(
+                         f"{a['mode']} {counts(a)} {a['peak_allocated_gib']:.1f}/{a['peak_reserved_gib']:.1f}"
+                         for a in r.allocator))
+    return lines
+
+
+def rest_report(r: TrainerResults) -> list[str]:
+    """The step without generation per mode, its ratios, and the whole-step ratio it implies."""
+    first = r.modes[0]
+    rest = {m: [t - g for t, g in zip(r.results[m], r.generation[m])] for m in r.modes}
+    rest_0 = statistics.median(rest[first])
+    # the whole step (one generation cycle) the rest is set against: as measured, or, when replaying, the rest
+    # with the one real generation added back
+    replayed = r.replayed_generation_s
+    step_0 = rest_0 + replayed if replayed is not None else statistics.median(r.results[first])
+    paired = r.paired_rest_ratios
+    lines = ["# the step without generation (same run; generation is the same code in every mode)"
+             + (f"; generation replayed, the one real call took {replayed:.3f} s" if replayed is not None else ""),
+             f"| mode | median generation s | median rest s | rest IQR s | rest ratio to {first} | "
+             "paired rest ratio (min-max over rounds) | whole-step ratio implied (paired) |",
+             "|---|---|---|---|---|---|---|"]
+    for mode in r.modes:
+        m = statistics.median(rest[mode])
+        q = statistics.quantiles(rest[mode], n=4) if len(rest[mode]) > 1 else [m, m, m]
+        pr = paired[mode]
+        pm = statistics.median(pr)
+        lines.append(f"| {mode} | {statistics.median(r.generation[mode]):.3f} | {m:.3f} | {q[0]:.3f}-{q[2]:.3f} | "
+                     f"{m / rest_0:.4f} | {pm:.4f} ({min(pr):.4f}-{max(pr):.4f}) | {1 + (m - rest_0) / step_0:.4f} "
+                     f"({1 + (pm - 1) * rest_0 / step_0:.4f}) |")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="atrl bench trainer", description=__doc__.split(chr(10))[0])
     ap.add_argument("--shape", default="3b", choices=["3b", "7b", "tiny"])
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per timed block")
     ap.add_argument("--blocks", type=int, default=3, help="rounds of blocks (a block per mode in each)")
     ap.add_argument("--seconds", type=float, default=0.0,
                     help="time budget for the rounds of blocks: as many as fit (at least 2, at most --blocks), "
                          "from the first round's time; 0: --blocks rounds")
-    ap.add_argument("--completion", type=int, default=256)
-    ap.add_argument("--image-size", type=int, default=448)
+    ap.add_argument("--completion", type=int, default=256, help="completion tokens (generated exactly)")
+    ap.add_argument("--image-size", type=int, default=448, help="synthetic images' side in pixels")
     ap.add_argument("--workers", type=int, default=8, help="credit n_workers (the recipes' value)")
     ap.add_argument("--region-grid", type=int, nargs=2, default=(4, 4), metavar=("ROWS", "COLS"),
                     help="anchor.region_grid (a smoke run on a tiny model uses 2 2: fewer regions than head "
                          "channels, so the probe's narrow values run)")
-    ap.add_argument("--steps-per-generation", type=int, default=1)
+    ap.add_argument("--steps-per-generation", type=int, default=1,
+                    help="TRL's steps_per_generation (> 1: an old-log-prob pass, as with vLLM)")
     ap.add_argument("--batch", type=int, default=8, help="per-device micro-batch (completions)")
     ap.add_argument("--modes", nargs="+", default=["uniform", "atrl"], choices=list(MODES))
     ap.add_argument("--generation-ab", type=int, default=0, metavar="N",
@@ -305,376 +742,51 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vision-attention", choices=["packed", "per_window"], default="packed",
                     help="the vision tower's attention: a few SDPA calls per layer, one per segment length (the "
                          "recipes' default, model.vision_attention) or transformers' call per window")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="JSON file for the raw numbers (written after each stage)")
     args = ap.parse_args(argv)
     if args.steps % args.steps_per_generation or args.steps < 2 * args.steps_per_generation:
         ap.error("--steps must be a multiple of --steps-per-generation, at least two generation cycles")
+    return args
 
-    from transformers import TrainerCallback
-    from trl import GRPOConfig
 
-    from atrl.credit import credit_mode
-    from atrl.data.synthetic import BarKnobs, CountKnobs, generate, to_hf_dataset
-    from atrl.models.zoo import TinySize, build_tiny_vlm
-    from atrl.rl.config import AnchorConfig
-    from atrl.rl.rewards import accuracy_reward, format_reward
-    from atrl.rl.trainer import ATRLTrainer
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
-    from .probe_overhead import (
-        ALLOCATOR_COUNTS,
-        allocator_activity,
-        build,
-        kernel_table,
-        profiled_step,
-        profiler_activities,
-        rounds_in_budget,
-        timers,
-    )
+    def say(*lines: str) -> None:
+        print("\n".join(lines), flush=True)
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    tiny, processor = build_tiny_vlm("qwen2_5_vl", size=TinySize(image_size=args.image_size))
-    if args.shape == "tiny":
-        base = tiny
-    else:
-        base = build(args.shape, device, torch.bfloat16)
-        # the byte-level processor's special tokens are ids < 300, inside the big vocabulary: point the config at them
-        base.config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        base.config.video_token_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
-        base.config.vision_start_token_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-        base.config.vision_end_token_id = processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")
-    if args.vision_attention == "packed":
-        from atrl.models.vision_attention import use_packed_vision_attention
-
-        use_packed_vision_attention(base)
-    size = args.image_size
-    examples = generate(64, seed=0, families=["count", "bar_value"],
-                        knobs={"count": CountKnobs(image_size=size, cell=size // 5),
-                               "bar_value": BarKnobs(image_size=size)})
-    # replaying one generation needs one prompt: TRL derives parts of the batch (e.g. mm_token_type_ids) from it
-    data = to_hf_dataset([examples[0]] * len(examples) if args.replay_generation else examples)
-    ab = {}
-    if args.generation_ab:
-        ab = generation_ab(base, processor, examples[:args.batch], args.generation_ab, args.ab_tokens)
-        plain = statistics.median(ab["plain sdpa"])
-        print(f"# model.generate, {args.batch} prompts x {args.ab_tokens} new tokens, {args.generation_ab} "
-              "interleaved calls each (no capture active, as in a trainer's generation)")
-        print("| decoder attention | median s | min-max s | ratio |\n|---|---|---|---|")
-        for name, ts in ab.items():
-            print(f"| {name} | {statistics.median(ts):.3f} | {min(ts):.3f}-{max(ts):.3f} | "
-                  f"{statistics.median(ts) / plain:.4f} |", flush=True)
-    snapshot = copy.deepcopy(base.state_dict())
-
-    class Times(TrainerCallback):
-        """Per optimizer step: TRL's step time, the credit times the trainer logs, and the pauses of Python's
-        garbage collector (`gc.callbacks`: seconds, and full collections, which walk every object of the
-        process); `close()` unhooks the collector meter."""
-
-        def __init__(self):
-            self.times, self.credit, self.cpu, self.generation = [], [], [], []
-            self.wait: list[float] = []
-            self.gc_seconds, self.gc_full = [], []
-            self._gc = [0.0, 0, 0.0]  # pause seconds and full collections since the last step, start of the current
-            self.allocator_start: dict | None = None  # memory_stats() once the warm-up cycle has ended
-            gc.callbacks.append(self._collecting)
-
-        def _collecting(self, phase: str, info: dict) -> None:
-            if phase == "start":
-                self._gc[2] = time.perf_counter()
-            else:
-                self._gc[0] += time.perf_counter() - self._gc[2]
-                self._gc[1] += info["generation"] == 2
-
-        def close(self) -> None:
-            gc.callbacks.remove(self._collecting)
-
-        def on_step_end(self, a, state, control, **kw):
-            if cuda and state.global_step == args.steps_per_generation:  # the warm-up cycle (not timed) ends
-                self.allocator_start = torch.cuda.memory_stats()
-                torch.cuda.reset_peak_memory_stats()
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "step_time" in logs:  # one micro-batch per optimizer step; steps without credit log none
-                self.times.append(logs["step_time"])
-                self.credit.append(logs.get("atrl/time/credit_s", 0.0))
-                self.cpu.append(logs.get("atrl/time/credit_cpu_s", 0.0))
-                self.wait.append(logs.get("atrl/time/credit_wait_s", 0.0))
-                self.gc_seconds.append(self._gc[0])
-                self.gc_full.append(self._gc[1])
-                self._gc[:2] = [0.0, 0]
-
-        def cycles(self, values: list[float]) -> list[float]:
-            return cycle_sums(values, args.steps_per_generation)
-
-        def timed(self, generate):
-            """TRL's `_generate` (one call per generation cycle), timed with the device synchronised."""
-            def call(*a, **kw):
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                out = generate(*a, **kw)
-                if cuda:
-                    torch.cuda.synchronize()
-                self.generation.append(time.perf_counter() - t0)
-                return out
-            return call
-
-    replay: dict[str, object] = {}  # --replay-generation: the first `_generate` output and its seconds
-
-    def replayed(generate):
-        def call(prompts):
-            if "output" not in replay:
-                start, stop = timers(device)
-                start()
-                replay["output"] = generate(prompts)
-                replay["seconds"] = stop() / 1000
-                replay["prompts"] = len(prompts)
-                replay["calls"] = 0
-            if len(prompts) != replay["prompts"]:
-                raise RuntimeError(f"replaying a generation of {replay['prompts']} prompts for {len(prompts)}")
-            replay["calls"] += 1
-            return copy.deepcopy(replay["output"])  # TRL may edit what it gets
-        return call
-
-    class ProfileCycle(TrainerCallback):
-        """Profiles the block's second generation cycle (optimizer steps spg + 1 .. 2 spg): the first one warms up."""
-
-        def __init__(self):
-            self.steps, self.prof, self.t0, self.result = 0, None, 0.0, None
-
-        def on_step_begin(self, a, state, control, **kw):
-            self.steps += 1
-            if self.steps == args.steps_per_generation + 1:
-                if cuda:
-                    torch.cuda.synchronize()
-                self.prof = torch.profiler.profile(activities=profiler_activities(device))
-                self.prof.start()
-                self.t0 = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            if self.steps == 2 * args.steps_per_generation and self.prof is not None:
-                if cuda:
-                    torch.cuda.synchronize()
-                wall_ms = 1000 * (time.perf_counter() - self.t0)
-                self.prof.stop()
-                self.result = profiled_step(self.prof, 1, wall_ms, cuda)
-                self.prof = None
-
-    results: dict[str, list[float]] = {m: [] for m in args.modes}
-    generation: dict[str, list[float]] = {m: [] for m in args.modes}  # generation seconds per cycle
-    credit_share: dict[str, list[float]] = {m: [] for m in args.modes}  # time the loop spent on credit / step
-    credit_loop: dict[str, list[float]] = {m: [] for m in args.modes}  # seconds the loop spent on credit per step
-    credit_cpu: dict[str, list[float]] = {m: [] for m in args.modes}  # workers' partition CPU seconds per step
-    credit_wait: dict[str, list[float]] = {m: [] for m in args.modes}  # of the loop's, blocked on partitions
-    gc_seconds: dict[str, list[float]] = {m: [] for m in args.modes}  # garbage-collector pauses, s per step
-    gc_full: dict[str, list[float]] = {m: [] for m in args.modes}  # full (generation 2) collections per step
-    blocks: list[tuple[str, float]] = []
-    block_rest: list[tuple[int, str, float]] = []  # (round, mode, median rest of the step in that block)
-
-    block_memory: list[tuple[str, float]] = []  # (mode, GiB allocated at the block's start)
-    allocator: list[dict] = []  # per block (the profiled ones too): allocator activity and peaks in the timed cycles
-
-    class Phases(TrainerCallback):
-        """Seconds per optimizer step in TRL's phases, the device synchronised at each boundary (see --phases)."""
-
-        def __init__(self):
-            self.open = {name: 0.0 for name in PHASES}
-            self.steps: list[dict[str, float]] = []
-
-        def wrap(self, trainer) -> None:
-            def timed(name, method):
-                def call(*a, **kw):
-                    if cuda:
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    try:
-                        return method(*a, **kw)
-                    finally:
-                        if cuda:
-                            torch.cuda.synchronize()
-                        self.open[name] += time.perf_counter() - t0
-                return call
-            for name, path in PHASES.items():
-                owner, attr = (trainer.accelerator, path.split(".")[1]) if "." in path else (trainer, path)
-                setattr(owner, attr, timed(name, getattr(owner, attr)))
-
-        def on_step_end(self, a, state, control, **kw):
-            self.steps.append(self.open)
-            self.open = dict.fromkeys(PHASES, 0.0)
-
-    def train_block(mode: str, steps: int, profiler: ProfileCycle | None = None, phases: Phases | None = None
-                    ) -> Times:
-        gc.collect()  # the last block's trainer (reference cycles) and its optimizer state go now, not mid-block
-        if cuda:
-            torch.cuda.empty_cache()
-            block_memory.append((mode, torch.cuda.memory_allocated() / 2**30))
-        base.load_state_dict(snapshot)
-        cb = Times()
-        cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, num_generations=8,
-                         steps_per_generation=args.steps_per_generation,
-                         max_completion_length=args.completion, max_steps=steps, logging_steps=1,
-                         report_to=[], save_strategy="no", bf16=cuda, use_cpu=not cuda, seed=0,
-                         learning_rate=1e-7, disable_tqdm=True, activation_checkpointing=True,
-                         generation_kwargs={"min_new_tokens": args.completion})
-        anchor = AnchorConfig(**MODES[mode], region_grid=tuple(args.region_grid), credit={"n_workers": args.workers})
-        trainer = ATRLTrainer(model=base, processing_class=processor, args=cfg, train_dataset=data,
-                              reward_funcs=[accuracy_reward, format_reward],
-                              callbacks=[cb] + [c for c in (profiler, phases) if c is not None],
-                              anchor_config=anchor)
-        trainer._generate = cb.timed(replayed(trainer._generate) if args.replay_generation else trainer._generate)
-        if phases is not None:
-            phases.wrap(trainer)
-        try:
-            trainer.train()
-        finally:
-            cb.close()
-        if cuda and cb.allocator_start is not None:  # what the allocator did in the timed cycles
-            allocator.append({"mode": mode, **allocator_activity(cb.allocator_start, torch.cuda.memory_stats()),
-                              "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-                              "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30})
-        if trainer.probe is not None:
-            trainer.probe.detach()
-        return cb
-
-    # one short block first, not recorded: the process's first training pays one-off costs (allocator growth,
-    # kernel selection) that would otherwise land on whichever mode runs first
-    train_block(args.modes[-1], 2 * args.steps_per_generation)
-    full_gc = full_collection_ms()
-    print(f"one full garbage collection, median of 5: {full_gc['as it is']:.1f} ms with the heap as it is, "
-          f"{full_gc['frozen']:.2f} ms with it frozen (as training keeps it){gc_note(full_gc)}", flush=True)
-    rounds, block, t0 = args.blocks, 0, time.perf_counter()
-    while block < rounds:
-        for mode in (args.modes if block % 2 == 0 else args.modes[::-1]):
-            cb = train_block(mode, args.steps)
-            kept = cb.cycles(cb.times)
-            results[mode].extend(kept)
-            if len(cb.generation) != len(kept) + 1:
-                raise RuntimeError(f"{len(cb.generation)} generation calls for {len(kept) + 1} generation cycles")
-            generation[mode].extend(cb.generation[1:])
-            gc_seconds[mode].extend(cb.cycles(cb.gc_seconds))
-            gc_full[mode].extend(cb.cycles(cb.gc_full))
-            if credit_mode(MODES[mode]["mode"]).weighs:
-                credit_loop[mode].extend(cb.cycles(cb.credit))
-                credit_share[mode].extend(c / t for c, t in zip(cb.cycles(cb.credit), kept))
-                credit_cpu[mode].extend(cb.cycles(cb.cpu))
-                credit_wait[mode].extend(cb.cycles(cb.wait))
-            blocks.append((mode, statistics.median(kept)))
-            block_rest.append((block, mode, statistics.median(t - g for t, g in zip(kept, cb.generation[1:]))))
-            print(f"block {block} {mode}: median step {statistics.median(kept):.3f} s over {len(kept)} steps, "
-                  f"of which generation {statistics.median(cb.generation[1:]):.3f} s", flush=True)
-        if block == 0 and args.seconds > 0:
-            rounds = rounds_in_budget(args.seconds, time.perf_counter() - t0, args.blocks, least=2)
-            print(f"{rounds} rounds of blocks fit in {args.seconds:g} s", flush=True)
-        block += 1
-    profiled: dict[str, dict] = {}
-    phase_times: dict[str, dict[str, float]] = {}
-    syncs: dict[str, list] = {}
-    first = args.modes[0]
-    med_0 = statistics.median(results[first])
-    first_blocks = [t for m, t in blocks if m == first]
-    noise = (max(first_blocks) - min(first_blocks)) / med_0 if len(first_blocks) > 1 else float("nan")
-    dev = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"# trainer step time, Qwen2.5-VL-{args.shape} shape, {args.completion}-token completions, "
-          f"{args.batch} x {args.steps_per_generation} completions per step, credit n_workers={args.workers}, "
-          f"vision attention {args.vision_attention}, device {dev}")
-    print(f"| mode | median step s | steps | ratio to {first} | loop time in credit, s per step (share) | "
-          "of which blocked on partitions, s | partition CPU s per step |")
-    # a "step" here is one generation cycle: steps_per_generation optimizer steps (the first cycle is warm-up)
-    print("|---|---|---|---|---|---|---|")
-    for mode in args.modes:
-        med = statistics.median(results[mode])
-        share, cpu, wait = credit_share[mode], credit_cpu[mode], credit_wait[mode]
-        share_s = (f"{statistics.median(credit_loop[mode]):.4f} ({100 * statistics.median(share):.2f}%)"
-                   if share else "-")
-        wait_s = f"{statistics.median(wait):.4f}" if wait else "-"
-        cpu_s = f"{statistics.median(cpu):.3f}" if cpu else "-"
-        print(f"| {mode} | {med:.3f} | {len(results[mode])} | {med / med_0:.4f} | {share_s} | {wait_s} | {cpu_s} |")
-    print(f"spread of the {first} blocks (noise floor): {100 * noise:.2f}%")
-    print("garbage-collector pauses per step, median (max) s, and full collections per step: "
-          + ", ".join(f"{m} {statistics.median(gc_seconds[m]):.4f} ({max(gc_seconds[m]):.4f}) s, "
-                      f"{statistics.mean(gc_full[m]):.2f}" for m in args.modes)
-          + f"; one full collection {full_gc['as it is']:.1f} ms with the heap as it is, {full_gc['frozen']:.2f} "
-            f"ms frozen (training freezes it){gc_note(full_gc)}")
-    if block_memory:
-        print("device memory allocated at each block's start (GiB): "
-              + ", ".join(f"{m} {gib:.2f}" for m, gib in block_memory))
-    if allocator:
-        print("allocator in each block's timed cycles, the unrecorded warm-up block first (retries, cudaMalloc, "
-              "cudaFree, device syncs; peak allocated / reserved GiB): " + ", ".join(
-                  f"{a['mode']} {'/'.join('-' if a[k] is None else str(a[k]) for k in ALLOCATOR_COUNTS)} "
-                  f"{a['peak_allocated_gib']:.1f}/{a['peak_reserved_gib']:.1f}" for a in allocator))
-    rest = {m: [t - g for t, g in zip(results[m], generation[m])] for m in args.modes}
-    rest_0 = statistics.median(rest[first])
-    # the whole step (one generation cycle) the rest is set against: as measured, or, when replaying, the rest
-    # with the one real generation added back
-    step_0 = rest_0 + replay["seconds"] if args.replay_generation else med_0
-    print("# the step without generation (same run; generation is the same code in every mode)"
-          + (f"; generation replayed, the one real call took {replay['seconds']:.3f} s" if args.replay_generation
-             else ""))
-    paired = paired_block_ratios(block_rest, first)
-    print(f"| mode | median generation s | median rest s | rest IQR s | rest ratio to {first} | "
-          "paired rest ratio (min-max over rounds) | whole-step ratio implied (paired) |")
-    print("|---|---|---|---|---|---|---|")
-    for mode in args.modes:
-        r = statistics.median(rest[mode])
-        q = statistics.quantiles(rest[mode], n=4) if len(rest[mode]) > 1 else [r, r, r]
-        pr = paired[mode]
-        pm = statistics.median(pr)
-        print(f"| {mode} | {statistics.median(generation[mode]):.3f} | {r:.3f} | {q[0]:.3f}-{q[2]:.3f} | "
-              f"{r / rest_0:.4f} | {pm:.4f} ({min(pr):.4f}-{max(pr):.4f}) | {1 + (r - rest_0) / step_0:.4f} "
-              f"({1 + (pm - 1) * rest_0 / step_0:.4f}) |")
+    bench = TrainerBench(args)
+    r = bench.results
 
     def save() -> None:
         if args.out:
             with open(args.out, "w") as fh:
-                json.dump({"device": dev, "shape": args.shape, "results": results, "generation": generation,
-                           "blocks": blocks, "block_rest": block_rest, "paired_rest_ratios": paired,
-                           "block_memory_gib": block_memory, "allocator": allocator, "generation_ab": ab,
-                           "credit_share": credit_share, "credit_loop": credit_loop,
-                           "credit_cpu": credit_cpu, "credit_wait": credit_wait, "gc_seconds": gc_seconds,
-                           "gc_full": gc_full,
-                           "full_collection_ms": full_gc,
-                           "workers": args.workers, "region_grid": list(args.region_grid),
-                           "steps_per_generation": args.steps_per_generation, "batch": args.batch,
-                           "replayed_generation_s": replay.get("seconds"),
-                           "generate_calls_served": replay.get("calls"), "profiled": profiled,
-                           "phases": phase_times, "syncs": syncs}, fh, indent=1)
+                json.dump(r.to_json(), fh, indent=1)
 
+    if args.generation_ab:
+        say(*generation_ab_table(bench.generation_ab(), args.batch, args.ab_tokens, args.generation_ab))
+    bench.run_blocks(say)
+    say(*step_report(r, args), *rest_report(r))
     save()  # before the profiled blocks, which run last: whatever happens there, the tables above are kept
+    first = args.modes[0]
     if args.phases:
-        by_mode = {}
-        for mode in args.modes:
-            meter = Phases()
-            cb = train_block(mode, 3 * args.steps_per_generation, phases=meter)
-            by_mode[mode] = phase_table_rows(meter.steps, cb.times, cb.generation, args.steps_per_generation)
-        phase_times.update(by_mode)
-        print("# where the step goes, per generation cycle (device synchronised at each phase; median of 2 cycles)")
-        print("\n".join(phase_table(phase_times, first)), flush=True)
+        bench.run_phases()
+        say("# where the step goes, per generation cycle (device synchronised at each phase; median of 2 cycles)",
+            *phase_table(r.phases, first))
         save()
-    if args.sync_debug and not cuda:
-        print("sync debug: needs CUDA (host-device synchronisations); skipped on this device")
+    if args.sync_debug and not bench.cuda:
+        say("sync debug: needs CUDA (host-device synchronisations); skipped on this device")
     elif args.sync_debug:
-        counts = {}
-        for mode in args.modes:
-            with SyncSites() as sites:
-                train_block(mode, 3 * args.steps_per_generation)
-            counts[mode] = sites.counts
+        counts = bench.run_sync_debug()
         # the block's first cycle (warm-up, first calls) is counted too: 3 cycles
-        print("# host-device synchronisations per generation cycle, by the call that synchronised (sync debug mode, "
-              "one block of 3 cycles per mode)")
-        print("\n".join(sync_table(counts, 3, first)), flush=True)
-        print(f"# the same, net per call: the calls that synchronise more or less often than in {first}, whatever "
-              "atrl line led to them")
-        print("\n".join(sync_net_table(counts, 3, first)), flush=True)
-        syncs.update({m: [[*site, n] for site, n in c.items()] for m, c in counts.items()})
+        say("# host-device synchronisations per generation cycle, by the call that synchronised (sync debug mode, "
+            "one block of 3 cycles per mode)", *sync_table(counts, 3, first),
+            f"# the same, net per call: the calls that synchronise more or less often than in {first}, whatever "
+            "atrl line led to them", *sync_net_table(counts, 3, first))
         save()
     if args.profile:
-        for mode in args.modes:
-            profiler = ProfileCycle()
-            train_block(mode, 2 * args.steps_per_generation, profiler)
-            profiled[mode] = profiler.result
-        print("# one generation cycle per mode under the profiler (after the blocks)")
-        print("\n".join(kernel_table(profiled)), flush=True)
+        bench.run_profile()
+        say("# one generation cycle per mode under the profiler (after the blocks)", *kernel_table(r.profiled))
         save()
 
 
