@@ -1,25 +1,24 @@
 #!/bin/bash
-# The GPU benchmarks of issues 4 and 6 in one script, for one call on the lent machine (not CI).
+# AT-RL's cost on a CUDA GPU, phase by phase: probes, the trainer's step, the vision tower (not CI).
 #
-#   ../shared/tools/gpu-wheels                      # here, once: trl, datasets, pymetis, ... into .whl/
-#   run(command="bash benchmarks/gpu.sh vision probe-batch", carry=[".whl"], timeout_s=540)  # vision tower; probes
-#   run(command="bash benchmarks/gpu.sh aligned", carry=[".whl"], timeout_s=380)  # 3B trainer, probes on its forward
-# (the fourth lease, an H100: start ~30 s, `smoke probe` 381 s, `aligned` 276 s, a short spg2 run 142 s)
-# Phases: smoke (the tiny trainer on CUDA, all modes, both credit sites: ~1 min), probe (3B and 7B probe overhead,
-# decoder scope, 7 configurations, with a profiled step: ~4 min), probe-batch (the same at batch 4, a trainer's
-# micro-batch: ~4.5 min), vision (the vision tower's attention, a call per window against one per layer: ~1.5 min),
-# probe-alloc (the decoder scope with expandable
-# allocator segments: ~2-3 min), aligned (3B trainer, probes on the training forward, generation replayed, one profiled
-# cycle per mode: ~4 min on an H200), spg2 (3B trainer, probes on the old-log-prob pass, generation replayed:
-# ~2.5 min), trainer (= aligned spg2), generation-ab (generate with and without the probe's attention installed:
-# ~1.5 min). Several phases run in the order given. A lease is 15 minutes of device time, the machine's start
-# (1-2 min) included: plan the calls back to back. The timed rounds of `probe`, `aligned` and `spg2` stop at a time
-# budget (`--seconds`), so a slower card (an H100 against the H200 of the first three leases) runs fewer rounds
-# rather than past the lease. The trainer phases end with a table of where each mode's step goes (`--phases`).
+#   pip install -e .                                    # atrl over your CUDA build of torch
+#   bash benchmarks/gpu.sh probe-batch vision          # probes at batch 4 (3B, 7B), the vision tower: ~6 min
+#   OUT=results bash benchmarks/gpu.sh aligned spg2    # the 3B trainer on both credit sites: ~5 min
 #
-# Each phase writes its tables and JSON under $OUT (or ./gpu-results) and prints the tables last.
-# `probe_overhead.py` first checks the probe against eager attention at the real shape, in bf16; `probe`
-# also times the FlashAttention route when flash-attn is installed.
+# Models are built on the device with random weights at the Qwen2.5-VL-3B / 7B shapes (nothing is downloaded; a
+# 7B shape needs about 40 GiB). Phases run in the order given:
+#   smoke        the tiny trainer on CUDA, every mode, both credit sites, synchronisations named (~1 min)
+#   probe        3B and 7B probe overhead at batch 1, decoder scope, 7 configurations, a profiled step (~4 min)
+#   probe-batch  the same at batch 4, a trainer's micro-batch (~4.5 min)
+#   vision       the vision tower's attention: a call per window against one per segment length (~1.5 min)
+#   probe-alloc  the decoder scope with expandable allocator segments (~2-3 min)
+#   aligned      3B trainer, probes on the training forward, generation replayed, one profiled cycle (~4 min)
+#   spg2         3B trainer, probes on the old-log-prob pass, generation replayed (~2.5 min)
+#   trainer      aligned and spg2
+#   generation-ab  generation with and without the probe's attention installed (~1.5 min)
+# The timed rounds stop at a time budget (`--seconds`), so a slower card runs fewer rounds, not longer. Each
+# phase writes its tables and JSON under $OUT (default ./gpu-results) and prints the tables last. Wheels in
+# .whl/ (for a machine without network) are installed first. docs/benchmarks.md has the current figures.
 set -uo pipefail
 phases=("${@:-probe}")
 out=${OUT:-gpu-results}
@@ -48,14 +47,14 @@ case $phase in
         2>&1 | tee -a "$out/smoke.txt" | grep -v "it/s\]\|^{"
     done ;;
   probe)
-    # decoder scope only (--reps 0): the whole-model scope stayed +-8% noisy in three leases; its `off` medians
-    # (3B ~470 ms, 7B ~530 ms on an H200) are in docs/benchmarks.md. PROBE_REPS=20 brings it back (+2 min).
+    # decoder scope only (--reps 0): the whole-model scope is launch-bound and +-8% noisy; PROBE_REPS=20 times it
+    # too (+2 min)
     for shape in 3b 7b; do
-      # as many rounds as fit in 70 s (H200: ~75 at 3B, ~55 at 7B; an H100 is slower): the call fits the lease
+      # as many rounds as fit in 70 s (H200: ~75 at 3B, ~55 at 7B; an H100 is slower)
       timeout 260 python3 benchmarks/probe_overhead.py --shape "$shape" --reps "${PROBE_REPS:-0}" --decoder-reps 150 \
         --seconds 70 --out "$out/probe-$shape.json" 2>&1 | tee "$out/probe-$shape.txt"
-      # the device's state right after the shape's timings (the third lease's 3B decoder steps were 30% slower
-      # and +-10% noisy against the second lease's, 7B unchanged): clocks, temperature, power, throttling
+      # the device's state right after the shape's timings (a card that throttles runs slower, noisier rounds):
+      # clocks, temperature, power, throttling
       nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,power.draw,clocks_throttle_reasons.active \
         --format=csv | sed "s/^/after $shape: /" | tee -a "$out/device.txt"
     done
@@ -68,8 +67,7 @@ case $phase in
     grep -h "^#\|^|\|^probe vs\|^allocator\|rounds fit" "$out"/probe-*.txt ;;
   probe-batch)
     # the decoder scope at a trainer's micro-batch (4 sequences, the recipes' per_device_train_batch_size): at
-    # batch 1 the 3B step is near host-bound on the H100 (device idle 40% of the profiled step, fourth lease) and
-    # host jitter (+-15%) hides a fraction of a percent; at batch 4 the device's work grows 4x, the host's not
+    # batch 1 the 3B step is near host-bound on an H100 (device idle 40% of a profiled step) and host jitter (+-15%) hides a fraction of a percent; at batch 4 the device's work grows 4x, the host's not
     for shape in 3b 7b; do
       timeout 240 python3 benchmarks/probe_overhead.py --shape "$shape" --batch 4 --reps 0 --decoder-reps 100 \
         --seconds 80 --layer-reps 100 --profile-steps 2 --out "$out/probe-$shape-batch4.json" 2>&1 \
@@ -80,7 +78,7 @@ case $phase in
     grep -h "^#\|^|\|^allocator\|rounds fit" "$out"/probe-*-batch4.txt ;;
   vision)
     # the 3B/7B vision tower, 4 images of ~1,024 merged tokens (the recipes' max_pixels), forward + backward:
-    # transformers' SDPA loop (a call per window: the fourth lease's top host cost) against a call per segment length
+    # transformers' SDPA loop (a call per window: the 3B step's top host cost) against a call per segment length
     # (atrl.models.vision_attention, the recipes' default) (~1.5 min)
     timeout 200 python3 benchmarks/vision_attention.py --shape 3b --images 4 --grid 64 --reps 40 --seconds 45 \
       --out "$out/vision-3b.json" 2>&1 | tee "$out/vision-3b.txt" | grep "^#\|^|\|^largest" ;;
@@ -95,8 +93,8 @@ case $phase in
     done ;;
   aligned|trainer)
     # generation aligned with the optimizer step (TRL's default without vLLM): probes on the training forward.
-    # Generation replayed (one real call, ~10 s): the modes differ only in the rest of the step (~2.2 s at this
-    # shape), which real generation buried under +-12% noise in three leases (~3.5 min)
+    # Generation replayed (one real call, ~10-25 s): the modes differ only in the rest of the step, which real
+    # generation's +-12% noise would bury (~3.5 min)
     # --profile: then one cycle per mode under the profiler, the kernels and host-side ops that differ (~40 s)
     # rounds of blocks: as many as fit in 150 s, up to 6 (H200: ~50 s a round); --phases: one more block per mode
     # with the device synchronised around scoring, the loss's forward and the backward (~35 s)
@@ -105,15 +103,15 @@ case $phase in
       | grep -v "it/s\]\|^{"
     grep -h "^#\|^|\|spread\|^block\|^device memory\|^allocator\|^garbage\|rounds of" "$out"/trainer-3b.txt ;;&
   spg2|trainer)
-    # an old-log-prob pass (as always with vLLM): probes ride on it, partitions overlap (session 5 also timed
-    # --modes ... atrl-overlap-off: 23.5 ms of loop time in credit per cycle against 4.6 ms with overlap) (~2.5 min)
+    # an old-log-prob pass (as always with vLLM): probes ride on it, partitions overlap; add atrl-overlap-off to
+    # --modes to time the loop without overlap (~2.5 min)
     timeout 250 python3 benchmarks/trainer_overhead.py --shape 3b --steps 8 --blocks 4 --seconds 90 \
       --steps-per-generation 2 --replay-generation --phases --modes uniform atrl --out "$out/trainer-3b-spg2.json" \
       2>&1 | tee "$out/trainer-3b-spg2.txt" | grep -v "it/s\]\|^{"
     grep -h "^#\|^|\|spread\|^block\|^device memory\|^allocator\|^garbage\|rounds of" "$out"/trainer-3b-spg2.txt ;;
   aligned) ;;
   generation-ab)
-    # model.generate with and without the probe's attention installed (third lease: 0.97, no cost) (~1.5 min)
+    # model.generate with and without the probe's attention installed (~1.5 min)
     timeout 150 python3 benchmarks/trainer_overhead.py --shape 3b --steps 2 --blocks 1 --generation-ab 4 \
       --replay-generation --out "$out/generation-ab.json" 2>&1 | grep "^#\|^|" | tee "$out/generation-ab.txt" ;;
   *) echo "unknown phase $phase: use smoke, probe, probe-batch, vision, probe-alloc, aligned, spg2, trainer or" \
