@@ -48,7 +48,7 @@ def mathvista(tmp_path):
 def test_mathvista_fixture_is_scored_as_computed_by_hand(mathvista):
     samples, _ = load_samples(mathvista)
     rows = [dict(r, metadata=json.loads(r["metadata"])) for r in to_trl_dataset(samples)]
-    result = score_responses(rows, [r[7] for r in ROWS])
+    result = score_responses(rows, [r[7] for r in ROWS], scoring="reward")  # the RL reward's rules, by hand
     assert [r["correct"] for r in result.rows] == [r[8] for r in ROWS]
     # by hand: 5 of 8 right; math-targeted-vqa 3 of 4 (pids 1, 3, 4 right, 7 wrong); general-vqa 2 of 4 (5, 6)
     assert result.accuracy == pytest.approx(5 / 8)

@@ -254,7 +254,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
              families=families, knobs=knobs, device=args.device, min_pixels=args.min_pixels,
              max_pixels=args.max_pixels, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
              temperature=args.temperature, samples=args.samples, repetition_penalty=args.repetition_penalty,
-             fresh=args.fresh, progress=_progress)
+             fresh=args.fresh, scoring=args.scoring, extractions=args.extractions, progress=_progress)
     leave_together()
     return 0
 
@@ -419,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "checkpoint's own generation_config does not apply)")
             p.add_argument("--fresh", action="store_true",
                            help="discard the responses an earlier eval left in --out instead of continuing from them")
+            p.add_argument("--scoring", choices=["auto", "mathvista", "reward"], default="auto",
+                           help="auto: MathVista's official rule on MathVista data (comparable with published "
+                                "numbers), the RL reward's rules elsewhere; the report gives both where both apply")
+            p.add_argument("--extractions", default=None, metavar="FILE",
+                           help="extracted answers by question id (JSON {pid: answer}, MathVista's own output file, "
+                                "or JSONL with pid and extraction) in place of atrl's rule-based extraction; a "
+                                "finished eval is rescored with them without generating")
             p.set_defaults(func=_cmd_eval)
         else:
             p.add_argument("--responses", choices=["reference", "generated"], default=None,

@@ -266,7 +266,7 @@ def _mathvista_row(row: dict, root: Path, where: str) -> Sample:
         choices=list(row["choices"]) if row.get("choices") is not None else None,
         precision=None if _blank(precision) else float(precision),
         unit=row.get("unit") or None,
-        metadata={"question_type": qtype, **meta},
+        metadata={"question_type": qtype, "answer_type": row.get("answer_type"), **meta},
     )
 
 

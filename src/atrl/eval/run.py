@@ -133,7 +133,8 @@ def run_eval(models: Sequence[str], data: str = "synthetic", *, out: str | os.Pa
              families: list[str] | None = None, knobs: dict | None = None, device: str | None = None,
              min_pixels: int | None = None, max_pixels: int | None = None, max_new_tokens: int = 1024,
              batch_size: int = 16, temperature: float | None = None, samples: int = 1,
-             repetition_penalty: float = 1.0, fresh: bool = False, say: Say = print,
+             repetition_penalty: float = 1.0, fresh: bool = False, scoring: str = "auto",
+             extractions: str | os.PathLike | None = None, say: Say = print,
              progress: ProgressFactory | None = None) -> EvalRun:
     """Score `models` (checkpoint folders or hub ids) on the same rows; several are compared with the first.
 
@@ -147,12 +148,21 @@ def run_eval(models: Sequence[str], data: str = "synthetic", *, out: str | os.Pa
         max_new_tokens, batch_size, temperature, samples, repetition_penalty: generation (greedy unless
             `temperature`; `samples` responses per question give pass@k).
         fresh: discard responses an earlier run left in `out` instead of continuing from them.
+        scoring: "auto" (MathVista's official rule on MathVista rows, the reward's rules elsewhere), "mathvista"
+            or "reward" (see `atrl.eval.score.score_responses`; the report gives both where both apply).
+        extractions: a file of extracted answers by question id (`atrl.eval.official.load_extractions`) that
+            replaces the rule-based extraction: a finished eval is rescored with them without generating.
         say: where progress messages go (only the first process speaks).
         progress: a factory of progress bars, `progress(description, total, unit)` yielding `advance(n)`.
     """
     from .._io import ensure_writable_dir
     from ..models.zoo import pixel_range
 
+    from .official import SCORINGS, load_extractions
+
+    if scoring not in SCORINGS:
+        raise ValueError(f"--scoring {scoring!r}: choose from {SCORINGS}")
+    given = load_extractions(extractions) if extractions is not None else None
     rank, world, device = processes(device)
     speak: Say = say if rank == 0 else (lambda *_: None)
     rows = eval_rows(data, fmt=fmt, on_error=on_error, n=n, seed=seed, families=families, knobs=knobs,
@@ -185,7 +195,9 @@ def run_eval(models: Sequence[str], data: str = "synthetic", *, out: str | os.Pa
         with bar(f"answering ({path})" if len(models) > 1 else "answering", len(rows), "prompts") as adv:
             result = evaluate(model, processor, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               temperature=temperature, samples=samples, seed=seed, progress=adv,
-                              repetition_penalty=repetition_penalty, log=log,
+                              repetition_penalty=repetition_penalty, log=log, scoring=scoring,
+                              extractions=given, extraction_source=str(extractions) if given is not None
+                              else "rule-based",
                               resumed=lambda answered, partial, log=log: speak(
                                   f"{log.folder}: {answered} questions answered by an earlier run with the same "
                                   "weights and settings are not answered again"

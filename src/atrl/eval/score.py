@@ -2,7 +2,10 @@
 
 Rows are dicts with `prompt` (TRL conversational), `image` or `images`, `answer`, `answer_type`, optional
 `choices`, `precision` and a category: `family` (synthetic tasks) or MathVista's `metadata.category`.
-Scoring uses `atrl.rl.rewards`: the answer is extracted from the response and compared by answer type.
+The answer is extracted from the response (`atrl.rl.rewards.extract_answer`, or extractions given by the user) and
+scored by MathVista's official rule on MathVista rows (`atrl.eval.official`) and by the RL reward's equivalence
+rules (`atrl.rl.rewards`) on every row; the report says which rule its accuracy follows and, where both apply,
+how much they differ.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +33,24 @@ class EvalResult:
     truncated: int = 0  # responses cut at max_new_tokens before they ended (`evaluate` counts them)
     samples: int = 1  # answers per question (rows holds each question's samples one after another)
     pass_at_k: dict[int, float] = field(default_factory=dict)  # with several samples: see `pass_at_k`
+    scoring: str = "reward"  # the rule `correct` and `accuracy` follow (see `score_responses`)
+    extraction: str = "rule-based"  # where the extracted answers came from: "rule-based" or the file given
+    other_accuracy: dict[str, float] = field(default_factory=dict)  # under the other rule, where both apply
+    differ: int = 0  # responses on which the two rules disagree
 
     def to_json(self) -> str:
-        return json.dumps({"accuracy": self.accuracy, "n": self.n, "samples": self.samples,
-                           "pass_at_k": self.pass_at_k, "truncated": self.truncated,
+        return json.dumps({"accuracy": self.accuracy, "n": self.n, "samples": self.samples, "scoring": self.scoring,
+                           "extraction": self.extraction, "other_accuracy": self.other_accuracy,
+                           "differ": self.differ, "pass_at_k": self.pass_at_k, "truncated": self.truncated,
                            "by_category": self.by_category, "rows": self.rows}, indent=1, ensure_ascii=False)
 
     def to_markdown(self, title: str = "Evaluation") -> str:
         each = f", {self.samples} sampled answers each" if self.samples > 1 else ""
         lines = [f"# {title}", "", (f"Overall accuracy: **{100 * self.accuracy:.1f}%** "
-                                    f"({self.n // self.samples} questions{each})"), ""]
+                                    f"({self.n // self.samples} questions{each})"), "",
+                 _scoring_note(self), ""]
+        if self.other_accuracy:
+            lines += _differences(self)
         if self.pass_at_k:
             lines += ["pass@k (a question counts when at least one of k answers drawn from its samples is right; "
                       "unbiased estimate): " + ", ".join(f"pass@{k} {100 * v:.1f}%" for k, v in
@@ -53,12 +64,46 @@ class EvalResult:
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir: str | Path, title: str = "Evaluation") -> tuple[Path, Path]:
+        """`eval.json` and `eval.md` in `out_dir`; for MathVista rows also the prediction files other kits read
+        (`mathvista_predictions.json`, `vlmevalkit_MathVista.tsv`: see `atrl.eval.export`)."""
         from .._io import ensure_writable_dir
+        from .export import write_mathvista_predictions
 
         out = ensure_writable_dir(out_dir, argument="--out")
         (out / "eval.json").write_text(self.to_json())
         (out / "eval.md").write_text(self.to_markdown(title))
+        write_mathvista_predictions(self, out)
         return out / "eval.json", out / "eval.md"
+
+
+_RULES = {"mathvista": "MathVista's official rule (the extraction normalised by question type, then compared with "
+                       "the answer exactly; atrl.eval.official)",
+          "reward": "the RL reward's equivalence rules (numbers with the row's precision, choices by letter or text, "
+                    "math-verify expressions, lists, text; atrl.rl.rewards)"}
+
+
+def _scoring_note(r: EvalResult) -> str:
+    rule = _RULES.get(r.scoring, r.scoring)
+    source = ("extracted by rule (answer tags, \\boxed{}, \"the answer is\", the last line); MathVista's own "
+              "pipeline extracts with a language model, which atrl does not call: `--extractions FILE` rescores "
+              "with another extractor's answers" if r.extraction == "rule-based" else f"extractions from {r.extraction}")
+    return f"Scoring: **{r.scoring}**, {rule}. Answers {source}."
+
+
+def _differences(r: EvalResult, examples: int = 5) -> list[str]:
+    (name, acc), = r.other_accuracy.items()
+    lines = [f"Under {name} scoring the accuracy is {100 * acc:.1f}%: the two rules disagree on {r.differ} of "
+             f"{r.n} responses.", ""]
+    differing = [row for row in r.rows if row.get("correct_mathvista") is not None
+                 and row["correct_mathvista"] != row["correct_reward"]]
+    if differing:
+        lines += ["| uid | answer | extracted | MathVista's prediction | mathvista | reward |", "|---|---|---|---|---|---|"]
+        for row in differing[:examples]:
+            lines.append(f"| {row['uid']} | {row['answer']} | {row['extracted']} | {row['prediction']} | "
+                         f"{'right' if row['correct_mathvista'] else 'wrong'} | "
+                         f"{'right' if row['correct_reward'] else 'wrong'} |")
+        lines.append("")
+    return lines
 
 
 def _images(row: dict) -> list:
@@ -139,27 +184,99 @@ def _end_token_ids(model, tok) -> list[int]:
     return sorted({*ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
 
 
-def score_responses(rows: Sequence[dict], responses: Sequence[str]) -> EvalResult:
+def score_responses(rows: Sequence[dict], responses: Sequence[str], *, scoring: str = "auto",
+                    extractions: Mapping[str, str] | None = None, extraction_source: str = "rule-based"
+                    ) -> EvalResult:
+    """Score `responses` (one per row) against the rows' answers.
+
+    scoring: "reward" (the RL reward's equivalence rules), "mathvista" (MathVista's official rule: every row must
+        carry MathVista's fields, or a clear error names it), or "auto": MathVista's rule on rows with MathVista's
+        fields (`question_type`), the reward's on the rest. Where MathVista's rule applies, the reward's verdict is
+        kept beside it (`correct_reward` / `correct_mathvista` per row, the other accuracy and the count of
+        disagreements in the result).
+    extractions: extracted answers by row uid (`atrl.eval.official.load_extractions`) in place of the rule-based
+        extraction; every row needs one, and an id no row has is an error.
+    """
+    from .official import SCORINGS, check_mathvista_row, mathvista_correct, mathvista_fields
+
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring {scoring!r} is unknown; choose from {SCORINGS}")
     if len(rows) != len(responses):
         raise ValueError(f"{len(rows)} rows but {len(responses)} responses")
+    if extractions is not None:
+        _check_extractions(rows, extractions, extraction_source)
     per_cat: dict[str, list[bool]] = defaultdict(list)
     scored = []
-    for row, response in zip(rows, responses):
-        pred, rule = extract_answer(response)
-        ok = is_equivalent(pred, row["answer"], row.get("answer_type") or "text",
-                           choices=row.get("choices") or None, precision=row.get("precision"))
-        cat = _category(row)
-        per_cat[cat].append(ok)
-        scored.append({"uid": row.get("uid"), "category": cat, "answer": row["answer"], "extracted": pred,
-                       "rule": rule, "correct": ok, "response": response})
+    used: set[str] = set()
+    for i, (row, response) in enumerate(zip(rows, responses)):
+        if extractions is not None:
+            pred, rule = extractions[str(row.get("uid"))], "given"
+        else:
+            pred, rule = extract_answer(response)
+        ok_reward = is_equivalent(pred, row["answer"], row.get("answer_type") or "text",
+                                  choices=row.get("choices") or None, precision=row.get("precision"))
+        where = f"row {i} (uid {row.get('uid')!r})"
+        fields = check_mathvista_row(row, where) if scoring == "mathvista" else (
+            mathvista_fields(row) if scoring == "auto" else None)
+        entry = {"uid": row.get("uid"), "category": _category(row), "answer": row["answer"], "extracted": pred,
+                 "rule": rule, "response": response, "correct_reward": ok_reward}
+        if fields is not None:
+            if scoring == "auto":
+                fields = check_mathvista_row(row, where)
+            prediction, ok = mathvista_correct(pred, row["answer"], fields)
+            entry.update(prediction=prediction, correct_mathvista=ok, correct=ok, scoring="mathvista",
+                         question=_prompt_text(row), **{k: fields[k] for k in ("question_type", "answer_type",
+                                                                                "choices", "precision", "metadata")})
+        else:
+            entry.update(correct=ok_reward, scoring="reward")
+        used.add(entry["scoring"])
+        per_cat[entry["category"]].append(entry["correct"])
+        scored.append(entry)
     n = len(scored)
     acc = sum(r["correct"] for r in scored) / n if n else float("nan")
     by_cat = {c: {"n": len(v), "accuracy": sum(v) / len(v)} for c, v in per_cat.items()}
-    return EvalResult(acc, n, by_cat, scored)
+    result = EvalResult(acc, n, by_cat, scored, extraction=extraction_source,
+                        scoring=" + ".join(sorted(used)) if used else ("reward" if scoring == "auto" else scoring))
+    both = [r for r in scored if "correct_mathvista" in r]
+    if both and len(both) == n:
+        result.other_accuracy = {"reward": sum(r["correct_reward"] for r in both) / n}
+        result.differ = sum(r["correct_reward"] != r["correct_mathvista"] for r in both)
+    return result
+
+
+def _check_extractions(rows: Sequence[dict], extractions: Mapping[str, str], source: str) -> None:
+    """Given extractions must cover exactly the rows' ids (a file for another data set is refused)."""
+    uids = [str(r.get("uid")) for r in rows]
+    unknown = sorted(set(extractions) - set(uids))
+    if unknown:
+        raise ValueError(f"--extractions {source}: {len(unknown)} extraction(s) for questions the data does not have "
+                         f"(uid {', '.join(map(repr, unknown[:5]))}{', ...' if len(unknown) > 5 else ''}); give "
+                         "the file of this data set, or the whole data set (not --n)")
+    missing = [(i, u) for i, u in enumerate(uids) if u not in extractions]
+    if missing:
+        i, u = missing[0]
+        raise ValueError(f"--extractions {source}: no extraction for row {i} (uid {u!r})"
+                         f"{f' and {len(missing) - 1} more rows' if len(missing) > 1 else ''}")
+
+
+def _prompt_text(row: dict) -> str:
+    """The text of a row's prompt (its user turn's text parts), as MathVista's `query` holds it."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    parts = []
+    for message in prompt or []:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            parts += [c.get("text") or "" for c in content or [] if c.get("type") == "text"]
+    return "\n".join(p for p in parts if p)
 
 
 def evaluate(model, processor, rows: Sequence[dict], *, batch_size: int = 16, log: ResponseLog | None = None,
-             progress=None, resumed=None, **kwargs) -> EvalResult | None:
+             progress=None, resumed=None, scoring: str = "auto", extractions: Mapping[str, str] | None = None,
+             extraction_source: str = "rule-based", **kwargs) -> EvalResult | None:
     """Accuracy of `model` on `rows`; with `temperature` (and `samples`), the mean accuracy of sampled responses.
 
     `rows` may be a `datasets.Dataset`: a batch's images are decoded when it is answered, and scoring reads the
@@ -169,11 +286,19 @@ def evaluate(model, processor, rows: Sequence[dict], *, batch_size: int = 16, lo
     as by `accelerate launch`), each answers every n-th remaining row, a batch at a time in step with the others,
     and the first process gathers and scores them: the result is returned there, None on the others. Sampled
     responses are seeded once per process (`seed` + rank), so they depend on the number of processes, as they do
-    on the batch size.
+    on the batch size. `scoring`, `extractions`: as in `score_responses` (checked before anything is generated).
     """
     import torch.distributed as dist
 
+    from .official import SCORINGS
+
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring {scoring!r} is unknown; choose from {SCORINGS}")
     labels = label_rows(rows)
+    if extractions is not None:
+        if kwargs.get("samples", 1) != 1:
+            raise ValueError("--extractions gives one answer per question: it cannot score several samples each")
+        _check_extractions(labels, extractions, extraction_source)
     samples, seed = kwargs.get("samples", 1), kwargs.pop("seed", 0)
     distributed = dist.is_available() and dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
@@ -220,7 +345,8 @@ def evaluate(model, processor, rows: Sequence[dict], *, batch_size: int = 16, lo
             return None
     answers = {**done, **new}
     result = score_responses([r for r in labels for _ in range(samples)],
-                             [text for key in keys for text in answers[key][0]])
+                             [text for key in keys for text in answers[key][0]], scoring=scoring,
+                             extractions=extractions, extraction_source=extraction_source)
     flags = [flag for key in keys for flag in answers[key][1]]
     result.truncated = sum(flags)
     result.samples = samples
