@@ -38,15 +38,18 @@ def first_half():
 
 
 def test_the_built_in_modes_declare_what_they_need():
-    assert credit_mode_names() == ("uniform", "atrl", "anchors_only", "low_only", "random", "threshold", "entropy",
-                                   "visual_dependency")
-    needs = {n: (credit_mode(n).needs_probes, credit_mode(n).needs_entropy, credit_mode(n).extra_forwards,
-                 credit_mode(n).graph) for n in credit_mode_names()}
-    assert needs["uniform"] == (False, False, 0, False)
-    assert needs["atrl"] == needs["low_only"] == needs["anchors_only"] == needs["random"] == (True, False, 0, True)
-    assert needs["threshold"] == (True, False, 0, False)
-    assert needs["entropy"] == (False, True, 0, False)
-    assert needs["visual_dependency"] == (False, False, 2, False)
+    assert credit_mode_names() == ("uniform", "atrl", "anchors_only", "low_only", "random", "threshold",
+                                   "entropy_per_response", "entropy_8020", "blank_image_kl", "vppo")
+    needs = {n: (credit_mode(n).needs_probes, credit_mode(n).needs_entropy, credit_mode(n).extra_forwards(False),
+                 credit_mode(n).extra_forwards(True), credit_mode(n).graph) for n in credit_mode_names()}
+    assert needs["uniform"] == (False, False, 0, 0, False)
+    assert needs["atrl"] == needs["low_only"] == needs["anchors_only"] == needs["random"] == (True, False, 0, 0, True)
+    assert needs["threshold"] == (True, False, 0, 0, False)
+    assert needs["entropy_per_response"] == needs["entropy_8020"] == (False, True, 0, 0, False)
+    assert needs["blank_image_kl"] == (False, False, 2, 2, False)
+    assert needs["vppo"] == (False, False, 2, 1, False)
+    assert not credit_mode("vppo").normalize and not credit_mode("entropy_8020").normalize
+    assert credit_mode("atrl").normalize and credit_mode("atrl").batch_stat is None
     with pytest.raises(ValueError, match="credit mode 'nope' is unknown; choose from .*'atrl'"):
         credit_mode("nope")
     with pytest.raises(ValueError, match="already registered"):
@@ -73,7 +76,7 @@ def test_a_new_mode_is_one_function_and_one_entry(first_half):
     assert torch.equal(pooled.weights, res.weights)
 
     anchor = AnchorConfig(mode=first_half)
-    assert anchor.needs_probe and anchor.credit_mode.scored_in_forward and anchor.credit_mode.extra_forwards == 0
+    assert anchor.needs_probe and anchor.credit_mode.scored_in_forward and anchor.credit_mode.extra_forwards(True) == 0
     assert anchor.credit_options().mode == first_half
 
 

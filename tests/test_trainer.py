@@ -156,8 +156,8 @@ def test_a_batch_mixing_prompts_with_and_without_images_trains(tmp_path):
     assert (per_completion == 0).sum() == 4 and (per_completion > 0).sum() == 4  # 4 generations of each prompt
 
 
-def test_visual_dependency_on_a_batch_without_images_is_zero(tmp_path):
-    """`visual_dependency` on prompts without images: nothing to read, so the KL with and without the image is 0
+def test_blank_image_kl_on_a_batch_without_images_is_zero(tmp_path):
+    """`blank_image_kl` on prompts without images: nothing to read, so the KL with and without the image is 0
     (it raised "needs image inputs", stopping a run at the first text-only batch)."""
     from atrl.data.formats import Sample, to_trl_dataset
 
@@ -167,7 +167,7 @@ def test_visual_dependency_on_a_batch_without_images_is_zero(tmp_path):
     trainer = ATRLTrainer(model=model, processing_class=processor, reward_funcs=[diversity_reward],
                           args=_args(tmp_path, per_device_train_batch_size=8, temperature=1.5),
                           train_dataset=to_trl_dataset(samples),
-                          anchor_config=AnchorConfig(mode="visual_dependency", overlap=False))
+                          anchor_config=AnchorConfig(mode="blank_image_kl", overlap=False))
     trainer.train()
     assert trainer.state.global_step == 2
     assert trainer.last_credit["conn"].abs().max() == 0 and trainer.last_credit["mask"].any()

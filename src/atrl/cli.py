@@ -192,7 +192,10 @@ def _cmd_modes(args: argparse.Namespace) -> int:
         table.add_column(column)
     for name in credit_mode_names():
         m = credit_mode(name)
-        table.add_row(name, m.measure, "yes" if m.graph else "no", str(m.extra_forwards), m.help)
+        extra = m.extra_forwards(old_logps=False), m.extra_forwards(old_logps=True)
+        table.add_row(name, m.measure, "yes" if m.graph else "no",
+                      str(extra[0]) + (f" ({extra[1]} with an old-log-prob pass)" if extra[1] != extra[0] else ""),
+                      m.help)
     Console(width=140).print(table)
     return 0
 

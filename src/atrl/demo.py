@@ -95,9 +95,10 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
     console.print(f"after {steps} steps ({mode}): greedy {100 * before.accuracy:.1f}% -> {100 * after.accuracy:.1f}%, "
                   f"sampled {100 * before_s.accuracy:.1f}% -> {100 * after_s.accuracy:.1f}%")
 
-    # Modes whose weights do not come from connectivity (uniform, entropy) are analysed with AT-RL's partition.
+    # Modes whose tokens are not chosen from connectivity (uniform, the entropy and image-damage baselines) are
+    # analysed with AT-RL's partition of the trained model.
     credit = trainer.credit_options
-    if not recipe.anchor.credit_mode.decides_from_score:
+    if not recipe.anchor.credit_mode.reads_connectivity:
         credit = dataclasses.replace(credit, mode="atrl")
     analysis = analyze(trained, processor, held_out[:40], credit=credit, sink_debias=recipe.anchor.sink_debias,
                        region_grid=recipe.anchor.region_grid, layers=recipe.anchor.probe_layers)

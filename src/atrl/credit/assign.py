@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,11 @@ class CreditOptions:
         knn, seq_weight, sim_scale: token-graph construction (see `credit.graph.token_graph`).
         metis_ufactor: METIS load imbalance in thousandths (see `credit.graph.partition_metis`).
         metis_recursive: recursive bisection instead of k-way METIS (faster, coarser; see partition_metis).
-        entropy_top: share of highest-entropy tokens kept by the `entropy` mode.
+        entropy_top: share of highest-entropy tokens kept by the `entropy_per_response` (per response) and
+            `entropy_8020` (per micro-batch) modes (the 80/20 paper: 0.2).
+        vppo_top: share of each response's tokens, by visual dependency, the `vppo` mode trains on (VPPO's
+            published runs: 0.4).
+        vppo_scale_min: the smallest advantage scale of VPPO's trajectory shaping (published runs: 0.9).
         seed: seeds METIS, k-means and the `random` mode (which also mixes in the response's batch index).
             METIS takes seeds 0 and 1 as the same seed, and on random token graphs of 40 to 1,000 tokens
             the partition did not change with the seed at all (seeds 0-2).
@@ -76,6 +80,8 @@ class CreditOptions:
     metis_ufactor: int = 500
     metis_recursive: bool = False
     entropy_top: float = 0.2
+    vppo_top: float = 0.4
+    vppo_scale_min: float = 0.9
     seed: int = 0
     n_workers: int = 1
 
@@ -95,8 +101,11 @@ class CreditOptions:
                              "use mode='low_only' for that ablation")
         if not 0 < self.w_min <= 1 <= self.w_max:
             raise ValueError(f"need 0 < w_min <= 1 <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
-        if not 0 < self.entropy_top <= 1:
-            raise ValueError(f"entropy_top={self.entropy_top} must be in (0, 1]")
+        for name in ("entropy_top", "vppo_top"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in (0, 1]")
+        if not 0 <= self.vppo_scale_min <= 1:
+            raise ValueError(f"vppo_scale_min={self.vppo_scale_min} must be in [0, 1]")
         for name in ("target_cluster_size", "min_parts", "max_parts", "knn", "n_workers", "metis_ufactor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -157,7 +166,7 @@ def _check_inputs(conn_BT, profile_BTR, mask_BT, entropy_BT, mode: str) -> None:
 
 
 def _one_response(conn_n: np.ndarray, profile_nR: np.ndarray, entropy_n: np.ndarray | None,
-                  o: CreditOptions, row: int, spec: CreditMode) -> dict:
+                  o: CreditOptions, row: int, spec: CreditMode, batch: Any = None) -> dict:
     """Weights for one response's n valid tokens by the mode `spec` (passed along, its function by reference, so
     that a worker process runs a mode registered in any importable module). `row` (its batch index) only seeds
     the `random` mode, so every other mode gives a response the same weights whatever batch it sits in."""
@@ -169,8 +178,9 @@ def _one_response(conn_n: np.ndarray, profile_nR: np.ndarray, entropy_n: np.ndar
     if spec.decides_from_score and np.ptp(conn_n) <= 1e-12 * max(1.0, float(np.abs(conn_n).max())):
         out["degenerate"] = True
         return out
-    choice = spec.weigh(ResponseScores(conn_n, profile_nR, entropy_n), o, row)
-    out.update(boosted=choice.boosted, weights=mean_one(np.asarray(choice.weights, dtype=np.float64)),
+    choice = spec.weigh(ResponseScores(conn_n, profile_nR, entropy_n, batch), o, row)
+    weights = np.asarray(choice.weights, dtype=np.float64)
+    out.update(boosted=choice.boosted, weights=mean_one(weights) if spec.normalize else weights,
                densities=choice.densities)
     if choice.parts is not None:
         out["parts"] = choice.parts
@@ -274,7 +284,7 @@ class PendingCredit:
             self._rows[row_offset + b] = row = _Row(m, args)
             new.append(row)
         workers = self.options.n_workers
-        if workers > 1 and B > 1 and spec.weighs:
+        if workers > 1 and B > 1 and spec.weighs and spec.batch_stat is None:
             size = max(1, B // (4 * workers))
             pool = _worker_pool(workers)
             for i in range(0, B, size):
@@ -332,14 +342,45 @@ class PendingCredit:
 
     def wait(self, rows: Sequence[int] | None = None) -> None:
         """Wait for the partitions of `rows` (default: all); with `n_workers == 1`, compute them. A failed row
-        raises its error here."""
+        raises its error here. (A mode with a `batch_stat` is computed in `result`, over the rows asked for.)"""
+        if credit_mode(self.options.mode).batch_stat is not None:
+            for r in self.rows if rows is None else rows:
+                self._checked_row(int(r))
+            return
         for r in self.rows if rows is None else rows:
             self._row_result(int(r))
+
+    def _checked_row(self, r: int) -> _Row:
+        if r not in self._rows:
+            raise KeyError(f"row {r} was never submitted (rows: {self.rows})")
+        row = self._rows[r]
+        if row.error is not None:
+            raise row.error
+        return row
+
+    def _batch_results(self, rows: list[int]) -> list[dict]:
+        """A batch-level mode's weights for `rows`: its statistic over them (and over every submitted row), then
+        each row's weights with it (in this process: such modes do no per-response graph work)."""
+        t0 = time.process_time()
+        spec = credit_mode(self.options.mode)
+        now = [self._checked_row(r) for r in rows]
+
+        def scores(row: _Row) -> ResponseScores:
+            return ResponseScores(row.args[0], row.args[1], row.args[2])
+
+        everyone = [scores(row) for row in self._rows.values() if row.error is None]
+        stat = spec.batch_stat(everyone, [scores(row) for row in now], self.options)
+        out = [_one_response(*row.args, batch=stat) for row in now]
+        self.cpu_seconds += time.process_time() - t0
+        return out
 
     def result(self, rows: Sequence[int] | None = None) -> CreditResult:
         """CreditResult for `rows` (default: all, in order), waiting for their partitions to finish."""
         rows = self.rows if rows is None else [int(r) for r in rows]
-        results = [self._row_result(r) for r in rows]  # a failed row raises its error here
+        if credit_mode(self.options.mode).batch_stat is not None:
+            results = self._batch_results(rows)
+        else:
+            results = [self._row_result(r) for r in rows]  # a failed row raises its error here
         if self.T is None:
             raise ValueError("no rows were submitted")
         return _assemble([self._rows[r] for r in rows], results, self.T, self.options)

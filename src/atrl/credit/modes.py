@@ -6,10 +6,14 @@ A credit mode turns one response's per-token scores into per-token weights. Ever
 
 and declares how the trainer obtains the score it reads (`measure`):
 
-    "none"               no score: every token weight 1 (plain GRPO / DAPO)
-    "probes"             connectivity from the attention probes, on a forward the trainer makes anyway
-    "entropy"            the policy's per-token entropy, from the same forward (no probes)
-    "visual_dependency"  KL(policy with the image || policy with a blank image): extra forwards
+    "none"            no score: every token weight 1 (plain GRPO / DAPO)
+    "probes"          connectivity from the attention probes, on a forward the trainer makes anyway
+    "entropy"         the policy's per-token entropy, from the same forward (no probes)
+    "blank_image_kl"  KL(policy with the image || policy with a blank image) over the vocabulary: two extra
+                      no-grad forwards
+    "masked_image"    VPPO's visual dependency: the k3 estimate of KL on the sampled token between the policy with
+                      the image and with random patches blacked out; one extra no-grad forward beside an
+                      old-log-prob pass (two without one)
 
 The trainer, the config checks, the demo and the CLI read these declarations; no other module compares mode
 names. Adding a mode is one function and one `register_credit_mode` call:
@@ -19,18 +23,23 @@ names. Adding a mode is one function and one `register_credit_mode` call:
         chosen = np.arange(s.n) < s.n // 2
         return Choice(boosted=chosen, weights=np.where(chosen, 2.0, 1.0))
 
-Weights returned by `weigh` are rescaled to mean 1 over the response's tokens by the caller. A mode whose
-weights come from the score (`decides_from_score`) is given uniform weights, and the response is flagged
-`degenerate`, when the score is all equal (no signal); `weigh` is not called then. The modes' sources (paper or
+Weights returned by `weigh` are rescaled to mean 1 over the response's tokens by the caller, unless the mode says
+`normalize=False` (a 0/1 gradient mask, as the 80/20 rule and VPPO apply it). A mode that needs a statistic of the
+batch (a quantile, a range) gives `batch_stat(all_rows, rows_now, options)`: it is computed over the responses at
+hand when the weights are assembled (`rows_now`: the micro-batch whose loss is formed; `all_rows`: every response
+submitted, the generation batch) and handed to `weigh` as `scores.batch`. A mode whose weights come from the
+score (`decides_from_score`) is given uniform weights, and the response is flagged `degenerate`, when the score is
+all equal (no signal); `weigh` is not called then. The modes' sources (paper or
 reconstruction) are in docs/ALGORITHM.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
+import torch
 
 from .graph import num_parts, partition_tokens
 from .weights import cluster_densities, cluster_weights, otsu_threshold, select_anchor_clusters
@@ -38,22 +47,24 @@ from .weights import cluster_densities, cluster_weights, otsu_threshold, select_
 if TYPE_CHECKING:
     from .assign import CreditOptions
 
-Measure = Literal["none", "probes", "entropy", "visual_dependency"]
-MEASURES: tuple[str, ...] = ("none", "probes", "entropy", "visual_dependency")
+Measure = Literal["none", "probes", "entropy", "blank_image_kl", "masked_image"]
+MEASURES: tuple[str, ...] = ("none", "probes", "entropy", "blank_image_kl", "masked_image")
 
 
 @dataclass
 class ResponseScores:
     """One response's n valid tokens: what a mode may read.
 
-    conn_n: (n,) the score the mode decides from: connectivity (measure "probes"), or the visual-dependency KL.
+    conn_n: (n,) the score the mode decides from: connectivity (measure "probes"), or a visual-dependency KL.
     profile_nR: (n, R) region profiles (zeros when the measure gives none).
     entropy_n: (n,) per-token entropies, or None when the mode's measure is not "entropy".
+    batch: the mode's `batch_stat` over the responses at hand (None for modes without one).
     """
 
     conn_n: np.ndarray
     profile_nR: np.ndarray
     entropy_n: np.ndarray | None
+    batch: Any = None
 
     @property
     def n(self) -> int:
@@ -73,6 +84,7 @@ class Choice:
 
 
 WeighFn = Callable[[ResponseScores, "CreditOptions", int], Choice]
+BatchStat = Callable[[Sequence[ResponseScores], Sequence[ResponseScores], "CreditOptions"], Any]
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,8 @@ class CreditMode:
     measure: Measure
     help: str
     graph: bool = False  # partitions the token graph (the per-response CPU work the credit workers take)
+    normalize: bool = True  # weights rescaled to mean 1 over each response (False: used as returned)
+    batch_stat: BatchStat | None = None  # a statistic of the responses at hand, handed to `weigh` as `batch`
 
     @property
     def needs_probes(self) -> bool:
@@ -100,11 +114,11 @@ class CreditMode:
         """The score comes out of a forward TRL makes anyway (the old-log-prob pass or the training forward)."""
         return self.measure in ("probes", "entropy")
 
-    @property
-    def extra_forwards(self) -> int:
-        """No-grad forwards per generation batch that the mode adds to TRL's (visual dependency: the policy
-        with the image and with a blank image)."""
-        return 2 if self.measure == "visual_dependency" else 0
+    def extra_forwards(self, old_logps: bool) -> int:
+        """No-grad forwards per generation batch that the mode adds to TRL's, where TRL makes an old-log-prob pass
+        (`old_logps`) or not: `blank_image_kl` runs the policy with the image and with a blank one; `masked_image`
+        runs it with the masked image, and with the image too when TRL has no old log-probs to reuse."""
+        return {"blank_image_kl": 2, "masked_image": 1 if old_logps else 2}.get(self.measure, 0)
 
     @property
     def weighs(self) -> bool:
@@ -112,17 +126,22 @@ class CreditMode:
         return self.measure != "none"
 
     @property
+    def reads_connectivity(self) -> bool:
+        """The mode's tokens are chosen from connectivity (the probes), so its anchors are AT-RL's kind."""
+        return self.measure == "probes"
+
+    @property
     def decides_from_score(self) -> bool:
         """The weights come from `conn_BT` (connectivity or a visual-dependency score), so they carry the
         connectivity statistics and degenerate to uniform on a constant score."""
-        return self.measure in ("probes", "visual_dependency")
+        return self.measure in ("probes", "blank_image_kl", "masked_image")
 
 
 _MODES: dict[str, CreditMode] = {}
 
 
-def register_credit_mode(name: str, *, measure: Measure, help: str, graph: bool = False
-                         ) -> Callable[[WeighFn], WeighFn]:
+def register_credit_mode(name: str, *, measure: Measure, help: str, graph: bool = False, normalize: bool = True,
+                         batch_stat: BatchStat | None = None) -> Callable[[WeighFn], WeighFn]:
     """Decorator: register `weigh` as credit mode `name` (see the module docstring)."""
     if measure not in MEASURES:
         raise ValueError(f"credit mode {name!r}: measure {measure!r} is unknown; choose from {MEASURES}")
@@ -130,7 +149,8 @@ def register_credit_mode(name: str, *, measure: Measure, help: str, graph: bool 
     def add(weigh: WeighFn) -> WeighFn:
         if name in _MODES:
             raise ValueError(f"credit mode {name!r} is already registered")
-        _MODES[name] = CreditMode(name=name, weigh=weigh, measure=measure, help=help, graph=graph)
+        _MODES[name] = CreditMode(name=name, weigh=weigh, measure=measure, help=help, graph=graph,
+                                  normalize=normalize, batch_stat=batch_stat)
         return weigh
 
     return add
@@ -237,15 +257,62 @@ def _threshold(s: ResponseScores, o: CreditOptions, row: int) -> Choice:
     return _threshold_choice(s, o)
 
 
-@register_credit_mode("entropy", measure="entropy",
-                      help="the top entropy_top tokens of each response by entropy share the weight, the rest 0")
-def _entropy(s: ResponseScores, o: CreditOptions, row: int) -> Choice:
+@register_credit_mode("entropy_per_response", measure="entropy",
+                      help="the top entropy_top tokens of each response by entropy share the weight (rescaled to "
+                           "mean 1), the rest 0")
+def _entropy_per_response(s: ResponseScores, o: CreditOptions, row: int) -> Choice:
     chosen = _top_set(s.entropy_n, max(1, int(np.ceil(o.entropy_top * s.n))))
     return Choice(boosted=chosen, weights=chosen.astype(np.float64))
 
 
-@register_credit_mode("visual_dependency", measure="visual_dependency",
-                      help="VPPO-style: the top anchor_ratio tokens by KL(with image || blank image), two_level "
-                           "weights (two extra no-grad forwards)")
-def _visual_dependency(s: ResponseScores, o: CreditOptions, row: int) -> Choice:
+def _entropy_quantile(all_rows: Sequence[ResponseScores], rows_now: Sequence[ResponseScores],
+                      o: CreditOptions) -> float:
+    """The (1 - entropy_top) quantile of the entropies of every token at hand (torch.quantile, float32, linear
+    interpolation: the threshold TRL's `top_entropy_quantile` draws on one process)."""
+    values = [torch.from_numpy(np.asarray(r.entropy_n, dtype=np.float32)) for r in rows_now if r.n]
+    if not values:
+        return float("inf")
+    return float(torch.quantile(torch.cat(values), 1.0 - o.entropy_top))
+
+
+@register_credit_mode("entropy_8020", measure="entropy", normalize=False, batch_stat=_entropy_quantile,
+                      help="the 80/20 rule (arXiv 2506.01939): the gradient masked to the top entropy_top of the "
+                           "micro-batch's tokens by entropy, not rescaled (TRL's top_entropy_quantile)")
+def _entropy_8020(s: ResponseScores, o: CreditOptions, row: int) -> Choice:
+    chosen = s.entropy_n >= s.batch
+    return Choice(boosted=chosen, weights=chosen.astype(np.float64))
+
+
+@register_credit_mode("blank_image_kl", measure="blank_image_kl",
+                      help="the top anchor_ratio tokens by KL(policy with the image || with a blank image), "
+                           "two_level weights (two extra no-grad forwards)")
+def _blank_image_kl(s: ResponseScores, o: CreditOptions, row: int) -> Choice:
     return _threshold_choice(s, o)
+
+
+def _dependency_range(all_rows: Sequence[ResponseScores], rows_now: Sequence[ResponseScores],
+                      o: CreditOptions) -> tuple[float, float, float] | None:
+    """VPPO's trajectory advantage shaping statistics: each response's mean dependency, min and max over the
+    generation batch, and the mean over the rows at hand of the min-max normalised means (None where fewer than
+    two responses have tokens or the range is below 1e-6: no shaping)."""
+    means = np.array([r.conn_n.mean() for r in all_rows if r.n])
+    if means.size < 2 or means.max() - means.min() <= 1e-6:
+        return None
+    lo, hi = float(means.min()), float(means.max())
+    now = np.array([r.conn_n.mean() for r in rows_now if r.n])
+    return lo, hi, float(np.clip((now - lo) / (hi - lo), 0.0, 1.0).mean())
+
+
+@register_credit_mode("vppo", measure="masked_image", normalize=False, batch_stat=_dependency_range,
+                      help="VPPO (arXiv 2510.09285): the gradient masked to each response's top vppo_top tokens "
+                           "by visual dependency on a patch-masked image, the advantage scaled by the response's "
+                           "mean dependency (one extra no-grad forward)")
+def _vppo(s: ResponseScores, o: CreditOptions, row: int) -> Choice:
+    chosen = _top_set(s.conn_n, int(np.ceil(o.vppo_top * s.n)))
+    scale = 1.0
+    if s.batch is not None:  # trajectory advantage shaping: mean 1 over the rows at hand, floor vppo_scale_min
+        lo, hi, mu = s.batch
+        normalised = float(np.clip((s.conn_n.mean() - lo) / (hi - lo), 0.0, 1.0))
+        top = o.vppo_scale_min + (1.0 - o.vppo_scale_min) / (mu + 1e-8)
+        scale = o.vppo_scale_min + normalised * (top - o.vppo_scale_min)
+    return Choice(boosted=chosen, weights=chosen * scale)

@@ -22,10 +22,10 @@ class AnchorConfig:
     """AT-RL's knobs (arXiv 2602.11455; see docs/ALGORITHM.md for which parts are the paper's).
 
     Attributes:
-        mode: a registered credit mode (`atrl.credit.modes`): uniform (plain GRPO/DAPO, no probes), atrl
-            (default), anchors_only, low_only, random, threshold, entropy, or visual_dependency (VPPO-style:
-            per-token KL between the policy with and without the image from extra no-grad forwards; the top
-            `anchor_ratio` tokens by that KL are boosted).
+        mode: a registered credit mode (`atrl modes` lists them, `atrl.credit.modes` defines them): uniform
+            (plain GRPO/DAPO, no probes), atrl (default), the ablations anchors_only, low_only, random and
+            threshold, and the baselines entropy_8020 (the 80/20 rule), vppo (VPPO), entropy_per_response and
+            blank_image_kl.
         probe_layers: decoder layers to probe; default: up to four spread over the second half, not the last
             (atrl.probe.default_probe_layers; the embedded 4-layer default probes layer 2).
         region_grid: (rows, cols) cells each image's token grid is pooled into for region profiles.
@@ -45,6 +45,8 @@ class AnchorConfig:
             up to 8 of the step's sampled completions, tokens shaded by connectivity, anchors (the boosted tokens)
             marked, each token's weight on hover (main process, training only; 0: never). Reading the tokens
             back costs one device sync on those steps only.
+        mask_prob: for modes that measure on a masked image (`vppo`): the probability that each image patch is
+            blacked out (VPPO's published runs: 0.5).
     """
 
     mode: str = "atrl"
@@ -56,6 +58,7 @@ class AnchorConfig:
     credit: dict[str, Any] = field(default_factory=dict)
     fallback_to_uniform: bool = True
     report_steps: int = 50
+    mask_prob: float = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in credit_mode_names():
@@ -69,6 +72,9 @@ class AnchorConfig:
                 raise ValueError(f"anchor.{name}={getattr(self, name)!r}: use true or false")
         if isinstance(self.report_steps, bool) or not isinstance(self.report_steps, int) or self.report_steps < 0:
             raise ValueError(f"anchor.report_steps={self.report_steps!r}: a number of steps, 0 for never")
+        if isinstance(self.mask_prob, bool) or not isinstance(self.mask_prob, (int, float)) or \
+                not 0 < self.mask_prob < 1:
+            raise ValueError(f"anchor.mask_prob={self.mask_prob!r}: a probability in (0, 1)")
         self.region_grid = tuple(self.region_grid)
         if len(self.region_grid) != 2 or min(self.region_grid) < 1:
             raise ValueError(f"anchor.region_grid={self.region_grid}: two positive integers, e.g. [4, 4]")

@@ -32,7 +32,9 @@ from torch.nn.utils import get_total_norm
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
+from ..models.masking import mask_image_patches
 from ..probe import ConnectivityParts, ConnectivityProbe, ProbeError
+from ..probe.dependency import blank_image_kl, sampled_token_dependency
 from .checkpoints import mark_checkpoint_complete
 from .config import AnchorConfig
 from .handoff import CreditInFlight
@@ -432,11 +434,13 @@ class ATRLTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._scoring = False
-        if self.anchor.credit_mode.extra_forwards:
-            kl, mask = self._visual_dependency(output)
+        scorer = {"blank_image_kl": self._blank_image_kl,
+                  "masked_image": self._masked_image_dependency}.get(self.anchor.credit_mode.measure)
+        if scorer is not None:  # a measure made of extra no-grad forwards of the generation batch
+            score, mask = scorer(output)
             credit = CreditInFlight(self.credit_options)
             with self._credit_clock():
-                credit.submit_now(0, mask, kl, torch.zeros(*kl.shape, 1))
+                credit.submit_now(0, mask, score, torch.zeros(*score.shape, 1))
         elif self._scored is not None:
             credit, self._scored = self._scored, None
         else:
@@ -472,30 +476,61 @@ class ATRLTrainer(GRPOTrainer):
         finally:
             self._pending = None
 
-    @torch.no_grad()
-    def _visual_dependency(self, output: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) KL(policy with the image || policy with a blank image) per completion token (VPPO-style)."""
-        prompt_ids, completion_ids = output["prompt_ids"], output["completion_ids"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+    @staticmethod
+    def _sequences(output: dict) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
+        """(input_ids, attention_mask, completion length, the forward's image inputs) of a scored batch."""
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        T = completion_ids.shape[1]
+        kwargs = {k: output[k] for k in ATRLTrainer._FORWARD_KEYS if k in output}
+        return input_ids, attention_mask, output["completion_ids"].shape[1], kwargs
+
+    @torch.no_grad()
+    def _blank_image_kl(self, output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) KL(policy with the image || policy with a blank image) per completion token: two forwards."""
+        input_ids, attention_mask, T, _ = self._sequences(output)
         kwargs = {k: output[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes",
                                          "pixel_attention_mask", "token_type_ids") if k in output}
         model = self.model
         with self.accelerator.autocast():
             with_image = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1,
-                               **kwargs).logits[:, :-1].float()
+                               **kwargs).logits[:, :-1]
             # A batch without images reads none: both forwards are the same and its KL is 0. Both still run, as on
             # every other process: a DDP or ZeRO-3 forward takes part in collectives.
             blank = dict(kwargs, pixel_values=torch.zeros_like(kwargs["pixel_values"])) if "pixel_values" in kwargs \
                 else kwargs
             without = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1,
-                            **blank).logits[:, :-1].float()
-        logp = torch.log_softmax(with_image, -1)
-        logq = torch.log_softmax(without, -1)
-        kl = (logp.exp() * (logp - logq)).sum(-1)
+                            **blank).logits[:, :-1]
         mask = output["completion_mask"].bool()
-        return kl.masked_fill(~mask, 0.0).cpu(), mask.cpu()
+        return blank_image_kl(with_image, without, mask).cpu(), mask.cpu()
+
+    @torch.no_grad()
+    def _masked_image_dependency(self, output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) VPPO's visual dependency of each completion token: the sampled tokens' log-probabilities with the
+        image (TRL's old log-probs where it made them, else one forward) against one forward with random patches
+        blacked out (`anchor.mask_prob`, a fresh draw each generation batch)."""
+        input_ids, attention_mask, T, kwargs = self._sequences(output)
+        logps = output.get("old_per_token_logps")
+        chunk = self.args.per_device_train_batch_size
+        if logps is None:
+            logps = super()._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, T, chunk,
+                                                               **kwargs)[0]
+        masked = dict(kwargs)
+        if "pixel_values" in kwargs:  # a batch without images: the same forward, dependency 0 (every process runs it)
+            draw = torch.Generator().manual_seed(
+                self.args.seed * 1_000_003 + 7919 * self.state.global_step + self.accelerator.process_index)
+            image_processor = getattr(self.processing_class, "image_processor", None)
+            if image_processor is None:
+                raise ValueError("anchor.mode with the masked_image measure needs the processor's image_processor "
+                                 "(its normalisation says what a black pixel is)")
+            masked["pixel_values"], _ = mask_image_patches(kwargs["pixel_values"], image_processor,
+                                                           self.anchor.mask_prob, generator=draw)
+        masked_logps = super()._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, T, chunk,
+                                                                  **masked)[0]
+        mask = output["completion_mask"].bool()
+        return sampled_token_dependency(logps, masked_logps, mask).cpu(), mask.cpu()
 
     def train(self, *args, **kwargs):
         with heap_frozen(self.freeze_heap):

@@ -1,0 +1,177 @@
+"""The published baselines: the 80/20 rule against TRL's own top_entropy_quantile, VPPO's score, mask and trajectory
+shaping against independent computations, the patch masking against the processor, and the extra forwards each
+mode adds to a step, counted."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from atrl.credit import CreditOptions, PendingCredit, assign_credit
+from atrl.models.masking import black_value, mask_image_patches
+from atrl.models.zoo import build_tiny_vlm
+from atrl.probe.dependency import sampled_token_dependency
+from atrl.rl.config import AnchorConfig
+
+
+def _batch(seed=0, B=6, T=30):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, n in enumerate(torch.randint(5, T + 1, (B,), generator=g).tolist()):
+        mask[b, :n] = True
+    score = torch.rand(B, T, generator=g).masked_fill(~mask, 0.0)
+    ent = (3 * torch.rand(B, T, generator=g)).masked_fill(~mask, 0.0)
+    return score, torch.zeros(B, T, 4), mask, ent
+
+
+def test_entropy_8020_masks_the_batch_top_share_without_rescaling():
+    """An independent computation: the 0.8 quantile of all valid entropies (torch.quantile), tokens at or above it
+    weight 1, the rest 0; padding changes nothing."""
+    score, prof, mask, ent = _batch()
+    res = assign_credit(score, prof, mask, CreditOptions(mode="entropy_8020", entropy_top=0.2), entropy_BT=ent)
+    q = torch.quantile(ent[mask].float(), 0.8)
+    expected = ((ent >= q) & mask).float()
+    assert torch.equal(res.weights, expected)
+    assert res.weights[mask].sum() == pytest.approx(0.2 * mask.sum(), abs=1.0)  # a fifth of the tokens, not rescaled
+    padded = assign_credit(torch.nn.functional.pad(score, (0, 7)), torch.nn.functional.pad(prof, (0, 0, 0, 7)),
+                           torch.nn.functional.pad(mask, (0, 7)), CreditOptions(mode="entropy_8020"),
+                           entropy_BT=torch.nn.functional.pad(ent, (0, 7), value=99.0))
+    assert torch.equal(padded.weights[:, :30], res.weights) and (padded.weights[:, 30:] == 0).all()
+
+
+def _vppo_reference(dep, mask, rows_now, top=0.4, scale_min=0.9):
+    """VPPO's token gradient filtering and trajectory advantage shaping as its paper's code computes them, in batch
+    form: a sort-based top-k per response, the per-response mean dependency min-max normalised over the whole batch,
+    and the scale range set so that the scales of the rows at hand average 1."""
+    n = mask.sum(1)
+    k = torch.ceil(n * top).int()
+    keyed = dep.masked_fill(~mask, -torch.inf)
+    _, order = torch.sort(keyed, dim=1, descending=True)
+    ranks = torch.arange(dep.shape[1]).expand_as(dep) < k[:, None]
+    top_mask = torch.zeros_like(mask).scatter(1, order, ranks) & mask
+    s = (dep * mask).sum(1) / n.clamp(min=1)
+    lo, hi = torch.quantile(s[n > 0], 0.0), torch.quantile(s[n > 0], 1.0)
+    normed = ((s - lo) / (hi - lo)).clamp(0, 1)
+    mu = normed[rows_now].mean()
+    top_scale = scale_min + (1 - scale_min) / (mu + 1e-8)
+    scale = scale_min + normed * (top_scale - scale_min)
+    return (top_mask.double() * scale[:, None].double())[rows_now]
+
+
+def test_vppo_filters_and_shapes_as_an_independent_computation_does():
+    dep, prof, mask, _ = _batch(1)
+    res = assign_credit(dep, prof, mask, CreditOptions(mode="vppo"))
+    ref = _vppo_reference(dep, mask, list(range(6)))
+    assert torch.allclose(res.weights.double(), ref, atol=1e-6)
+    scales = res.weights.max(1).values
+    assert scales.mean().item() == pytest.approx(1.0, abs=1e-5)  # the shaping averages 1 over the batch
+    assert scales.min().item() == pytest.approx(0.9, abs=1e-6)  # ... with its floor on the least dependent response
+    # a micro-batch: the range is the generation batch's, the mean-1 constraint the micro-batch's
+    pending = PendingCredit(CreditOptions(mode="vppo")).submit(dep, prof, mask)
+    micro = [4, 1, 2]
+    assert torch.allclose(pending.result(micro).weights.double(), _vppo_reference(dep, mask, micro), atol=1e-6)
+
+
+def test_vppo_dependency_is_the_k3_kl_of_the_sampled_token():
+    logp = torch.tensor([[-0.1, -2.0, -0.5, -3.0]])
+    masked = torch.tensor([[-0.1, -0.5, -2.5, -40.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    d = sampled_token_dependency(logp, masked, mask)
+    by_hand = [0.0, math.exp(1.5) - 1.5 - 1, math.exp(-2.0) + 2.0 - 1, 0.0]  # the last: padding
+    assert d[0].tolist() == pytest.approx(by_hand, rel=1e-6)
+    big = sampled_token_dependency(torch.tensor([[-30.0]]), torch.tensor([[0.0]]), torch.tensor([[True]]))
+    assert big.item() == 10.0  # log-ratio clamped at 20, then the estimate at 10
+
+
+def test_masked_patches_hold_what_the_processor_makes_of_black():
+    from PIL import Image
+
+    _, processor = build_tiny_vlm("qwen2_5_vl")
+    ip = processor.image_processor
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8))
+    pixels = ip(images=[image], return_tensors="pt")["pixel_values"]
+    black = ip(images=[Image.new("RGB", (112, 112), (0, 0, 0))], return_tensors="pt")["pixel_values"]
+    masked, chosen = mask_image_patches(pixels, ip, prob=0.5, generator=torch.Generator().manual_seed(0))
+    assert 0.3 < chosen.float().mean() < 0.7
+    assert torch.allclose(masked[chosen], black[chosen], atol=1e-5)  # the processor's own black patches
+    assert torch.equal(masked[~chosen], pixels[~chosen]) and not torch.equal(masked, pixels)
+    images = torch.randn(2, 3, 28, 42)
+    out, blocks = mask_image_patches(images, ip, prob=0.5, generator=torch.Generator().manual_seed(1))
+    assert blocks.shape == (2, 2, 3)
+    b, r, c = [int(i) for i in blocks.nonzero()[0]]
+    assert torch.allclose(out[b, :, 14 * r:14 * r + 14, 14 * c:14 * c + 14],
+                          black_value(ip)[:, None, None].expand(3, 14, 14))
+    with pytest.raises(ValueError, match="neither flattened patches"):
+        mask_image_patches(torch.zeros(3), ip)
+    with pytest.raises(ValueError, match="anchor.mask_prob=1.5"):
+        AnchorConfig(mode="vppo", mask_prob=1.5)
+
+
+def test_entropy_8020_takes_trls_own_top_entropy_quantile_step(tmp_path):
+    """TRL's GRPOTrainer with top_entropy_quantile=0.2 and ATRLTrainer in `entropy_8020` mode (TRL's quantile off)
+    take the same SGD step from the same rollouts: the same loss, the same gradients."""
+    from test_trainer import _params, _trainer
+    from trl import GRPOTrainer
+
+    sgd = dict(max_steps=1, optim="sgd", learning_rate=1.0)
+    theirs = _trainer(tmp_path / "trl", cls=GRPOTrainer, top_entropy_quantile=0.2, **sgd)
+    theirs.train()
+    ours = _trainer(tmp_path / "atrl", anchor=AnchorConfig(mode="entropy_8020"), **sgd)
+    ours.train()
+    plain = _trainer(tmp_path / "plain", cls=GRPOTrainer, **sgd)
+    plain.train()
+    lt = [h["loss"] for h in theirs.state.log_history if "loss" in h]
+    lo = [h["loss"] for h in ours.state.log_history if "loss" in h]
+    assert lt == pytest.approx(lo, abs=1e-7)
+    pt, po, pp = _params(theirs), _params(ours), _params(plain)
+    for k in pt:
+        assert torch.allclose(pt[k], po[k], atol=1e-6, rtol=0), k
+    assert any((pt[k] - pp[k]).abs().max() > 1e-5 for k in pt), "the mask should change the step"
+    kept = ours.last_credit["result"].weights[ours.last_credit["mask"]]
+    assert set(kept.unique().tolist()) <= {0.0, 1.0} and 0.1 < kept.mean() < 0.35
+
+
+def _forward_rows(trainer) -> list[int]:
+    """Rows through the policy's forward outside generation, counted by a pre-hook."""
+    rows, counting = [0], [True]
+    trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.__setitem__(0, rows[0] + (kwargs.get("input_ids", args[0] if args else None)
+                                                                    .shape[0] if counting[0] else 0)),
+        with_kwargs=True)
+    generate = trainer._generate
+
+    def quiet(*a, **kw):
+        counting[0] = False
+        try:
+            return generate(*a, **kw)
+        finally:
+            counting[0] = True
+
+    trainer._generate = quiet
+    return rows
+
+
+@pytest.mark.parametrize("spg, expected", [(1, {"uniform": 0, "atrl": 0, "entropy_8020": 0, "vppo": 2,
+                                                "blank_image_kl": 2}),
+                                           (2, {"uniform": 0, "atrl": 0, "vppo": 1})])
+def test_extra_forwards_per_generation_batch_are_what_the_registry_declares(tmp_path, spg, expected):
+    """Forward passes over the generation batch beyond uniform's, per mode: without an old-log-prob pass (spg 1)
+    and with one (spg 2, the vLLM path); each equals `CreditMode.extra_forwards`."""
+    from test_trainer import _trainer
+
+    from atrl.credit import credit_mode
+
+    rows = {}
+    for mode in expected:
+        trainer = _trainer(tmp_path / mode, anchor=AnchorConfig(mode=mode, report_steps=0), max_steps=spg,
+                           steps_per_generation=spg)
+        counted = _forward_rows(trainer)
+        trainer.train()
+        rows[mode] = counted[0]
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        assert len(logs) == spg and all(math.isfinite(h["loss"]) for h in logs)
+    batch = 4 * spg  # one generation batch of 4 completions per optimizer step
+    extra = {mode: (n - rows["uniform"]) / batch for mode, n in rows.items()}
+    assert extra == expected
+    assert extra == {m: credit_mode(m).extra_forwards(old_logps=spg > 1) for m in expected}
