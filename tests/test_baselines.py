@@ -153,8 +153,8 @@ def _forward_rows(trainer) -> list[int]:
 
 
 @pytest.mark.parametrize("spg, expected", [(1, {"uniform": 0, "atrl": 0, "entropy_8020": 0, "vppo": 2,
-                                                "blank_image_kl": 2}),
-                                           (2, {"uniform": 0, "atrl": 0, "vppo": 1})])
+                                                "blank_image_kl": 2, "atrl+papo": 1}),
+                                           (2, {"uniform": 0, "atrl": 0, "vppo": 1, "atrl+papo": 1})])
 def test_extra_forwards_per_generation_batch_are_what_the_registry_declares(tmp_path, spg, expected):
     """Forward passes over the generation batch beyond uniform's, per mode: without an old-log-prob pass (spg 1)
     and with one (spg 2, the vLLM path); each equals `CreditMode.extra_forwards`."""
@@ -164,8 +164,9 @@ def test_extra_forwards_per_generation_batch_are_what_the_registry_declares(tmp_
 
     rows = {}
     for mode in expected:
-        trainer = _trainer(tmp_path / mode, anchor=AnchorConfig(mode=mode, report_steps=0), max_steps=spg,
-                           steps_per_generation=spg)
+        name, _, papo = mode.partition("+")
+        anchor = AnchorConfig(mode=name, report_steps=0, papo={} if papo else None)
+        trainer = _trainer(tmp_path / mode, anchor=anchor, max_steps=spg, steps_per_generation=spg)
         counted = _forward_rows(trainer)
         trainer.train()
         rows[mode] = counted[0]
@@ -174,4 +175,69 @@ def test_extra_forwards_per_generation_batch_are_what_the_registry_declares(tmp_
     batch = 4 * spg  # one generation batch of 4 completions per optimizer step
     extra = {mode: (n - rows["uniform"]) / batch for mode, n in rows.items()}
     assert extra == expected
-    assert extra == {m: credit_mode(m).extra_forwards(old_logps=spg > 1) for m in expected}
+    declared = {m: credit_mode(m.partition("+")[0]).extra_forwards(old_logps=spg > 1) + ("+papo" in m)
+                for m in expected}  # PAPO: one forward per micro-batch, so one per generation batch
+    assert extra == declared
+
+
+def _every_other_patch(pixel_values, image_processor, prob, generator=None):
+    """A fixed mask for the PAPO test (both trainers draw the same): every other patch blacked."""
+    chosen = torch.arange(pixel_values.shape[0]) % 2 == 0
+    out = pixel_values.clone()
+    out[chosen] = black_value(image_processor).repeat_interleave(pixel_values.shape[1] // 3).to(out)
+    return out, chosen
+
+
+def test_papo_adds_its_perception_and_entropy_terms_as_an_independent_computation_does(tmp_path, monkeypatch):
+    """One SGD step of ATRLTrainer (uniform credit) with PAPO against a GRPOTrainer whose loss adds PAPO's terms
+    computed from explicit logits (log-softmax, gathered sampled tokens, entropies): the same parameters."""
+    from test_trainer import _params, _trainer
+    from trl import GRPOTrainer
+
+    from atrl.rl import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "mask_image_patches", _every_other_patch)
+    papo = {"coef": 0.5, "mask_prob": 0.5, "entropy_coef": 0.1, "masked_entropy_coef": 0.2}
+
+    class Reference(GRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            loss = super()._compute_loss(model, inputs)
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+            att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+            T = inputs["completion_ids"].shape[1]
+            extra = {k: inputs[k] for k in ("image_grid_thw", "mm_token_type_ids") if k in inputs}
+
+            def branch(pixels):
+                logits = model(input_ids=ids, attention_mask=att, pixel_values=pixels, logits_to_keep=T + 1,
+                               **extra).logits[:, :-1] / self.temperature
+                logp_all = torch.log_softmax(logits.float(), -1)
+                logp = logp_all.gather(-1, inputs["completion_ids"][..., None])[..., 0]
+                return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+            logp, ent = branch(inputs["pixel_values"])
+            masked_pixels, _ = _every_other_patch(inputs["pixel_values"], self.processing_class.image_processor, 0.5)
+            masked_logp, masked_ent = branch(masked_pixels)
+            d = masked_logp.detach() - logp
+            mask = inputs["completion_mask"].float()
+            n = mask.sum() * self.current_gradient_accumulation_steps
+            return (loss - papo["coef"] * ((d.exp() - d - 1) * mask).sum() / n
+                    + papo["entropy_coef"] * (ent * mask).sum() / n
+                    + papo["masked_entropy_coef"] * (masked_ent * mask).sum() / n)
+
+    sgd = dict(max_steps=1, optim="sgd", learning_rate=1.0)
+    ours = _trainer(tmp_path / "atrl", anchor=AnchorConfig(mode="uniform", papo=papo), **sgd)
+    ours.train()
+    reference = _trainer(tmp_path / "ref", cls=Reference, **sgd)
+    reference.train()
+    plain = _trainer(tmp_path / "plain", cls=GRPOTrainer, **sgd)
+    plain.train()
+    po, pr, pp = _params(ours), _params(reference), _params(plain)
+    for k in po:
+        assert torch.allclose(po[k], pr[k], atol=1e-5, rtol=0), k
+    assert any((po[k] - pp[k]).abs().max() > 1e-4 for k in po), "PAPO should change the step"
+    logs = [h for h in ours.state.log_history if "loss" in h]
+    assert logs[0]["atrl/papo/kl"] > 0 and logs[0]["atrl/papo/entropy"] > 0
+    with pytest.raises(ValueError, match=r"anchor.papo.mask_prob=1.0"):
+        AnchorConfig(papo={"mask_prob": 1.0})
+    with pytest.raises(ValueError, match=r"anchor.papo.*unknown.*'gamma'|gamma"):
+        AnchorConfig(papo={"gamma": 0.01})

@@ -17,6 +17,13 @@ def sampled_token_dependency(logp_BT: torch.Tensor, masked_logp_BT: torch.Tensor
     return (diff.exp() - diff - 1.0).clamp(0.0, 10.0).masked_fill(~mask_BT, 0.0)
 
 
+def perception_kl(logp_BT: torch.Tensor, masked_logp_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T) PAPO's per-token perception KL (arXiv 2507.06448): the k3 estimate exp(d) - d - 1 with
+    d = log p(y_t | masked image) - log p(y_t | image), unclamped and differentiable in both arguments."""
+    d = masked_logp_BT - logp_BT
+    return d.exp() - d - 1.0
+
+
 def blank_image_kl(logits_BTV: torch.Tensor, blank_logits_BTV: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """(B, T) KL(policy with the image || policy with a blank image) over the vocabulary, per token; 0 on padding."""
     logp = torch.log_softmax(logits_BTV.float(), -1)

@@ -18,6 +18,45 @@ CAPTURE_SITES = ("auto", "old_logps", "train_forward")
 
 
 @dataclass
+class PapoConfig:
+    """PAPO's implicit perception loss (Wang et al., arXiv 2507.06448), added to the policy loss beside any credit
+    mode (`anchor.papo`). Per micro-batch, the policy is run once more on its images with random 14-pixel patches
+    blacked out (each with probability `mask_prob`), and the loss becomes
+
+        loss - coef * mean_t KL_k3(t) + entropy_coef * mean_t H(t) + masked_entropy_coef * mean_t H_masked(t)
+
+    with KL_k3(t) = exp(d) - d - 1, d = log p(y_t | masked) - log p(y_t | image), the masked log-probabilities held
+    constant (the released code's default: the gradient of the KL flows through the real image's branch), H and
+    H_masked the token entropies on the real and the masked image (the double entropy loss, which keeps the
+    maximised KL from being hacked by a flattening policy), and each mean over the micro-batch's completion tokens,
+    divided by the gradient accumulation steps. The released runs use coef 0.01-0.02, mask_prob 0.6, and, with the
+    double entropy loss, 0.05 for both entropy coefficients. A batch without images gives KL 0 (the extra forward
+    still runs, as on every process).
+
+    Attributes:
+        coef: gamma, the weight of the perception KL (maximised).
+        mask_prob: the probability that each image patch is blacked out.
+        entropy_coef: eta on the real image's token entropy.
+        masked_entropy_coef: eta on the masked image's token entropy (0: the masked forward runs without
+            gradients).
+    """
+
+    coef: float = 0.01
+    mask_prob: float = 0.6
+    entropy_coef: float = 0.0
+    masked_entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("coef", "entropy_coef", "masked_entropy_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"anchor.papo.{name}={value!r}: a non-negative number")
+        if isinstance(self.mask_prob, bool) or not isinstance(self.mask_prob, (int, float)) or \
+                not 0 < self.mask_prob < 1:
+            raise ValueError(f"anchor.papo.mask_prob={self.mask_prob!r}: a probability in (0, 1)")
+
+
+@dataclass
 class AnchorConfig:
     """AT-RL's knobs (arXiv 2602.11455; see docs/ALGORITHM.md for which parts are the paper's).
 
@@ -47,6 +86,8 @@ class AnchorConfig:
             back costs one device sync on those steps only.
         mask_prob: for modes that measure on a masked image (`vppo`): the probability that each image patch is
             blacked out (VPPO's published runs: 0.5).
+        papo: PAPO's implicit perception loss beside the credit mode (`PapoConfig` fields, e.g. {coef: 0.01});
+            null: off. It costs one forward per micro-batch (and its backward with masked_entropy_coef > 0).
     """
 
     mode: str = "atrl"
@@ -59,6 +100,7 @@ class AnchorConfig:
     fallback_to_uniform: bool = True
     report_steps: int = 50
     mask_prob: float = 0.5
+    papo: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in credit_mode_names():
@@ -79,6 +121,12 @@ class AnchorConfig:
         if len(self.region_grid) != 2 or min(self.region_grid) < 1:
             raise ValueError(f"anchor.region_grid={self.region_grid}: two positive integers, e.g. [4, 4]")
         check_keys(self.credit, CreditOptions, "anchor.credit", exclude=("mode",))
+        if self.papo is not None:
+            if not isinstance(self.papo, dict):
+                raise ValueError(f"anchor.papo={self.papo!r}: a mapping of PapoConfig fields (e.g. {{coef: 0.01}}) "
+                                 "or null")
+            check_keys(self.papo, PapoConfig, "anchor.papo")
+        self.papo_options()
         self.credit_options()  # validates the credit knobs now, not at the first step
 
     @property
@@ -89,6 +137,10 @@ class AnchorConfig:
     @property
     def needs_probe(self) -> bool:
         return self.credit_mode.needs_probes
+
+    def papo_options(self) -> PapoConfig | None:
+        """PAPO's settings, or None when it is off."""
+        return None if self.papo is None else PapoConfig(**self.papo)
 
     def credit_options(self) -> CreditOptions:
         return CreditOptions(mode=self.mode, **self.credit)

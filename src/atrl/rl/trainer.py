@@ -34,7 +34,7 @@ from trl import GRPOTrainer
 
 from ..models.masking import mask_image_patches
 from ..probe import ConnectivityParts, ConnectivityProbe, ProbeError
-from ..probe.dependency import blank_image_kl, sampled_token_dependency
+from ..probe.dependency import blank_image_kl, perception_kl, sampled_token_dependency
 from .checkpoints import mark_checkpoint_complete
 from .config import AnchorConfig
 from .handoff import CreditInFlight
@@ -175,6 +175,9 @@ class ATRLTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.anchor = anchor_config or AnchorConfig()
         self.credit_options = self.anchor.credit_options()
+        self.papo = self.anchor.papo_options()
+        self._papo_capture: list | None = None  # the training forward's (logps, entropies), while PAPO needs them
+        self._papo_draws = 0  # masks drawn for PAPO so far (each micro-batch gets its own)
         self.capture_site = self.anchor.capture_site(self.args)
         keep_one_input_grad_hook(self.model)
         self.probe: ConnectivityProbe | None = None
@@ -222,6 +225,14 @@ class ATRLTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args,
                                            compute_entropy: bool = False, **kwargs):
+        out = self._measured_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args,
+                                                 compute_entropy=compute_entropy, **kwargs)
+        if self._papo_capture is not None:  # the loss's own forward, for PAPO's terms (gradients kept)
+            self._papo_capture.append(out)
+        return out
+
+    def _measured_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args,
+                                      compute_entropy: bool = False, **kwargs):
         if not self._records_here(model):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args,
                                                                compute_entropy=compute_entropy, **kwargs)
@@ -459,6 +470,49 @@ class ATRLTrainer(GRPOTrainer):
         return output
 
     def _compute_loss(self, model, inputs):
+        if self.papo is None:
+            return self._policy_loss(model, inputs)
+        self._papo_capture = []
+        try:
+            loss = self._policy_loss(model, inputs)
+            (logps, entropies, _), = self._papo_capture  # one forward: TRL's, with its entropies
+        finally:
+            self._papo_capture = None
+        return loss + self._papo_terms(model, inputs, logps, entropies)
+
+    def _papo_terms(self, model, inputs: dict, logps: torch.Tensor, entropies: torch.Tensor) -> torch.Tensor:
+        """PAPO's terms for this micro-batch (see `PapoConfig`): one more forward, on the masked images."""
+        p = self.papo
+        inputs = {k: v for k, v in inputs.items() if not k.startswith("atrl_")}
+        input_ids, attention_mask, T, kwargs = self._sequences(inputs)
+        masked = dict(kwargs)
+        if "pixel_values" in kwargs:
+            self._papo_draws += 1
+            draw = torch.Generator().manual_seed(self.args.seed * 1_000_003 + 104_729 * self._papo_draws
+                                                 + self.accelerator.process_index)
+            masked["pixel_values"], _ = mask_image_patches(kwargs["pixel_values"], self.processing_class.image_processor,
+                                                           p.mask_prob, generator=draw)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and p.masked_entropy_coef > 0):
+            masked_logps, masked_entropies, _ = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, T, compute_entropy=p.masked_entropy_coef > 0, **masked)
+        mask = inputs["completion_mask"].to(logps.dtype)
+        scale = mask.sum().clamp(min=1.0) * (self.current_gradient_accumulation_steps if self.model.training else 1)
+
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return (x * mask).sum() / scale
+
+        kl = perception_kl(logps, masked_logps.detach())
+        terms = -p.coef * mean(kl)
+        if p.entropy_coef:
+            terms = terms + p.entropy_coef * mean(entropies)
+        if p.masked_entropy_coef:
+            terms = terms + p.masked_entropy_coef * mean(masked_entropies)
+        denom = mask.sum().clamp(min=1.0)
+        self._log_metric_values({"atrl/papo/kl": [float((kl.detach() * mask).sum() / denom)],
+                                 "atrl/papo/entropy": [float((entropies.detach() * mask).sum() / denom)]})
+        return terms
+
+    def _policy_loss(self, model, inputs):
         if "atrl_row" in inputs:  # scored earlier: wait for this micro-batch's rows only
             inputs = dict(inputs)
             rows, batch = inputs.pop("atrl_row").tolist(), int(inputs.pop("atrl_batch"))
