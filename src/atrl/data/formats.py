@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 from PIL import Image
 
+from .._io import read_text
 from .answers import ANSWER_TYPES
 from .synthetic import RESPONSE_INSTRUCTION
 
@@ -149,19 +150,24 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         return rows, [f"{path}[{i}]" for i in range(len(rows))]
     if suffix == ".jsonl":
         rows, places = [], []
-        with path.open(encoding="utf-8") as fh:
-            for number, line in enumerate(fh, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-                    places.append(f"{path}:{number}")
+        try:
+            text = read_text(path)
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        for number, line in enumerate(text.split("\n"), start=1):  # lines as a file reads them
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+                places.append(f"{path}:{number}")
         return rows, places
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+            data = json.loads(read_text(path))
+        except ValueError as err:
+            if not isinstance(err, json.JSONDecodeError):
+                raise DataError(str(err)) from None
             raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
         if isinstance(data, dict):
             return [{"pid": key, **value} for key, value in data.items()], [f"{path}[pid={key}]" for key in data]

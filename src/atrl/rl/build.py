@@ -38,10 +38,27 @@ def grpo_config(recipe: Recipe):
     elif trl.get("eval_strategy", "no") != "no":
         raise ValueError(f"trl.eval_strategy={trl['eval_strategy']!r} but the recipe has no held-out data: set "
                          "data.eval (\"synthetic\" or a data file)")
+    from .._checks import check_types
+
+    trl = check_types(trl, GRPOConfig, "trl")
     try:
-        return GRPOConfig(**trl)
+        args = GRPOConfig(**trl)
     except (TypeError, ValueError) as err:  # an unknown field, or one of TRL's own checks
         raise ValueError(f"recipe section 'trl': {err}") from err
+    _check_ranges(args)
+    return args
+
+
+def _check_ranges(args) -> None:
+    """Values the run would refuse only once the model is loaded (the optimizer, the sampler): refused now."""
+    checks = [("learning_rate", args.learning_rate >= 0, "must be >= 0"),
+              ("temperature", args.temperature > 0, "must be > 0 (the rollouts sample at it)"),
+              ("top_p", 0 < args.top_p <= 1, "must be in (0, 1]"),
+              ("max_completion_length", args.max_completion_length is None or args.max_completion_length > 0,
+               "must be > 0")]
+    for name, ok, need in checks:
+        if not ok:
+            raise ValueError(f"trl.{name}={getattr(args, name)!r}: {need}")
 
 
 def _check_loggers(report_to: list[str]) -> None:
@@ -324,14 +341,32 @@ def build_rewards(recipe: Recipe) -> list:
     return funcs
 
 
-def _import_function(ref: str):
+def _import_module(module_name: str):
+    """`module_name` imported; a module not found is looked for in the current folder too (the console script's
+    search path does not hold it, where `python -m` would)."""
     import importlib
+    import sys
 
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name.split(".")[0] or os.getcwd() in sys.path:
+            raise
+    sys.path.insert(0, os.getcwd())
+    return importlib.import_module(module_name)
+
+
+def _import_function(ref: str):
     module_name, sep, name = ref.partition(":")
     if not sep:
         raise ValueError(f"rewards.custom key {ref!r}: write it as 'package.module:function'")
     try:
-        func = getattr(importlib.import_module(module_name), name)
+        module = _import_module(module_name)
+        func = getattr(module, name)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"rewards.custom {ref!r} cannot be imported: {err}. The module must be importable: a file "
+                         f"{module_name.replace('.', '/')}.py in the folder atrl runs from, on PYTHONPATH, or an "
+                         "installed package") from err
     except (ImportError, AttributeError) as err:
         raise ValueError(f"rewards.custom {ref!r} cannot be imported: {err}") from err
     if not callable(func):

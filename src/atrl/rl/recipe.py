@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from .._checks import check_keys
+from .._checks import check_keys, check_types
 from ..data.synthetic import DEFAULT_FAMILIES, DEFAULT_KNOBS, knobs_from_mapping
 from .config import AnchorConfig
 
@@ -229,10 +229,16 @@ def recipe_from_dict(raw: dict[str, Any], trl_defaults: dict[str, Any] = DEFAULT
     for name, cls in _SECTIONS.items():
         section = raw.get(name) or {}
         check_keys(section, cls, f"recipe section {name!r}")
+        section = check_types(section, cls, name)
         try:
             kwargs[name] = cls(**section)
         except (TypeError, ValueError) as err:
             raise ValueError(f"recipe section {name!r}: {err}") from err
+    model, anchor = kwargs["model"], kwargs["anchor"]
+    if anchor.needs_probe and model.attn_implementation not in ("sdpa", "flash_attention_2", "flash_attention_3"):
+        raise ValueError(f"model.attn_implementation={model.attn_implementation!r} with anchor.mode={anchor.mode!r}: "
+                         "the probes run inside SDPA or FlashAttention; use sdpa (or flash_attention_2), or a mode "
+                         "without probes (`atrl modes`)")
     trl = dict(trl_defaults)
     trl.update(raw.get("trl") or {})
     mode = kwargs["anchor"].mode
@@ -248,9 +254,14 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"--config {str(p)!r} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        from .._io import read_yaml
+
+        raw = read_yaml(p, "--config")
+        if raw is None:
+            raise ValueError(f"--config {p}: the file is empty; a recipe is a YAML mapping of sections (model, data, "
+                             "rewards, anchor, trl, ...): see configs/")
         if not isinstance(raw, dict):
-            raise ValueError(f"--config {str(p)!r}: a recipe is a YAML mapping of sections")
+            raise ValueError(f"--config {p}: a recipe is a YAML mapping of sections, not a {type(raw).__name__}")
     return recipe_from_dict(apply_overrides(raw, overrides or []), DEFAULT_TRL if path is None else BASE_TRL)
 
 

@@ -60,7 +60,13 @@ def check_resume_recipe(recipe: Recipe, out: Path, resume: str | None) -> None:
     saved_file = run_recipe_file(resume) if resume else None
     if saved_file is None:
         return
-    saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
+    from .._io import read_yaml
+
+    try:
+        saved = _flat(read_yaml(saved_file, "the checkpoint's recipe") or {})
+    except ValueError as err:
+        raise ValueError(f"{err}. It says which recipe trained {resume}; restore it, or set resume: false (train "
+                         "from the start) or resume: <another checkpoint>") from None
     now = _flat(yaml.safe_load(recipe_text(recipe)))
     differ = {key for key in saved.keys() & now.keys() if saved[key] != now[key]}
     # a key on one side only: a field another atrl version did not have (ignored), or a section one side leaves

@@ -1,0 +1,126 @@
+"""Bad input a new user meets: each is one line naming the file and line (or the recipe key), and what to do."""
+
+import json
+
+import pytest
+
+from atrl.cli import build_parser, main
+from atrl.data.formats import DataError, load_samples
+
+
+def _error(capsys, argv: list[str]) -> str:
+    """The command's stderr, checked to be atrl's one-line error (exit status 2, no traceback)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith(f"atrl {argv[0]}: error: ")
+    return err.strip()
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_its_file_line_and_column(tmp_path, capsys):
+    data = tmp_path / "x.jsonl"
+    data.write_bytes(b'{"question": "q", "answer": "1", "image": "a.png"}\n{"question": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r"x.jsonl:2:18: byte 0xe9 is not UTF-8 text"):
+        load_samples(data)
+    assert "x.jsonl:2:18: byte 0xe9" in _error(capsys, ["train", "--dry-run", "--data.train", str(data)])
+    assert "x.jsonl:2:18" in _error(capsys, ["eval", "--model", str(tmp_path), "--data", str(data)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"model:\n  dtype: float32 # caf\xe9\n")
+    assert "--config " + str(recipe) + ":2:23: byte 0xe9" in _error(capsys, ["train", "--config", str(recipe)])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("model:\n  dtype: [float32\ntrl: {}\n", r"r.yaml:3:4: expected ',' or ']'"),
+    ("model:\n  path: a\n  path: b\n", r"r.yaml:3:3: the key 'path' is given twice \(first on line 2\)"),
+    ("trl:\n  max_steps: 3\nmodel: {}\ntrl:\n  max_steps: 4\n", r"r.yaml:4:1: the key 'trl' is given twice"),
+    ("model: !!python/object/apply:os.system [ls]\n", r"r.yaml:1:8: .*python/object/apply:os.system.*plain YAML"),
+    ("", r"r.yaml: the file is empty; a recipe is a YAML mapping of sections"),
+    ("- a\n- b\n", r"r.yaml: a recipe is a YAML mapping of sections, not a list"),
+])
+def test_a_recipe_that_is_not_plain_yaml_is_one_line_with_its_line(tmp_path, capsys, text, expected):
+    import re
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    assert re.search(expected, _error(capsys, ["train", "--config", str(recipe), "--dry-run"]))
+
+
+def test_a_corrupt_recipe_in_a_checkpoint_names_it_and_what_to_do(tmp_path, capsys):
+    from atrl.rl.checkpoints import mark_checkpoint_complete
+
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "recipe.yaml").write_text("anchor:\n  mode: [atrl\n")
+    mark_checkpoint_complete(ckpt, step=2)
+    err = _error(capsys, ["train", "--trl.output_dir", str(out), "--trl.max_steps", "3"])
+    assert f"the checkpoint's recipe {ckpt / 'recipe.yaml'}:3:1" in err and "set resume: false" in err
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["--trl.learning_rate", "lots"], "trl.learning_rate='lots': use a number"),
+    (["--trl.max_steps", "ten"], "trl.max_steps='ten': use a whole number"),
+    (["--anchor.probe_layers", "2"], "anchor.probe_layers=2: use a list of whole numbers or null"),
+    (["--trl.bf16", "maybe"], "trl.bf16='maybe': use true or false or null"),
+    (["--trl.learning_rate", "-1"], "trl.learning_rate=-1: must be >= 0"),
+    (["--trl.temperature", "-3"], "trl.temperature=-3: must be > 0"),
+    (["--trl.num_generations", "1"], "recipe section 'trl': GRPO requires at least 2 generations per prompt"),
+    (["--model.attn_implementation", "eager"], "model.attn_implementation='eager' with anchor.mode='atrl': the "
+                                               "probes run inside SDPA or FlashAttention"),
+])
+def test_the_dry_run_refuses_what_the_run_would_fail_on(capsys, override, expected):
+    assert expected in _error(capsys, ["train", "--dry-run", *override])
+
+
+def test_numbers_written_as_text_in_a_recipe_file_are_read_as_numbers(tmp_path):
+    from atrl.rl.build import grpo_config
+    from atrl.rl.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("trl:\n  learning_rate: 5e-5\n  max_steps: 7\n")  # YAML 1.1 reads 5e-5 as a string
+    args = grpo_config(load_recipe(recipe))
+    assert args.learning_rate == 5e-5 and args.max_steps == 7
+    assert grpo_config(load_recipe(None, ["--model.attn_implementation", "eager", "--anchor.mode", "uniform"]))
+
+
+def test_every_option_has_help_and_train_help_lists_the_recipe_keys(capsys):
+    import argparse
+
+    parser = build_parser()
+    missing = []
+
+    def walk(p: argparse.ArgumentParser, path: str) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.option_strings and action.help in (None, "") and action.dest != "help":
+                missing.append(f"{path} {action.option_strings[0]}")
+
+    walk(parser, "atrl")
+    assert missing == []
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "recipe keys" in text and "anchor: mode, probe_layers" in text and "any TRL GRPOConfig field" in text
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    assert "(default: 3000)" in capsys.readouterr().out  # defaults shown
+
+
+def test_a_custom_reward_in_the_current_folder_imports_and_a_missing_one_says_where_to_put_it(tmp_path, capsys,
+                                                                                              monkeypatch):
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    (tmp_path / "myreward_for_test.py").write_text("def score(prompts, completions, **kw):\n"
+                                                   "    return [0.0] * len(completions)\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"rewards": {"custom": {"myreward_for_test:score": 1.0}}}))
+    capsys.readouterr()
+    assert main(["train", "--config", str(recipe), "--dry-run"]) == 0
+    assert "score x 1" in capsys.readouterr().out
+    recipe.write_text(json.dumps({"rewards": {"custom": {"not_here_reward:score": 1.0}}}))
+    err = _error(capsys, ["train", "--config", str(recipe), "--dry-run"])
+    assert "No module named 'not_here_reward'" in err and "a file not_here_reward.py in the folder atrl runs from" in err
