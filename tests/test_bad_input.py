@@ -52,6 +52,7 @@ def test_a_corrupt_recipe_in_a_checkpoint_names_it_and_what_to_do(tmp_path, caps
     ckpt = out / "checkpoint-2"
     ckpt.mkdir(parents=True)
     (ckpt / "recipe.yaml").write_text("anchor:\n  mode: [atrl\n")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2, "log_history": []}))
     mark_checkpoint_complete(ckpt, step=2)
     err = _error(capsys, ["train", "--trl.output_dir", str(out), "--trl.max_steps", "3"])
     assert f"the checkpoint's recipe {ckpt / 'recipe.yaml'}:3:1" in err and "set resume: false" in err
@@ -124,3 +125,84 @@ def test_a_custom_reward_in_the_current_folder_imports_and_a_missing_one_says_wh
     recipe.write_text(json.dumps({"rewards": {"custom": {"not_here_reward:score": 1.0}}}))
     err = _error(capsys, ["train", "--config", str(recipe), "--dry-run"])
     assert "No module named 'not_here_reward'" in err and "a file not_here_reward.py in the folder atrl runs from" in err
+
+
+def test_a_truncated_weights_file_or_a_folder_without_config_is_named(tmp_path, capsys, tiny_models):
+    from atrl.models.zoo import save_model
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    ckpt = save_model(model, processor, tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    err = _error(capsys, ["eval", "--model", str(ckpt), "--n", "2", "--out", str(tmp_path / "ev")])
+    assert f"model folder {str(ckpt)!r}: its weights cannot be read (SafetensorError" in err
+    assert "model.safetensors" in err and "truncated" in err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    err = _error(capsys, ["eval", "--model", str(tmp_path / "empty"), "--n", "2"])
+    assert "has no config.json: not a checkpoint folder" in err and "notes.txt" in err
+
+
+def _checkpoint(folder, step, state: str | None):
+    from atrl.rl.checkpoints import mark_checkpoint_complete
+
+    folder.mkdir(parents=True)
+    if state is not None:
+        (folder / "trainer_state.json").write_text(state)
+    (folder / "model.safetensors").write_bytes(b"0" * 1000)
+    mark_checkpoint_complete(folder, step=step)
+
+
+def test_a_broken_complete_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    from atrl.rl.recipe import load_recipe
+    from atrl.rl.run import resolve_resume
+
+    out = tmp_path / "run"
+    _checkpoint(out / "checkpoint-2", 2, json.dumps({"global_step": 2, "log_history": []}))
+    _checkpoint(out / "checkpoint-4", 4, '{"global_step": 4, "log_hist')  # cut short
+    recipe = load_recipe(None, ["--trl.output_dir", str(out)])
+    with caplog.at_level("WARNING", logger="atrl"):
+        assert resolve_resume(recipe, str(out)) == str(out / "checkpoint-2")
+    assert f"{out / 'checkpoint-4'} is marked complete but its trainer_state.json cannot be read" in caplog.text
+    assert f"resuming from {out / 'checkpoint-2'} instead" in caplog.text
+    (out / "checkpoint-2" / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match=r"no checkpoint can be resumed from: .*checkpoint-4: its trainer_state.json "
+                                         r"cannot be read.*checkpoint-2: it has no trainer_state.json.*resume: false"):
+        resolve_resume(recipe, str(out))
+
+
+def test_a_checkpoint_is_not_started_without_room_and_a_failed_save_leaves_no_half_folder(tmp_path, monkeypatch):
+    """Free space is checked against the last checkpoint's size before the next is written (shutil.disk_usage
+    reports a small disk); a save that fails midway (the disk filling up) removes its folder and says what a
+    checkpoint takes."""
+    import shutil
+    from collections import namedtuple
+
+    from test_trainer import _trainer
+    from trl import GRPOTrainer
+
+    from atrl.rl.checkpoints import CheckpointSaveError, check_checkpoint_space, checkpoints
+
+    out = tmp_path / "run"
+    _checkpoint(out / "checkpoint-2", 2, json.dumps({"global_step": 2, "log_history": []}))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 500, 500))
+    with pytest.raises(CheckpointSaveError, match=r"not enough space for the next checkpoint: 0 MiB free .*a "
+                                                  r"checkpoint takes about 0 MiB \(the last one's size\)"):
+        check_checkpoint_space(out)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    assert check_checkpoint_space(out) == sum(f.stat().st_size for f in (out / "checkpoint-2").iterdir())
+
+    def fill_the_disk(self, model, trial):
+        folder = out / f"checkpoint-{self.state.global_step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(GRPOTrainer, "_save_checkpoint", fill_the_disk)
+    trainer = _trainer(out, max_steps=4, save_strategy="steps", save_steps=4)
+    with pytest.raises(CheckpointSaveError, match=r"saving .*checkpoint-4 failed \(RuntimeError: \[enforce fail.*the "
+                                                  r"half-written folder is removed\..*MiB free"):
+        trainer.train()
+    assert not (out / "checkpoint-4").exists()
+    assert [p.name for p in checkpoints(out)[0]] == ["checkpoint-2"]  # what was there is kept

@@ -384,6 +384,8 @@ def _recipe_keys_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atrl", description="Anchor-Token RL for vision-language models.",
                                      formatter_class=_Formatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print its traceback instead of the one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", formatter_class=_Formatter, help="run the embedded default end to end on the CPU",
@@ -550,10 +552,19 @@ def main(argv: list[str] | None = None) -> int:
     # site in the middle of the progress bar, about code that is not the user's (recipes use the new name)
     old_names = r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated"
     warnings.filterwarnings("ignore", category=FutureWarning, message=old_names)
+    from .rl.run import TrainingStopped
+
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # bad input, a missing file, a model transformers cannot find
+        if args.debug:
+            raise
         print(f"atrl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingStopped as err:  # a full disk, an unreadable file mid-run: one line; a bug: its traceback
+        if args.debug or not isinstance(err.__cause__, (ValueError, OSError)):
+            raise
+        print(f"atrl {args.command}: error: {err} (--debug prints the traceback)", file=sys.stderr)
         return 2
 
 

@@ -302,10 +302,29 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except Exception as err:  # a truncated or corrupt weights file: name the folder and the file
+        if not Path(path).is_dir() or not _is_corrupt_weights(err):
+            raise
+        raise ValueError(f"model folder {str(path)!r}: its weights cannot be read ({type(err).__name__}: {err}); "
+                         f"the file is truncated or not a checkpoint ({_weight_files(path)}): copy it again, or "
+                         "use another checkpoint") from None
     if device is not None:
         model.to(device)
     return model, load_processor(path)
+
+
+def _is_corrupt_weights(err: BaseException) -> bool:
+    """Errors that safetensors or torch raise on a weights file that is cut short or damaged."""
+    text = f"{type(err).__name__}: {err}"
+    return any(s in text for s in ("SafetensorError", "invalid header", "HeaderTooLarge", "MetadataIncompleteBuffer",
+                                   "unexpected EOF", "PytorchStreamReader failed", "incomplete metadata"))
+
+
+def _weight_files(path: str | os.PathLike) -> str:
+    files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin"))
+    return ", ".join(f"{f.name} {f.stat().st_size:,} bytes" for f in files) or "no weights file"
 
 
 def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -360,7 +379,13 @@ def check_model_path(path: str | os.PathLike) -> None:
     "/abs/x" cannot) is named plainly; a hub id is left to transformers (the hub, or its cache offline)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if Path(path).exists():
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise ValueError(f"model folder {str(p)!r} has no config.json: not a checkpoint folder (a run's final/ or "
+                             f"checkpoint-N/ holds one; its files: {sorted(f.name for f in p.iterdir())[:8]})")
+        return
+    if p.exists():
         return
     try:
         validate_repo_id(str(path))

@@ -58,6 +58,69 @@ def checkpoints(output_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
 STATE = "trainer_state.json"
 
 
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (typically a full disk): the message says how much space one takes."""
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def free_space_line(output_dir: str | os.PathLike, need: int) -> str:
+    import shutil
+
+    free = shutil.disk_usage(output_dir).free
+    size = f"a checkpoint takes about {need / 2**20:,.0f} MiB (the last one's size)" if need else \
+        "the first checkpoint's size is not known yet"
+    return (f"{free / 2**20:,.0f} MiB free in {output_dir}, {size}: free space, lower trl.save_total_limit, or "
+            "set another trl.output_dir; resume: auto continues from the last complete checkpoint")
+
+
+def check_checkpoint_space(output_dir: str | os.PathLike, margin: float = 1.1) -> int:
+    """Before a checkpoint is written: the bytes the latest complete one takes (0 when there is none), and a
+    CheckpointSaveError when less than `margin` times that is free, before anything is written."""
+    import shutil
+
+    complete, _ = checkpoints(output_dir)
+    need = folder_bytes(complete[-1]) if complete else 0
+    if need and shutil.disk_usage(output_dir).free < margin * need:
+        raise CheckpointSaveError(f"not enough space for the next checkpoint: {free_space_line(output_dir, need)}")
+    return need
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why a checkpoint marked complete cannot be resumed from (its trainer state unreadable or without its step),
+    or None when it can."""
+    path = Path(folder) / STATE
+    if not path.is_file():
+        return f"it has no {STATE}"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        int(state["global_step"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        return f"its {STATE} cannot be read ({type(err).__name__}: {err})"
+    return None
+
+
+def resumable_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The latest complete checkpoint that can be resumed from; each later complete one that cannot is named in a
+    warning with the one used instead. None: there is no complete checkpoint. All of them broken: an error naming
+    each (starting over would overwrite them)."""
+    complete, _ = checkpoints(output_dir)
+    broken = []
+    for folder in reversed(complete):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            for bad, why in broken:
+                logger.warning("%s is marked complete but %s: resuming from %s instead", bad, why, folder)
+            return folder
+        broken.append((folder, problem))
+    if broken:
+        raise ValueError("no checkpoint can be resumed from: " + "; ".join(f"{f}: {why}" for f, why in broken)
+                         + ". Restore one, or set resume: false to train from the start (they are overwritten)")
+    return None
+
+
 def run_history(folder: str | os.PathLike) -> tuple[list[dict], Path]:
     """The log history of a training run, and the file it was read from.
 

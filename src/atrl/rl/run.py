@@ -16,13 +16,13 @@ logger = logging.getLogger("atrl")
 
 
 def resolve_resume(recipe: Recipe, output_dir: str) -> str | None:
-    from .checkpoints import checkpoint_step, checkpoints
+    from .checkpoints import checkpoint_step, checkpoints, resumable_checkpoint
 
     if recipe.resume in (False, None, "false", "no"):
         return None
     if recipe.resume == "auto":
-        complete, incomplete = checkpoints(output_dir)
-        latest_complete = complete[-1] if complete else None
+        _, incomplete = checkpoints(output_dir)
+        latest_complete = resumable_checkpoint(output_dir)
         for folder in incomplete:
             if latest_complete is None or checkpoint_step(folder) > checkpoint_step(latest_complete):
                 logger.warning("ignoring %s: it was not finished (no completion marker); resuming from %s",
@@ -134,12 +134,15 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
     try:
         trainer.train(resume_from_checkpoint=resume)
     except Exception as err:  # e.g. a reward function's bug at step 57: its traceback, the step, where to resume
-        from .checkpoints import checkpoints
+        from .checkpoints import resumable_checkpoint
 
-        complete, _ = checkpoints(out)
-        where = (f"`resume: auto` continues from {complete[-1]}" if complete else "no complete checkpoint yet")
+        try:
+            latest = resumable_checkpoint(out)
+        except ValueError:
+            latest = None
+        where = f"`resume: auto` continues from {latest}" if latest else "no complete checkpoint yet"
         raise TrainingStopped(f"training stopped at step {trainer.state.global_step} by {type(err).__name__}: "
-                              f"{err} ({where}; the cause's traceback is above)") from err
+                              f"{err} ({where})") from err
     finally:
         stopper.restore()  # a run that raised never reached on_train_end
     if stopper.stopped_at is not None:  # checkpoint-N holds the run; final/ is for a finished one

@@ -35,7 +35,7 @@ from trl import GRPOTrainer
 from ..models.masking import mask_image_patches
 from ..probe import ConnectivityParts, ConnectivityProbe, ProbeError
 from ..probe.dependency import blank_image_kl, perception_kl, sampled_token_dependency
-from .checkpoints import mark_checkpoint_complete
+from .checkpoints import CheckpointSaveError, check_checkpoint_space, free_space_line, mark_checkpoint_complete
 from .config import AnchorConfig
 from .handoff import CreditInFlight
 from .health import StallWatch
@@ -630,12 +630,40 @@ class ATRLTrainer(GRPOTrainer):
         del restored
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        folder = f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}"
+        need = self._checked_space(self._get_output_dir(trial=trial))
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as err:  # a full disk shows as either (torch's zip writer: RuntimeError)
+            if not self.args.should_save or not Path(folder).exists():
+                raise
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)  # half written: it has no completion marker; free its space
+            raise CheckpointSaveError(
+                f"saving {folder} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                f"the half-written folder is removed. {free_space_line(Path(folder).parent, need)}") from err
         if self.args.should_save:
-            folder = f"{self._get_output_dir(trial=trial)}/checkpoint-{self.state.global_step}"
             if self.recipe_yaml is not None:  # the checkpoint's own recipe: what resume: auto compares with
                 Path(folder, "recipe.yaml").write_text(self.recipe_yaml)
             mark_checkpoint_complete(folder, step=self.state.global_step)
+
+    def _checked_space(self, output_dir: str) -> int:
+        """`check_checkpoint_space` on the saving process, its verdict shared with every process (a rank that went
+        on into a collective save alone would wait for the others forever)."""
+        problem, need = None, 0
+        if self.args.should_save:
+            try:
+                need = check_checkpoint_space(output_dir)
+            except CheckpointSaveError as err:
+                problem = err
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([0.0 if problem is None else 1.0], device=self.accelerator.device)
+            if float(self.accelerator.reduce(flag, reduction="sum")) > 0 and problem is None:
+                problem = CheckpointSaveError("the saving process found too little space for the next checkpoint")
+        if problem is not None:
+            raise problem
+        return need
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         metrics = self._metrics["train" if self.model.training else "eval"]
