@@ -206,3 +206,50 @@ def test_a_checkpoint_is_not_started_without_room_and_a_failed_save_leaves_no_ha
         trainer.train()
     assert not (out / "checkpoint-4").exists()
     assert [p.name for p in checkpoints(out)[0]] == ["checkpoint-2"]  # what was there is kept
+
+
+def test_answer_extraction_is_linear_in_the_length_of_adversarial_output():
+    """Thousands of unclosed or nested \\boxed{: the last balanced one is found in one pass. The bound asserted is
+    loose on purpose (a quadratic scan of this input takes minutes); the property is checked exactly below."""
+    import time
+
+    from atrl.rl.rewards import _last_boxed, extract_answer
+
+    for text in ("\\boxed{" * 20000 + "x", ("\\boxed{{" * 5000 + "}") * 4, "\\boxed{a}" + "\\boxed{" * 20000):
+        t0 = time.perf_counter()
+        extract_answer(text)
+        assert time.perf_counter() - t0 < 5.0
+    # the same answers as the definition: the last \boxed whose braces close, an unbalanced later one passed over
+    assert _last_boxed("a \\boxed{1} b \\boxed{2") == "1"
+    assert _last_boxed("\\boxed{\\frac{1}{2}} and \\boxed{3}") == "3"
+    assert _last_boxed("\\boxed{a}\\boxed{") == "a" and _last_boxed("no box") is None
+    assert _last_boxed("x \\boxed 5 {7}") == "7"  # the first brace after \boxed, as before
+
+
+@pytest.mark.parametrize("pred, gold, kind, precision, right", [
+    ("There are 12 apples", "12", "integer", None, True),       # a number among words
+    ("So the total is 12", "12", "integer", None, True),        # the end of an untagged sentence
+    ("3 or 4", "4", "integer", None, False),                    # two numbers: not an answer
+    ("2\\sqrt{3}", "3.46", "float", 2.0, True),                 # an exact expression at the gold's precision
+    ("3\\pi/2", "4.71", "float", 2.0, True),
+    ("2\\sqrt{3}", "3.47", "float", 2.0, False),
+    ("\\sqrt{4}", "2", "integer", None, True),                  # as before
+])
+def test_numeric_answers_among_words_and_as_exact_expressions(pred, gold, kind, precision, right):
+    from atrl.rl.rewards import is_equivalent
+
+    assert is_equivalent(pred, gold, kind, precision=precision) is right
+
+
+def test_the_reward_reads_mathvistas_own_columns_and_math_verify_warnings_go_to_the_log(caplog):
+    import logging
+
+    from atrl.rl.rewards import accuracy_reward
+
+    right = accuracy_reward([None, None], ["<answer>(B)</answer>", "<answer>5</answer>"], answer=["5", "5"],
+                            answer_type=["text", "text"], choices=[["3", "5", "7"]] * 2,
+                            question_type=["multi_choice", "multi_choice"])
+    assert right == [1.0, 1.0]
+    with caplog.at_level("WARNING", logger="atrl"):
+        logging.getLogger("math_verify.grader").warning("Timeout during comparison")
+    assert "math-verify: Timeout during comparison (that answer is judged wrong)" in caplog.text

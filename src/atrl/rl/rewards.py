@@ -27,6 +27,7 @@ killed when it runs past the bound.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import signal
@@ -37,6 +38,21 @@ from typing import Any, Callable, Sequence
 
 from .._workers import exit_with_parent, stop_signals_blocked
 from ..data.answers import ANSWER_TYPES
+
+
+class _ToAtrlLog(logging.Handler):
+    """math-verify's warnings ("Timeout during comparison") go to atrl's log, said as what they mean for the reward,
+    not to the terminal through Python's last-resort handler."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("atrl").log(record.levelno, "math-verify: %s (that answer is judged wrong)",
+                                      record.getMessage())
+
+
+_MATH_VERIFY_LOG = logging.getLogger("math_verify")
+if not any(isinstance(h, _ToAtrlLog) for h in _MATH_VERIFY_LOG.handlers):
+    _MATH_VERIFY_LOG.addHandler(_ToAtrlLog())
+    _MATH_VERIFY_LOG.propagate = False
 MAX_ANSWER_CHARS = 2000  # longer extracted answers are judged wrong without parsing
 MATH_TIMEOUT_S = 2
 
@@ -49,20 +65,30 @@ _ANSWER_PHRASE = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|answer\s*[:：])
 
 
 def _last_boxed(text: str) -> str | None:
-    start = text.rfind("\\boxed")
-    while start != -1:
-        i = text.find("{", start)
-        if i == -1:
+    """The content of the last `\\boxed{...}` whose braces close (an unbalanced later one is passed over for an
+    earlier one), in one pass over the text: linear in its length whatever the nesting (a model's output may
+    hold thousands of unclosed `\\boxed{`)."""
+    starts = [m.start() for m in re.finditer(r"\\boxed", text)]
+    if not starts:
+        return None
+    closes: dict[int, int] = {}  # opening brace -> its closing brace
+    stack: list[int] = []
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            closes[stack.pop()] = m.start()
+    braces = [m.start() for m in re.finditer(r"\{", text)]
+    openers, k = [], 0
+    for s in starts:  # the first "{" at or after each \boxed (two pointers: both lists are sorted)
+        while k < len(braces) and braces[k] < s:
+            k += 1
+        openers.append(braces[k] if k < len(braces) else None)
+    for opener in reversed(openers):
+        if opener is None:
             return None
-        depth = 0
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1:j]
-        start = text.rfind("\\boxed", 0, start)  # unbalanced: try an earlier one
+        if opener in closes:
+            return text[opener + 1:closes[opener]]
     return None
 
 
@@ -149,6 +175,13 @@ def parse_number(text: str) -> tuple[float, bool] | None:
     return value, "%" in rest or "\\%" in rest
 
 
+def sole_number(text: str) -> str | None:
+    """The one number a phrase states among words ("There are 12 apples", "so the total is 12"), or None where it
+    states none or several ("3 or 4" is not an answer)."""
+    found = _NUMBER.findall(text.replace("−", "-"))
+    return found[0] if len(found) == 1 else None
+
+
 def numbers_equal(pred: str, gold: str, precision: float | int | None = None, rel_tol: float = 1e-6) -> bool:
     """Numeric equality; `precision` = decimal places both sides are rounded to (MathVista's rule)."""
     p, g = parse_number(pred), parse_number(gold)
@@ -221,20 +254,48 @@ def _reset_math_pool() -> None:
             _MATH_POOL = None
 
 
-def math_equal(pred: str, gold: str, timeout: int = MATH_TIMEOUT_S) -> bool:
-    """Symbolic equality through math-verify, returning within about 2 x `timeout` seconds (False on timeout)."""
-    if len(pred) > MAX_ANSWER_CHARS:
-        return False
+def _bounded(fn: Callable, *args, timeout: int = MATH_TIMEOUT_S, default: Any = False):
+    """`fn(*args, timeout)` within about 2 x `timeout` seconds: inline under SIGALRM in the main thread, else in a
+    worker process that is killed past the limit (`default` then)."""
     in_main = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM")
     if in_main:
-        return _math_verify_inline(pred, gold, timeout)
+        return fn(*args, timeout)
     with stop_signals_blocked():  # the worker this may start ignores stop signals before one can kill it
-        future = _math_pool().submit(_math_verify_inline, pred, gold, timeout)
+        future = _math_pool().submit(fn, *args, timeout)
     try:
         return future.result(timeout=2 * timeout + 30)  # +30 s: a cold worker imports sympy first
     except FutureTimeout:
         _reset_math_pool()
+        return default
+
+
+def math_equal(pred: str, gold: str, timeout: int = MATH_TIMEOUT_S) -> bool:
+    """Symbolic equality through math-verify, returning within about 2 x `timeout` seconds (False on timeout)."""
+    if len(pred) > MAX_ANSWER_CHARS:
         return False
+    return _bounded(_math_verify_inline, pred, gold, timeout=timeout, default=False)
+
+
+def _math_value_inline(pred: str, timeout: int) -> float | None:
+    from math_verify import parse
+
+    parsed = parse(_as_latex(pred), parsing_timeout=timeout)
+    for item in parsed or []:
+        try:
+            value = complex(item.evalf()) if hasattr(item, "evalf") else None
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if value is not None and value.imag == 0 and math.isfinite(value.real):
+            return value.real
+    return None
+
+
+def math_value(pred: str, timeout: int = MATH_TIMEOUT_S) -> float | None:
+    """The number an expression stands for ("2\\sqrt{3}", "3\\pi/2"), through math-verify, within about 2 x
+    `timeout` seconds; None where it is no number."""
+    if len(pred) > MAX_ANSWER_CHARS:
+        return None
+    return _bounded(_math_value_inline, pred, timeout=timeout, default=None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,8 +344,17 @@ def is_equivalent(pred: str | None, gold: str, answer_type: str = "text", *, cho
     if answer_type in ("integer", "float", "number"):
         if numbers_equal(pred, gold, precision):
             return True
-        # an expression such as \sqrt{4} or 2^3 still counts when it equals the number
-        return parse_number(pred) is None and math_equal(pred, gold)
+        if parse_number(pred) is not None:
+            return False
+        sole = sole_number(pred)  # a number among words
+        if sole is not None and re.search(r"[a-zA-Z]{2,}", pred) and not re.search(r"\\[a-zA-Z]", pred):
+            return numbers_equal(sole, gold, precision)
+        # an expression such as \sqrt{4}, 2^3 or 2\sqrt{3} still counts when it equals the number, at the
+        # answer's precision where it has one
+        if precision is not None and not (isinstance(precision, float) and math.isnan(precision)):
+            value = math_value(pred)
+            return value is not None and numbers_equal(repr(value), gold, precision)
+        return math_equal(pred, gold)
     if answer_type in ("choice", "multi_choice"):
         if not choices:
             return normalise_text(pred) == normalise_text(gold)
@@ -316,6 +386,9 @@ def accuracy_reward(prompts: list, completions: list, **columns) -> list[float]:
     n = len(completions)
     answers = _column(columns, "answer", n)
     types = _column(columns, "answer_type", n, "text")
+    # MathVista's own columns: a multiple-choice question's answer_type is "text", its question_type says choice
+    qtypes = _column(columns, "question_type", n)
+    types = ["choice" if q == "multi_choice" else t for t, q in zip(types, qtypes)]
     choices = _column(columns, "choices", n)
     precision = _column(columns, "precision", n)
     out = []
