@@ -253,3 +253,49 @@ def test_the_reward_reads_mathvistas_own_columns_and_math_verify_warnings_go_to_
     with caplog.at_level("WARNING", logger="atrl"):
         logging.getLogger("math_verify.grader").warning("Timeout during comparison")
     assert "math-verify: Timeout during comparison (that answer is judged wrong)" in caplog.text
+
+
+def _jsonl(tmp_path, rows, name="d.jsonl"):
+    from PIL import Image
+
+    Image.new("RGB", (300, 300), "white").save(tmp_path / "a.png")
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_huge_image_is_a_bad_row_named_before_it_is_decoded(tmp_path):
+    path = _jsonl(tmp_path, [{"question": "q", "answer": "1", "image": "a.png"}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: image .*a.png is 300 x 300 = 90,000 pixels, over "
+                                        r"data.max_image_pixels=50,000"):
+        load_samples(path, max_image_pixels=50_000)
+    samples, report = load_samples(path, max_image_pixels=50_000, on_error="skip")
+    assert samples == [] and report.skipped == {"max_image_pixels": 1}
+    assert load_samples(path)[1].kept == 1  # the default bound (50 megapixels) keeps it
+
+
+def test_duplicates_and_skipped_rows_are_said_where_they_are(tmp_path, caplog):
+    row = {"question": "q", "answer": "1", "image": "a.png"}
+    path = _jsonl(tmp_path, [row, {"question": "q2", "answer": "", "image": "a.png"}, row,
+                             {"question": "q3", "image": "a.png"}])
+    with caplog.at_level("WARNING", logger="atrl"):
+        samples, report = load_samples(path, on_error="skip")
+    assert len(samples) == 2 and report.duplicates == [(f"{path}:3", f"{path}:1")]
+    text = str(report)
+    assert "skipped 2 (no answer: 2); skipped rows: no answer at " + f"{path}:2, {path}:4" in text
+    assert f"1 kept rows repeat an earlier one (question, answer and images), e.g. {path}:3 repeats {path}:1" in text
+    assert "1 rows repeat an earlier one" in caplog.text and "they are kept" in caplog.text
+
+
+def test_a_prompt_past_the_models_positions_is_refused_when_max_prompt_length_is_unset(tmp_path, capsys,
+                                                                                     tiny_models):
+    from atrl.models.zoo import save_model
+
+    model, processor = tiny_models["qwen2_5_vl"]
+    ckpt = save_model(model, processor, tmp_path / "short")
+    config = json.loads((ckpt / "config.json").read_text())
+    config.setdefault("text_config", {})["max_position_embeddings"] = 64
+    (ckpt / "config.json").write_text(json.dumps(config))
+    path = _jsonl(tmp_path, [{"question": "what colour? " * 40, "answer": "red", "image": "a.png"}])
+    err = _error(capsys, ["train", "--dry-run", "--model.path", str(ckpt), "--data.train", str(path)])
+    assert f"{path}:1: prompt is " in err and "over the model's 64 positions (max_position_embeddings" in err

@@ -81,6 +81,7 @@ def test_resume_refuses_to_continue_a_run_of_another_recipe(tmp_path, capsys, ca
     out = tmp_path / "run"
     first = load_recipe(None, ["--trl.output_dir", str(out)])
     (out / "checkpoint-10").mkdir(parents=True)
+    (out / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 10, "log_history": []}')
     mark_checkpoint_complete(out / "checkpoint-10", 10)
     (out / "recipe.yaml").write_text(recipe_text(first))
     before = (out / "recipe.yaml").read_text()

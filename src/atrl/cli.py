@@ -561,8 +561,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"atrl {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except TrainingStopped as err:  # a full disk, an unreadable file mid-run: one line; a bug: its traceback
-        if args.debug or not isinstance(err.__cause__, (ValueError, OSError)):
+    except TrainingStopped as err:  # a checkpoint that cannot be written: one line; a bug: its traceback
+        from .rl.checkpoints import CheckpointSaveError
+
+        if args.debug or not isinstance(err.__cause__, CheckpointSaveError):
             raise
         print(f"atrl {args.command}: error: {err} (--debug prints the traceback)", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ from .answers import ANSWER_TYPES
 from .synthetic import RESPONSE_INSTRUCTION
 
 FORMATS = ("mathvista", "geometry3k", "jsonl")
+
+
+logger = logging.getLogger("atrl")
 
 
 class DataError(ValueError):
@@ -103,10 +107,32 @@ class LoadReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)  # the first skipped rows' messages
+    first_rows: dict[str, list[str]] = field(default_factory=dict)  # reason -> where its first skipped rows are
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (row, the earlier row it repeats)
+
+    def skip(self, reason: str, message: str) -> None:
+        """Count a skipped row under `reason`, keeping where the first few are."""
+        self.skipped[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(message)
+        rows = self.first_rows.setdefault(reason, [])
+        if len(rows) < 3:
+            rows.append(message.split(": ", 1)[0])
 
     def __str__(self) -> str:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"{self.path}: kept {self.kept} rows, skipped {sum(self.skipped.values())} ({reasons})"
+        def reason(k: str) -> str:
+            rows = self.first_rows[k]
+            return f"{k} at {', '.join(rows)}" + (", ..." if self.skipped[k] > len(rows) else "")
+
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        line = f"{self.path}: kept {self.kept} rows, skipped {sum(self.skipped.values())} ({counts})"
+        if self.first_rows:
+            line += "; skipped rows: " + "; ".join(reason(k) for k in sorted(self.skipped) if k in self.first_rows)
+        if self.duplicates:
+            row, earlier = self.duplicates[0]
+            line += (f"; {len(self.duplicates)} kept rows repeat an earlier one (question, answer and images), e.g. "
+                     f"{row} repeats {earlier}")
+        return line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,14 +347,18 @@ _ROW_READERS = {"mathvista": _mathvista_row, "geometry3k": _geometry_row, "jsonl
 def _reason(err: DataError) -> str:
     msg = str(err)
     for key in ("no answer", "answer_type", "does not exist", "cannot be read", "no image", "no question",
-                "placeholders"):
+                "placeholders", "max_image_pixels"):
         if key in msg:
             return key
     return "other"
 
 
+MAX_IMAGE_PIXELS = 50_000_000  # an image over this is a bad row (decoding it costs seconds and ~150 MB per copy)
+
+
 def load_samples(path: str | Path, format: str = "auto", *, image_root: str | Path | None = None,
-                 on_error: str = "raise", verify_images: bool = True) -> tuple[list[Sample], LoadReport]:
+                 on_error: str = "raise", verify_images: bool = True,
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[list[Sample], LoadReport]:
     """Read a data-set file into `Sample`s.
 
     Args:
@@ -338,6 +368,8 @@ def load_samples(path: str | Path, format: str = "auto", *, image_root: str | Pa
         image_root: folder relative image paths are resolved against (default: the file's folder).
         on_error: "raise" (a DataError naming file and row) or "skip" (count the row in the report).
         verify_images: open every image once now, so corrupt files are found before training.
+        max_image_pixels: an image with more pixels (read from its header, before decoding) is a bad row
+            (None: no bound).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: use 'raise' or 'skip'")
@@ -367,28 +399,55 @@ def load_samples(path: str | Path, format: str = "auto", *, image_root: str | Pa
                 raise
             read.append(err)
     if verify_images:  # decoding runs outside the GIL: threads open the images side by side (ViRL39K: 39k rows)
-        read = _in_threads(_verified, read)
+        read = _in_threads(lambda item: _verified(item, max_image_pixels), read)
     samples = []
     for item in read:  # in file order: the first bad row is the one raised
         if isinstance(item, DataError):
             if on_error == "raise":
                 raise item
-            report.skipped[_reason(item)] += 1
-            if len(report.examples) < 5:
-                report.examples.append(str(item))
+            report.skip(_reason(item), str(item))
             continue
         samples.append(item)
     report.kept = len(samples)
+    report.duplicates = _duplicates(samples)
+    if report.duplicates:
+        row, earlier = report.duplicates[0]
+        logger.warning("%s: %d rows repeat an earlier one (question, answer and images), e.g. %s repeats %s; they "
+                       "are kept (a data set's own duplicates weigh those questions more)", path,
+                       len(report.duplicates), row, earlier)
     return samples, report
 
 
-def _verified(item: Sample | DataError) -> Sample | DataError:
+def _duplicates(samples: list[Sample]) -> list[tuple[str, str]]:
+    """(row, the earlier row) for each sample whose question, answer and images repeat an earlier one's."""
+    import hashlib
+
+    first: dict[tuple, str] = {}
+    out = []
+    for s in samples:
+        images = tuple(r.path if r.data is None else hashlib.sha1(r.data).hexdigest() for r in s.images)
+        key = (s.question, s.answer, images)
+        if key in first:
+            out.append((s.source, first[key]))
+        else:
+            first[key] = s.source
+    return out
+
+
+def _verified(item: Sample | DataError, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Sample | DataError:
     if isinstance(item, DataError):
         return item
     try:
+        if max_pixels is not None:
+            for ref in item.images:  # from the header, before a huge image is decoded
+                w, h = ref.size()
+                if w * h > max_pixels:
+                    raise DataError(f"{item.source}: image {ref.path or '<embedded bytes>'} is {w} x {h} = "
+                                    f"{w * h:,} pixels, over data.max_image_pixels={max_pixels:,} (raise it, or "
+                                    "downscale the file: the processor resizes it to max_pixels anyway)")
         item.load_images()
     except DataError as err:
-        return err
+        return err if str(err).startswith(item.source) else DataError(f"{item.source}: {err}")
     return item
 
 
@@ -472,7 +531,7 @@ def _header_only_counter(processor):
 
 
 def check_prompt_lengths(samples: Iterable[Sample], processor, max_prompt_length: int, *, on_error: str = "raise",
-                         report: LoadReport | None = None) -> list[Sample]:
+                         report: LoadReport | None = None, limit_name: str | None = None) -> list[Sample]:
     """Keep samples whose processed prompt (text + image tokens) fits `max_prompt_length` tokens.
 
     A prompt over the limit would be truncated from the left by the trainer, cutting image tokens, so it is an
@@ -492,21 +551,18 @@ def check_prompt_lengths(samples: Iterable[Sample], processor, max_prompt_length
             if on_error == "raise":
                 raise refused
             if report is not None:
-                report.skipped["other"] += 1
+                report.skip("other", str(refused))
                 report.kept -= 1
-                if len(report.examples) < 5:
-                    report.examples.append(str(refused))
             continue
         if n > max_prompt_length:
-            msg = (f"{s.source}: prompt is {n} tokens with its image tokens, over max_prompt_length="
-                   f"{max_prompt_length}; truncation would cut image tokens (raise the limit or shrink the image)")
+            limit = limit_name or f"max_prompt_length={max_prompt_length}"
+            msg = (f"{s.source}: prompt is {n} tokens with its image tokens, over {limit}; truncation would cut "
+                   "image tokens (raise the limit or shrink the image)")
             if on_error == "raise":
                 raise DataError(msg)
             if report is not None:
-                report.skipped["prompt too long"] += 1
+                report.skip("prompt too long", msg)
                 report.kept -= 1
-                if len(report.examples) < 5:
-                    report.examples.append(msg)
             continue
         kept.append(s)
     return kept

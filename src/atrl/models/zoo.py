@@ -374,14 +374,14 @@ def set_pixel_range(processor: ProcessorMixin, min_pixels: int | None, max_pixel
             setattr(image_processor, name, value)
 
 
-def check_model_path(path: str | os.PathLike) -> None:
+def check_model_path(path: str | os.PathLike, *, weights: bool = True) -> None:
     """A missing folder that cannot be a hub id ("Qwen/Qwen2.5-VL-3B-Instruct" can; "runs/demo/final", "./x" or
     "/abs/x" cannot) is named plainly; a hub id is left to transformers (the hub, or its cache offline)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     p = Path(path)
     if p.is_dir():
-        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        if weights and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise ValueError(f"model folder {str(p)!r} has no config.json: not a checkpoint folder (a run's final/ or "
                              f"checkpoint-N/ holds one; its files: {sorted(f.name for f in p.iterdir())[:8]})")
         return
@@ -395,7 +395,7 @@ def check_model_path(path: str | os.PathLike) -> None:
 
 def load_processor(path: str | os.PathLike) -> ProcessorMixin:
     """Load a processor; the image-only Qwen processors saved by this project load without torchvision."""
-    check_model_path(path)
+    check_model_path(path, weights=False)
     config_file = Path(path) / "processor_config.json"
     if config_file.is_file():
         name = json.loads(config_file.read_text()).get("processor_class")

@@ -120,11 +120,25 @@ def _data_files(recipe: Recipe) -> list[str]:
 
 
 def _data_processor(recipe: Recipe):
-    """The model's processor where the data need it (data files with data.max_prompt_length: the prompt-length
-    check counts image tokens), else None. Loads no weights."""
+    """The model's processor where the data need it before they are read (data files with
+    data.max_prompt_length: the prompt-length check counts image tokens), else None. Loads no weights. (Without
+    data.max_prompt_length, `build_dataset` loads it after the rows are read, for the check against the model's
+    positions.)"""
     if recipe.data.max_prompt_length is None or not _data_files(recipe):
         return None
     return _processor(recipe)
+
+
+def _prompt_limit(recipe: Recipe) -> tuple[int | None, str | None]:
+    """The prompt length a data file's rows must fit, and its name: data.max_prompt_length, else the model's
+    positions (a prompt past them trains on positions the model never had)."""
+    if recipe.data.max_prompt_length is not None:
+        return recipe.data.max_prompt_length, None
+    positions = getattr(_model_config(recipe).get_text_config(), "max_position_embeddings", None)
+    if positions is None:
+        return None, None
+    return int(positions), f"the model's {int(positions):,} positions (max_position_embeddings; data.max_prompt_length " \
+        "is unset)"
 
 
 def _processor(recipe: Recipe):
@@ -252,10 +266,12 @@ def _summary(recipe: Recipe, args, rewards: list, data: dict, peft_config, confi
             continue
         source = getattr(recipe.data, split)
         lines.append(f"data.{split}: {source}, {len(dataset)} rows" + (f"; {report}" if report else ""))
-    if recipe.data.max_prompt_length is None:
-        lines.append("prompt lengths: not checked (data.max_prompt_length is not set)")
-    elif not files:
-        lines.append("prompt lengths: not checked (data.max_prompt_length applies to data files; these are synthetic)")
+    if not files:
+        lines.append("prompt lengths: not checked (the check applies to data files; these are synthetic)")
+    elif recipe.data.max_prompt_length is None:
+        limit, name = _prompt_limit(recipe)
+        lines.append(f"prompt lengths: {' and '.join(files)} checked against {name}" if limit is not None else
+                     "prompt lengths: not checked (data.max_prompt_length is not set, nor the model's positions)")
     else:
         lines.append(f"prompt lengths: {' and '.join(files)} checked, kept rows fit {recipe.data.max_prompt_length} "
                      "tokens with their image tokens")
@@ -321,9 +337,13 @@ def build_dataset(recipe: Recipe, processor, split: str = "train"):
         return None, None
     if source == "synthetic":
         return to_hf_dataset(generate(n, seed=seed, families=d.families, knobs=d.synthetic_knobs())), None
-    samples, report = load_samples(source, d.format, image_root=d.image_root, on_error=d.on_error)
-    if d.max_prompt_length is not None:
-        samples = check_prompt_lengths(samples, processor, d.max_prompt_length, on_error=d.on_error, report=report)
+    samples, report = load_samples(source, d.format, image_root=d.image_root, on_error=d.on_error,
+                                   max_image_pixels=d.max_image_pixels)
+    limit, name = _prompt_limit(recipe)
+    if limit is not None:
+        processor = processor if processor is not None else _processor(recipe)
+        samples = check_prompt_lengths(samples, processor, limit, on_error=d.on_error, report=report,
+                                       limit_name=name)
     if not samples:
         raise ValueError(f"data.{split}={source!r}: no usable rows ({report})")
     return to_trl_dataset(samples), report

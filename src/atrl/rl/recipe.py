@@ -108,7 +108,9 @@ class DataSection:
     n, seed, families, knobs: synthetic data size, seed, task families (null: all five) and per-family difficulty
     knobs ({family: {knob: value}}, see atrl.data.synthetic); the defaults are the embedded default's colour-tile
     task. on_error: raise | skip (bad rows).
-    max_prompt_length: rows whose prompt with image tokens is longer are an error (or skipped).
+    max_prompt_length: rows whose prompt with image tokens is longer are an error (or skipped). Unset, a data
+    file's prompts are checked against the model's positions (max_position_embeddings) all the same.
+    max_image_pixels: an image with more pixels (read from the file's header) is a bad row (null: no bound).
     eval: held-out data scored during training (TRL's evaluation: rewards of sampled completions, logged as
     `eval_reward`, `eval_rewards/<func>/mean`): null (none), "synthetic" (eval_n tasks of the training mix drawn
     with eval_seed, default seed + 10,000, which training never uses) or a data file read like `train`. With an
@@ -124,6 +126,7 @@ class DataSection:
     image_root: str | None = None
     on_error: str = "raise"
     max_prompt_length: int | None = None
+    max_image_pixels: int | None = 50_000_000
     eval: str | None = None
     eval_n: int = 64
     eval_seed: int | None = None
