@@ -299,3 +299,28 @@ def test_a_prompt_past_the_models_positions_is_refused_when_max_prompt_length_is
     path = _jsonl(tmp_path, [{"question": "what colour? " * 40, "answer": "red", "image": "a.png"}])
     err = _error(capsys, ["train", "--dry-run", "--model.path", str(ckpt), "--data.train", str(path)])
     assert f"{path}:1: prompt is " in err and "over the model's 64 positions (max_position_embeddings" in err
+
+
+def test_the_dry_run_says_what_a_checkpoint_takes_and_refuses_a_disk_without_room(tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from atrl.rl.build import checkpoint_bytes
+    from atrl.rl.recipe import load_recipe
+
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--dry-run", "--trl.output_dir", str(out)]) == 0
+    assert "checkpoints: about 0.01 GiB each (weights and optimizer states" in capsys.readouterr().out
+    from atrl.rl.build import _model_config
+
+    from atrl.models.default import default_base_model
+    from atrl.models.zoo import load_model
+
+    config = _model_config(load_recipe(None))  # the embedded default base
+    params = sum(p.numel() for p in load_model(default_base_model())[0].parameters())
+    assert checkpoint_bytes(config, "float32") == params * 4 * 3  # weights + AdamW's two states
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    err = _error(capsys, ["train", "--dry-run", "--trl.output_dir", str(out)])
+    assert f"trl.output_dir {out}: 0.00 GiB free, a checkpoint takes about 0.01 GiB" in err

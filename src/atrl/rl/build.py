@@ -242,8 +242,43 @@ def check_recipe(recipe: Recipe) -> list[str]:
     and resolves where connectivity is measured and which decoder layers are probed (from the model's config).
     Raises what `atrl train` would raise; returns a summary."""
     args, rewards, data, peft_config = _run_inputs(recipe)
-    return _summary(recipe, args, rewards, data, peft_config, _model_config(recipe), _processor(recipe),
-                    weights="not loaded")
+    config = _model_config(recipe)
+    lines = _summary(recipe, args, rewards, data, peft_config, config, _processor(recipe), weights="not loaded")
+    if args.save_strategy != "no":
+        lines.append(checkpoint_space_line(recipe, config, peft_config, args.output_dir))
+    return lines
+
+
+def checkpoint_bytes(config, dtype: str, trainable_share: float = 1.0) -> int:
+    """A checkpoint's size estimated from the model's config alone: the weights in `dtype` plus AdamW's two states
+    for the trainable share of them (a weightless copy of the model is built to count the parameters)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    params = sum(p.numel() for p in skeleton.parameters())
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return int(params * size * (1 + 2 * trainable_share))
+
+
+def checkpoint_space_line(recipe: Recipe, config, peft_config, output_dir: str) -> str:
+    """The dry run's line on checkpoint space: the estimate against what is free where the run writes; an error
+    where not even one checkpoint fits."""
+    import shutil
+
+    need = checkpoint_bytes(config, recipe.model.dtype, 0.01 if peft_config is not None else 1.0)
+    folder = Path(output_dir)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise ValueError(f"trl.output_dir {output_dir}: {free / 2**30:,.2f} GiB free, a checkpoint takes about "
+                         f"{need / 2**30:,.2f} GiB (weights and optimizer states): free space or write elsewhere")
+    keep = recipe.trl.get("save_total_limit")
+    return (f"checkpoints: about {need / 2**30:,.2f} GiB each (weights and optimizer states, estimated from the "
+            f"config), {free / 2**30:,.1f} GiB free in {folder}" + (f"; trl.save_total_limit keeps {keep}"
+                                                                      if keep else ""))
 
 
 def _summary(recipe: Recipe, args, rewards: list, data: dict, peft_config, config, processor,
