@@ -267,3 +267,15 @@ def test_sync_sites_count_torch_sync_warnings_and_pass_others_on(monkeypatch):
     assert modes == ["warn", "default"] and warnings.showwarning is before and shown == ["unrelated"]
     (site, count), = sites.counts.items()
     assert count == 2 and site[0].startswith("test_benchmarks.py:") and site[1] == "-"
+
+
+def test_bench_credit_times_several_lengths_and_shows_the_growth(capsys):
+    from atrl.cli import main
+
+    assert main(["bench", "credit", "--tokens", "64", "128", "--responses", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 responses x 64 tokens" in out and "2 responses x 128 tokens" in out
+    growth = out[out.index("ms per 1,024 tokens"):].splitlines()
+    assert growth[1] == "| partition | 64 tokens | 128 tokens |"
+    rows = [r for r in growth[3:] if r.startswith("| ")]
+    assert len(rows) == 5 and all(float(c) > 0 for r in rows for c in r.strip("| ").split(" | ")[1:])
