@@ -324,3 +324,24 @@ def test_the_dry_run_says_what_a_checkpoint_takes_and_refuses_a_disk_without_roo
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     err = _error(capsys, ["train", "--dry-run", "--trl.output_dir", str(out)])
     assert f"trl.output_dir {out}: 0.00 GiB free, a checkpoint takes about 0.01 GiB" in err
+
+
+def test_a_finished_run_says_where_a_step_went(tmp_path, capsys):
+    """`atrl train` ends with the step's median time split into generation, credit and the rest, from the meters
+    the run logged (time/generation_s, atrl/time/credit_share, TRL's step_time)."""
+    from atrl.rl.health import step_time_summary
+
+    history = [{"reward": 0.5, "step_time": 2.0, "time/generation_s": 1.5, "atrl/time/credit_share": 0.05},
+               {"reward": 0.6, "step_time": 4.0, "time/generation_s": 3.0, "atrl/time/credit_share": 0.05},
+               {"reward": 0.7, "step_time": 3.0, "time/generation_s": 2.0, "atrl/time/credit_share": 0.10}]
+    line = step_time_summary(history)
+    assert line == ("a step took 3.000 s (median of 3 logged steps): generation 2.000 s (67%), credit 0.150 s (5%), "
+                    "scoring, forward/backward, optimizer 0.850 s (28%)")
+    assert step_time_summary([{"loss": 1.0}]) is None
+    out = tmp_path / "run"
+    assert main(["train", "--trl.output_dir", str(out), "--trl.max_steps", "2", "--data.n", "8",
+                 "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4",
+                 "--trl.max_completion_length", "8", "--trl.report_to", "[]", "--trl.disable_tqdm", "true",
+                 "--trl.save_strategy", "no"]) == 0
+    printed = capsys.readouterr().out
+    assert "a step took" in printed and "generation" in printed and "median of 2 logged steps" in printed

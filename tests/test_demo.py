@@ -25,6 +25,11 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
     assert Image.open(out / "run" / "training_report.png").format == "PNG"
     assert (out / "run" / "anchors" / "step-000000.html").is_file()
     assert "credited tokens marked" in " ".join(printed.split())  # rich may wrap the line
+    # the closing timing line: the demo's parts, and where a training step went
+    assert set(summary["phases_s"]) == {"evaluation before", "training", "evaluation after", "analysis and figures"}
+    assert all(v >= 0 for v in summary["phases_s"].values())
+    joined = " ".join(printed.split())
+    assert "time: evaluation before" in joined and "a step took" in joined and "generation" in joined
 
 
 def test_demo_in_uniform_mode_still_analyses_anchors(tmp_path):

@@ -150,11 +150,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         leave_together()
         return 128 + getattr(signal, trainer.stopped_by_signal)
     if trainer.is_world_process_zero():
-        from .rl.health import run_summary
+        from .rl.health import run_summary, step_time_summary
 
-        summary = run_summary(trainer.state.log_history)
-        if summary:
-            print(summary)
+        for line in (run_summary(trainer.state.log_history), step_time_summary(trainer.state.log_history)):
+            if line:
+                print(line)
         print(f"trained {steps} step{'' if steps == 1 else 's'} (mode {recipe.anchor.mode}) -> {out}/final; "
               f"logs: tensorboard --logdir {out}; report: {out}/training_report.png")
     leave_together()

@@ -65,17 +65,24 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
                            samples=SAMPLES, seed=seed)
         return greedy, sampled
 
+    phases: dict[str, float] = {}  # wall seconds of the demo's parts, for its closing timing line
+    t0 = time.perf_counter()
     model, processor = load_model(base_path)
     before, before_s = accuracies(model)
+    phases["evaluation before"] = time.perf_counter() - t0
     console.print(f"held-out accuracy of the base: {100 * before.accuracy:.1f}% greedy, "
                   f"{100 * before_s.accuracy:.1f}% sampled (temperature {temperature:g}, {SAMPLES} per task)")
     del model
 
     console.print(f"RL: {steps} steps, credit mode {mode} (recipe: {run_dir / 'recipe.yaml'})")
+    t0 = time.perf_counter()
     trainer = run_training(recipe)
+    phases["training"] = time.perf_counter() - t0
     history = trainer.state.log_history
     trained = trainer.accelerator.unwrap_model(trainer.model)
+    t0 = time.perf_counter()
     after, after_s = accuracies(trained)
+    phases["evaluation after"] = time.perf_counter() - t0
 
     table = Table(title=f"held-out accuracy, {n_eval} tasks")
     table.add_column("family")
@@ -100,8 +107,10 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
     credit = trainer.credit_options
     if not recipe.anchor.credit_mode.reads_connectivity:
         credit = dataclasses.replace(credit, mode="atrl")
+    t0 = time.perf_counter()
     analysis = analyze(trained, processor, held_out[:40], credit=credit, sink_debias=recipe.anchor.sink_debias,
                        region_grid=recipe.anchor.region_grid, layers=recipe.anchor.probe_layers)
+    phases["analysis and figures"] = time.perf_counter() - t0
     files = {"training_curves": training_curves(history, out / "training_curves.png"),
              "training_report": run_dir / "training_report.png",  # written by run_training: every logged metric
              **write_analysis_report(analysis, out, html_views=12)}
@@ -116,9 +125,14 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
         "sampling": {"temperature": temperature, "samples_per_task": SAMPLES},
         "by_family_before": before.by_category, "by_family_after": after.by_category,
         "analysis": s, "seconds": round(time.time() - t_start, 1),
+        "phases_s": {k: round(v, 1) for k, v in phases.items()},
         "files": {k: str(v) for k, v in files.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    from .rl.health import step_time_summary
+
+    console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
+                  + (f"; in training, {step_time_summary(history)}" if step_time_summary(history) else ""))
     anchors = run_dir / "anchors"  # written by the trainer in modes that weight tokens
     console.print(f"report: {out} ({summary['seconds']} s); open {files['responses_html']} in a browser; training: "
                   f"{files['training_report']}" + (f" and {anchors}/ (sampled completions, credited tokens marked)"

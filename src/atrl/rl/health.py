@@ -73,6 +73,27 @@ _SUMMARY = (("reward", "reward", "{:.3g}"), ("rewards/accuracy_reward/mean", "ac
             ("atrl/anchor_fraction", "anchor fraction", "{:.2f}"), ("completions/mean_length", "length", "{:.0f}"))
 
 
+def step_time_summary(history: list[dict]) -> str | None:
+    """Where an optimizer step's time went, as medians over the logged training steps: generation (the rollouts),
+    credit (connectivity, partitions and weights: what the training loop spent on them) and the rest (scoring,
+    the forward and backward passes, the optimizer). None when the run logged no step time."""
+    import statistics
+
+    logs = [h for h in history if "step_time" in h and "reward" in h]
+    if not logs:
+        return None
+    step = statistics.median(h["step_time"] for h in logs)
+    generation = statistics.median(h.get("time/generation_s", 0.0) for h in logs)
+    credit = step * statistics.median(h.get("atrl/time/credit_share", 0.0) for h in logs)
+    rest = max(0.0, step - generation - credit)
+
+    def part(name: str, seconds: float) -> str:
+        return f"{name} {seconds:.3f} s ({100 * seconds / step:.0f}%)" if step > 0 else f"{name} {seconds:.3f} s"
+
+    return (f"a step took {step:.3f} s (median of {len(logs)} logged steps): " + ", ".join(
+        [part("generation", generation), part("credit", credit), part("scoring, forward/backward, optimizer", rest)]))
+
+
 def run_summary(history: list[dict], window: int = 10) -> str | None:
     """One line on what training did: each headline metric's mean over the first and the last `window` logged
     training steps (fewer when the run logged fewer than 2 x window), and the credit's share of step time.

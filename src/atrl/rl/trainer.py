@@ -178,6 +178,7 @@ class ATRLTrainer(GRPOTrainer):
         self.papo = self.anchor.papo_options()
         self._papo_capture: list | None = None  # the training forward's (logps, entropies), while PAPO needs them
         self._papo_draws = 0  # masks drawn for PAPO so far (each micro-batch gets its own)
+        self._generation_seconds = 0.0  # rollout time since the last optimizer step (time/generation_s)
         self.capture_site = self.anchor.capture_site(self.args)
         keep_one_input_grad_hook(self.model)
         self.probe: ConnectivityProbe | None = None
@@ -434,7 +435,9 @@ class ATRLTrainer(GRPOTrainer):
         without, after generation (where vLLM wants None). TRL 1.16 hands None to the processor for the training
         forward's inputs, which transformers 5.24's processor refuses ("only a single or a list of entries is
         supported"): a data set with some text-only rows stopped at the first batch that mixed them."""
+        t0 = time.perf_counter()
         *head, images, tool_images = super()._generate(prompts)
+        self._generation_seconds += time.perf_counter() - t0
         if images is not None and any(imgs is None for imgs in images):
             images = [[] if imgs is None else imgs for imgs in images]
         return (*head, images, tool_images)
@@ -594,6 +597,10 @@ class ATRLTrainer(GRPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._step % self.current_gradient_accumulation_steps == 0:  # as TRL's step_time: one per optimizer step
+            # the rollouts' share of the step: generation runs inside the step that needs a new batch
+            self._metrics["train"]["time/generation_s"].append(self._generation_seconds)
+            self._generation_seconds = 0.0
         # Gradients are checked too: under data parallelism one process's NaN reaches every process through the
         # gradient all-reduce while their own losses stay finite, and all must skip the step alike. (Under
         # DeepSpeed ZeRO the gradients live in DeepSpeed's partitions, not in `p.grad`: only the loss is checked.)
