@@ -111,7 +111,7 @@ def test_masked_patches_hold_what_the_processor_makes_of_black():
 def test_entropy_8020_takes_trls_own_top_entropy_quantile_step(tmp_path):
     """TRL's GRPOTrainer with top_entropy_quantile=0.2 and ATRLTrainer in `entropy_8020` mode (TRL's quantile off)
     take the same SGD step from the same rollouts: the same loss, the same gradients."""
-    from test_trainer import _params, _trainer
+    from test_trainer import _trainer, assert_same_step
     from trl import GRPOTrainer
 
     sgd = dict(max_steps=1, optim="sgd", learning_rate=1.0)
@@ -124,10 +124,7 @@ def test_entropy_8020_takes_trls_own_top_entropy_quantile_step(tmp_path):
     lt = [h["loss"] for h in theirs.state.log_history if "loss" in h]
     lo = [h["loss"] for h in ours.state.log_history if "loss" in h]
     assert lt == pytest.approx(lo, abs=1e-7)
-    pt, po, pp = _params(theirs), _params(ours), _params(plain)
-    for k in pt:
-        assert torch.allclose(pt[k], po[k], atol=1e-6, rtol=0), k
-    assert any((pt[k] - pp[k]).abs().max() > 1e-5 for k in pt), "the mask should change the step"
+    assert_same_step(ours, theirs, plain, atol=1e-6, changed=1e-5, what="the 80/20 mask")
     kept = ours.last_credit["result"].weights[ours.last_credit["mask"]]
     assert set(kept.unique().tolist()) <= {0.0, 1.0} and 0.1 < kept.mean() < 0.35
 
@@ -191,7 +188,7 @@ def _every_other_patch(pixel_values, image_processor, prob, generator=None):
 def test_papo_adds_its_perception_and_entropy_terms_as_an_independent_computation_does(tmp_path, monkeypatch):
     """One SGD step of ATRLTrainer (uniform credit) with PAPO against a GRPOTrainer whose loss adds PAPO's terms
     computed from explicit logits (log-softmax, gathered sampled tokens, entropies): the same parameters."""
-    from test_trainer import _params, _trainer
+    from test_trainer import _trainer, assert_same_step
     from trl import GRPOTrainer
 
     from atrl.rl import trainer as trainer_module
@@ -231,10 +228,7 @@ def test_papo_adds_its_perception_and_entropy_terms_as_an_independent_computatio
     reference.train()
     plain = _trainer(tmp_path / "plain", cls=GRPOTrainer, **sgd)
     plain.train()
-    po, pr, pp = _params(ours), _params(reference), _params(plain)
-    for k in po:
-        assert torch.allclose(po[k], pr[k], atol=1e-5, rtol=0), k
-    assert any((po[k] - pp[k]).abs().max() > 1e-4 for k in po), "PAPO should change the step"
+    assert_same_step(ours, reference, plain, atol=1e-5, changed=1e-4, what="PAPO")
     logs = [h for h in ours.state.log_history if "loss" in h]
     assert logs[0]["atrl/papo/kl"] > 0 and logs[0]["atrl/papo/entropy"] > 0
     with pytest.raises(ValueError, match=r"anchor.papo.mask_prob=1.0"):

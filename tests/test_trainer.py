@@ -54,6 +54,15 @@ def _params(trainer):
     return {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
 
 
+def assert_same_step(ours, reference, plain, atol: float, changed: float, what: str) -> None:
+    """Three trainers, each trained: `ours` took the step `reference` took (parameters within `atol`), and that
+    step differs from `plain`'s somewhere by more than `changed` (the change under test did something)."""
+    po, pr, pp = _params(ours), _params(reference), _params(plain)
+    for k in po:
+        assert torch.allclose(po[k], pr[k], atol=atol, rtol=0), k
+    assert any((po[k] - pp[k]).abs().max() > changed for k in po), f"{what} should change the step"
+
+
 @pytest.mark.parametrize("mode", credit_mode_names())
 def test_every_mode_trains_a_few_steps(tmp_path, mode):
     trainer = _trainer(tmp_path, anchor=AnchorConfig(mode=mode, report_steps=1))
@@ -301,10 +310,7 @@ def test_atrl_changes_the_gradient_only_through_the_recorded_weights(tmp_path, l
     reference.train()
     uniform = _trainer(tmp_path / "uni", cls=GRPOTrainer, **sgd)
     uniform.train()
-    pa, pr, pu = _params(ours), _params(reference), _params(uniform)
-    for k in pa:
-        assert torch.allclose(pa[k], pr[k], atol=1e-6, rtol=0), k
-    assert any((pa[k] - pu[k]).abs().max() > 1e-5 for k in pa), "atrl should change the step"
+    assert_same_step(ours, reference, uniform, atol=1e-6, changed=1e-5, what="atrl")
 
 
 def test_nonfinite_loss_and_flat_rewards_are_handled(tmp_path, caplog):
