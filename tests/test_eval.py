@@ -172,6 +172,12 @@ def test_analyze_precision_recall_by_hand(tiny_models):
     v, ex = result.views[0], examples[0]
     flagged = "".join(t for t, p in zip(v.tokens, v.perception) if p)
     assert flagged == "".join(ex.perception_texts())
+    # ROC AUC of connectivity for the perception tokens, counted pair by pair (Mann-Whitney: ties count a half)
+    conn = result.connectivity
+    pos, neg = conn[percep], conn[~percep]
+    pairs = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    assert result.perception_auc == pytest.approx(pairs / (pos.size * neg.size))
+    assert result.summary()["random_auc"] == 0.5
     assert model.config.text_config._attn_implementation == "sdpa"  # the probe was detached
 
 

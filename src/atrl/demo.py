@@ -117,7 +117,8 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
     s = analysis.summary()
     console.print(f"anchors vs perception spans (reference traces, {s['tokens']} tokens): precision "
                   f"{s['anchor_precision']:.2f} (random {s['random_precision']:.2f}), recall {s['anchor_recall']:.2f} "
-                  f"(random {s['random_recall']:.2f}); bimodality {s['bimodality']:.3f}")
+                  f"(random {s['random_recall']:.2f}); ROC AUC of connectivity for perception tokens "
+                  f"{s['perception_auc']:.2f} (random 0.50); bimodality {s['bimodality']:.3f}")
     summary = {
         "base_model": str(base_path), "mode": mode, "steps": steps, "seed": seed, "n_eval": n_eval,
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,

@@ -53,12 +53,15 @@ class AnalysisResult:
     random_precision: float
     random_recall: float
     skipped: list[str] = field(default_factory=list)
+    perception_auc: float = float("nan")  # ROC AUC of connectivity for the perception tokens (random: 0.5)
 
     def summary(self) -> dict[str, float]:
         return {"tokens": int(self.connectivity.size), "bimodality": self.bimodality,
-                "anchor_fraction": self.anchor_fraction, "anchor_precision": self.precision,
-                "anchor_recall": self.recall, "random_precision": self.random_precision,
-                "random_recall": self.random_recall, "skipped": len(self.skipped)}
+                "anchor_fraction": self.anchor_fraction, "perception_auc": self.perception_auc,
+                "random_auc": 0.5 if self.perception_auc == self.perception_auc else float("nan"),
+                "anchor_precision": self.precision, "anchor_recall": self.recall,
+                "random_precision": self.random_precision, "random_recall": self.random_recall,
+                "skipped": len(self.skipped)}
 
 
 def _token_spans(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -166,5 +169,10 @@ def analyze(model, processor, examples: Sequence[Any], *, responses: Sequence[st
     hit = float((anchors & percep).sum())
     precision = hit / anchors.sum() if anchors.any() else nan
     recall = hit / percep.sum() if percep.any() else nan
+    auc = nan
+    if percep.any() and not percep.all():  # how well connectivity ranks the tokens that state what was read
+        from sklearn.metrics import roc_auc_score
+
+        auc = float(roc_auc_score(percep, conn_all))
     return AnalysisResult(views, conn_all, bimodality_coefficient(conn_all), float(anchors.mean()), precision, recall,
-                          float(percep.mean()), float(anchors.mean()), skipped)
+                          float(percep.mean()), float(anchors.mean()), skipped, perception_auc=auc)
