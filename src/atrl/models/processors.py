@@ -8,7 +8,7 @@ simply have no video slot. With torchvision installed, a real checkpoint's own p
 
 from __future__ import annotations
 
-from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
 
 class Qwen2_5_VLImageProcessorOnly(Qwen2_5_VLProcessor):
@@ -25,4 +25,12 @@ class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
-IMAGE_ONLY_PROCESSORS = {cls.__name__: cls for cls in (Qwen2_5_VLImageProcessorOnly, Qwen2VLImageProcessorOnly)}
+class Qwen3VLImageProcessorOnly(Qwen3VLProcessor):
+    """`Qwen3VLProcessor` without the video slot (images and text only)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+IMAGE_ONLY_PROCESSORS = {cls.__name__: cls for cls in (Qwen2_5_VLImageProcessorOnly, Qwen2VLImageProcessorOnly,
+                                                       Qwen3VLImageProcessorOnly)}

@@ -165,25 +165,27 @@ def _qwen_tokenizer():
     )
 
 
-def _qwen_image_processor(size: TinySize):
+def _qwen_image_processor(size: TinySize, patch: int = 14):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     pixels = size.image_size * size.image_size
-    return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14,
+    return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=patch,
                                     temporal_patch_size=2, merge_size=2)
 
 
-def _build_qwen(size: TinySize, config_cls, model_cls, processor_cls, vision: dict[str, Any]):
-    """Both Qwen families: same tokenizer, text config and image processor; only the vision tower differs."""
+def _build_qwen(size: TinySize, config_cls, model_cls, processor_cls, vision: dict[str, Any], patch: int = 14):
+    """The Qwen families: same tokenizer, text config and image processor (Qwen3-VL's patches are 16 pixels,
+    Qwen2-VL's and Qwen2.5-VL's 14); the vision towers differ."""
     tok = _qwen_tokenizer()
     config = config_cls(
         text_config=_qwen_text_config(size, len(tok), tok),
-        vision_config=dict(depth=size.vision_layers, num_heads=2, patch_size=14, spatial_merge_size=2,
+        vision_config=dict(depth=size.vision_layers, num_heads=2, patch_size=patch, spatial_merge_size=2,
                            temporal_patch_size=2, **vision),
         tie_word_embeddings=True,
         **_qwen_ids(tok),
     )
-    processor = processor_cls(image_processor=_qwen_image_processor(size), tokenizer=tok, chat_template=_QWEN_TEMPLATE)
+    processor = processor_cls(image_processor=_qwen_image_processor(size, patch), tokenizer=tok,
+                              chat_template=_QWEN_TEMPLATE)
     return model_cls(config), processor
 
 
@@ -205,6 +207,20 @@ def _build_qwen2_vl(size: TinySize):
 
     return _build_qwen(size, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorOnly,
                        dict(embed_dim=size.vision_hidden_size, hidden_size=size.hidden_size, mlp_ratio=2))
+
+
+def _build_qwen3_vl(size: TinySize):
+    """Qwen3-VL (dense): 16-pixel patches, a learned position embedding over a (side x side) patch grid, and
+    DeepStack features of the vision tower's early layers added to the decoder's first layers (here: layer 0's)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from .processors import Qwen3VLImageProcessorOnly
+
+    side = -(-size.image_size // 16) + 2  # the processor rounds the image to a multiple of 32 pixels, up or down
+    return _build_qwen(size, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLImageProcessorOnly,
+                       dict(hidden_size=size.vision_hidden_size, intermediate_size=2 * size.vision_hidden_size,
+                            out_hidden_size=size.hidden_size, num_position_embeddings=side * side,
+                            deepstack_visual_indexes=[0]), patch=16)
 
 
 def _build_llava(size: TinySize):
@@ -258,6 +274,7 @@ def _build_llava(size: TinySize):
 FAMILIES: dict[str, Callable[[TinySize], tuple[PreTrainedModel, ProcessorMixin]]] = {
     "qwen2_5_vl": _build_qwen2_5_vl,
     "qwen2_vl": _build_qwen2_vl,
+    "qwen3_vl": _build_qwen3_vl,
     "llava": _build_llava,
 }
 DEFAULT_FAMILY = "qwen2_5_vl"
