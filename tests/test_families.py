@@ -12,7 +12,7 @@ from atrl.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
 def test_a_family_trains_evaluates_and_analyses_from_its_checkpoint(tmp_path, capsys, family):
     base = tmp_path / "base"
     assert main(["model", "build", "--family", family, "--out", str(base)]) == 0

@@ -173,12 +173,13 @@ def _qwen_image_processor(size: TinySize, patch: int = 14):
                                     temporal_patch_size=2, merge_size=2)
 
 
-def _build_qwen(size: TinySize, config_cls, model_cls, processor_cls, vision: dict[str, Any], patch: int = 14):
+def _build_qwen(size: TinySize, config_cls, model_cls, processor_cls, vision: dict[str, Any], patch: int = 14,
+                text: dict[str, Any] | None = None):
     """The Qwen families: same tokenizer, text config and image processor (Qwen3-VL's patches are 16 pixels,
     Qwen2-VL's and Qwen2.5-VL's 14); the vision towers differ."""
     tok = _qwen_tokenizer()
     config = config_cls(
-        text_config=_qwen_text_config(size, len(tok), tok),
+        text_config={**_qwen_text_config(size, len(tok), tok), **(text or {})},
         vision_config=dict(depth=size.vision_layers, num_heads=2, patch_size=patch, spatial_merge_size=2,
                            temporal_patch_size=2, **vision),
         tie_word_embeddings=True,
@@ -209,6 +210,12 @@ def _build_qwen2_vl(size: TinySize):
                        dict(embed_dim=size.vision_hidden_size, hidden_size=size.hidden_size, mlp_ratio=2))
 
 
+def _qwen3_vision(size: TinySize) -> dict[str, Any]:
+    side = -(-size.image_size // 16) + 2  # the processor rounds the image to a multiple of 32 pixels, up or down
+    return dict(hidden_size=size.vision_hidden_size, intermediate_size=2 * size.vision_hidden_size,
+                out_hidden_size=size.hidden_size, num_position_embeddings=side * side, deepstack_visual_indexes=[0])
+
+
 def _build_qwen3_vl(size: TinySize):
     """Qwen3-VL (dense): 16-pixel patches, a learned position embedding over a (side x side) patch grid, and
     DeepStack features of the vision tower's early layers added to the decoder's first layers (here: layer 0's)."""
@@ -216,11 +223,20 @@ def _build_qwen3_vl(size: TinySize):
 
     from .processors import Qwen3VLImageProcessorOnly
 
-    side = -(-size.image_size // 16) + 2  # the processor rounds the image to a multiple of 32 pixels, up or down
     return _build_qwen(size, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLImageProcessorOnly,
-                       dict(hidden_size=size.vision_hidden_size, intermediate_size=2 * size.vision_hidden_size,
-                            out_hidden_size=size.hidden_size, num_position_embeddings=side * side,
-                            deepstack_visual_indexes=[0]), patch=16)
+                       _qwen3_vision(size), patch=16)
+
+
+def _build_qwen3_vl_moe(size: TinySize):
+    """Qwen3-VL-MoE: Qwen3-VL with a mixture-of-experts MLP in every decoder layer (4 experts, 2 per token here)."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    from .processors import Qwen3VLImageProcessorOnly
+
+    experts = dict(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=size.hidden_size,
+                   decoder_sparse_step=1)
+    return _build_qwen(size, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLImageProcessorOnly,
+                       _qwen3_vision(size), patch=16, text=experts)
 
 
 def _build_llava(size: TinySize):
@@ -275,6 +291,7 @@ FAMILIES: dict[str, Callable[[TinySize], tuple[PreTrainedModel, ProcessorMixin]]
     "qwen2_5_vl": _build_qwen2_5_vl,
     "qwen2_vl": _build_qwen2_vl,
     "qwen3_vl": _build_qwen3_vl,
+    "qwen3_vl_moe": _build_qwen3_vl_moe,
     "llava": _build_llava,
 }
 DEFAULT_FAMILY = "qwen2_5_vl"
