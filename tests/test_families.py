@@ -12,7 +12,7 @@ from atrl.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "gemma3"])
 def test_a_family_trains_evaluates_and_analyses_from_its_checkpoint(tmp_path, capsys, family):
     base = tmp_path / "base"
     assert main(["model", "build", "--family", family, "--out", str(base)]) == 0
@@ -68,3 +68,20 @@ def test_a_qwen3_vl_run_resumes_from_its_checkpoint(tmp_path, caplog):
         assert main([*common, "--trl.max_steps", "2"]) == 0
     assert f"resuming from {out / 'checkpoint-1'}" in caplog.text
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_probe_layers_default_to_full_attention_layers_where_some_slide():
+    """Gemma 3 alternates sliding-window and full-attention layers: a response token further than the window from
+    the image gives it no mass on a sliding layer, so the default probe layers are among the full ones."""
+    from atrl.models.zoo import build_tiny_vlm
+    from atrl.probe import ConnectivityProbe, full_attention_layers, probe_layers_for
+
+    model, _ = build_tiny_vlm("gemma3")
+    text = model.config.get_text_config()
+    assert full_attention_layers(text) == [1, 2] and text.layer_types[0] == "sliding_attention"
+    probe = ConnectivityProbe(model)
+    assert probe.layers == [2]  # default_probe_layers over the two full layers: the second, not the last layer
+    probe.detach()
+    assert probe_layers_for(28, None, list(range(5, 28, 6))) == [17]  # full layers 5, 11, 17, 23: as 4 -> 2
+    assert probe_layers_for(4, [0, 3], [1, 2]) == [0, 3]  # layers given are taken as given
+    assert full_attention_layers(build_tiny_vlm("qwen3_vl")[0].config.get_text_config()) is None

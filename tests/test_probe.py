@@ -26,7 +26,10 @@ def _batch(processor, n_images=(1, 1, 1), padding_side="left", seed=1):
     flat = [im for group in images for im in group]
     kwargs = {"images": images} if flat else {}
     if flat and any(len(g) == 0 for g in images):
-        kwargs = {"images": flat}  # processors take a flat list when some samples have no image
+        try:  # Gemma 3's processor takes the nested lists, an empty one for a sample without an image
+            return processor(text=texts, return_tensors="pt", padding=True, images=images)
+        except ValueError:  # the Qwen processors take a flat list when some samples have no image
+            kwargs = {"images": flat}
     return processor(text=texts, return_tensors="pt", padding=True, **kwargs)
 
 

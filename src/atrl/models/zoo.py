@@ -58,6 +58,22 @@ _LLAVA_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
 
+_GEMMA_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+_GEMMA_SPECIALS = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                   "<image_soft_token>"]
+
 _QWEN_SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -287,12 +303,48 @@ def _build_llava(size: TinySize):
     return LlavaForConditionalGeneration(config), processor
 
 
+def _build_gemma3(size: TinySize):
+    """Gemma 3: a SigLIP tower whose patches are average-pooled to a fixed square of soft tokens per image
+    (`mm_tokens_per_image`, 16 here), between <start_of_image> and <end_of_image>; image tokens attend to each
+    other both ways (`token_type_ids`), text causally; sliding-window and full-attention decoder layers alternate (the probes'
+    default layers are among the full ones)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tok = build_byte_tokenizer(
+        _GEMMA_SPECIALS, pad_token="<pad>", eos_token="<end_of_turn>", bos_token="<bos>",
+        chat_template=_GEMMA_TEMPLATE,
+        extra_attributes={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                          "eoi_token": "<end_of_image>"})
+    rope = {"rope_type": "default", "rope_theta": size.rope_theta}
+    tokens = 16  # a 4 x 4 grid of soft tokens per image
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tok), **size.decoder_dims(), head_dim=size.hidden_size // size.num_heads,
+                         sliding_window=64, rope_parameters={"full_attention": rope, "sliding_attention": rope},
+                         layer_types=(["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
+                                      + ["sliding_attention"] * size.num_layers)[:size.num_layers],
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        vision_config=dict(hidden_size=size.vision_hidden_size, intermediate_size=2 * size.vision_hidden_size,
+                           num_hidden_layers=size.vision_layers, num_attention_heads=2, image_size=size.image_size,
+                           patch_size=14),
+        mm_tokens_per_image=tokens,
+        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
+        boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": size.image_size, "width": size.image_size})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, chat_template=_GEMMA_TEMPLATE,
+                                image_seq_length=tokens)
+    return Gemma3ForConditionalGeneration(config), processor
+
+
 FAMILIES: dict[str, Callable[[TinySize], tuple[PreTrainedModel, ProcessorMixin]]] = {
     "qwen2_5_vl": _build_qwen2_5_vl,
     "qwen2_vl": _build_qwen2_vl,
     "qwen3_vl": _build_qwen3_vl,
     "qwen3_vl_moe": _build_qwen3_vl_moe,
     "llava": _build_llava,
+    "gemma3": _build_gemma3,
 }
 DEFAULT_FAMILY = "qwen2_5_vl"
 

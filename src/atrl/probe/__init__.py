@@ -23,7 +23,8 @@ from .connectivity import SINK_DEBIAS, ConnectivityParts, connectivity_from_mass
 from .layout import ProbeError, VisionLayout
 
 __all__ = ["SINK_DEBIAS", "Capture", "ConnectivityParts", "ConnectivityProbe", "ProbeError", "VisionLayout",
-           "connectivity_from_masses", "connectivity_parts", "default_probe_layers", "probe_layers_for"]
+           "connectivity_from_masses", "connectivity_parts", "default_probe_layers", "full_attention_layers",
+           "probe_layers_for"]
 
 
 def default_probe_layers(num_layers: int, count: int = 4) -> list[int]:
@@ -42,9 +43,26 @@ def default_probe_layers(num_layers: int, count: int = 4) -> list[int]:
     return sorted(picks)
 
 
-def probe_layers_for(num_layers: int, layers: Sequence[int] | None = None) -> list[int]:
-    """The decoder layers to probe: `layers` (checked against the decoder's `num_layers`), or the default."""
-    chosen = sorted(set(layers)) if layers is not None else default_probe_layers(num_layers)
+def full_attention_layers(text_config) -> list[int] | None:
+    """The decoder layers that attend over the whole sequence, where the config says which do (`layer_types`:
+    Gemma 3 alternates sliding-window and full layers); None where every layer does."""
+    types = getattr(text_config, "layer_types", None)
+    if not types or all(t == "full_attention" for t in types):
+        return None
+    return [i for i, t in enumerate(types) if t == "full_attention"]
+
+
+def probe_layers_for(num_layers: int, layers: Sequence[int] | None = None,
+                     full_layers: Sequence[int] | None = None) -> list[int]:
+    """The decoder layers to probe: `layers` (checked against the decoder's `num_layers`), or the default: spread
+    as `default_probe_layers` says over the layers that attend over the whole sequence (`full_layers`; all when
+    None). A sliding-window layer sees only its window: an image further back than that gets no mass there."""
+    if layers is not None:
+        chosen = sorted(set(layers))
+    elif full_layers:
+        chosen = [list(full_layers)[i] for i in default_probe_layers(len(full_layers))]
+    else:
+        chosen = default_probe_layers(num_layers)
     bad = [i for i in chosen if not 0 <= i < num_layers]
     if bad:
         raise ProbeError(f"probe layers {bad} out of range: the decoder has {num_layers} layers")
@@ -116,7 +134,7 @@ class ConnectivityProbe:
         self.layout = VisionLayout.from_model(model)
         decoder = model.get_decoder()
         attn_modules = [layer.self_attn for layer in decoder.layers]
-        self.layers = probe_layers_for(len(attn_modules), layers)
+        self.layers = probe_layers_for(len(attn_modules), layers, full_attention_layers(model.config.get_text_config()))
         self.layer_of_module = {id(attn_modules[i]): i for i in self.layers}
         self.region_grid = region_grid
         self.pad_qk = pad_qk

@@ -10,6 +10,8 @@ Families:
 - Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE): `image_token_id`; image i has `prod(image_grid_thw[i]) / merge_size^2` tokens laid
   out as (t, h/merge, w/merge) in raster order; images are numbered across the batch in order.
 - LLaVA: `image_token_index`; each image has `image_seq_length` tokens, a square grid.
+- Gemma 3: `image_token_index`; each image has `mm_tokens_per_image` soft tokens (the tower's patches average-pooled
+  to a square), a square grid.
 - anything else with `image_token_id` / `image_token_index`: each run of image tokens is one image, laid
   out as a single row (1, n).
 """
@@ -56,6 +58,8 @@ class VisionLayout:
             return cls(model_type, int(token), merge_size=int(cfg.vision_config.spatial_merge_size))
         if model_type == "llava":
             return cls(model_type, int(token), tokens_per_image=int(cfg.image_seq_length))
+        if model_type == "gemma3":  # a fixed square of soft tokens per image
+            return cls(model_type, int(token), tokens_per_image=int(cfg.mm_tokens_per_image))
         return cls(model_type, int(token))
 
     def image_grids(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None = None

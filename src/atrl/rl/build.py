@@ -284,7 +284,7 @@ def checkpoint_space_line(recipe: Recipe, config, peft_config, output_dir: str) 
 def _summary(recipe: Recipe, args, rewards: list, data: dict, peft_config, config, processor,
              weights: str, model=None) -> list[str]:
     """What a run will do, line by line: printed by the dry run, logged at the start of a run (with its model)."""
-    from ..probe import probe_layers_for
+    from ..probe import full_attention_layers, probe_layers_for
 
     length = (f"max_steps {args.max_steps}" if args.max_steps > 0
               else f"{args.num_train_epochs:g} epoch(s) of data.train (max_steps not set)")
@@ -320,7 +320,8 @@ def _summary(recipe: Recipe, args, rewards: list, data: dict, peft_config, confi
                      f"{_lora_targets(peft_config, config, model)}")
     a = recipe.anchor
     site = a.capture_site(args) if a.credit_mode.scored_in_forward else "none (no probes)"
-    layers = probe_layers_for(num_layers, a.probe_layers) if a.needs_probe else "none"
+    layers = (probe_layers_for(num_layers, a.probe_layers, full_attention_layers(config.get_text_config()))
+              if a.needs_probe else "none")
     lines.append(f"anchor: mode {a.mode}, connectivity measured on {site}, probe layers {layers}, region grid "
                  f"{a.region_grid[0]}x{a.region_grid[1]}")
     lines.append(f"model: {recipe.model.path or 'the embedded default'} ({architecture}, {num_layers} decoder "
