@@ -85,3 +85,19 @@ def test_probe_layers_default_to_full_attention_layers_where_some_slide():
     assert probe_layers_for(28, None, list(range(5, 28, 6))) == [17]  # full layers 5, 11, 17, 23: as 4 -> 2
     assert probe_layers_for(4, [0, 3], [1, 2]) == [0, 3]  # layers given are taken as given
     assert full_attention_layers(build_tiny_vlm("qwen3_vl")[0].config.get_text_config()) is None
+
+
+def test_a_family_that_reads_the_image_by_cross_attention_is_refused_saying_why():
+    from types import SimpleNamespace
+
+    from transformers import MllamaConfig
+
+    from atrl.probe.layout import ProbeError, VisionLayout
+
+    with pytest.raises(ProbeError, match=r"'mllama': its text tokens read the image through cross-attention layers "
+                                         r"\[3, 8, 13, 18\]\.\.\., not through self-attention"):
+        VisionLayout.from_model(SimpleNamespace(config=MllamaConfig()))
+    with pytest.raises(ValueError, match=r"unknown model family 'idefics9'; choose one of \['gemma3', 'llava', "):
+        from atrl.models.zoo import build_tiny_vlm
+
+        build_tiny_vlm("idefics9")

@@ -355,7 +355,7 @@ def build_tiny_vlm(
     """Build a randomly initialised tiny VLM of `family` and its processor (no downloads).
 
     Args:
-        family: one of `FAMILIES` ("qwen2_5_vl", "qwen2_vl", "llava").
+        family: one of `FAMILIES` (qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe, llava, gemma3).
         size: width/depth knobs; `TinySize()` when omitted.
         seed: seeds the weight initialisation, so the same seed gives the same weights.
     """

@@ -48,6 +48,13 @@ class VisionLayout:
     def from_model(cls, model) -> "VisionLayout":
         cfg = model.config
         model_type = getattr(cfg, "model_type", type(model).__name__)
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        if getattr(text, "cross_attention_layers", None):
+            raise ProbeError(
+                f"model type {model_type!r}: its text tokens read the image through cross-attention layers "
+                f"{list(text.cross_attention_layers)[:4]}..., not through self-attention over image tokens in the "
+                "sequence, which is what the probes measure (they would record zeros); train it with a mode "
+                "without probes (uniform, entropy_8020, vppo: `atrl modes`)")
         token = getattr(cfg, "image_token_id", None)
         if token is None:
             token = getattr(cfg, "image_token_index", None)
