@@ -12,7 +12,7 @@ from atrl.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "gemma3", "qwen3_5"])
 def test_a_family_trains_evaluates_and_analyses_from_its_checkpoint(tmp_path, capsys, family):
     base = tmp_path / "base"
     assert main(["model", "build", "--family", family, "--out", str(base)]) == 0
@@ -101,3 +101,21 @@ def test_a_family_that_reads_the_image_by_cross_attention_is_refused_saying_why(
         from atrl.models.zoo import build_tiny_vlm
 
         build_tiny_vlm("idefics9")
+
+
+def test_qwen3_5_probes_only_its_full_attention_layers():
+    """Qwen3.5's linear-attention layers compute no softmax over the image tokens: the default probe layers are
+    among its full-attention layers, and one asked for by hand is a clear error listing them."""
+    from atrl.models.zoo import build_tiny_vlm
+    from atrl.probe import ConnectivityProbe, ProbeError
+
+    model, _ = build_tiny_vlm("qwen3_5")
+    assert model.config.get_text_config().layer_types == ["linear_attention", "full_attention", "full_attention",
+                                                          "linear_attention"]
+    probe = ConnectivityProbe(model)
+    assert probe.layers == [2]
+    probe.detach()
+    with pytest.raises(ProbeError, match=r"probe layers \[0, 3\] are linear-attention layers, which compute no "
+                                         r"softmax over the image tokens to measure; probe full-attention layers: "
+                                         r"\[1, 2\]"):
+        ConnectivityProbe(model, layers=[0, 2, 3])

@@ -41,8 +41,19 @@ def _eager_masses(model, batch, indicators, layers):
             out = model(**batch, output_attentions=True, use_cache=False)
     finally:
         model.set_attn_implementation("sdpa")
-    return {layer: torch.einsum("bhqk,bkr->bqhr", out.attentions[layer].double(), indicators.double())
+    # a hybrid decoder returns the attention maps of its self-attention layers only, in order
+    softmax = [i for i, layer in enumerate(model.get_decoder().layers) if hasattr(layer, "self_attn")]
+    at = {layer: softmax.index(layer) if len(out.attentions) == len(softmax) else layer for layer in layers}
+    return {layer: torch.einsum("bhqk,bkr->bqhr", out.attentions[at[layer]].double(), indicators.double())
             for layer in layers}
+
+
+def _softmax_layers(model, layers):
+    """The given layers that run softmax self-attention (a hybrid decoder's linear-attention layers have none)."""
+    decoder = model.get_decoder()
+    kept = [i for i in layers if hasattr(decoder.layers[i], "self_attn")]
+    assert kept, f"none of {layers} is a self-attention layer"
+    return kept
 
 
 def _fresh(family):
@@ -59,7 +70,7 @@ def _fresh(family):
 def test_masses_match_explicit_softmax_of_eager_attention(family, padding_side, n_images, route, pad_qk, grads):
     model, processor = _fresh(family)
     batch = _batch(processor, n_images, padding_side)
-    layers = [0, 2, 3]
+    layers = _softmax_layers(model, [0, 2, 3])
     probe = ConnectivityProbe(model, layers=layers, pad_qk=pad_qk, route=route)
     try:
         with torch.set_grad_enabled(grads), probe.capture(batch["input_ids"], batch.get("image_grid_thw")) as cap:
@@ -251,7 +262,7 @@ def test_probe_changes_neither_logits_nor_gradients(family, route):
         return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
     logits_off, grads_off = loss_and_grads(ref_model)
-    probe = ConnectivityProbe(model, layers=[1, 3], route=route)
+    probe = ConnectivityProbe(model, layers=_softmax_layers(model, [1, 3]), route=route)
     logits_on, grads_on = loss_and_grads(model, probe)
     assert grads_on.keys() == grads_off.keys()
     if route == "auto":  # with gradients on, the layer's output is the plain call's own: equal to the bit

@@ -526,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", formatter_class=_Formatter, help="tiny offline VLMs; merging LoRA adapters").add_subparsers(
         dest="action", required=True)
     build = model.add_parser("build", formatter_class=_Formatter, help="build a tiny random VLM and save it as a checkpoint folder")
-    build.add_argument("--family", default="qwen2_5_vl", help="qwen2_5_vl (default), qwen2_vl, qwen3_vl, qwen3_vl_moe or llava")
+    build.add_argument("--family", default="qwen2_5_vl",
+                       help="qwen2_5_vl (default), qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, gemma3 or llava")
     build.add_argument("--out", required=True, help="checkpoint folder")
     build.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     build.add_argument("--layers", type=int, default=4, help="decoder layers")

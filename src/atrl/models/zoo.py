@@ -255,6 +255,24 @@ def _build_qwen3_vl_moe(size: TinySize):
                        _qwen3_vision(size), patch=16, text=experts)
 
 
+def _build_qwen3_5(size: TinySize):
+    """Qwen3.5, natively multimodal with a hybrid text stack: gated-delta-net linear-attention layers and softmax
+    full-attention layers (the published configs: one in four; here layers 1 and 2 of 4, so that the probes'
+    default layer is not the last). The vision side is Qwen3-VL's, without DeepStack."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from .processors import Qwen3VLImageProcessorOnly
+
+    head = size.hidden_size // size.num_heads
+    types = (["linear_attention", "full_attention", "full_attention", "linear_attention"]
+             + ["linear_attention"] * size.num_layers)[:size.num_layers]
+    vision = {k: v for k, v in _qwen3_vision(size).items() if k != "deepstack_visual_indexes"}
+    text = dict(layer_types=types, head_dim=head, linear_num_key_heads=2, linear_num_value_heads=2,
+                linear_key_head_dim=head, linear_value_head_dim=head)
+    return _build_qwen(size, Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLImageProcessorOnly, vision,
+                       patch=16, text=text)
+
+
 def _build_llava(size: TinySize):
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -343,6 +361,7 @@ FAMILIES: dict[str, Callable[[TinySize], tuple[PreTrainedModel, ProcessorMixin]]
     "qwen2_vl": _build_qwen2_vl,
     "qwen3_vl": _build_qwen3_vl,
     "qwen3_vl_moe": _build_qwen3_vl_moe,
+    "qwen3_5": _build_qwen3_5,
     "llava": _build_llava,
     "gemma3": _build_gemma3,
 }
@@ -355,7 +374,7 @@ def build_tiny_vlm(
     """Build a randomly initialised tiny VLM of `family` and its processor (no downloads).
 
     Args:
-        family: one of `FAMILIES` (qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe, llava, gemma3).
+        family: one of `FAMILIES` (qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, llava, gemma3).
         size: width/depth knobs; `TinySize()` when omitted.
         seed: seeds the weight initialisation, so the same seed gives the same weights.
     """

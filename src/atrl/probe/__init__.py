@@ -133,8 +133,16 @@ class ConnectivityProbe:
         self.model = model
         self.layout = VisionLayout.from_model(model)
         decoder = model.get_decoder()
-        attn_modules = [layer.self_attn for layer in decoder.layers]
-        self.layers = probe_layers_for(len(attn_modules), layers, full_attention_layers(model.config.get_text_config()))
+        # softmax self-attention per layer; a hybrid decoder's linear-attention layers (Qwen3.5) have none
+        attn_modules = {i: layer.self_attn for i, layer in enumerate(decoder.layers) if hasattr(layer, "self_attn")}
+        full = full_attention_layers(model.config.get_text_config())
+        if len(attn_modules) < len(decoder.layers):
+            full = sorted(set(full or attn_modules) & set(attn_modules))
+        self.layers = probe_layers_for(len(decoder.layers), layers, full)
+        linear = [i for i in self.layers if i not in attn_modules]
+        if linear:
+            raise ProbeError(f"probe layers {linear} are linear-attention layers, which compute no softmax over "
+                             f"the image tokens to measure; probe full-attention layers: {sorted(attn_modules)}")
         self.layer_of_module = {id(attn_modules[i]): i for i in self.layers}
         self.region_grid = region_grid
         self.pad_qk = pad_qk

@@ -61,7 +61,7 @@ class VisionLayout:
         if token is None:
             raise ProbeError(f"model type {model_type!r}: its config names no image token "
                              "(image_token_id / image_token_index), so image positions are unknown")
-        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
+        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
             return cls(model_type, int(token), merge_size=int(cfg.vision_config.spatial_merge_size))
         if model_type == "llava":
             return cls(model_type, int(token), tokens_per_image=int(cfg.image_seq_length))
