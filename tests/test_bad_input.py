@@ -124,7 +124,8 @@ def test_a_custom_reward_in_the_current_folder_imports_and_a_missing_one_says_wh
     assert "score x 1" in capsys.readouterr().out
     recipe.write_text(json.dumps({"rewards": {"custom": {"not_here_reward:score": 1.0}}}))
     err = _error(capsys, ["train", "--config", str(recipe), "--dry-run"])
-    assert "No module named 'not_here_reward'" in err and "a file not_here_reward.py in the folder atrl runs from" in err
+    assert "No module named 'not_here_reward'" in err
+    assert "a file not_here_reward.py in the folder atrl runs from" in err
 
 
 def test_a_truncated_weights_file_or_a_folder_without_config_is_named(tmp_path, capsys, tiny_models):

@@ -31,7 +31,8 @@ def test_a_family_trains_evaluates_and_analyses_from_its_checkpoint(tmp_path, ca
         assert all(h["atrl/mean_conn"] > 0 for h in logs)  # the probes measured the image's share of attention
     final = tmp_path / "atrl" / "final"
     capsys.readouterr()
-    assert main(["eval", "--model", str(final), "--n", "4", "--max-new-tokens", "6", "--out", str(tmp_path / "ev")]) == 0
+    assert main(["eval", "--model", str(final), "--n", "4", "--max-new-tokens", "6",
+                 "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["n"] == 4
     assert main(["analyze", "--model", str(final), "--n", "3", "--out", str(tmp_path / "an")]) == 0
     summary = json.loads((tmp_path / "an" / "analysis.json").read_text())
@@ -47,8 +48,8 @@ def test_the_qwen3_vl_recipe_passes_the_dry_run_on_a_tiny_qwen3_vl(tmp_path, cap
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"problem": "What is 2 + 3?", "answer": "5", "images": ["a.png"]}) + "\n")
     capsys.readouterr()
-    assert main(["train", "--config", str(ROOT / "configs" / "qwen3-vl-8b.yaml"), "--model.path", str(base), "--data.train", str(data),
-                 "--dry-run"]) == 0
+    assert main(["train", "--config", str(ROOT / "configs" / "qwen3-vl-8b.yaml"), "--model.path", str(base),
+                 "--data.train", str(data), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "Qwen3VLForConditionalGeneration" in out and "recipe checked: nothing trained" in out
 

@@ -99,7 +99,8 @@ def test_the_report_gives_both_scores_and_where_they_differ():
     assert "Scoring: **mathvista**" in md and "the two rules disagree on 11 of 24 responses" in md
     assert "| 2 | 5 | (b) 5 | 5 | right | wrong |" in md  # the first differing row, with MathVista's prediction
     assert "extracts with a language model" in md  # the extraction step's difference is said
-    plain = score_responses([{"uid": "s", "prompt": [], "answer": "red", "answer_type": "text"}], ["<answer>red</answer>"])
+    plain = score_responses([{"uid": "s", "prompt": [], "answer": "red", "answer_type": "text"}],
+                            ["<answer>red</answer>"])
     assert plain.scoring == "reward" and plain.other_accuracy == {} and "Scoring: **reward**" in plain.to_markdown()
 
 

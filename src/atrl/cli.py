@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on an error, print its traceback instead of the one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", formatter_class=_Formatter, help="run the embedded default end to end on the CPU",
+    demo = sub.add_parser("demo", help="run the embedded default end to end on the CPU",
                           description="Recipe overrides may follow, as for `atrl train` (--trl.learning_rate 1e-5)")
     demo.add_argument("--out", default="atrl-demo", help="report folder")
     demo.add_argument("--seed", type=int, default=0, help="seeds the training data and rollouts; the held-out tasks "
@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", default="atrl", help="credit mode (`atrl modes` lists them)")
     demo.set_defaults(func=_cmd_demo)
 
-    sft = sub.add_parser("sft", formatter_class=_Formatter, help="warm-start a VLM on the synthetic tasks' reference traces")
+    sft = sub.add_parser("sft", help="warm-start a VLM on the synthetic tasks' reference traces")
     sft.add_argument("--out", required=True, help="output checkpoint folder")
     sft.add_argument("--default", action="store_true", help="rebuild the embedded default base (recorded recipe)")
     sft.add_argument("--model", default=None, help="checkpoint to start from (default: a fresh tiny Qwen2.5-VL)")
@@ -423,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", default="synthetic", help="'synthetic' or a data file (MathVista, Geometry3K, JSONL)")
         p.add_argument("--format", default="auto", help="auto, mathvista, geometry3k or jsonl (of a data file)")
         p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
-                       help="a bad row of a data file: stop naming it, or skip it (counted by reason, first rows named)")
+                       help="a bad row of a data file: stop naming it, or skip it (counted by reason, first rows "
+                            "named)")
         if name == "eval":
             p.add_argument("--n", type=int, default=None,
                            help="examples (default: 200 synthetic tasks, or every row of a data file)")
@@ -478,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"cells each image is pooled into, as anchor.region_grid ({run_default}4 4)")
             p.set_defaults(func=_cmd_analyze)
 
-    train = sub.add_parser("train", formatter_class=_Formatter, help="AT-RL training from a YAML recipe (no config: the embedded default)",
+    train = sub.add_parser("train", help="AT-RL training from a YAML recipe (no config: the embedded default)",
                            description="Overrides after the options: --section.key value, e.g. "
                                        "--anchor.mode uniform --trl.max_steps 100",
                            epilog=_recipe_keys_help())
@@ -487,10 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check the recipe, its data and rewards without loading the model's weights, and stop")
     train.set_defaults(func=_cmd_train)
 
-    modes = sub.add_parser("modes", formatter_class=_Formatter, help="the credit modes (anchor.mode): what each needs and does")
+    modes = sub.add_parser("modes", help="the credit modes (anchor.mode): what each needs and does")
     modes.set_defaults(func=_cmd_modes)
 
-    plot = sub.add_parser("plot", formatter_class=_Formatter, help="a figure of what training did, for one run or several overlaid",
+    plot = sub.add_parser("plot", help="a figure of what training did, for one run or several overlaid",
                           description="Reward (training and held-out), completion length, anchor fraction, "
                                       "connectivity of anchors and the rest, bimodality, credit weights, entropy "
                                       "and step time against the step, "
@@ -509,23 +510,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", nargs="?", choices=sorted(BENCHMARKS), help="the benchmark (none: list them)")
     bench.set_defaults(func=_cmd_bench)
 
-    data = sub.add_parser("data", formatter_class=_Formatter, help="synthetic visual-reasoning tasks").add_subparsers(dest="action",
+    data = sub.add_parser("data", help="synthetic visual-reasoning tasks").add_subparsers(dest="action",
                                                                                         required=True)
-    export = data.add_parser("export", formatter_class=_Formatter, help="write a data set (JSONL + PNG, or a datasets folder)")
+    export = data.add_parser("export", help="write a data set (JSONL + PNG, or a datasets folder)")
     _add_data_args(export, 100)
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--format", choices=["jsonl", "hf"], default="jsonl",
                         help="jsonl: a JSONL file with PNG images beside it; hf: a folder saved by `datasets`")
     export.set_defaults(func=_cmd_data_export)
-    preview = data.add_parser("preview", formatter_class=_Formatter, help="a PNG grid of tasks with question and answer")
+    preview = data.add_parser("preview", help="a PNG grid of tasks with question and answer")
     _add_data_args(preview, 15)
     preview.add_argument("--out", default="tasks.png", help="PNG path")
     preview.add_argument("--columns", type=int, default=5, help="tasks per row of the grid")
     preview.set_defaults(func=_cmd_data_preview)
 
-    model = sub.add_parser("model", formatter_class=_Formatter, help="tiny offline VLMs; merging LoRA adapters").add_subparsers(
+    model = sub.add_parser("model", help="tiny offline VLMs; merging LoRA adapters").add_subparsers(
         dest="action", required=True)
-    build = model.add_parser("build", formatter_class=_Formatter, help="build a tiny random VLM and save it as a checkpoint folder")
+    build = model.add_parser("build", help="build a tiny random VLM and save it as a checkpoint folder")
     build.add_argument("--family", default="qwen2_5_vl",
                        help="qwen2_5_vl (default), qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, gemma3 or llava")
     build.add_argument("--out", required=True, help="checkpoint folder")
@@ -534,11 +535,20 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--hidden", type=int, default=64, help="decoder width")
     build.add_argument("--image-size", type=int, default=112, help="the image processor's side in pixels")
     build.set_defaults(func=_cmd_model_build)
-    merge = model.add_parser("merge", formatter_class=_Formatter, help="merge a LoRA run's adapter into its base model (a full checkpoint folder)")
+    merge = model.add_parser("merge", help="merge a LoRA run's adapter into its base model (a full checkpoint folder)")
     merge.add_argument("--adapter", required=True, help="the adapter folder (a LoRA run's final/)")
     merge.add_argument("--out", required=True, help="checkpoint folder for the merged model")
     merge.set_defaults(func=_cmd_model_merge)
+    _every_parser_shows_defaults(parser)
     return parser
+
+
+def _every_parser_shows_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _Formatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _every_parser_shows_defaults(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,11 +20,11 @@ and the whole-step ratio that the rest implies when generation costs the same in
 (1 + (rest - rest of the first mode) / step of the first mode); the generation medians are printed beside it
 so that this can be checked.
 
-A trainer's generation runs no probe: the decoder only carries the probe's attention function, which passes
-every call through outside a capture. `--generation-ab N` checks that directly before the blocks: `model.generate` on the same prompts with the decoder on plain SDPA and with the
-probe's function installed, N interleaved calls each. Each block also starts from a collected heap
-(`gc.collect`, `torch.cuda.empty_cache`) and records the device memory still allocated, so that anything a
-finished block leaves behind shows up.
+A trainer's generation runs no probe: the decoder only carries the probe's attention function, which passes every
+call through outside a capture. `--generation-ab N` checks that directly before the blocks: `model.generate` on the
+same prompts with the decoder on plain SDPA and with the probe's function installed, N interleaved calls each. Each
+block also starts from a collected heap (`gc.collect`, `torch.cuda.empty_cache`) and records the device memory still
+allocated, so that anything a finished block leaves behind shows up.
 
 `--replay-generation` takes generation out of the measurement: the process's first call of TRL's `_generate`
 runs (and is timed: the "generation s" the whole-step ratio needs), and every later call returns a copy of its

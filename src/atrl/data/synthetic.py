@@ -507,7 +507,8 @@ def generate(
 # The embedded default's task (`atrl demo`, `atrl train` with no recipe, the default base): four colour tiles,
 # "what colour is the top-left quadrant's shape?". The tiny default model learns to read it from supervision in a
 # couple of minutes and keeps room to improve under RL; at that size the other families stay near chance
-# (docs/benchmarks.md, The default base), so they would show the trainer nothing. As plain mappings, the way a recipe writes them.
+# (docs/benchmarks.md, The default base), so they would show the trainer nothing. As plain mappings, the way a
+# recipe writes them.
 DEFAULT_FAMILIES: tuple[str, ...] = ("quadrant",)
 DEFAULT_KNOBS: dict[str, dict[str, Any]] = {"quadrant": {"shape_size": 0.5, "jitter": 0.0, "shapes": ["square"]}}
 

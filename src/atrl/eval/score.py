@@ -86,7 +86,8 @@ def _scoring_note(r: EvalResult) -> str:
     rule = _RULES.get(r.scoring, r.scoring)
     source = ("extracted by rule (answer tags, \\boxed{}, \"the answer is\", the last line); MathVista's own "
               "pipeline extracts with a language model, which atrl does not call: `--extractions FILE` rescores "
-              "with another extractor's answers" if r.extraction == "rule-based" else f"extractions from {r.extraction}")
+              "with another extractor's answers" if r.extraction == "rule-based"
+              else f"extractions from {r.extraction}")
     return f"Scoring: **{r.scoring}**, {rule}. Answers {source}."
 
 
@@ -97,7 +98,8 @@ def _differences(r: EvalResult, examples: int = 5) -> list[str]:
     differing = [row for row in r.rows if row.get("correct_mathvista") is not None
                  and row["correct_mathvista"] != row["correct_reward"]]
     if differing:
-        lines += ["| uid | answer | extracted | MathVista's prediction | mathvista | reward |", "|---|---|---|---|---|---|"]
+        lines += ["| uid | answer | extracted | MathVista's prediction | mathvista | reward |",
+                  "|---|---|---|---|---|---|"]
         for row in differing[:examples]:
             lines.append(f"| {row['uid']} | {row['answer']} | {row['extracted']} | {row['prediction']} | "
                          f"{'right' if row['correct_mathvista'] else 'wrong'} | "

@@ -324,8 +324,8 @@ def _build_llava(size: TinySize):
 def _build_gemma3(size: TinySize):
     """Gemma 3: a SigLIP tower whose patches are average-pooled to a fixed square of soft tokens per image
     (`mm_tokens_per_image`, 16 here), between <start_of_image> and <end_of_image>; image tokens attend to each
-    other both ways (`token_type_ids`), text causally; sliding-window and full-attention decoder layers alternate (the probes'
-    default layers are among the full ones)."""
+    other both ways (`token_type_ids`), text causally; sliding-window and full-attention decoder layers
+    alternate (the probes' default layers are among the full ones)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 

@@ -7,8 +7,9 @@ R = (most images in one sample) x rh x rw, and region r of sample b is cell r % 
 r // (rh*rw).
 
 Families:
-- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE): `image_token_id`; image i has `prod(image_grid_thw[i]) / merge_size^2` tokens laid
-  out as (t, h/merge, w/merge) in raster order; images are numbered across the batch in order.
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE) / Qwen3.5: `image_token_id`; image i has
+  `prod(image_grid_thw[i]) / merge_size^2` tokens laid out as (t, h/merge, w/merge) in raster order; images are
+  numbered across the batch in order.
 - LLaVA: `image_token_index`; each image has `image_seq_length` tokens, a square grid.
 - Gemma 3: `image_token_index`; each image has `mm_tokens_per_image` soft tokens (the tower's patches average-pooled
   to a square), a square grid.

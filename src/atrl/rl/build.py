@@ -137,8 +137,8 @@ def _prompt_limit(recipe: Recipe) -> tuple[int | None, str | None]:
     positions = getattr(_model_config(recipe).get_text_config(), "max_position_embeddings", None)
     if positions is None:
         return None, None
-    return int(positions), f"the model's {int(positions):,} positions (max_position_embeddings; data.max_prompt_length " \
-        "is unset)"
+    name = f"the model's {int(positions):,} positions (max_position_embeddings; data.max_prompt_length is unset)"
+    return int(positions), name
 
 
 def _processor(recipe: Recipe):

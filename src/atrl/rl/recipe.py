@@ -51,9 +51,9 @@ BASE_TRL: dict[str, Any] = {
 
 # The embedded default (`atrl train` with no --config; configs/demo.yaml writes it out): small enough for two CPU
 # cores, large enough to see rewards move. 16 prompts x 4 generations per step: with 4 prompts x 8 the colour
-# prior of the tiny default drifts with the few images of each step (docs/benchmarks.md, The default base). A recipe file does not
-# inherit these: its run would otherwise stop at the demo's 150 steps whatever its num_train_epochs said, and
-# take the demo's batch, temperature and checkpoint interval for fields it left out.
+# prior of the tiny default drifts with the few images of each step (docs/benchmarks.md, The default base). A
+# recipe file does not inherit these: its run would otherwise stop at the demo's 150 steps whatever its
+# num_train_epochs said, and take the demo's batch, temperature and checkpoint interval for fields it left out.
 DEFAULT_TRL: dict[str, Any] = {
     **BASE_TRL,
     "per_device_train_batch_size": 64,

@@ -493,8 +493,9 @@ class ATRLTrainer(GRPOTrainer):
             self._papo_draws += 1
             draw = torch.Generator().manual_seed(self.args.seed * 1_000_003 + 104_729 * self._papo_draws
                                                  + self.accelerator.process_index)
-            masked["pixel_values"], _ = mask_image_patches(kwargs["pixel_values"], self.processing_class.image_processor,
-                                                           p.mask_prob, generator=draw)
+            image_processor = self.processing_class.image_processor
+            masked["pixel_values"], _ = mask_image_patches(kwargs["pixel_values"], image_processor, p.mask_prob,
+                                                           generator=draw)
         with torch.set_grad_enabled(torch.is_grad_enabled() and p.masked_entropy_coef > 0):
             masked_logps, masked_entropies, _ = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, T, compute_entropy=p.masked_entropy_coef > 0, **masked)
