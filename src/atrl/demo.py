@@ -105,7 +105,7 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
     # Modes whose tokens are not chosen from connectivity (uniform, the entropy and image-damage baselines) are
     # analysed with AT-RL's partition of the trained model.
     credit = trainer.credit_options
-    if not recipe.anchor.credit_mode.reads_connectivity:
+    if not recipe.anchor.credit_mode.needs_probes:  # its tokens are not chosen from connectivity
         credit = dataclasses.replace(credit, mode="atrl")
     t0 = time.perf_counter()
     analysis = analyze(trained, processor, held_out[:40], credit=credit, sink_debias=recipe.anchor.sink_debias,
@@ -132,8 +132,9 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     from .rl.health import step_time_summary
 
+    steps_line = step_time_summary(history)
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
-                  + (f"; in training, {step_time_summary(history)}" if step_time_summary(history) else ""))
+                  + (f"; in training, {steps_line}" if steps_line else ""))
     anchors = run_dir / "anchors"  # written by the trainer in modes that weight tokens
     console.print(f"report: {out} ({summary['seconds']} s); open {files['responses_html']} in a browser; training: "
                   f"{files['training_report']}" + (f" and {anchors}/ (sampled completions, credited tokens marked)"

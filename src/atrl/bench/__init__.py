@@ -9,7 +9,7 @@
 
 Each prints tables with medians, spreads and the device; probe and trainer write their raw numbers as JSON
 (`--out`). The same
-scripts run as `python benchmarks/<module>.py` and in `benchmarks/gpu.sh` on the lent GPUs; the current
+scripts run as `python benchmarks/<module>.py` and in `benchmarks/gpu.sh` on a GPU machine; the current
 figures, with their commands and machines, are in docs/benchmarks.md.
 """
 

@@ -126,11 +126,6 @@ class CreditMode:
         return self.measure != "none"
 
     @property
-    def reads_connectivity(self) -> bool:
-        """The mode's tokens are chosen from connectivity (the probes), so its anchors are AT-RL's kind."""
-        return self.measure == "probes"
-
-    @property
     def decides_from_score(self) -> bool:
         """The weights come from `conn_BT` (connectivity or a visual-dependency score), so they carry the
         connectivity statistics and degenerate to uniform on a constant score."""

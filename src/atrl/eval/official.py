@@ -89,9 +89,10 @@ def mathvista_fields(row: Mapping[str, Any]) -> dict[str, Any] | None:
             "precision": row.get("precision"), "metadata": meta}
 
 
-def check_mathvista_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The row's MathVista fields; a clear error naming the row and the field when one the rule needs is missing."""
-    fields = mathvista_fields(row)
+def check_mathvista_row(row: Mapping[str, Any], where: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The row's MathVista fields (`fields`: already read by `mathvista_fields`); a clear error naming the row and
+    the field when one the rule needs is missing."""
+    fields = mathvista_fields(row) if fields is None else fields
     if fields is None:
         raise ValueError(f"{where}: --scoring mathvista needs MathVista's fields (question_type, answer_type, "
                          "choices, precision); this row has no question_type. Use --scoring reward for this data")

@@ -218,13 +218,12 @@ def score_responses(rows: Sequence[dict], responses: Sequence[str], *, scoring: 
         ok_reward = is_equivalent(pred, row["answer"], row.get("answer_type") or "text",
                                   choices=row.get("choices") or None, precision=row.get("precision"))
         where = f"row {i} (uid {row.get('uid')!r})"
-        fields = check_mathvista_row(row, where) if scoring == "mathvista" else (
-            mathvista_fields(row) if scoring == "auto" else None)
+        fields = mathvista_fields(row) if scoring != "reward" else None
+        if fields is not None or scoring == "mathvista":  # the rule applies: every field it needs, or an error
+            fields = check_mathvista_row(row, where, fields)
         entry = {"uid": row.get("uid"), "category": _category(row), "answer": row["answer"], "extracted": pred,
                  "rule": rule, "response": response, "correct_reward": ok_reward}
         if fields is not None:
-            if scoring == "auto":
-                fields = check_mathvista_row(row, where)
             prediction, ok = mathvista_correct(pred, row["answer"], fields)
             entry.update(prediction=prediction, correct_mathvista=ok, correct=ok, scoring="mathvista",
                          question=_prompt_text(row), **{k: fields[k] for k in ("question_type", "answer_type",
