@@ -17,8 +17,9 @@ from atrl.models.zoo import load_model
 
 
 def _token_at(view, char: int) -> int:
-    """Index of the token of `view` that starts at character `char` of the response."""
-    return next(k for k, (start, _) in enumerate(view.spans) if start == char)
+    """Index of the token of `view` that covers character `char` of the response (a whole-word token may start
+    at the space before it)."""
+    return next(k for k, (start, end) in enumerate(view.spans) if start <= char < end)
 
 
 def main(model_path: str, n: int = 40) -> None:

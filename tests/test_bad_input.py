@@ -144,6 +144,25 @@ def test_a_truncated_weights_file_or_a_folder_without_config_is_named(tmp_path, 
     assert "has no config.json: not a checkpoint folder" in err and "notes.txt" in err
 
 
+def test_a_processor_of_another_model_in_the_folder_is_refused_naming_what_differs(tmp_path, capsys, tiny_models):
+    from atrl.models.zoo import save_model
+
+    model, _ = tiny_models["qwen2_5_vl"]
+    for other, says in (("llava", "the processor marks images with '<image>'"),
+                        ("gemma3", "its tokenizer has")):
+        ckpt = save_model(model, tiny_models[other][1], tmp_path / other)
+        err = _error(capsys, ["eval", "--model", str(ckpt), "--n", "2", "--out", str(tmp_path / "ev")])
+        assert f"model folder {str(ckpt)!r}: {says}" in err and "belongs to another model" in err
+        dry_run = _error(capsys, ["train", "--dry-run", "--model.path", str(ckpt)])
+        assert dry_run == err.replace("atrl eval", "atrl train")
+        config = model.config
+        if other == "llava":  # the ids named are the processor's and the config's own
+            image = tiny_models["llava"][1].tokenizer.convert_tokens_to_ids("<image>")
+            assert f"(id {image})" in err and f"image features at id {config.image_token_id}" in err
+        else:
+            assert f"the model embeds {config.get_text_config().vocab_size}" in err
+
+
 def _checkpoint(folder, step, state: str | None):
     from atrl.rl.checkpoints import mark_checkpoint_complete
 

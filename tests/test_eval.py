@@ -1,5 +1,6 @@
 """atrl eval scoring on a hand-made MathVista fixture, analyze on a tiny model, and the report plots."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def test_eval_and_analyze_commands_on_a_tiny_checkpoint(tmp_path, tiny_models, m
     assert sampled["n"] == 8 and {c: v["n"] for c, v in sampled["by_category"].items()} == {"count": 4, "bar_value": 4}
     assert main(["analyze", "--model", str(ckpt), "--n", "6", "--out", str(tmp_path / "an")]) == 0
     summary = json.loads((tmp_path / "an" / "analysis.json").read_text())
-    assert summary["tokens"] > 100 and 0 < summary["anchor_fraction"] < 1
+    assert summary["tokens"] == 6 * 13  # six reference traces of the default task, 13 tokens each
+    assert 0 < summary["anchor_fraction"] < 1
     # random baseline: precision = base rate of perception tokens, recall = anchor fraction
     assert summary["random_recall"] == pytest.approx(summary["anchor_fraction"])
     assert 0 < summary["random_precision"] < 1
@@ -100,7 +102,7 @@ def test_eval_and_analyze_commands_on_a_tiny_checkpoint(tmp_path, tiny_models, m
         img = Image.open(tmp_path / "an" / name)
         assert img.format == "PNG" and img.width > 300
     html = (tmp_path / "an" / "anchors.html").read_text()
-    assert html.count("class='tok") > 100 and "anchor" in html
+    assert html.count("class='tok") == summary["tokens"] and "anchor" in html
 
 
 def test_analyze_on_a_data_file_reads_the_models_own_responses(tmp_path, tiny_models, mathvista, capsys):
@@ -319,7 +321,7 @@ def test_sampled_evaluation_repeats_rows_and_matches_greedy_when_cold(tiny_model
     assert result.n == 9 and [r["uid"] for r in result.rows] == [r["uid"] for r in rows for _ in range(3)]
     assert [r["response"] for r in result.rows] == hot
     assert set(result.pass_at_k) == {1, 2, 3} and result.pass_at_k[1] == pytest.approx(result.accuracy)
-    assert "(3 questions, 3 sampled answers each)" in result.to_markdown()
+    assert "(3 questions, 3 sampled answers each; standard error " in result.to_markdown()
     with pytest.raises(ValueError, match="samples=2: several responses per row need a sampling temperature"):
         generate_responses(model, processor, rows, samples=2)
     with pytest.raises(ValueError, match="temperature=0"):
@@ -383,7 +385,7 @@ def test_pass_at_k_against_every_draw():
 def test_responses_cut_at_the_token_limit_are_counted():
     """Against each response's full length, generated one by one with a limit it never reaches: a response is cut
     at 64 tokens exactly when it needs more (its end-of-turn token included). The default model's answers are
-    about 70 tokens, so 64 cuts most of them, as `atrl eval`'s old default did."""
+    about 70 tokens (its tokenizer is byte-level), so 64 cuts most of them."""
     from atrl.data.synthetic import DEFAULT_FAMILIES, DEFAULT_KNOBS, generate, knobs_from_mapping, to_hf_dataset
     from atrl.eval.score import _images, evaluate
     from atrl.models.default import default_base_model
@@ -412,6 +414,17 @@ def _scored(pattern: list[bool], categories: list[str]):
     rows = [{"answer": "1", "answer_type": "integer", "family": cat, "uid": str(i)}
             for i, cat in enumerate(categories)]
     return score_responses(rows, [f"<answer>{1 if ok else 2}</answer>" for ok in pattern])
+
+
+def test_standard_error_of_accuracy_is_over_questions_against_scipy():
+    from scipy.stats import sem
+
+    pattern = [True, False, False, True, True, True, False, True, False, False, True, True]
+    greedy = _scored(pattern, ["a"] * 12)
+    assert greedy.standard_error == pytest.approx(sem(np.array(pattern, dtype=float)))
+    sampled = dataclasses.replace(greedy, samples=3)  # four questions, three answers each, one after another
+    assert sampled.standard_error == pytest.approx(sem([1 / 3, 1, 1 / 3, 2 / 3]))
+    assert dataclasses.replace(greedy, rows=greedy.rows[:1]).standard_error == 0.0
 
 
 def test_compare_results_against_hand_counts_and_scipy():

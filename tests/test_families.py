@@ -12,7 +12,7 @@ from atrl.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "gemma3", "qwen3_5"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "gemma3", "qwen3_5", "glm4v"])
 def test_a_family_trains_evaluates_and_analyses_from_its_checkpoint(tmp_path, capsys, family):
     base = tmp_path / "base"
     assert main(["model", "build", "--family", family, "--out", str(base)]) == 0
@@ -39,19 +39,22 @@ def test_a_family_trains_evaluates_and_analyses_from_its_checkpoint(tmp_path, ca
     assert summary["tokens"] > 0 and 0 < summary["anchor_fraction"] < 1
 
 
-def test_the_qwen3_vl_recipe_passes_the_dry_run_on_a_tiny_qwen3_vl(tmp_path, capsys):
+@pytest.mark.parametrize("recipe, family, model_class", [
+    ("qwen3-vl-8b.yaml", "qwen3_vl", "Qwen3VLForConditionalGeneration"),
+    ("qwen3.5-9b.yaml", "qwen3_5", "Qwen3_5ForConditionalGeneration")])
+def test_the_recipes_of_a_family_pass_the_dry_run_on_its_tiny_build(tmp_path, capsys, recipe, family, model_class):
     from PIL import Image
 
     base = tmp_path / "base"
-    assert main(["model", "build", "--family", "qwen3_vl", "--out", str(base)]) == 0
+    assert main(["model", "build", "--family", family, "--out", str(base)]) == 0
     Image.new("RGB", (64, 64), "white").save(tmp_path / "a.png")
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"problem": "What is 2 + 3?", "answer": "5", "images": ["a.png"]}) + "\n")
     capsys.readouterr()
-    assert main(["train", "--config", str(ROOT / "configs" / "qwen3-vl-8b.yaml"), "--model.path", str(base),
+    assert main(["train", "--config", str(ROOT / "configs" / recipe), "--model.path", str(base),
                  "--data.train", str(data), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "Qwen3VLForConditionalGeneration" in out and "recipe checked: nothing trained" in out
+    assert model_class in out and "recipe checked: nothing trained" in out
 
 
 def test_a_qwen3_vl_run_resumes_from_its_checkpoint(tmp_path, caplog):
@@ -98,7 +101,8 @@ def test_a_family_that_reads_the_image_by_cross_attention_is_refused_saying_why(
     with pytest.raises(ProbeError, match=r"'mllama': its text tokens read the image through cross-attention layers "
                                          r"\[3, 8, 13, 18\]\.\.\., not through self-attention"):
         VisionLayout.from_model(SimpleNamespace(config=MllamaConfig()))
-    with pytest.raises(ValueError, match=r"unknown model family 'idefics9'; choose one of \['gemma3', 'llava', "):
+    with pytest.raises(ValueError,
+                       match=r"unknown model family 'idefics9'; choose one of \['gemma3', 'glm4v', 'llava', "):
         from atrl.models.zoo import build_tiny_vlm
 
         build_tiny_vlm("idefics9")

@@ -1,12 +1,13 @@
 import json
 import random
+import re
 
 import pytest
 import torch
 from PIL import Image
 
-from atrl.data.synthetic import build_prompt, generate
-from atrl.models.tokenizer import build_byte_tokenizer
+from atrl.data.synthetic import RESPONSE_INSTRUCTION, TASK_FAMILIES, build_prompt, generate, task_words
+from atrl.models.tokenizer import build_tokenizer
 from atrl.models.zoo import FAMILIES, TinySize, build_tiny_vlm, load_model, save_model
 
 
@@ -27,16 +28,44 @@ def test_tokenizer_round_trips_arbitrary_utf8(tiny_models, family):
     for _ in range(200):
         text = _random_text(rng, rng.randint(0, 40))
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        assert len(ids) == len(text.encode("utf-8"))  # one token per byte
+        assert len(ids) <= len(text.encode("utf-8"))  # words are one token, the rest one token per byte
         assert tok.decode(ids) == text
 
 
 def test_tokenizer_keeps_special_tokens_whole():
-    tok = build_byte_tokenizer(["<pad>", "<x>"], pad_token="<pad>", eos_token="<x>")
+    tok = build_tokenizer(["<pad>", "<x>"], pad_token="<pad>", eos_token="<x>")
     ids = tok("a<x>b", add_special_tokens=False)["input_ids"]
     assert ids == [ord("a"), 257, ord("b")]
     with pytest.raises(ValueError, match="eos_token"):
-        build_byte_tokenizer(["<pad>"], pad_token="<pad>", eos_token="<missing>")
+        build_tokenizer(["<pad>"], pad_token="<pad>", eos_token="<missing>")
+    with pytest.raises(ValueError, match="runs of ASCII letters"):
+        build_tokenizer(["<pad>"], pad_token="<pad>", eos_token="<pad>", words=["two words"])
+
+
+def test_tokenizer_makes_its_words_one_token_and_keeps_markup_whole():
+    tok = build_tokenizer(["<pad>"], pad_token="<pad>", eos_token="<pad>", words=["red", "green"], markup=["<think>"])
+    pieces = tok.convert_ids_to_tokens(tok("<think>red reddish green.", add_special_tokens=False)["input_ids"])
+    # "reddish" is not a word of the vocabulary: "red" and then bytes ("Ġ" is GPT-2's stand-in for a space)
+    assert pieces == ["<think>", "red", "Ġred", "d", "i", "s", "h", "Ġgreen", "."]
+    ids = tok("<think>red", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>red"  # markup is text, not a special token
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_word_of_the_synthetic_tasks_is_one_token(tiny_models, family):
+    tok = tiny_models[family][1].tokenizer
+    words = set(task_words())
+    assert {"orange", "triangle", "quadrant", "colour"} <= words
+    for name in TASK_FAMILIES:
+        for ex in generate(10, seed=3, families=[name]):
+            for text in (ex.question, RESPONSE_INSTRUCTION, ex.reasoning):
+                enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+                pieces = [text[a:b] for a, b in enc["offset_mapping"]]
+                for word in re.findall(r"[A-Za-z]+", re.sub(r"</?(think|answer)>", " ", text)):
+                    assert word in words, (name, word)
+                    assert word in pieces or " " + word in pieces, (name, text, word, pieces)
+                for markup in ("<think>", "</think>", "<answer>", "</answer>"):
+                    assert pieces.count(markup) == text.count(markup)
 
 
 def _batch(processor, examples, padding_side="left"):

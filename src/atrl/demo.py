@@ -21,9 +21,10 @@ import torch
 
 
 SAMPLES = 4  # responses sampled per held-out task for the sampled accuracy
+N_EVAL = 200  # held-out tasks
 
 
-def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, mode: str = "atrl",
+def run_demo(out_dir: Path, seed: int = 0, n_eval: int = N_EVAL, steps: int = 150, mode: str = "atrl",
              overrides: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -58,10 +59,11 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
 
     # Greedy accuracy, and the accuracy of the policy RL trains: responses sampled at the rollout temperature.
     temperature = float(recipe.trl.get("temperature", 1.0))
+    limit = int(recipe.trl.get("max_completion_length", 256))  # the rollouts' own limit
 
     def accuracies(model):
-        greedy = evaluate(model, processor, held_rows, max_new_tokens=96, batch_size=50)
-        sampled = evaluate(model, processor, held_rows, max_new_tokens=96, batch_size=50, temperature=temperature,
+        greedy = evaluate(model, processor, held_rows, max_new_tokens=limit, batch_size=50)
+        sampled = evaluate(model, processor, held_rows, max_new_tokens=limit, batch_size=50, temperature=temperature,
                            samples=SAMPLES, seed=seed)
         return greedy, sampled
 
@@ -70,8 +72,8 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
     model, processor = load_model(base_path)
     before, before_s = accuracies(model)
     phases["evaluation before"] = time.perf_counter() - t0
-    console.print(f"held-out accuracy of the base: {100 * before.accuracy:.1f}% greedy, "
-                  f"{100 * before_s.accuracy:.1f}% sampled (temperature {temperature:g}, {SAMPLES} per task)")
+    console.print(f"held-out accuracy of the base: {_pct(before)} greedy, {_pct(before_s)} sampled "
+                  f"(temperature {temperature:g}, {SAMPLES} per task; ± one standard error)")
     del model
 
     console.print(f"RL: {steps} steps, credit mode {mode} (recipe: {run_dir / 'recipe.yaml'})")
@@ -99,8 +101,8 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
         table.add_row("[bold]all[/bold]", *(f"[bold]{100 * r.accuracy:.1f}%[/bold]"
                                             for r in (before, after, before_s, after_s)))
     console.print(table)
-    console.print(f"after {steps} steps ({mode}): greedy {100 * before.accuracy:.1f}% -> {100 * after.accuracy:.1f}%, "
-                  f"sampled {100 * before_s.accuracy:.1f}% -> {100 * after_s.accuracy:.1f}%")
+    console.print(f"after {steps} steps ({mode}): greedy {_pct(before)} -> {_pct(after)}, "
+                  f"sampled {_pct(before_s)} -> {_pct(after_s)}")
 
     # Modes whose tokens are not chosen from connectivity (uniform, the entropy and image-damage baselines) are
     # analysed with AT-RL's partition of the trained model.
@@ -123,6 +125,8 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
         "base_model": str(base_path), "mode": mode, "steps": steps, "seed": seed, "n_eval": n_eval,
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
         "sampled_accuracy_before": before_s.accuracy, "sampled_accuracy_after": after_s.accuracy,
+        "standard_errors": {"before": before.standard_error, "after": after.standard_error,
+                            "sampled_before": before_s.standard_error, "sampled_after": after_s.standard_error},
         "sampling": {"temperature": temperature, "samples_per_task": SAMPLES},
         "by_family_before": before.by_category, "by_family_after": after.by_category,
         "analysis": s, "seconds": round(time.time() - t_start, 1),
@@ -140,3 +144,7 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = 200, steps: int = 150, 
                   f"{files['training_report']}" + (f" and {anchors}/ (sampled completions, credited tokens marked)"
                                                    if anchors.is_dir() else ""))
     return summary
+
+
+def _pct(result) -> str:
+    return f"{100 * result.accuracy:.1f}% ± {100 * result.standard_error:.1f}"

@@ -496,7 +496,9 @@ class TrainerBench:
         self.args = args
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda" if self.cuda else "cpu")
-        tiny, self.processor = build_tiny_vlm("qwen2_5_vl", size=TinySize(image_size=args.image_size))
+        # byte-level text (a token per character of the questions): the prompt shapes docs/benchmarks.md reports
+        tiny, self.processor = build_tiny_vlm("qwen2_5_vl", size=TinySize(image_size=args.image_size,
+                                                                          vocabulary="bytes"))
         if args.shape == "tiny":
             self.model = tiny
         else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -511,6 +512,25 @@ def generate(
 # recipe writes them.
 DEFAULT_FAMILIES: tuple[str, ...] = ("quadrant",)
 DEFAULT_KNOBS: dict[str, dict[str, Any]] = {"quadrant": {"shape_size": 0.5, "jitter": 0.0, "shapes": ["square"]}}
+
+
+@lru_cache(maxsize=1)
+def task_words() -> tuple[str, ...]:
+    """Every word (run of letters) that the tasks' prompts and reference traces can use, sorted.
+
+    The tiny models' tokenizers hold each of these as one token (`atrl.models.tokenizer`), as a real VLM's
+    vocabulary holds "orange" or "triangle", so that a colour is read from the image by one token, not spelt out
+    letter by letter. The words come from the tasks' own vocabularies (colours, shapes, quadrants, bar labels)
+    and from 64 drawn scenes per family with default knobs (the templates' words); numbers stay digits.
+    """
+    texts = [RESPONSE_INSTRUCTION, *COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *QUADRANTS,
+             *(chr(c) for c in range(ord("A"), ord("Z") + 1)), "system", "user", "assistant"]
+    for name, spec in TASK_FAMILIES.items():
+        for index in range(64):
+            rng = random.Random(f"{name}:words:{index}")
+            question, answer, _, choices, reasoning, _ = spec.text(spec.make_scene(rng, spec.knobs()), rng)
+            texts += [question, answer, reasoning, *(choices or [])]
+    return tuple(sorted({w for text in texts for w in re.findall(r"[A-Za-z]+", text)}))
 
 
 def knobs_from_mapping(raw: dict[str, dict[str, Any]] | None, where: str = "knobs") -> dict[str, Any]:

@@ -38,8 +38,21 @@ class EvalResult:
     other_accuracy: dict[str, float] = field(default_factory=dict)  # under the other rule, where both apply
     differ: int = 0  # responses on which the two rules disagree
 
+    @property
+    def standard_error(self) -> float:
+        """Standard error of `accuracy` over the questions: the spread of each question's share of right answers
+        (its samples one after another in `rows`) over the square root of their number; 0 with under 2."""
+        right = [float(r["correct"]) for r in self.rows]
+        per_question = [sum(right[i:i + self.samples]) / self.samples for i in range(0, len(right), self.samples)]
+        n = len(per_question)
+        if n < 2:
+            return 0.0
+        mean = sum(per_question) / n
+        return (sum((x - mean) ** 2 for x in per_question) / (n - 1) / n) ** 0.5
+
     def to_json(self) -> str:
-        return json.dumps({"accuracy": self.accuracy, "n": self.n, "samples": self.samples, "scoring": self.scoring,
+        return json.dumps({"accuracy": self.accuracy, "standard_error": self.standard_error, "n": self.n,
+                           "samples": self.samples, "scoring": self.scoring,
                            "extraction": self.extraction, "other_accuracy": self.other_accuracy,
                            "differ": self.differ, "pass_at_k": self.pass_at_k, "truncated": self.truncated,
                            "by_category": self.by_category, "rows": self.rows}, indent=1, ensure_ascii=False)
@@ -47,7 +60,8 @@ class EvalResult:
     def to_markdown(self, title: str = "Evaluation") -> str:
         each = f", {self.samples} sampled answers each" if self.samples > 1 else ""
         lines = [f"# {title}", "", (f"Overall accuracy: **{100 * self.accuracy:.1f}%** "
-                                    f"({self.n // self.samples} questions{each})"), "",
+                                    f"({self.n // self.samples} questions{each}; standard error "
+                                    f"{100 * self.standard_error:.1f} points)"), "",
                  _scoring_note(self), ""]
         if self.other_accuracy:
             lines += _differences(self)

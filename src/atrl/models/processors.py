@@ -1,6 +1,6 @@
-"""Image-only processors for the Qwen families, so that no torchvision is needed.
+"""Image-only processors for the Qwen families and GLM-4.1V, so that no torchvision is needed.
 
-The stock Qwen2-VL / Qwen2.5-VL processors require a video processor, and the only video processor
+The stock Qwen2-VL / Qwen2.5-VL / GLM-4.1V processors require a video processor, and the only video processor
 transformers ships for them is built on torchvision. These subclasses keep everything else of the
 stock processor (placeholder expansion from `image_grid_thw`, `mm_token_type_ids` for 3D M-RoPE) and
 simply have no video slot. With torchvision installed, a real checkpoint's own processor loads as usual.
@@ -8,7 +8,7 @@ simply have no video slot. With torchvision installed, a real checkpoint's own p
 
 from __future__ import annotations
 
-from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
+from transformers import Glm4vProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
 
 class Qwen2_5_VLImageProcessorOnly(Qwen2_5_VLProcessor):
@@ -32,5 +32,12 @@ class Qwen3VLImageProcessorOnly(Qwen3VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
+class Glm4vImageProcessorOnly(Glm4vProcessor):
+    """`Glm4vProcessor` (GLM-4.1V) without the video slot (images and text only)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
 IMAGE_ONLY_PROCESSORS = {cls.__name__: cls for cls in (Qwen2_5_VLImageProcessorOnly, Qwen2VLImageProcessorOnly,
-                                                       Qwen3VLImageProcessorOnly)}
+                                                       Qwen3VLImageProcessorOnly, Glm4vImageProcessorOnly)}

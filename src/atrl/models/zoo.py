@@ -2,10 +2,10 @@
 
 Each family is the genuine architecture (Qwen2.5-VL with its window-attention vision tower and 3D
 M-RoPE, Qwen2-VL, LLaVA with a CLIP tower and a Llama decoder) at toy width and depth, with a
-byte-level tokenizer carrying the family's special tokens and chat template, and the family's real
-image-processor class (its PIL backend, so no torchvision is needed). `build_tiny_vlm` returns a model
-and processor that are saved and reloaded with `save_pretrained` / `from_pretrained` like any
-checkpoint, so every later command takes a model path.
+tokenizer (the synthetic tasks' words whole, bytes for the rest) carrying the family's special tokens and
+chat template, and the family's real image-processor class (its PIL backend, so no torchvision is needed).
+`build_tiny_vlm` returns a model and processor that are saved and reloaded with `save_pretrained` /
+`from_pretrained` like any checkpoint, so every later command takes a model path.
 
 Nothing here downloads anything: weights are random, seeded.
 """
@@ -28,7 +28,8 @@ from transformers import (
 
 from .._io import ensure_writable_dir
 from .processors import IMAGE_ONLY_PROCESSORS
-from .tokenizer import build_byte_tokenizer
+from ..data.synthetic import task_words
+from .tokenizer import build_tokenizer
 
 # One chat template per family, written for this project. They accept the conversational format
 # TRL uses: content is a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
@@ -85,6 +86,33 @@ _QWEN_SPECIALS = [
 ]
 _LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|system|>", "<|user|>", "<|assistant|>"]
 
+# GLM-4.1V's format: "[gMASK]<sop>" once, then "<|role|>\n" before each turn, an image as
+# <|begin_of_image|><|image|><|end_of_image|> (the processor repeats <|image|> once per merged patch).
+_GLM_TEMPLATE = (
+    "{{ '[gMASK]<sop>' }}{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|begin_of_image|><|image|><|end_of_image|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+)
+_GLM_SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|begin_of_image|>",
+                 "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
+
+# The response format's tags, single tokens as in reasoning VLMs' vocabularies (Qwen3's "<think>").
+_MARKUP = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def _tokenizer(size: "TinySize", special_tokens: list[str], **kwargs):
+    """The family's tokenizer: bytes, then (with `size.vocabulary == "words"`) the synthetic tasks' words and the
+    response tags as single tokens, then the family's special tokens."""
+    if size.vocabulary == "bytes":
+        return build_tokenizer(special_tokens, **kwargs)
+    return build_tokenizer(special_tokens, words=task_words(), markup=_MARKUP, **kwargs)
+
 
 @dataclass(frozen=True)
 class TinySize:
@@ -105,6 +133,9 @@ class TinySize:
             decoder cannot tell left from right. With base 10 a tiny Qwen2.5-VL names the colour of an asked
             quadrant of a four-colour image 70% of the time after 3,000 traces x 3 epochs, against 26% (chance)
             with base 10,000.
+        vocabulary: "words" (the synthetic tasks' words and the response tags are one token each, as in a real
+            VLM's vocabulary; `atrl.models.tokenizer`) or "bytes" (one token per byte: the default base's, see
+            `atrl.models.default`).
     """
 
     hidden_size: int = 64
@@ -116,12 +147,15 @@ class TinySize:
     vision_layers: int = 2
     image_size: int = 112
     rope_theta: float = 10.0
+    vocabulary: str = "words"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                      "vision_hidden_size", "vision_layers", "image_size", "rope_theta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TinySize.{name} must be positive, got {getattr(self, name)}")
+        if self.vocabulary not in ("words", "bytes"):
+            raise ValueError(f"TinySize.vocabulary={self.vocabulary!r}: choose 'words' or 'bytes'")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"TinySize: hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) "
@@ -170,8 +204,9 @@ def _qwen_ids(tok) -> dict[str, int]:
     )
 
 
-def _qwen_tokenizer():
-    return build_byte_tokenizer(
+def _qwen_tokenizer(size: TinySize):
+    return _tokenizer(
+        size,
         _QWEN_SPECIALS,
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
@@ -193,7 +228,7 @@ def _build_qwen(size: TinySize, config_cls, model_cls, processor_cls, vision: di
                 text: dict[str, Any] | None = None):
     """The Qwen families: same tokenizer, text config and image processor (Qwen3-VL's patches are 16 pixels,
     Qwen2-VL's and Qwen2.5-VL's 14); the vision towers differ."""
-    tok = _qwen_tokenizer()
+    tok = _qwen_tokenizer(size)
     config = config_cls(
         text_config={**_qwen_text_config(size, len(tok), tok), **(text or {})},
         vision_config=dict(depth=size.vision_layers, num_heads=2, patch_size=patch, spatial_merge_size=2,
@@ -273,11 +308,46 @@ def _build_qwen3_5(size: TinySize):
                        patch=16, text=text)
 
 
+def _build_glm4v(size: TinySize):
+    """GLM-4.1V (`glm4v`): a Qwen2-VL-like tower (14-pixel patches, 2 x 2 merge, `image_grid_thw`) with learned
+    position embeddings resampled to each image's grid and a convolutional downsampling merger; a decoder with
+    3D M-RoPE over the image's (t, h, w) and extra norms around attention and MLP."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    from .processors import Glm4vImageProcessorOnly
+
+    tok = _tokenizer(size, _GLM_SPECIALS, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
+                     chat_template=_GLM_TEMPLATE,
+                     extra_attributes={"image_token": "<|image|>", "video_token": "<|video|>"})
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|image|>"), ("video_token_id", "<|video|>"),
+        ("image_start_token_id", "<|begin_of_image|>"), ("image_end_token_id", "<|end_of_image|>"),
+        ("video_start_token_id", "<|begin_of_video|>"), ("video_end_token_id", "<|end_of_video|>"))}
+    head = size.hidden_size // size.num_heads
+    config = Glm4vConfig(
+        text_config=dict(vocab_size=len(tok), **size.decoder_dims(),
+                         rope_parameters={"rope_type": "default", "rope_theta": size.rope_theta,
+                                          "mrope_section": _mrope_section(head), "partial_rotary_factor": 1.0},
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id),
+        vision_config=dict(depth=size.vision_layers, hidden_size=size.vision_hidden_size, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=size.hidden_size,
+                           intermediate_size=2 * size.vision_hidden_size, image_size=size.image_size),
+        tie_word_embeddings=True, **ids)
+    pixels = size.image_size * size.image_size
+    # the processor compares two frames' pixels (an image is a two-frame clip) with its bounds: one size fits
+    image_processor = Glm4vImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": 2 * pixels},
+                                             patch_size=14, temporal_patch_size=2, merge_size=2)
+    processor = Glm4vImageProcessorOnly(image_processor=image_processor, tokenizer=tok, chat_template=_GLM_TEMPLATE)
+    return Glm4vForConditionalGeneration(config), processor
+
+
 def _build_llava(size: TinySize):
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    tok = build_byte_tokenizer(
+    tok = _tokenizer(
+        size,
         _LLAVA_SPECIALS,
         pad_token="<pad>",
         eos_token="</s>",
@@ -329,8 +399,8 @@ def _build_gemma3(size: TinySize):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    tok = build_byte_tokenizer(
-        _GEMMA_SPECIALS, pad_token="<pad>", eos_token="<end_of_turn>", bos_token="<bos>",
+    tok = _tokenizer(
+        size, _GEMMA_SPECIALS, pad_token="<pad>", eos_token="<end_of_turn>", bos_token="<bos>",
         chat_template=_GEMMA_TEMPLATE,
         extra_attributes={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
                           "eoi_token": "<end_of_image>"})
@@ -364,6 +434,7 @@ FAMILIES: dict[str, Callable[[TinySize], tuple[PreTrainedModel, ProcessorMixin]]
     "qwen3_5": _build_qwen3_5,
     "llava": _build_llava,
     "gemma3": _build_gemma3,
+    "glm4v": _build_glm4v,
 }
 DEFAULT_FAMILY = "qwen2_5_vl"
 
@@ -374,7 +445,7 @@ def build_tiny_vlm(
     """Build a randomly initialised tiny VLM of `family` and its processor (no downloads).
 
     Args:
-        family: one of `FAMILIES` (qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, llava, gemma3).
+        family: one of `FAMILIES` (qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, llava, gemma3, glm4v).
         size: width/depth knobs; `TinySize()` when omitted.
         seed: seeds the weight initialisation, so the same seed gives the same weights.
     """
@@ -401,7 +472,12 @@ def save_model(model: PreTrainedModel, processor: ProcessorMixin, path: str | os
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                attn_implementation: str | None = None, device: str | torch.device | None = None):
     """Load a VLM checkpoint and its processor from a local folder (or any Hugging Face model path)."""
+    from transformers import AutoConfig
+
     check_model_path(path)
+    processor = load_processor(path)
+    if (Path(path) / "config.json").is_file():  # before reading the weights (a LoRA adapter folder has none)
+        check_processor_matches(AutoConfig.from_pretrained(path), processor, path)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -417,7 +493,32 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                          "use another checkpoint") from None
     if device is not None:
         model.to(device)
-    return model, load_processor(path)
+    return model, processor
+
+
+def check_processor_matches(config, processor, path: str | os.PathLike) -> None:
+    """Refuse a processor that would put the image in positions the model does not read as image tokens, or
+    token ids the model has no embedding for (a processor of another checkpoint copied into the folder)."""
+    tok = getattr(processor, "tokenizer", processor)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if vocab is not None and len(tok) > vocab:
+        raise ValueError(f"model folder {str(path)!r}: its tokenizer has {len(tok)} tokens and the model embeds "
+                         f"{vocab} (config.json vocab_size): the processor belongs to another model")
+    model_id = getattr(config, "image_token_id", None)
+    if model_id is None:
+        model_id = getattr(config, "image_token_index", None)
+    # the tokens the processor may put where an image's features go (Gemma 3's processor names its begin-of-image
+    # token, its tokenizer the soft token the features replace)
+    named = [getattr(obj, attr, None) for obj in (processor, tok) for attr in ("image_token", "image_token_id")]
+    ids = {tok.convert_tokens_to_ids(v) if isinstance(v, str) else v for v in named if isinstance(v, (str, int))}
+    if model_id is None or not ids or model_id in ids:
+        return
+    image_token = next(v for v in named if isinstance(v, str)) if any(isinstance(v, str) for v in named) else None
+    raise ValueError(f"model folder {str(path)!r}: the processor marks images with {image_token!r} (id "
+                     f"{', '.join(map(str, sorted(ids)))}) and the model reads image features at id {model_id} "
+                     "(config.json image_token_id): the processor belongs to another model; save the model's own "
+                     "processor beside it")
 
 
 def _is_corrupt_weights(err: BaseException) -> bool:

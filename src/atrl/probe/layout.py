@@ -7,7 +7,7 @@ R = (most images in one sample) x rh x rw, and region r of sample b is cell r % 
 r // (rh*rw).
 
 Families:
-- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE) / Qwen3.5: `image_token_id`; image i has
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE) / Qwen3.5 / GLM-4.1V: `image_token_id`; image i has
   `prod(image_grid_thw[i]) / merge_size^2` tokens laid out as (t, h/merge, w/merge) in raster order; images are
   numbered across the batch in order.
 - LLaVA: `image_token_index`; each image has `image_seq_length` tokens, a square grid.
@@ -62,7 +62,7 @@ class VisionLayout:
         if token is None:
             raise ProbeError(f"model type {model_type!r}: its config names no image token "
                              "(image_token_id / image_token_index), so image positions are unknown")
-        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
+        if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "glm4v"):
             return cls(model_type, int(token), merge_size=int(cfg.vision_config.spatial_merge_size))
         if model_type == "llava":
             return cls(model_type, int(token), tokens_per_image=int(cfg.image_seq_length))

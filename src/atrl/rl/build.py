@@ -143,10 +143,12 @@ def _prompt_limit(recipe: Recipe) -> tuple[int | None, str | None]:
 
 def _processor(recipe: Recipe):
     """The model's processor with the recipe's pixel range (as the run will see images); no weights."""
-    from ..models.zoo import build_tiny_vlm, load_processor, set_pixel_range
+    from ..models.zoo import build_tiny_vlm, check_processor_matches, load_processor, set_pixel_range
 
     path = _model_path(recipe)
     processor = load_processor(path) if path is not None else build_tiny_vlm("qwen2_5_vl")[1]
+    if path is not None:
+        check_processor_matches(_model_config(recipe), processor, path)
     set_pixel_range(processor, recipe.model.min_pixels, recipe.model.max_pixels)
     return processor
 
