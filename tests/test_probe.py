@@ -524,6 +524,9 @@ def test_bad_setups_give_clear_errors():
                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(ProbeError, match="'llama'.*names no image token"):
         ConnectivityProbe(text_only)
+    text_only.config._name_or_path = "/models/my-llm"  # as from_pretrained records the folder
+    with pytest.raises(ProbeError, match=r"model '/models/my-llm' \(type 'llama'\): its config names no image token"):
+        ConnectivityProbe(text_only)
     model2, processor2 = _fresh("llava")
     model2.set_attn_implementation("eager")
     with pytest.raises(ProbeError, match="load it with attn_implementation='sdpa'"):

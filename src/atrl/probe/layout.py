@@ -60,8 +60,10 @@ class VisionLayout:
         if token is None:
             token = getattr(cfg, "image_token_index", None)
         if token is None:
-            raise ProbeError(f"model type {model_type!r}: its config names no image token "
-                             "(image_token_id / image_token_index), so image positions are unknown")
+            folder = getattr(cfg, "_name_or_path", "")  # the checkpoint it was loaded from, if any
+            where = f"model {folder!r} (type {model_type!r})" if folder else f"model type {model_type!r}"
+            raise ProbeError(f"{where}: its config names no image token (image_token_id / image_token_index), so "
+                             "image positions are unknown; a vision-language checkpoint's config.json has one")
         if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "glm4v"):
             return cls(model_type, int(token), merge_size=int(cfg.vision_config.spatial_merge_size))
         if model_type == "llava":
