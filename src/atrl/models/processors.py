@@ -11,32 +11,27 @@ from __future__ import annotations
 from transformers import Glm4vProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
 
-class Qwen2_5_VLImageProcessorOnly(Qwen2_5_VLProcessor):
+class _NoVideoSlot:
+    """Mixed in before a stock processor class: its constructor, with no video processor passed on."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLImageProcessorOnly(_NoVideoSlot, Qwen2_5_VLProcessor):
     """`Qwen2_5_VLProcessor` without the video slot (images and text only)."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-
-class Qwen2VLImageProcessorOnly(Qwen2VLProcessor):
+class Qwen2VLImageProcessorOnly(_NoVideoSlot, Qwen2VLProcessor):
     """`Qwen2VLProcessor` without the video slot (images and text only)."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-
-class Qwen3VLImageProcessorOnly(Qwen3VLProcessor):
+class Qwen3VLImageProcessorOnly(_NoVideoSlot, Qwen3VLProcessor):
     """`Qwen3VLProcessor` without the video slot (images and text only)."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-
-class Glm4vImageProcessorOnly(Glm4vProcessor):
+class Glm4vImageProcessorOnly(_NoVideoSlot, Glm4vProcessor):
     """`Glm4vProcessor` (GLM-4.1V) without the video slot (images and text only)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
 IMAGE_ONLY_PROCESSORS = {cls.__name__: cls for cls in (Qwen2_5_VLImageProcessorOnly, Qwen2VLImageProcessorOnly,

@@ -514,7 +514,7 @@ def check_processor_matches(config, processor, path: str | os.PathLike) -> None:
     ids = {tok.convert_tokens_to_ids(v) if isinstance(v, str) else v for v in named if isinstance(v, (str, int))}
     if model_id is None or not ids or model_id in ids:
         return
-    image_token = next(v for v in named if isinstance(v, str)) if any(isinstance(v, str) for v in named) else None
+    image_token = next((v for v in named if isinstance(v, str)), None)
     raise ValueError(f"model folder {str(path)!r}: the processor marks images with {image_token!r} (id "
                      f"{', '.join(map(str, sorted(ids)))}) and the model reads image features at id {model_id} "
                      "(config.json image_token_id): the processor belongs to another model; save the model's own "
