@@ -1,4 +1,4 @@
-"""Each newer model family end to end on the CPU: built offline, trained two steps with AT-RL credit and with an
+"""Each model family end to end on the CPU: built offline, trained two steps with AT-RL credit and with an
 ablation, evaluated and analysed from its checkpoint folder."""
 
 import json
@@ -12,7 +12,8 @@ from atrl.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "gemma3", "qwen3_5", "glm4v"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3", "qwen3_5", "glm4v",
+                                    "internvl", "llava_onevision", "llava"])
 def test_a_family_trains_evaluates_and_analyses_from_its_checkpoint(tmp_path, capsys, family):
     base = tmp_path / "base"
     assert main(["model", "build", "--family", family, "--out", str(base)]) == 0
@@ -57,11 +58,12 @@ def test_the_recipes_of_a_family_pass_the_dry_run_on_its_tiny_build(tmp_path, ca
     assert model_class in out and "recipe checked: nothing trained" in out
 
 
-def test_a_qwen3_vl_run_resumes_from_its_checkpoint(tmp_path, caplog):
+@pytest.mark.parametrize("family", ["qwen3_vl", "internvl", "llava_onevision"])
+def test_a_run_resumes_from_its_checkpoint(tmp_path, caplog, family):
     """The checkpoint's weights load back through from_pretrained (ATRLTrainer._load_from_checkpoint refuses a
     checkpoint whose keys do not match the model, which is how transformers' raw-state-dict path fails)."""
     base = tmp_path / "base"
-    assert main(["model", "build", "--family", "qwen3_vl", "--out", str(base)]) == 0
+    assert main(["model", "build", "--family", family, "--out", str(base)]) == 0
     out = tmp_path / "run"
     common = ["train", "--model.path", str(base), "--trl.output_dir", str(out), "--data.n", "8",
               "--trl.per_device_train_batch_size", "4", "--trl.num_generations", "4", "--trl.max_completion_length",
@@ -102,7 +104,8 @@ def test_a_family_that_reads_the_image_by_cross_attention_is_refused_saying_why(
                                          r"\[3, 8, 13, 18\]\.\.\., not through self-attention"):
         VisionLayout.from_model(SimpleNamespace(config=MllamaConfig()))
     with pytest.raises(ValueError,
-                       match=r"unknown model family 'idefics9'; choose one of \['gemma3', 'glm4v', 'llava', "):
+                       match=r"unknown model family 'idefics9'; choose one of \['gemma3', 'glm4v', 'internvl', "
+                             r"'llava', 'llava_onevision', "):
         from atrl.models.zoo import build_tiny_vlm
 
         build_tiny_vlm("idefics9")

@@ -228,3 +228,27 @@ def test_image_processor_is_pil_backed(tiny_models):
         assert "Pil" in type(processor.image_processor).__name__, family
         out = processor.image_processor(images=[Image.new("RGB", (90, 60), "blue")], return_tensors="pt")
         assert out["pixel_values"].dtype == torch.float32
+
+
+def test_a_stock_internvl_processor_loads_as_the_one_that_gives_image_sizes(tmp_path):
+    """A checkpoint saved with transformers' InternVLProcessor loads as InternVLImageSizesProcessor: the same
+    tokens and tiles, and each image's size, which the probes need to arrange its tiles."""
+    from atrl.models.processors import InternVLImageSizesProcessor
+    from atrl.models.zoo import load_processor
+
+    model, processor = build_tiny_vlm("internvl")
+    save_model(model, processor, tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "processor_config.json"
+    saved = json.loads(config.read_text())
+    assert saved["processor_class"] == "InternVLImageSizesProcessor" and saved["image_seq_length"] == 4
+    config.write_text(json.dumps({**saved, "processor_class": "InternVLProcessor"}))
+    loaded = load_processor(tmp_path / "ckpt")
+    assert type(loaded) is InternVLImageSizesProcessor
+    ex = generate(2, seed=4)
+    wide = ex[1].image.resize((300, 100))
+    b1 = processor(text=["<IMG_CONTEXT>", "<IMG_CONTEXT>"], images=[[ex[0].image], [wide]], return_tensors="pt",
+                   padding=True)
+    b2 = loaded(text=["<IMG_CONTEXT>", "<IMG_CONTEXT>"], images=[[ex[0].image], [wide]], return_tensors="pt",
+                padding=True)
+    assert b1.keys() == b2.keys() and all(torch.equal(b1[k], b2[k]) for k in b1)
+    assert b2["image_sizes"].tolist() == [[224, 224], [100, 300]]

@@ -1,6 +1,7 @@
 """atrl.probe against an independent computation: explicit softmax of eager attention."""
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -73,11 +74,13 @@ def test_masses_match_explicit_softmax_of_eager_attention(family, padding_side, 
     layers = _softmax_layers(model, [0, 2, 3])
     probe = ConnectivityProbe(model, layers=layers, pad_qk=pad_qk, route=route)
     try:
-        with torch.set_grad_enabled(grads), probe.capture(batch["input_ids"], batch.get("image_grid_thw")) as cap:
+        with torch.set_grad_enabled(grads), probe.capture(batch["input_ids"], batch.get("image_grid_thw"),
+                                                           image_sizes=batch.get("image_sizes")) as cap:
             logits = model(**batch, use_cache=False).logits
         assert logits.requires_grad == grads
         indicators = probe.layout.region_indicators(batch["input_ids"], batch.get("image_grid_thw"),
-                                                    probe.region_grid, dtype=torch.float64)
+                                                    probe.region_grid, dtype=torch.float64,
+                                                    image_sizes=batch.get("image_sizes"))
         # the indicators mark exactly the image tokens, each in one region; sample with no image: none
         is_image = batch["input_ids"] == probe.layout.image_token_id
         assert torch.equal(indicators.sum(-1), is_image.double())
@@ -256,7 +259,8 @@ def test_probe_changes_neither_logits_nor_gradients(family, route):
         if probe is None:
             logits = m(**batch, use_cache=False).logits
         else:
-            with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=RESPONSE):
+            with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=RESPONSE,
+                               image_sizes=batch.get("image_sizes")):
                 logits = m(**batch, use_cache=False).logits
         logits.float().pow(2).mean().backward()
         return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
@@ -495,6 +499,158 @@ def test_region_indicators_cut_each_image_grid_into_cells_in_raster_order(region
                 rows[b, pos + x, i * rh * rw + x * rw // (h * w)] = 1
             pos += h * w + 3
     assert torch.equal(generic.region_indicators(ids, None, region_grid), rows)
+
+
+def _quilt(height: int, width: int, rh: int = 4, rw: int = 4):
+    """An image of (rh x rw) rectangles, each its own colour, and those colours (region order)."""
+    import numpy as np
+    from PIL import Image
+
+    colours = [(40 + 60 * (r // rw), 40 + 60 * (r % rw), 200 - 40 * ((r // rw + r % rw) % 2)) for r in range(rh * rw)]
+    rows = np.minimum(np.arange(height) * rh // height, rh - 1)
+    cols = np.minimum(np.arange(width) * rw // width, rw - 1)
+    pixels = np.array(colours, dtype=np.uint8)[rows[:, None] * rw + cols[None, :]]
+    return Image.fromarray(pixels), torch.tensor(colours, dtype=torch.float64)
+
+
+def _rgb(view: torch.Tensor, image_processor) -> torch.Tensor:
+    """A processed view (C, H, W) back in 0-255 RGB."""
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float64)[:, None, None]
+    std = torch.tensor(image_processor.image_std, dtype=torch.float64)[:, None, None]
+    return (view.double() * std + mean) * 255
+
+
+def _seen_regions(rgb: torch.Tensor, corners: list[tuple[int, int]], token_px: int, colours) -> list[int]:
+    """For each token's top-left corner (pixels of `rgb`), the region whose colour the pixels just inside it show;
+    a corner off the picture (padding) is moved onto the picture's nearest edge. The picture is where the pixels
+    have a region's colour."""
+    near = (rgb.permute(1, 2, 0)[:, :, None, :] - colours).norm(dim=-1).min(-1).values < 30
+    ys, xs = near.any(1).nonzero().flatten(), near.any(0).nonzero().flatten()
+    off = max(1, token_px // 5)
+    seen = []
+    for cy, cx in corners:
+        y = min(max(cy, int(ys[0])), int(ys[-1]) - 2 * off)
+        x = min(max(cx, int(xs[0])), int(xs[-1]) - 2 * off)
+        patch = rgb[:, y + off: y + 2 * off, x + off: x + 2 * off].mean((1, 2))
+        seen.append(int((colours - patch).norm(dim=1).argmin()))
+    return seen
+
+
+def _square(side: int, px: int) -> list[tuple[int, int]]:
+    return [(y * px, x * px) for y in range(side) for x in range(side)]
+
+
+@pytest.mark.parametrize("size", [(224, 224), (112, 336), (300, 100), (90, 250), (200, 130), (56, 56)])
+def test_internvl_tiles_and_thumbnail_fall_in_the_regions_of_the_picture_they_show(size):
+    """Independent of the layout's arithmetic: each image token's region is the colour its pixels show, read off
+    the processor's own tiles (the canvas cut by the processor's rule, then the thumbnail) of an image whose
+    4 x 4 regions each have a colour."""
+    model, processor = _fresh("internvl")
+    image, colours = _quilt(*size)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}],
+                                           add_generation_prompt=True)
+    batch = processor(text=[prompt], images=[[image]], return_tensors="pt")
+    layout = ConnectivityProbe(model).layout
+    ind = layout.region_indicators(batch["input_ids"], None, (4, 4), image_sizes=batch["image_sizes"])
+    got = ind[0][batch["input_ids"][0] == layout.image_token_id].argmax(-1).tolist()
+    side = math.isqrt(layout.tile_tokens)
+    token_px = layout.tile_pixels // side
+    tiles = batch["pixel_values"]
+    assert len(got) == tiles.shape[0] * side * side  # a run of tokens per tile, tile after tile
+    seen = [r for tile in tiles for r in _seen_regions(_rgb(tile, processor.image_processor), _square(side, token_px),
+                                                       token_px, colours)]
+    assert got == seen
+    if tiles.shape[0] > 1:  # the canvas and the thumbnail: both kinds of token, each in its own region
+        assert layout.image_layouts(batch["input_ids"], image_sizes=batch["image_sizes"])[0][0][0] == "tiles"
+    with pytest.raises(ProbeError, match="given no image_sizes") if tiles.shape[0] > 1 else contextlib.nullcontext():
+        layout.region_indicators(batch["input_ids"], None, (4, 4))
+
+
+@pytest.mark.parametrize("size", [(224, 224), (112, 336), (300, 100), (90, 250), (200, 130)])
+def test_llava_onevision_views_and_tiles_fall_in_the_regions_of_the_picture_they_show(size):
+    """As for InternVL, read off the processor's own views: a lone image's base view, then its any-resolution
+    tokens off the canvas of tiles (padded around the picture) at the places the model's own `unpad_image` keeps
+    (an index grid unpadded the model's way), each row's newline in the region of its row's last token; in a
+    prompt with two images, each image's base view of the picture padded to a square."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
+
+    model, processor = _fresh("llava_onevision")
+    ip = processor.image_processor
+    image, colours = _quilt(*size)
+    layout = ConnectivityProbe(model).layout
+    geo = layout.anyres
+    s, px = geo.side, geo.tile_pixels // geo.side
+    for n in (1, 2):
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * n}],
+                                               add_generation_prompt=True)
+        batch = processor(text=[prompt], images=[[image] * n], return_tensors="pt")
+        ind = layout.region_indicators(batch["input_ids"], None, (4, 4), image_sizes=batch["image_sizes"])
+        got = ind[0][batch["input_ids"][0] == layout.image_token_id].argmax(-1) % 16
+        views = batch["pixel_values"]
+        if n == 2:  # two base views (one view each), each with its newline
+            seen = []
+            for view in views[:, 0]:
+                base = _seen_regions(_rgb(view, ip), _square(s, px), px, colours)
+                seen += base + base[-1:]
+            assert got.tolist() == seen
+            continue
+        seen = _seen_regions(_rgb(views[0, 0], ip), _square(s, px), px, colours)
+        rows, cols = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, geo.tile_pixels)
+        canvas = torch.cat([torch.cat(list(views[0, 1 + r * cols: 1 + (r + 1) * cols]), dim=-1) for r in range(rows)],
+                           dim=-2)
+        kept = unpad_image(torch.arange(rows * s * cols * s).view(1, rows * s, cols * s), list(size))[0]
+        for line in kept.tolist():
+            places = [divmod(place, cols * s) for place in line]
+            row = _seen_regions(_rgb(canvas, ip), [(fy * px, fx * px) for fy, fx in places], px, colours)
+            seen += row + row[-1:]  # the newline
+        assert got.tolist() == seen
+
+
+def test_internvl_canvas_from_the_tile_count_is_the_processors_for_any_size():
+    """The layout knows an image's tile count (from its tokens) and size; among the canvases of that many tiles
+    it picks the one the processor picked among all canvases from 1 to max_patches tiles."""
+    import random
+
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    model, processor = _fresh("internvl")
+    layout = ConnectivityProbe(model).layout
+    ip, side = processor.image_processor, math.isqrt(layout.tile_tokens)
+    rng = random.Random(0)
+    tiled = 0
+    for _ in range(300):
+        h, w = rng.randint(10, 900), rng.randint(10, 900)
+        tiles = ip.get_number_of_image_patches(h, w, {})
+        cols, rows = get_optimal_tiled_canvas((h, w), (layout.tile_pixels,) * 2, ip.min_patches, ip.max_patches)
+        ids = torch.tensor([[0] + [layout.image_token_id] * tiles * layout.tile_tokens + [0]])
+        (got,), = layout.image_layouts(ids, image_sizes=torch.tensor([[h, w]]))
+        assert got == (("tiles", rows, cols, side) if tiles > 1 else ("grid", side, side)), (h, w)
+        tiled += tiles > 1 and rows != cols
+    assert tiled > 0
+
+
+def test_llava_onevision_token_counts_agree_with_its_processor_for_any_size():
+    """The layout's count of an image's tokens equals the processor's placeholder count, over image sizes from
+    thin to wide and with a `vision_aspect_ratio` that makes the model scale the unpadded grid down."""
+    import random
+    from dataclasses import replace
+
+    from atrl.probe.layout import _any_resolution_grid, _image_cells, _token_count
+
+    model, processor = _fresh("llava_onevision")
+    geo = ConnectivityProbe(model).layout.anyres
+    rng = random.Random(0)
+    sizes = [(rng.randint(10, 900), rng.randint(10, 900)) for _ in range(200)]
+    scaled = 0
+    for max_tiles in (4, 1):
+        processor.vision_aspect_ratio = f"anyres_max_{max_tiles}"
+        for h, w in sizes:
+            want = processor._get_number_of_features(h, w, geo.tile_pixels, geo.tile_pixels)
+            grid = _any_resolution_grid(replace(geo, max_tiles=max_tiles), (h, w))
+            assert _token_count(grid) == want, (max_tiles, h, w)
+            assert _image_cells(grid, 4, 4, 0).numel() == want
+            scaled += max_tiles == 1 and grid[2] * grid[3] < 4 * geo.side ** 2
+    assert scaled > 0  # the scaled-down branch ran
 
 
 def test_layout_that_does_not_match_the_batch_fails_in_the_forward_with_the_reason():

@@ -115,7 +115,8 @@ def _analyse_one(model, processor, probe, item: _Item, device, credit: CreditOpt
         return f"{item.uid}: the response is empty"
     if batch["input_ids"][0, -T:].tolist() != ids:
         return f"{item.uid}: the response does not tokenize the same inside the prompt"
-    with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=T) as cap:
+    with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=T,
+                       image_sizes=batch.get("image_sizes")) as cap:
         model(**batch, use_cache=False)
     mask = torch.ones(1, T, dtype=torch.bool)
     conn, prof = cap.connectivity(mask, sink_debias=sink_debias)

@@ -27,24 +27,36 @@ from transformers import (
 )
 
 from .._io import ensure_writable_dir
-from .processors import IMAGE_ONLY_PROCESSORS
+from .processors import IMAGE_ONLY_PROCESSORS, UPGRADED_PROCESSORS
 from ..data.synthetic import task_words
 from .tokenizer import build_tokenizer
 
 # One chat template per family, written for this project. They accept the conversational format
 # TRL uses: content is a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
-_QWEN_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+
+
+def _chatml_template(image: str) -> str:
+    """The ChatML turns of Qwen-based VLMs, an image part written as `image`."""
+    return (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{{ '" + image + "' }}"
+        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{ '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
+_QWEN_TEMPLATE = _chatml_template("<|vision_start|><|image_pad|><|vision_end|>")
+# InternVL 3 / 3.5 (Qwen decoders): the processor turns <IMG_CONTEXT> into <img>, one <IMG_CONTEXT> per token of
+# each tile, </img>.
+_INTERNVL_TEMPLATE = _chatml_template("<IMG_CONTEXT>\\n")
+# LLaVA-OneVision (Qwen2 decoder): the processor repeats <image> once per token of the image.
+_LLAVA_OV_TEMPLATE = _chatml_template("<image>\\n")
 
 _LLAVA_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -84,6 +96,8 @@ _QWEN_SPECIALS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
+_INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+_LLAVA_OV_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 _LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 # GLM-4.1V's format: "[gMASK]<sop>" once, then "<|role|>\n" before each turn, an image as
@@ -391,6 +405,78 @@ def _build_llava(size: TinySize):
     return LlavaForConditionalGeneration(config), processor
 
 
+def _qwen2_decoder(size: TinySize, tok) -> dict[str, Any]:
+    """A Qwen2 text config (InternVL 3 / 3.5 and LLaVA-OneVision decode with one)."""
+    return dict(model_type="qwen2", vocab_size=len(tok), **size.decoder_dims(),
+                rope_parameters={"rope_type": "default", "rope_theta": size.rope_theta},
+                bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+
+
+def _build_internvl(size: TinySize):
+    """InternVL 3 / 3.5: each image is cut into up to 4 square tiles of `image_size / 2` pixels (rows x columns
+    chosen by the image's aspect ratio), plus a thumbnail of the whole image when there are several; each tile's
+    patches are pixel-shuffled 2 x 2 into (tile / 28)^2 tokens, between <img> and </img>."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from .processors import InternVLImageSizesProcessor
+
+    tok = _tokenizer(size, _INTERNVL_SPECIALS, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                     chat_template=_INTERNVL_TEMPLATE,
+                     extra_attributes={"start_image_token": "<img>", "end_image_token": "</img>",
+                                       "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    tile, patch = size.image_size // 2, 14
+    tokens = (tile // patch // 2) ** 2
+    config = InternVLConfig(
+        vision_config=dict(hidden_size=size.vision_hidden_size, intermediate_size=2 * size.vision_hidden_size,
+                           num_hidden_layers=size.vision_layers, num_attention_heads=2, image_size=[tile, tile],
+                           patch_size=[patch, patch]),
+        text_config=_qwen2_decoder(size, tok),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=tokens, downsample_ratio=0.5,
+        tie_word_embeddings=True)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True,
+                                               min_patches=1, max_patches=4)
+    processor = InternVLImageSizesProcessor(image_processor=image_processor, tokenizer=tok,
+                                            chat_template=_INTERNVL_TEMPLATE, image_seq_length=tokens)
+    return InternVLForConditionalGeneration(config), processor
+
+
+def _build_llava_onevision(size: TinySize):
+    """LLaVA-OneVision: a SigLIP tower on square tiles of `image_size / 2` pixels. A prompt's single image is a
+    base view of the whole image, then the tiles of its best-fitting canvas (up to 4 tiles), unpadded back to the
+    image's aspect ratio, with a learned newline token after each row; each image of a multi-image prompt is its
+    base view and one newline."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from .processors import LlavaOnevisionImageProcessorOnly
+
+    tok = _tokenizer(size, _LLAVA_OV_SPECIALS, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                     chat_template=_LLAVA_OV_TEMPLATE,
+                     extra_attributes={"image_token": "<image>", "video_token": "<video>"})
+    tile, patch = size.image_size // 2, 14
+    canvases = [[tile * r, tile * c] for r in range(1, 5) for c in range(1, 5) if r * c <= 4]
+    config = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=size.vision_hidden_size,
+                           intermediate_size=2 * size.vision_hidden_size, num_hidden_layers=size.vision_layers,
+                           num_attention_heads=2, image_size=tile, patch_size=patch),
+        text_config=_qwen2_decoder(size, tok),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=canvases,
+        vision_aspect_ratio="anyres_max_4", tie_word_embeddings=True)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile},
+                                                      image_grid_pinpoints=canvases)
+    processor = LlavaOnevisionImageProcessorOnly(image_processor=image_processor, tokenizer=tok,
+                                                 chat_template=_LLAVA_OV_TEMPLATE,
+                                                 num_image_tokens=(tile // patch) ** 2,
+                                                 vision_feature_select_strategy="full",
+                                                 vision_aspect_ratio="anyres_max_4")
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
 def _build_gemma3(size: TinySize):
     """Gemma 3: a SigLIP tower whose patches are average-pooled to a fixed square of soft tokens per image
     (`mm_tokens_per_image`, 16 here), between <start_of_image> and <end_of_image>; image tokens attend to each
@@ -435,6 +521,8 @@ FAMILIES: dict[str, Callable[[TinySize], tuple[PreTrainedModel, ProcessorMixin]]
     "llava": _build_llava,
     "gemma3": _build_gemma3,
     "glm4v": _build_glm4v,
+    "internvl": _build_internvl,
+    "llava_onevision": _build_llava_onevision,
 }
 DEFAULT_FAMILY = "qwen2_5_vl"
 
@@ -445,7 +533,8 @@ def build_tiny_vlm(
     """Build a randomly initialised tiny VLM of `family` and its processor (no downloads).
 
     Args:
-        family: one of `FAMILIES` (qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, llava, gemma3, glm4v).
+        family: one of `FAMILIES` (qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, llava, gemma3, glm4v,
+            internvl, llava_onevision).
         size: width/depth knobs; `TinySize()` when omitted.
         seed: seeds the weight initialisation, so the same seed gives the same weights.
     """
@@ -607,4 +696,6 @@ def load_processor(path: str | os.PathLike) -> ProcessorMixin:
         name = json.loads(config_file.read_text()).get("processor_class")
         if name in IMAGE_ONLY_PROCESSORS:
             return IMAGE_ONLY_PROCESSORS[name].from_pretrained(path)
+        if name in UPGRADED_PROCESSORS:
+            return UPGRADED_PROCESSORS[name].from_pretrained(path)
     return AutoProcessor.from_pretrained(path)

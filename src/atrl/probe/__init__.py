@@ -166,25 +166,28 @@ class ConnectivityProbe:
             self.model.set_attn_implementation({"text_config": "sdpa"})
 
     def _new_state(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                   response_len: int | None) -> ProbeState:
+                   response_len: int | None, image_sizes: torch.Tensor | None = None) -> ProbeState:
         """An empty record keeping the last response_len + 1 rows, with this batch's region indicators deferred to
         the first probed layer (see `VisionLayout.deferred_indicators`: no host sync here)."""
         if response_len is not None and not 0 < response_len < input_ids.shape[1]:
             raise ProbeError(f"response_len={response_len} must be in [1, {input_ids.shape[1] - 1}]")
         dtype = next(self.model.parameters()).dtype
-        indicators = self.layout.deferred_indicators(input_ids, image_grid_thw, self.region_grid, dtype=dtype)
+        indicators = self.layout.deferred_indicators(input_ids, image_grid_thw, self.region_grid, dtype=dtype,
+                                                     image_sizes=image_sizes)
         return ProbeState(indicators, self.layer_of_module, keep_last=response_len + 1 if response_len else None,
                           pad_qk=self.pad_qk, route=self.route, batch_shape=tuple(input_ids.shape))
 
     @contextmanager
     def capture(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
-                response_len: int | None = None) -> Iterator[Capture]:
+                response_len: int | None = None, image_sizes: torch.Tensor | None = None) -> Iterator[Capture]:
         """Record region masses for one forward of `input_ids` (B, S) run inside the `with` block.
 
+        `image_grid_thw` (the Qwen families, GLM-4.1V) and `image_sizes` (InternVL, LLaVA-OneVision) are the
+        batch's own, as the processor gave them to the forward: they say how each image's tokens are laid out.
         `response_len` T keeps only the rows the response needs (the last T + 1 positions), which bounds the
         memory at L x B x (T + 1) x H x R floats.
         """
-        state = self._new_state(input_ids, image_grid_thw, response_len)
+        state = self._new_state(input_ids, image_grid_thw, response_len, image_sizes)
         token = activate(state)
         try:
             yield Capture(state, self.layers, response_len)
@@ -197,7 +200,8 @@ class ConnectivityProbe:
         """Capture every call of the model inside the block, one `Capture` per call, in order.
 
         For a trainer whose forward passes happen inside library code (e.g. TRL scoring chunks of a batch): the
-        model's own forward hooks read `input_ids` / `image_grid_thw` from each call, so nothing else changes.
+        model's own forward hooks read `input_ids`, `image_grid_thw` and `image_sizes` from each call, so nothing
+        else changes.
         `on_record(capture)` runs once per call, as soon as the call's last probed layer has recorded (inside
         the forward: the layers after it, the LM head and the next chunk are still to compute), so that its
         rows can be handed on early, e.g. to the credit workers. A call whose probed layers did not all run
@@ -210,7 +214,7 @@ class ConnectivityProbe:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
                 raise ProbeError("record_forwards: the model was called without input_ids")
-            state = self._new_state(input_ids, kwargs.get("image_grid_thw"), response_len)
+            state = self._new_state(input_ids, kwargs.get("image_grid_thw"), response_len, kwargs.get("image_sizes"))
             capture = Capture(state, self.layers, response_len)
             if on_record is not None:
                 state.on_complete = lambda: on_record(capture)
