@@ -235,3 +235,71 @@ def test_papo_adds_its_perception_and_entropy_terms_as_an_independent_computatio
         AnchorConfig(papo={"mask_prob": 1.0})
     with pytest.raises(ValueError, match=r"anchor.papo.*unknown.*'gamma'|gamma"):
         AnchorConfig(papo={"gamma": 0.01})
+
+
+def _split_reward(prompts, completions, answer, **columns):
+    """All equal (1.0) within the groups of prompts whose answer has an even length; varied for the others."""
+    return [1.0 if len(a) % 2 == 0 else len(set(c[-1]["content"])) / 10 for a, c in zip(answer, completions)]
+
+
+def _constant_reward(prompts, completions, **columns):
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize("reward", [_split_reward, _constant_reward], ids=["some-equal", "all-equal"])
+def test_dynamic_sampling_drops_all_equal_groups_and_fills_the_batch_with_fresh_ones(tmp_path, reward):
+    """DAPO's dynamic sampling: the batch TRL scores and trains on holds no group whose rewards are all equal
+    (TRL's own advantages and its `frac_reward_zero_std` say so), its rollouts are the ones made while choosing
+    (no second generation), and the counts add up; when no prompt gives a varied group, the redraws stop at the
+    cap and the batch is filled with all-equal groups, counted."""
+    from test_trainer import _trainer
+    from trl import GRPOTrainer
+
+    from atrl.data.synthetic import generate
+
+    answers = [ex.answer for ex in generate(8, seed=0)]
+    assert {len(a) % 2 for a in answers} == {0, 1}  # both kinds of prompt are in the data
+    rounds = 2
+    trainer = _trainer(tmp_path, reward=reward, max_steps=3,
+                       anchor=AnchorConfig(mode="uniform", report_steps=0, dynamic_sampling=True,
+                                           dynamic_sampling_rounds=rounds))
+    made, scored = [], []
+    base_generate = GRPOTrainer._generate
+
+    def counting_generate(self, prompts):
+        made.append(len(prompts))
+        return base_generate(self, prompts)
+
+    score = trainer._generate_and_score_completions
+
+    def keep(inputs):
+        out = score(inputs)
+        scored.append(out["advantages"].view(-1, 4).clone())
+        return out
+
+    trainer._generate_and_score_completions = keep
+    GRPOTrainer._generate = counting_generate
+    try:
+        trainer.train()
+    finally:
+        GRPOTrainer._generate = base_generate
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
+    counts = {k: [h[f"atrl/dynamic/{k}"] for h in logs] for k in ("drawn_groups", "dropped_groups",
+                                                                   "filled_groups", "redraw_rounds")}
+    assert sum(counts["redraw_rounds"]) + 3 == len(made)  # one generation per round, none when TRL scores
+    assert sum(made) == 4 * sum(counts["drawn_groups"])
+    for step, h in enumerate(logs):  # each step's batch is one group: drawn = kept + dropped + filled
+        kept = 1 - counts["filled_groups"][step]
+        assert counts["drawn_groups"][step] == kept + counts["dropped_groups"][step] + counts["filled_groups"][step]
+        assert h["frac_reward_zero_std"] == counts["filled_groups"][step]  # TRL's own count on the trained batch
+        if counts["filled_groups"][step]:  # filled only once the redraws ran out
+            assert counts["redraw_rounds"][step] == rounds
+        else:
+            assert (scored[step] != 0).any()  # the trained group carries a gradient
+    if reward is _constant_reward:
+        assert counts["filled_groups"] == [1, 1, 1] and counts["redraw_rounds"] == [rounds] * 3
+    else:
+        assert sum(counts["dropped_groups"]) > 0 and counts["filled_groups"].count(0) >= 2
+    with pytest.raises(ValueError, match="anchor.dynamic_sampling_rounds=-1"):
+        AnchorConfig(dynamic_sampling=True, dynamic_sampling_rounds=-1)

@@ -88,6 +88,11 @@ class AnchorConfig:
             blacked out (VPPO's published runs: 0.5).
         papo: PAPO's implicit perception loss beside the credit mode (`PapoConfig` fields, e.g. {coef: 0.01});
             null: off. It costs one forward per micro-batch (and its backward with masked_entropy_coef > 0).
+        dynamic_sampling: DAPO's dynamic sampling (`atrl.rl.dynamic`): a group whose rewards are all equal is
+            dropped and groups of prompts drawn at random from the training set take its place (training only).
+            Each process's share of the generation batch must be whole groups.
+        dynamic_sampling_rounds: at most this many redraw rounds per generation batch; a batch still short after
+            them is filled with all-equal groups (logged as atrl/dynamic/filled_groups).
     """
 
     mode: str = "atrl"
@@ -101,6 +106,8 @@ class AnchorConfig:
     report_steps: int = 50
     mask_prob: float = 0.5
     papo: dict[str, Any] | None = None
+    dynamic_sampling: bool = False
+    dynamic_sampling_rounds: int = 3
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in credit_mode_names():
@@ -109,7 +116,7 @@ class AnchorConfig:
             raise ValueError(f"anchor.sink_debias={self.sink_debias!r}: choose from {SINK_DEBIAS}")
         if self.capture not in CAPTURE_SITES:
             raise ValueError(f"anchor.capture={self.capture!r}: choose from {CAPTURE_SITES}")
-        for name in ("overlap", "fallback_to_uniform"):
+        for name in ("overlap", "fallback_to_uniform", "dynamic_sampling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"anchor.{name}={getattr(self, name)!r}: use true or false")
         if isinstance(self.report_steps, bool) or not isinstance(self.report_steps, int) or self.report_steps < 0:
@@ -117,6 +124,9 @@ class AnchorConfig:
         if isinstance(self.mask_prob, bool) or not isinstance(self.mask_prob, (int, float)) or \
                 not 0 < self.mask_prob < 1:
             raise ValueError(f"anchor.mask_prob={self.mask_prob!r}: a probability in (0, 1)")
+        rounds = self.dynamic_sampling_rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"anchor.dynamic_sampling_rounds={rounds!r}: a number of redraw rounds, 0 or more")
         self.region_grid = tuple(self.region_grid)
         if len(self.region_grid) != 2 or min(self.region_grid) < 1:
             raise ValueError(f"anchor.region_grid={self.region_grid}: two positive integers, e.g. [4, 4]")

@@ -37,6 +37,7 @@ from ..probe import ConnectivityParts, ConnectivityProbe, ProbeError
 from ..probe.dependency import blank_image_kl, perception_kl, sampled_token_dependency
 from .checkpoints import CheckpointSaveError, check_checkpoint_space, free_space_line, mark_checkpoint_complete
 from .config import AnchorConfig
+from .dynamic import GroupFiller
 from .handoff import CreditInFlight
 from .health import StallWatch
 
@@ -196,6 +197,10 @@ class ATRLTrainer(GRPOTrainer):
         self.stall_watch = StallWatch(self.args.max_completion_length, self.args.num_generations)  # warns a run
         # whose completions are all cut, or whose groups all score alike, for STALL_STEPS steps
         self._reported_step = -1  # the step whose anchor report is written (anchor.report_steps)
+        self._pregenerated = None  # dynamic sampling: the chosen rows' rollouts, which _generate hands TRL once
+        self.dynamic: GroupFiller | None = None
+        if self.anchor.dynamic_sampling:
+            self.dynamic = self._group_filler()
         self.recipe_yaml: str | None = None  # set by atrl.rl.run.run_training: saved into each checkpoint
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if self.accelerator.num_processes > 1 and plugin is not None and plugin.zero_stage == 3 and any(
@@ -214,6 +219,18 @@ class ATRLTrainer(GRPOTrainer):
             if self.accelerator.is_main_process:
                 logger.info("trl.log_multimodal off: the data mix prompts with and without images, and TRL's "
                             "image logging would hang a multi-process run on a batch without images on one rank")
+
+    def _group_filler(self) -> GroupFiller:
+        """Dynamic sampling's state, after checking the run can have it."""
+        if self.tools or self.environment_factories is not None or self.rollout_func is not None:
+            raise ValueError("anchor.dynamic_sampling works on plain rollouts: not with tools, environments or a "
+                             "rollout_func (their rollouts are not TRL's _generate of the row's prompt alone)")
+        dataset = self.train_dataset
+        if dataset is None or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            raise ValueError("anchor.dynamic_sampling draws prompts at random from the training set, which needs a "
+                             f"data set with a length and rows by index (got {type(dataset).__name__})")
+        return GroupFiller(self.anchor.dynamic_sampling_rounds,
+                           seed=self.args.seed * 1_000_003 + 104_729 + self.accelerator.process_index)
 
     # ---------------------------------------------------------------------------------------------- measuring
 
@@ -435,6 +452,11 @@ class ATRLTrainer(GRPOTrainer):
         without, after generation (where vLLM wants None). TRL 1.16 hands None to the processor for the training
         forward's inputs, which transformers 5.24's processor refuses ("only a single or a list of entries is
         supported"): a data set with some text-only rows stopped at the first batch that mixed them."""
+        if self._pregenerated is not None:  # dynamic sampling rolled these rows out already
+            rollouts, self._pregenerated = self._pregenerated, None
+            if len(rollouts[1]) != len(prompts):
+                raise RuntimeError(f"dynamic sampling: {len(rollouts[1])} rollouts made for {len(prompts)} prompts")
+            return rollouts
         t0 = time.perf_counter()
         *head, images, tool_images = super()._generate(prompts)
         self._generation_seconds += time.perf_counter() - t0
@@ -443,6 +465,14 @@ class ATRLTrainer(GRPOTrainer):
         return (*head, images, tool_images)
 
     def _generate_and_score_completions(self, inputs):
+        if self.dynamic is not None and self.model.training:
+            inputs, self._pregenerated, counts = self.dynamic.fill(self, inputs)
+            totals = torch.tensor([float(v) for v in counts.values()], device=self.accelerator.device)
+            if self.accelerator.num_processes > 1:  # groups summed over processes; rounds are the same on each
+                totals = self.accelerator.reduce(totals, reduction="sum")
+                totals[-1] /= self.accelerator.num_processes
+            for name, value in zip(counts, totals.tolist()):
+                self._metrics["train"][f"atrl/dynamic/{name}"].append(value)
         self._scoring, self._scored = True, None
         try:
             output = super()._generate_and_score_completions(inputs)
