@@ -286,12 +286,11 @@ def test_dynamic_sampling_drops_all_equal_groups_and_fills_the_batch_with_fresh_
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
     counts = {k: [h[f"atrl/dynamic/{k}"] for h in logs] for k in ("drawn_groups", "dropped_groups",
-                                                                   "filled_groups", "redraw_rounds")}
+                                                                   "filled_groups", "surplus_groups", "redraw_rounds")}
     assert sum(counts["redraw_rounds"]) + 3 == len(made)  # one generation per round, none when TRL scores
     assert sum(made) == 4 * sum(counts["drawn_groups"])
-    for step, h in enumerate(logs):  # each step's batch is one group: drawn = kept + dropped + filled
-        kept = 1 - counts["filled_groups"][step]
-        assert counts["drawn_groups"][step] == kept + counts["dropped_groups"][step] + counts["filled_groups"][step]
+    for step, h in enumerate(logs):  # each step's batch is one group: drawn = batch + dropped + surplus
+        assert counts["drawn_groups"][step] == 1 + counts["dropped_groups"][step] + counts["surplus_groups"][step]
         assert h["frac_reward_zero_std"] == counts["filled_groups"][step]  # TRL's own count on the trained batch
         if counts["filled_groups"][step]:  # filled only once the redraws ran out
             assert counts["redraw_rounds"][step] == rounds

@@ -643,6 +643,21 @@ def test_two_processes_train_together_and_agree_on_weights(ddp_run, tmp_path):
     assert "Use ZeRO-2" in proc.stderr and not (tmp_path / "z3" / "rank0.pt").exists()
 
 
+def test_two_processes_fill_their_batches_by_dynamic_sampling_together(tmp_path):
+    """DAPO's dynamic sampling on two ranks: each fills its own group, redrawing as often as the other (generation
+    and reward scoring are collective: a rank that stopped drawing first would leave the other waiting), and the
+    ranks still agree on the weights. Counts are summed over the ranks."""
+    proc = _launch("multi_cpu", 29546, "ddp_train.py", str(tmp_path / "ds"), "--anchor.dynamic_sampling", "true",
+                   "--anchor.dynamic_sampling_rounds", "4", "--rewards.custom", "{ddp_train:split_reward: 1.0}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = _two_ranks(tmp_path / "ds", every_step=False)
+    assert r0["dynamic"] == r1["dynamic"] and len(r0["dynamic"]) == 2
+    for step in r0["dynamic"]:  # two ranks of one group each: a group drawn is trained on, dropped or surplus
+        assert step["drawn_groups"] == 2 + step["dropped_groups"] + step["surplus_groups"]
+        assert step["frac_reward_zero_std"] == step["filled_groups"] / 2
+    assert sum(step["dropped_groups"] for step in r0["dynamic"]) > 0  # groups were redrawn
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_as_ddp_does(ddp_run, tmp_path, stage):
     """The shipped ZeRO-2 / ZeRO-3 configs (DeepSpeed on the CPU, two processes): the ranks agree, and after two

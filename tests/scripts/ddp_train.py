@@ -25,6 +25,11 @@ def diversity_reward(prompts, completions, **columns):
     return [len(set(c[-1]["content"])) / 10 for c in completions]
 
 
+def split_reward(prompts, completions, answer, **columns):
+    """All equal within the groups of prompts whose answer has an even length (dynamic sampling drops them)."""
+    return [1.0 if len(a) % 2 == 0 else len(set(c[-1]["content"])) / 10 for a, c in zip(answer, completions)]
+
+
 def _gathered(trainer, model) -> dict:
     """The model's parameters whole, by name: under DeepSpeed ZeRO-3 each process holds a shard, gathered here."""
     named = dict(model.named_parameters())
@@ -67,7 +72,10 @@ def main():
                 "zero_stage": plugin.zero_stage if plugin else None, "sharded_params": len(sharded),
                 "lora_b_max": max(lora_b) if lora_b else None,
                 "params": params, "steps": trainer.state.global_step,
-                "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]},
+                "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
+                "dynamic": [{k.removeprefix("atrl/dynamic/"): v for k, v in h.items() if k.startswith("atrl/dynamic/")}
+                            | {"frac_reward_zero_std": h["frac_reward_zero_std"]}
+                            for h in trainer.state.log_history if "atrl/dynamic/drawn_groups" in h]},
                f"{out}/rank{rank}.pt")
     leave_together()  # as `atrl train` does: a rank that left first could abort at exit (gloo)
 

@@ -109,8 +109,9 @@ class GroupFiller:
 
     def fill(self, trainer, inputs: list[dict]) -> tuple[list[dict], Rollouts, dict[str, int]]:
         """The rows of a generation batch full of groups whose rewards differ, their rollouts, and this process's
-        counts: groups drawn, dropped (all equal), filled with all-equal ones when the rounds ran out, and redraw
-        rounds (see the module docstring). `trainer` is the ATRLTrainer: its `_generate`, `_calculate_rewards`,
+        counts: groups drawn, dropped (all equal), filled with all-equal ones when the rounds ran out, surplus
+        (varied groups drawn beyond the batch, e.g. on a process that was full while another redrew), and redraw
+        rounds (see the module docstring). Drawn = batch + dropped + surplus. `trainer` is the ATRLTrainer: its `_generate`, `_calculate_rewards`,
         train set and processes."""
         group = trainer.num_generations
         if len(inputs) % group:
@@ -149,6 +150,6 @@ class GroupFiller:
         filled = wanted - len(chosen)
         chosen += spare[:filled]
         counts = {"drawn_groups": drawn, "dropped_groups": len(spare) - filled, "filled_groups": filled,
-                  "redraw_rounds": rounds}
+                  "surplus_groups": len(kept) - (wanted - filled), "redraw_rounds": rounds}
         rows = [row for rows, _ in chosen for row in rows]
         return rows, concat_rollouts([r for _, r in chosen]), counts
