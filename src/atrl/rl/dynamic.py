@@ -111,8 +111,8 @@ class GroupFiller:
         """The rows of a generation batch full of groups whose rewards differ, their rollouts, and this process's
         counts: groups drawn, dropped (all equal), filled with all-equal ones when the rounds ran out, surplus
         (varied groups drawn beyond the batch, e.g. on a process that was full while another redrew), and redraw
-        rounds (see the module docstring). Drawn = batch + dropped + surplus. `trainer` is the ATRLTrainer: its `_generate`, `_calculate_rewards`,
-        train set and processes."""
+        rounds (see the module docstring). Drawn = batch + dropped + surplus. `trainer` is the ATRLTrainer: its
+        `_generate`, `_calculate_rewards`, train set and processes."""
         group = trainer.num_generations
         if len(inputs) % group:
             raise ValueError(
