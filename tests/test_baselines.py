@@ -250,8 +250,8 @@ def _constant_reward(prompts, completions, **columns):
 def test_dynamic_sampling_drops_all_equal_groups_and_fills_the_batch_with_fresh_ones(tmp_path, reward):
     """DAPO's dynamic sampling: the batch TRL scores and trains on holds no group whose rewards are all equal
     (TRL's own advantages and its `frac_reward_zero_std` say so), its rollouts are the ones made while choosing
-    (no second generation), and the counts add up; when no prompt gives a varied group, the redraws stop at the
-    cap and the batch is filled with all-equal groups, counted."""
+    (no second generation) and so are its rewards (no second scoring), and the counts add up; when no prompt
+    gives a varied group, the redraws stop at the cap and the batch is filled with all-equal groups, counted."""
     from test_trainer import _trainer
     from trl import GRPOTrainer
 
@@ -278,6 +278,14 @@ def test_dynamic_sampling_drops_all_equal_groups_and_fills_the_batch_with_fresh_
         return out
 
     trainer._generate_and_score_completions = keep
+    rewarded = []
+    reward_func = trainer.reward_funcs[0]
+
+    def counting_reward(prompts, completions, **columns):
+        rewarded.append(len(completions))
+        return reward_func(prompts=prompts, completions=completions, **columns)
+
+    trainer.reward_funcs[0] = counting_reward
     GRPOTrainer._generate = counting_generate
     try:
         trainer.train()
@@ -289,6 +297,7 @@ def test_dynamic_sampling_drops_all_equal_groups_and_fills_the_batch_with_fresh_
                                                                    "filled_groups", "surplus_groups", "redraw_rounds")}
     assert sum(counts["redraw_rounds"]) + 3 == len(made)  # one generation per round, none when TRL scores
     assert sum(made) == 4 * sum(counts["drawn_groups"])
+    assert rewarded == made  # each rollout scored once: TRL takes the rewards made while choosing
     for step, h in enumerate(logs):  # each step's batch is one group: drawn = batch + dropped + surplus
         assert counts["drawn_groups"][step] == 1 + counts["dropped_groups"][step] + counts["surplus_groups"][step]
         assert h["frac_reward_zero_std"] == counts["filled_groups"][step]  # TRL's own count on the trained batch

@@ -9,8 +9,10 @@ How it runs inside TRL's step (`fill_groups`):
 2. While groups are missing and fewer than `rounds` redraws have run, prompts are drawn at random from the
    training set (a seeded stream of its own, apart from the epoch's order), rolled out and scored the same way.
 3. The batch is the first kept groups in the order drawn; when the redraws run out, it is filled with dropped
-   groups (counted). TRL then scores the chosen rows as usual, with the rollouts already made (`_generate`
-   returns them), so the old-log-prob pass, the probes on it and the advantages see exactly the chosen batch.
+   groups (counted). TRL then scores the chosen rows as usual, with the rollouts and rewards already made
+   (`_generate` and `_calculate_rewards` return them), so the old-log-prob pass, the probes on it and the
+   advantages see exactly the chosen batch, and a reward function is not run twice on a row (nor can a
+   sampling judge score a kept group all-equal the second time).
 
 Each process holds whole groups (its share of the generation batch is a multiple of `num_generations`) and
 decides for its own; the processes run the same number of rounds, since generation and reward scoring are
@@ -107,8 +109,9 @@ class GroupFiller:
         picks = [self.rng.randrange(len(dataset)) for _ in range(groups)]
         return [dict(dataset[i]) for i in picks for _ in range(group)]
 
-    def fill(self, trainer, inputs: list[dict]) -> tuple[list[dict], Rollouts, dict[str, int]]:
-        """The rows of a generation batch full of groups whose rewards differ, their rollouts, and this process's
+    def fill(self, trainer, inputs: list[dict]) -> tuple[list[dict], Rollouts, torch.Tensor, dict[str, int]]:
+        """The rows of a generation batch full of groups whose rewards differ, their rollouts, their rewards per
+        function as `_calculate_rewards` made them for this process's rows (n, functions), and this process's
         counts: groups drawn, dropped (all equal), filled with all-equal ones when the rounds ran out, surplus
         (varied groups drawn beyond the batch, e.g. on a process that was full while another redrew), and redraw
         rounds (see the module docstring). Drawn = batch + dropped + surplus. `trainer` is the ATRLTrainer: its
@@ -122,8 +125,8 @@ class GroupFiller:
         wanted = len(inputs) // group
         accelerator = trainer.accelerator
         weights = trainer.reward_weights.to(accelerator.device)
-        kept: list[tuple[list[dict], Rollouts]] = []
-        spare: list[tuple[list[dict], Rollouts]] = []
+        kept: list[tuple[list[dict], Rollouts, torch.Tensor]] = []  # (rows, rollouts, rewards per function)
+        spare: list[tuple[list[dict], Rollouts, torch.Tensor]] = []
         pool, rounds, drawn = list(inputs), 0, 0
         while True:
             prompts = rollout_prompts(pool)
@@ -132,10 +135,12 @@ class GroupFiller:
             rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)
             rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
             n = len(pool)
-            local = rewards[accelerator.process_index * n:(accelerator.process_index + 1) * n].cpu()
+            mine = slice(accelerator.process_index * n, (accelerator.process_index + 1) * n)
+            local, local_per_func = rewards[mine].cpu(), per_func[mine]
             for g, equal in enumerate(all_equal_groups(local, group).tolist()):
-                rows = list(range(g * group, (g + 1) * group))
-                (spare if equal else kept).append((pool[g * group:(g + 1) * group], take_rows(rollouts, rows)))
+                rows = slice(g * group, (g + 1) * group)
+                (spare if equal else kept).append((pool[rows], take_rows(rollouts, list(range(n))[rows]),
+                                                   local_per_func[rows]))
             drawn += n // group
             missing = torch.tensor(max(wanted - len(kept), 0), device=accelerator.device)
             if accelerator.num_processes > 1:
@@ -151,5 +156,5 @@ class GroupFiller:
         chosen += spare[:filled]
         counts = {"drawn_groups": drawn, "dropped_groups": len(spare) - filled, "filled_groups": filled,
                   "surplus_groups": len(kept) - (wanted - filled), "redraw_rounds": rounds}
-        rows = [row for rows, _ in chosen for row in rows]
-        return rows, concat_rollouts([r for _, r in chosen]), counts
+        rows = [row for rows, _, _ in chosen for row in rows]
+        return rows, concat_rollouts([r for _, r, _ in chosen]), torch.cat([f for _, _, f in chosen]), counts

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from accelerate.utils import gather
 from torch.nn.utils import get_total_norm
 from transformers import TrainerCallback
 from trl import GRPOTrainer
@@ -198,6 +199,7 @@ class ATRLTrainer(GRPOTrainer):
         # whose completions are all cut, or whose groups all score alike, for STALL_STEPS steps
         self._reported_step = -1  # the step whose anchor report is written (anchor.report_steps)
         self._pregenerated = None  # dynamic sampling: the chosen rows' rollouts, which _generate hands TRL once
+        self._prescored: torch.Tensor | None = None  # and their rewards per function, for _calculate_rewards
         self.dynamic: GroupFiller | None = None
         if self.anchor.dynamic_sampling:
             self.dynamic = self._group_filler()
@@ -464,9 +466,17 @@ class ATRLTrainer(GRPOTrainer):
             images = [[] if imgs is None else imgs for imgs in images]
         return (*head, images, tool_images)
 
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if self._prescored is not None:  # dynamic sampling scored these rows already: gathered as TRL gathers
+            local, self._prescored = self._prescored, None
+            if local.shape[0] != len(prompts):
+                raise RuntimeError(f"dynamic sampling: {local.shape[0]} rewards made for {len(prompts)} prompts")
+            return gather(local)
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
     def _generate_and_score_completions(self, inputs):
         if self.dynamic is not None and self.model.training:
-            inputs, self._pregenerated, counts = self.dynamic.fill(self, inputs)
+            inputs, self._pregenerated, self._prescored, counts = self.dynamic.fill(self, inputs)
             totals = torch.tensor([float(v) for v in counts.values()], device=self.accelerator.device)
             if self.accelerator.num_processes > 1:  # groups summed over processes; rounds are the same on each
                 totals = self.accelerator.reduce(totals, reduction="sum")
