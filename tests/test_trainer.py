@@ -78,7 +78,7 @@ def test_every_mode_trains_a_few_steps(tmp_path, mode):
         assert trainer.last_credit["result"].weights.shape == trainer.last_credit["mask"].shape
         assert reports == ["step-000000.html", "step-000001.html"]  # anchor.report_steps=1: every step
     else:
-        assert not any(k.startswith("atrl/") for h in logs for k in h)
+        assert {k for h in logs for k in h if k.startswith("atrl/")} == {"atrl/skipped_rows"}  # no credit metrics
         assert reports == []  # nothing weighted, nothing to show
 
 
@@ -238,9 +238,9 @@ def test_overlapped_credit_waits_per_micro_batch_and_changes_nothing(tmp_path, m
     # rows; without, the whole batch is partitioned and waited for right after scoring. Same weights, same step.
     kw = dict(steps_per_generation=2, max_steps=2, optim="sgd", learning_rate=1.0)
     credit = {"n_workers": 2}
-    off = _trainer(tmp_path / "off", anchor=AnchorConfig(overlap=False, credit=credit), **kw)
+    off = _trainer(tmp_path / "off", anchor=AnchorConfig(overlap=False, credit=credit, skip_zero_advantage=False), **kw)
     off.train()
-    on = _trainer(tmp_path / "on", anchor=AnchorConfig(credit=credit), **kw)
+    on = _trainer(tmp_path / "on", anchor=AnchorConfig(credit=credit, skip_zero_advantage=False), **kw)
     assert on.capture_site == "old_logps"
     waits, handed = [], []
     original_weighted, original_hand_on = on._weighted_advantages, CreditInFlight.hand_on
@@ -311,6 +311,59 @@ def test_atrl_changes_the_gradient_only_through_the_recorded_weights(tmp_path, l
     uniform = _trainer(tmp_path / "uni", cls=GRPOTrainer, **sgd)
     uniform.train()
     assert_same_step(ours, reference, uniform, atol=1e-6, changed=1e-5, what="atrl")
+
+
+def half_flat_reward(prompts, completions, **columns):
+    """All equal in the group of one prompt (the first of the batch's two); in the other's a checksum of the text,
+    so that no completion there scores its group's mean (advantage 0)."""
+    first = prompts[0][-1]["content"]
+
+    def checksum(text: str) -> float:
+        return sum((i + 1) * ord(ch) for i, ch in enumerate(text)) % 997 / 997
+
+    return [0.5 if p[-1]["content"] == first else checksum(c[-1]["content"]) for p, c in zip(prompts, completions)]
+
+
+@pytest.mark.parametrize("mode, loss_type, micro", [("atrl", "dapo", 8), ("atrl", "grpo", 8), ("atrl", "bnpo", 8),
+                                                    ("atrl", "dr_grpo", 8), ("uniform", "dapo", 8),
+                                                    ("atrl", "dapo", 4), ("atrl", "grpo", 4)])
+def test_rows_without_advantage_leave_the_forward_and_the_step_stays(tmp_path, mode, loss_type, micro):
+    # two prompts x 4 generations; one group's rewards all equal: 4 of 8 rows carry no advantage. In one
+    # micro-batch of 8 (connectivity on the training forward), or two shuffled micro-batches of 4, one optimizer
+    # step each (connectivity on TRL's old-log-prob pass, each micro-batch waiting for its own rows' credit)
+    sgd = dict(max_steps=8 // micro, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, loss_type=loss_type,
+               per_device_train_batch_size=micro, steps_per_generation=8 // micro)  # no clipping: the step is
+    runs = {}                                                                     # the gradient itself
+    for skip in (True, False):
+        trainer = _trainer(tmp_path / str(skip), reward=half_flat_reward,
+                           anchor=AnchorConfig(mode=mode, skip_zero_advantage=skip), **sgd)
+        before = _params(trainer)
+        trainer.train()
+        runs[skip] = trainer
+    skipped = [h["atrl/skipped_rows"] for h in runs[True].state.log_history if "atrl/skipped_rows" in h]
+    assert sum(skipped) / len(skipped) == 0.5 and len(skipped) == 8 // micro
+    assert not any("atrl/skipped_rows" in h for h in runs[False].state.log_history)
+    if micro == 4:
+        assert runs[True].capture_site == "old_logps"
+    elif mode == "atrl":  # the probes saw the 4 rows that train, and the credit weighed those alone
+        assert runs[True].last_credit["mask"].shape[0] == 4
+        assert runs[False].last_credit["mask"].shape[0] == 8
+        assert runs[False].last_credit["advantages_in"].eq(0).sum() == 4
+    # the same step (SGD: proportional to the gradient), and a step that moved the weights
+    on, off = _params(runs[True]), _params(runs[False])
+    for k in on:
+        assert torch.allclose(on[k], off[k], atol=1e-6, rtol=0), k
+    assert any((on[k] - before[k]).abs().max() > 1e-4 for k in on)
+
+
+def test_a_loss_that_reads_every_row_trains_every_row(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="atrl"):
+        trainer = _trainer(tmp_path, reward=half_flat_reward, top_entropy_quantile=0.8, per_device_train_batch_size=8)
+    assert "every row is trained (top_entropy_quantile < 1: the entropy mask is a quantile over the micro-batch)" \
+        in caplog.text
+    trainer.train()
+    assert not any("atrl/skipped_rows" in h for h in trainer.state.log_history)
+    assert trainer.last_credit["mask"].shape[0] == 8
 
 
 def test_nonfinite_loss_and_flat_rewards_are_handled(tmp_path, caplog):

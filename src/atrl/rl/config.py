@@ -93,6 +93,12 @@ class AnchorConfig:
             Each process's share of the generation batch must be whole groups.
         dynamic_sampling_rounds: at most this many redraw rounds per generation batch; a batch still short after
             them is filled with all-equal groups (logged as atrl/dynamic/filled_groups).
+        skip_zero_advantage: the training forward and backward leave out the rows whose advantage is 0 at every
+            token (a group whose rewards are all equal): they add exactly nothing to the loss or its gradient
+            (`atrl.rl.rows`), and the loss's normaliser is kept. Training only; the share left out is logged as
+            atrl/skipped_rows, and the entropy, clipping and credit statistics of a step then cover the rows that
+            train. Off by itself, with the reason at start, where something in the loss reads every row (beta >
+            0, PAPO, an entropy mask or bonus, a credit mode weighing with a batch statistic).
     """
 
     mode: str = "atrl"
@@ -108,6 +114,7 @@ class AnchorConfig:
     papo: dict[str, Any] | None = None
     dynamic_sampling: bool = False
     dynamic_sampling_rounds: int = 3
+    skip_zero_advantage: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in credit_mode_names():
@@ -116,7 +123,7 @@ class AnchorConfig:
             raise ValueError(f"anchor.sink_debias={self.sink_debias!r}: choose from {SINK_DEBIAS}")
         if self.capture not in CAPTURE_SITES:
             raise ValueError(f"anchor.capture={self.capture!r}: choose from {CAPTURE_SITES}")
-        for name in ("overlap", "fallback_to_uniform", "dynamic_sampling"):
+        for name in ("overlap", "fallback_to_uniform", "dynamic_sampling", "skip_zero_advantage"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"anchor.{name}={getattr(self, name)!r}: use true or false")
         if isinstance(self.report_steps, bool) or not isinstance(self.report_steps, int) or self.report_steps < 0:

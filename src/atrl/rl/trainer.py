@@ -41,6 +41,7 @@ from .config import AnchorConfig
 from .dynamic import GroupFiller
 from .handoff import CreditInFlight
 from .health import StallWatch
+from .rows import learning_rows, loss_scale, pad_rows, rows_to_keep, select_rows, skips_rows
 
 logger = logging.getLogger("atrl")
 
@@ -201,6 +202,14 @@ class ATRLTrainer(GRPOTrainer):
         self._pregenerated = None  # dynamic sampling: the chosen rows' rollouts, which _generate hands TRL once
         self._prescored: torch.Tensor | None = None  # and their rewards per function, for _calculate_rewards
         self.dynamic: GroupFiller | None = None
+        # the training forward leaves out zero-advantage rows (atrl.rl.rows) unless the loss reads every row
+        self._skip_rows = False
+        if self.anchor.skip_zero_advantage:
+            why_not = skips_rows(self.args, self.anchor.credit_mode, self.papo, self.aux_loss_enabled,
+                                 self._entropy_bonus_enabled)
+            self._skip_rows = why_not is None
+            if why_not is not None and self.accelerator.is_main_process:
+                logger.info("anchor.skip_zero_advantage: every row is trained (%s)", why_not)
         if self.anchor.dynamic_sampling:
             self.dynamic = self._group_filler()
         self.recipe_yaml: str | None = None  # set by atrl.rl.run.run_training: saved into each checkpoint
@@ -488,6 +497,8 @@ class ATRLTrainer(GRPOTrainer):
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._scoring = False
+        if self._skip_rows and self.model.training:  # read back here, where TRL has just read the rewards back
+            output["atrl_learns"] = learning_rows(output["advantages"]).cpu()
         scorer = {"blank_image_kl": self._blank_image_kl,
                   "masked_image": self._masked_image_dependency}.get(self.anchor.credit_mode.measure)
         if scorer is not None:  # a measure made of extra no-grad forwards of the generation batch
@@ -513,6 +524,22 @@ class ATRLTrainer(GRPOTrainer):
         return output
 
     def _compute_loss(self, model, inputs):
+        if "atrl_learns" not in inputs:
+            return self._whole_loss(model, inputs)
+        inputs = dict(inputs)
+        learns = inputs.pop("atrl_learns")
+        B = int(learns.numel())
+        rows = rows_to_keep(learns, inputs.get("num_images"), "image_grid_thw" in inputs)
+        if self.accelerator.num_processes > 1:  # the same number of rows on every process
+            count = torch.tensor([B if rows is None else len(rows)], device=self.accelerator.device)
+            rows = pad_rows(rows, B, int(self.accelerator.gather(count).max()))
+        self._log_metric_values({"atrl/skipped_rows": [0.0 if rows is None else 1 - len(rows) / B]})
+        if rows is None:
+            return self._whole_loss(model, inputs)
+        kept = select_rows(inputs, rows)
+        return self._whole_loss(model, kept) * loss_scale(self.loss_type, inputs, kept)
+
+    def _whole_loss(self, model, inputs):
         if self.papo is None:
             return self._policy_loss(model, inputs)
         self._papo_capture = []
