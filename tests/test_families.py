@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3", "qwen3_5", "glm4v",
-                                    "internvl", "llava_onevision", "llava"])
+                                    "internvl", "llava_onevision", "llava", "idefics3"])
 def test_a_family_trains_evaluates_and_analyses_from_its_checkpoint(tmp_path, capsys, family):
     base = tmp_path / "base"
     assert main(["model", "build", "--family", family, "--out", str(base)]) == 0

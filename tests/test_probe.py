@@ -72,7 +72,7 @@ def test_masses_match_explicit_softmax_of_eager_attention(family, padding_side, 
     model, processor = _fresh(family)
     batch = _batch(processor, n_images, padding_side)
     layers = _softmax_layers(model, [0, 2, 3])
-    probe = ConnectivityProbe(model, layers=layers, pad_qk=pad_qk, route=route)
+    probe = ConnectivityProbe(model, layers=layers, pad_qk=pad_qk, route=route, processor=processor)
     try:
         with torch.set_grad_enabled(grads), probe.capture(batch["input_ids"], batch.get("image_grid_thw"),
                                                            image_sizes=batch.get("image_sizes")) as cap:
@@ -266,7 +266,7 @@ def test_probe_changes_neither_logits_nor_gradients(family, route):
         return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
     logits_off, grads_off = loss_and_grads(ref_model)
-    probe = ConnectivityProbe(model, layers=_softmax_layers(model, [1, 3]), route=route)
+    probe = ConnectivityProbe(model, layers=_softmax_layers(model, [1, 3]), route=route, processor=processor)
     logits_on, grads_on = loss_and_grads(model, probe)
     assert grads_on.keys() == grads_off.keys()
     if route == "auto":  # with gradients on, the layer's output is the plain call's own: equal to the bit
@@ -564,6 +564,49 @@ def test_internvl_tiles_and_thumbnail_fall_in_the_regions_of_the_picture_they_sh
         assert layout.image_layouts(batch["input_ids"], image_sizes=batch["image_sizes"])[0][0][0] == "tiles"
     with pytest.raises(ProbeError, match="given no image_sizes") if tiles.shape[0] > 1 else contextlib.nullcontext():
         layout.region_indicators(batch["input_ids"], None, (4, 4))
+
+
+@pytest.mark.parametrize("size", [(224, 224), (112, 336), (300, 100), (90, 250), (200, 130), (40, 50)])
+def test_idefics3_tiles_and_global_view_fall_in_the_regions_of_the_picture_they_show(size):
+    """As for InternVL, read off the processor's own frames: the tiles it cut (the picture resized to whole
+    tiles; an image smaller than that is scaled up), each tile's tokens after its <row_r_col_c>, then the global
+    view; in a prompt with two images, each image's frames in turn; without splitting, the global view alone."""
+    model, processor = _fresh("idefics3")
+    image, colours = _quilt(*size)
+    layout = ConnectivityProbe(model, processor=processor).layout
+    side = math.isqrt(layout.tile_tokens)
+    token_px = model.config.vision_config.image_size // side
+    for n, split in ((1, True), (2, True), (1, False)):  # unsplit: the global view alone
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * n}],
+                                               add_generation_prompt=True)
+        batch = processor(text=[prompt], images=[[image] * n], return_tensors="pt", do_image_splitting=split)
+        ind = layout.region_indicators(batch["input_ids"], None, (4, 4))
+        got = ind[0][batch["input_ids"][0] == layout.image_token_id].argmax(-1) % 16
+        frames = batch["pixel_values"][0][batch["pixel_attention_mask"][0].flatten(1).any(1)]  # the real frames
+        assert len(got) == frames.shape[0] * side * side  # a run of tokens per frame, frame after frame
+        seen = [r for frame in frames for r in _seen_regions(_rgb(frame, processor.image_processor),
+                                                             _square(side, token_px), token_px, colours)]
+        assert got.tolist() == seen
+        kinds = [image[0] for image in layout.image_layouts(batch["input_ids"])[0]]
+        assert kinds == ["tiles" if split else "grid"] * n and (frames.shape[0] > n) == split
+
+
+def test_idefics3_needs_its_processor_and_refuses_runs_it_cannot_place():
+    model, processor = _fresh("idefics3")
+    with pytest.raises(ProbeError, match="pass the model's processor"):
+        ConnectivityProbe(model)
+    layout = ConnectivityProbe(model, processor=processor).layout
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}],
+                                           add_generation_prompt=True)
+    ids = processor(text=[prompt], images=[[_quilt(112, 112)[0]]], return_tensors="pt")["input_ids"]
+    first = int((ids[0] == layout.image_token_id).nonzero()[0])
+    moved = ids.clone()
+    moved[0, first - 1] = processor.tokenizer.convert_tokens_to_ids("<row_2_col_2>")  # two tiles claim (2, 2)
+    with pytest.raises(ProbeError, match="not a whole grid in raster order"):
+        layout.image_layouts(moved)
+    cut = torch.cat([ids[:, :first], ids[:, first + 1:]], dim=1)  # a tile one token short
+    with pytest.raises(ProbeError, match="not one tile's"):
+        layout.image_layouts(cut)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (112, 336), (300, 100), (90, 250), (200, 130)])

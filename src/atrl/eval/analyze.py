@@ -146,7 +146,7 @@ def analyze(model, processor, examples: Sequence[Any], *, responses: Sequence[st
     """
     credit = credit or CreditOptions()
     items = _items(examples, responses)
-    probe = ConnectivityProbe(model, layers=layers, region_grid=region_grid)
+    probe = ConnectivityProbe(model, layers=layers, region_grid=region_grid, processor=processor)
     device = next(model.parameters()).device
     views: list[TokenView] = []
     skipped: list[str] = []

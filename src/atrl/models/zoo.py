@@ -98,6 +98,23 @@ _QWEN_SPECIALS = [
 ]
 _INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 _LLAVA_OV_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+# Idefics3 / SmolVLM: "<|im_start|>User:" turns ended by <end_of_utterance>; the processor writes each image as its
+# tiles (<fake_token_around_image><row_r_col_c> and the tile's <image> tokens, a newline after each row), then
+# "\n<fake_token_around_image><global-img>", the global view's <image> tokens and <fake_token_around_image>.
+_IDEFICS3_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] | capitalize + ':' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_utterance>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>Assistant:' }}{%- endif -%}"
+)
+_IDEFICS3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                      "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 _LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 # GLM-4.1V's format: "[gMASK]<sop>" once, then "<|role|>\n" before each turn, an image as
@@ -477,6 +494,35 @@ def _build_llava_onevision(size: TinySize):
     return LlavaOnevisionForConditionalGeneration(config), processor
 
 
+def _build_idefics3(size: TinySize):
+    """Idefics3 (the architecture of SmolVLM): a SigLIP tower on square tiles of `image_size / 2` pixels. An image
+    larger than a tile is resized so that its longest side is 2 tiles (the other side rounded up to whole tiles)
+    and cut into rows x cols tiles, followed by a global view of the whole image; each tile's patches are
+    pixel-shuffled 2 x 2 into (tile / 28)^2 tokens."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tok = _tokenizer(size, _IDEFICS3_SPECIALS, pad_token="<|endoftext|>", eos_token="<end_of_utterance>",
+                     bos_token="<|im_start|>", chat_template=_IDEFICS3_TEMPLATE,
+                     extra_attributes={"image_token": "<image>"})
+    tile, patch, scale = size.image_size // 2, 14, 2
+    tokens = (tile // patch // scale) ** 2
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=size.vision_hidden_size, intermediate_size=2 * size.vision_hidden_size,
+                           num_hidden_layers=size.vision_layers, num_attention_heads=2, image_size=tile,
+                           patch_size=patch),
+        text_config=dict(model_type="llama", vocab_size=len(tok), **size.decoder_dims(),
+                         rope_parameters={"rope_type": "default", "rope_theta": size.rope_theta},
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id)
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile},
+                                                do_image_splitting=True)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, chat_template=_IDEFICS3_TEMPLATE,
+                                  image_seq_len=tokens)
+    return Idefics3ForConditionalGeneration(config), processor
+
+
 def _build_gemma3(size: TinySize):
     """Gemma 3: a SigLIP tower whose patches are average-pooled to a fixed square of soft tokens per image
     (`mm_tokens_per_image`, 16 here), between <start_of_image> and <end_of_image>; image tokens attend to each
@@ -523,6 +569,7 @@ FAMILIES: dict[str, Callable[[TinySize], tuple[PreTrainedModel, ProcessorMixin]]
     "glm4v": _build_glm4v,
     "internvl": _build_internvl,
     "llava_onevision": _build_llava_onevision,
+    "idefics3": _build_idefics3,
 }
 DEFAULT_FAMILY = "qwen2_5_vl"
 
@@ -534,7 +581,7 @@ def build_tiny_vlm(
 
     Args:
         family: one of `FAMILIES` (qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, llava, gemma3, glm4v,
-            internvl, llava_onevision).
+            internvl, llava_onevision, idefics3).
         size: width/depth knobs; `TinySize()` when omitted.
         seed: seeds the weight initialisation, so the same seed gives the same weights.
     """

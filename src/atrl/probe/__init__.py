@@ -123,15 +123,17 @@ class ConnectivityProbe:
             back to a slower kernel (the math path on the CPU). Always on under FlashAttention.
         route: "auto" (default: a second, no-grad call when a gradient flows through the layer, else one
             widened call), "fused" or "split"; see `atrl.probe.attention`. The masses are the same.
+        processor: the model's processor; needed for Idefics3 / SmolVLM, whose tiles are marked in the prompt by
+            tokens whose ids the processor knows (other families ignore it).
     """
 
     def __init__(self, model, layers: Sequence[int] | None = None, region_grid: tuple[int, int] = (4, 4),
-                 pad_qk: bool = True, route: str = "auto"):
+                 pad_qk: bool = True, route: str = "auto", processor=None):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.utils.generic import is_flash_attention_requested
 
         self.model = model
-        self.layout = VisionLayout.from_model(model)
+        self.layout = VisionLayout.from_model(model, processor)  # the processor: Idefics3's tile marks
         decoder = model.get_decoder()
         # softmax self-attention per layer; a hybrid decoder's linear-attention layers (Qwen3.5) have none
         attn_modules = {i: layer.self_attn for i, layer in enumerate(decoder.layers) if hasattr(layer, "self_attn")}

@@ -27,6 +27,12 @@ Families:
   last token; each image of a multi-image prompt is a base view of the picture padded to a square, and one
   newline. A corner over padding counts at the picture's nearest edge. The grid and where the picture lies in it
   come from `image_sizes` by the model's and the processor's own functions.
+- Idefics3 / SmolVLM: `image_token_id`; an image is its rows x cols tiles in raster order, each a run of
+  (tile / patch / scale_factor)^2 tokens after its <row_r_col_c> token, then a run for the global view of the
+  whole picture after <global-img> (an image no larger than a tile: the global view alone). The tiles cut the
+  picture resized to whole tiles, so a tile token stands for its cell of the (rows*s, cols*s) canvas over the
+  picture, as InternVL's. The tile marks' ids come from the processor (`ConnectivityProbe(model,
+  processor=...)`).
 - anything else with `image_token_id` / `image_token_index`: each run of image tokens is one image, laid
   out as a single row (1, n).
 """
@@ -54,7 +60,8 @@ def _check_region_grid(region_grid: tuple[int, int]) -> tuple[int, int]:
 
 # One image's tokens, in sequence order (hashable: the regions of each are cached):
 #   ("grid", h, w)                 an (h, w) grid in raster order
-#   ("tiles", rows, cols, s)       InternVL: rows x cols tiles of (s, s) in raster order, then an (s, s) thumbnail
+#   ("tiles", rows, cols, s)       InternVL, Idefics3: rows x cols tiles of (s, s) in raster order, then an (s, s)
+#                                  thumbnail (global view)
 #   ("anyres", s, h, w, box)       LLaVA-OneVision: an (s, s) base view, then h rows of w tokens and a newline,
 #                                  the picture covering `box` (fractions: top, bottom, left, right) of the h x w
 #   ("base", s, box)               LLaVA-OneVision in a multi-image prompt: an (s, s) view of the picture padded
@@ -92,9 +99,13 @@ class VisionLayout:
     tile_tokens: int | None = None  # InternVL: tokens per tile (a square)
     tile_pixels: int | None = None  # InternVL: a tile's side in pixels (the processor's rule for the arrangement)
     anyres: AnyResolution | None = None  # LLaVA-OneVision
+    tile_marks: tuple[int, ...] | None = None  # Idefics3: the ids of <row_r_col_c>, r-major over r, c in 1..6
+    global_mark: int | None = None  # Idefics3: the id of <global-img>
 
     @classmethod
-    def from_model(cls, model) -> "VisionLayout":
+    def from_model(cls, model, processor=None) -> "VisionLayout":
+        """The layout of `model`'s image tokens; Idefics3 / SmolVLM also need its `processor` (the ids of the tokens
+        that mark each tile)."""
         cfg = model.config
         model_type = getattr(cfg, "model_type", type(model).__name__)
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -122,6 +133,20 @@ class VisionLayout:
             tile, patch = (_side(getattr(cfg.vision_config, k)) for k in ("image_size", "patch_size"))
             side = round(tile // patch * cfg.downsample_ratio)
             return cls(model_type, int(token), tile_tokens=side * side, tile_pixels=tile)
+        if model_type in ("idefics3", "smolvlm"):  # patches per tile side, pixel-shuffled by scale_factor
+            side = _side(cfg.vision_config.image_size) // _side(cfg.vision_config.patch_size) // int(cfg.scale_factor)
+            marks = getattr(processor, "row_col_ids", None)
+            mark = getattr(processor, "global_image_token_id", None)
+            if marks is None or mark is None:
+                raise ProbeError(f"{model_type}: the probes read each tile's place from the <row_r_col_c> token before "
+                                 "it, whose ids the processor knows: pass the model's processor "
+                                 "(ConnectivityProbe(model, processor=...))")
+            unknown = getattr(getattr(processor, "tokenizer", None), "unk_token_id", None)
+            if any(m is None or m == unknown for m in (*marks, mark)):
+                raise ProbeError(f"{model_type}: the tokenizer has no single token for <global-img> or every "
+                                 "<row_r_col_c> (r, c in 1..6), which mark the tiles in the prompt")
+            return cls(model_type, int(token), tile_tokens=side * side, tile_marks=tuple(int(m) for m in marks),
+                       global_mark=int(mark))
         if model_type == "llava_onevision":
             tile = _side(cfg.vision_config.image_size)
             canvases = tuple((int(h), int(w)) for h, w in cfg.image_grid_pinpoints)
@@ -133,11 +158,14 @@ class VisionLayout:
     def image_layouts(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
                       image_sizes: torch.Tensor | None = None) -> list[list[ImageTokens]]:
         """Per sample, how the tokens of each image are laid out (`ImageTokens`), in order of appearance."""
-        return self._layouts((input_ids_BS == self.image_token_id).cpu(), image_grid_thw, image_sizes)
+        ids = input_ids_BS.cpu()
+        return self._layouts(ids == self.image_token_id, image_grid_thw, image_sizes, ids)
 
     def _layouts(self, is_image: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                 image_sizes: torch.Tensor | None) -> list[list[ImageTokens]]:
-        """`image_layouts` from the (B, S) image-token mask on the host."""
+                 image_sizes: torch.Tensor | None, ids: torch.Tensor) -> list[list[ImageTokens]]:
+        """`image_layouts` from the (B, S) image-token mask and ids on the host."""
+        if self.tile_marks is not None:
+            return self._marked_tiles(is_image, ids)
         counts = is_image.sum(dim=1).tolist()
         if self.merge_size is not None:
             if image_grid_thw is None:
@@ -217,6 +245,41 @@ class VisionLayout:
             raise ProbeError(f"{self.family}: the batch has {k} images, image_sizes describes {len(sizes)}")
         return layouts
 
+    def _marked_tiles(self, is_image: torch.Tensor, ids: torch.Tensor) -> list[list[ImageTokens]]:
+        """Idefics3: each tile's run of tokens follows its <row_r_col_c> token, and an image's global view (its last
+        run) follows <global-img>; an image without tiles is its global view alone."""
+        side, per_side = math.isqrt(self.tile_tokens), math.isqrt(len(self.tile_marks))
+        place = {m: divmod(i, per_side) for i, m in enumerate(self.tile_marks)}
+        layouts = []
+        for b, row in enumerate(is_image):
+            padded = torch.cat([torch.tensor([False]), row, torch.tensor([False])]).int().diff()
+            starts, ends = (padded == 1).nonzero().flatten().tolist(), (padded == -1).nonzero().flatten().tolist()
+            mine, tiles = [], []
+            for start, end in zip(starts, ends):
+                if end - start != self.tile_tokens:
+                    raise ProbeError(f"{self.family}: sample {b} has a run of {end - start} image tokens at position "
+                                     f"{start}, not one tile's {self.tile_tokens}")
+                mark = int(ids[b, start - 1]) if start > 0 else None
+                if mark in place:
+                    tiles.append(place[mark])
+                    continue
+                if mark != self.global_mark:
+                    raise ProbeError(f"{self.family}: sample {b}'s image tokens at position {start} follow token "
+                                     f"{mark}, neither a tile's <row_r_col_c> nor <global-img>")
+                if not tiles:
+                    mine.append(("grid", side, side))
+                    continue
+                rows, cols = max(r for r, _ in tiles) + 1, max(c for _, c in tiles) + 1
+                if tiles != [(r, c) for r in range(rows) for c in range(cols)]:
+                    raise ProbeError(f"{self.family}: sample {b}'s tiles before position {start} are not a whole "
+                                     f"grid in raster order: {tiles[:8]}")
+                mine.append(("tiles", rows, cols, side))
+                tiles = []
+            if tiles:
+                raise ProbeError(f"{self.family}: sample {b} ends with {len(tiles)} tiles and no global view")
+            layouts.append(mine)
+        return layouts
+
     def _any_resolution(self, counts: list[int], sizes: list | None) -> list[list[ImageTokens]]:
         """LLaVA-OneVision: a sample whose tokens are one image's any-resolution count holds that image alone;
         otherwise each of its images is a base view and a newline."""
@@ -288,7 +351,7 @@ class VisionLayout:
         image_grid_thw, image_sizes = (t.cpu() if isinstance(t, torch.Tensor) else t
                                        for t in (image_grid_thw, image_sizes))
         is_image = input_ids_BS == self.image_token_id
-        layouts = self._layouts(is_image, image_grid_thw, image_sizes)
+        layouts = self._layouts(is_image, image_grid_thw, image_sizes, input_ids_BS)
         R = rh * rw * max(1, max((len(g) for g in layouts), default=0))
         B, S = input_ids_BS.shape
         out = torch.zeros(B, S, R, dtype=dtype, pin_memory=pin)

@@ -187,7 +187,7 @@ class ATRLTrainer(GRPOTrainer):
         self.probe: ConnectivityProbe | None = None
         if self.anchor.needs_probe:
             self.probe = ConnectivityProbe(self.accelerator.unwrap_model(self.model), layers=self.anchor.probe_layers,
-                                           region_grid=self.anchor.region_grid)
+                                           region_grid=self.anchor.region_grid, processor=self.processing_class)
         self._scoring = False
         self._scored: CreditInFlight | None = None  # rows scored on the old-log-prob pass, being partitioned
         self._pending: dict[str, Any] | None = None  # the micro-batch whose training forward is being probed
