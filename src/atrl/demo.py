@@ -1,4 +1,4 @@
-"""`atrl demo`: the embedded default, end to end on two CPU cores in about 6 minutes.
+"""`atrl demo`: the embedded default, end to end on two CPU cores in about 4 minutes.
 
 1. the base: the warm-started tiny Qwen2.5-VL shipped with the package (or the one `atrl sft` cached);
 2. held-out accuracy of the base on tasks of the training mix it never saw: greedy, and sampled at the rollout
