@@ -104,8 +104,8 @@ def test_a_family_that_reads_the_image_by_cross_attention_is_refused_saying_why(
                                          r"\[3, 8, 13, 18\]\.\.\., not through self-attention"):
         VisionLayout.from_model(SimpleNamespace(config=MllamaConfig()))
     with pytest.raises(ValueError,
-                       match=r"unknown model family 'idefics9'; choose one of \['gemma3', 'glm4v', 'internvl', "
-                             r"'llava', 'llava_onevision', "):
+                       match=r"unknown model family 'idefics9'; choose one of \['gemma3', 'glm4v', 'idefics3', "
+                             r"'internvl', 'llava', 'llava_onevision', "):
         from atrl.models.zoo import build_tiny_vlm
 
         build_tiny_vlm("idefics9")
