@@ -252,10 +252,8 @@ class VisionLayout:
         place = {m: divmod(i, per_side) for i, m in enumerate(self.tile_marks)}
         layouts = []
         for b, row in enumerate(is_image):
-            padded = torch.cat([torch.tensor([False]), row, torch.tensor([False])]).int().diff()
-            starts, ends = (padded == 1).nonzero().flatten().tolist(), (padded == -1).nonzero().flatten().tolist()
             mine, tiles = [], []
-            for start, end in zip(starts, ends):
+            for start, end in _run_bounds(row):
                 if end - start != self.tile_tokens:
                     raise ProbeError(f"{self.family}: sample {b} has a run of {end - start} image tokens at position "
                                      f"{start}, not one tile's {self.tile_tokens}")
@@ -370,15 +368,15 @@ def _side(value) -> int:
     return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
+def _run_bounds(row: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each run of consecutive image tokens in one sample's (S,) mask, end exclusive."""
+    steps = torch.cat([torch.tensor([False]), row, torch.tensor([False])]).int().diff()
+    return list(zip((steps == 1).nonzero().flatten().tolist(), (steps == -1).nonzero().flatten().tolist()))
+
+
 def _runs(is_image: torch.Tensor) -> list[list[int]]:
     """Per sample, the lengths of its runs of consecutive image tokens."""
-    runs = []
-    for row in is_image:
-        padded = torch.cat([torch.tensor([False]), row, torch.tensor([False])]).int()
-        starts = (padded.diff() == 1).nonzero().flatten()
-        ends = (padded.diff() == -1).nonzero().flatten()
-        runs.append([int(e - s) for s, e in zip(starts, ends)])
-    return runs
+    return [[end - start for start, end in _run_bounds(row)] for row in is_image]
 
 
 @functools.lru_cache(maxsize=1024)

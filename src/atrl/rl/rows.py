@@ -72,7 +72,8 @@ def pad_rows(rows: list[int] | None, B: int, count: int) -> list[int] | None:
     per-row metrics across processes, which needs the same number of rows on each. None when that is all B."""
     if count >= B or rows is None:
         return None
-    extra = [i for i in range(B) if i not in set(rows)][:count - len(rows)]
+    kept = set(rows)
+    extra = [i for i in range(B) if i not in kept][:count - len(rows)]
     return sorted(rows + extra)
 
 
