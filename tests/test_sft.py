@@ -43,3 +43,44 @@ def test_cli_sft_takes_families_and_knobs(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_vl"
     assert main(["sft", "--out", str(tmp_path / "x"), "--knob", "quadrant.jitter=0.4"]) == 2
     assert "--knob.quadrant: QuadrantKnobs.jitter=0.4" in capsys.readouterr().err
+
+
+def test_vision_only_supervision_leaves_the_language_model_as_it_was(tmp_path):
+    from atrl.rl.sft import select_trainable
+
+    model, processor = build_tiny_vlm("idefics3", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, n = select_trainable(model, "vision")
+    assert n == sum(p.numel() for name, p in model.named_parameters() if "text_model" not in name
+                    and "lm_head" not in name)
+    rows = to_hf_dataset(generate(8, seed=1, families=["quadrant"]))
+    out = run_sft(model, processor, rows, tmp_path / "sft", epochs=1, batch_size=4, progress=False, train="vision")
+    after, _ = load_model(out)
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("vision_model" in k or "connector" in k for k in changed)
+    assert any("connector" in k for k in changed)
+
+
+def test_lora_adapters_are_merged_into_a_plain_checkpoint(tmp_path):
+    model, processor = build_tiny_vlm("idefics3", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = to_hf_dataset(generate(8, seed=1, families=["quadrant"]))
+    out = run_sft(model, processor, rows, tmp_path / "sft", epochs=1, batch_size=4, progress=False, train="vision",
+                  lora_r=4, learning_rate=1e-2)
+    after, _ = load_model(out)
+    assert set(after.state_dict()) == set(before)  # no adapter weights left: the merged model's own names
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+    assert any("text_model.layers.0.self_attn.q_proj" in k for k in changed)  # the merged adapter
+    assert not any("text_model" in k and ("embed_tokens" in k or "norm" in k) for k in changed)  # frozen
+
+
+def test_sft_refuses_an_unknown_choice_of_weights():
+    import pytest
+
+    from atrl.rl.sft import select_trainable
+
+    model, _ = build_tiny_vlm("idefics3", seed=0)
+    with pytest.raises(ValueError, match=r"train='text': choose one of \('all', 'vision'\)"):
+        select_trainable(model, "text")
+    with pytest.raises(ValueError, match=r"lora_r=-1: must be 0"):
+        select_trainable(model, "vision", -1)

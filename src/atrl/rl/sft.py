@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+TRAIN_CHOICES = ("all", "vision")
 
 
 @dataclass
@@ -39,10 +40,47 @@ class SFTCollator:
         return dict(batch)
 
 
+def language_model(model):
+    """The decoder of a VLM (`get_decoder()`), or an error naming the class when it has none."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        raise ValueError(f"{type(model).__name__}: no separate language model to freeze (get_decoder())")
+    return decoder
+
+
+def select_trainable(model, train: str = "all", lora_r: int = 0):
+    """What supervision updates: `all` the weights, or the `vision` side only (tower and connector; the language
+    model frozen). `lora_r > 0` adds LoRA adapters of that rank to the language model's linear layers (with
+    `vision`: they are the only decoder weights that train). Returns the model to train (a peft model with
+    LoRA) and the number of trainable parameters."""
+    if train not in TRAIN_CHOICES:
+        raise ValueError(f"train={train!r}: choose one of {TRAIN_CHOICES}")
+    if lora_r < 0:
+        raise ValueError(f"lora_r={lora_r}: must be 0 (no adapters) or a positive rank")
+    decoder = language_model(model)
+    frozen = {id(p) for p in decoder.parameters()} | {id(p) for p in model.get_output_embeddings().parameters()}
+    for param in model.parameters():
+        param.requires_grad_(train == "all" or id(param) not in frozen)
+    if lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        prefix = next(name for name, module in model.named_modules() if module is decoder)
+        targets = rf"{prefix}\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=targets,
+                                                 lora_dropout=0.0))
+        for name, param in model.base_model.model.named_parameters():  # peft froze everything but the adapters
+            if name in trainable:
+                param.requires_grad_(True)
+    return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def run_sft(model, processor, train_rows, out_dir: str | Path, *, epochs: float = 3.0, batch_size: int = 16,
             learning_rate: float = 2e-3, seed: int = 0, report_to: list[str] | None = None,
-            progress: bool = True) -> Path:
-    """Fine-tune `model` on `train_rows` (a datasets.Dataset from `to_hf_dataset`); saves model + processor."""
+            progress: bool = True, train: str = "all", lora_r: int = 0) -> Path:
+    """Fine-tune `model` on `train_rows` (a datasets.Dataset from `to_hf_dataset`); saves model + processor.
+    `train` and `lora_r` choose the weights that learn (`select_trainable`); adapters are merged before saving,
+    so the folder is a plain checkpoint."""
     from transformers import Trainer, TrainingArguments
 
     from .._io import ensure_writable_dir
@@ -56,11 +94,14 @@ def run_sft(model, processor, train_rows, out_dir: str | Path, *, epochs: float 
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=not progress,
         dataloader_num_workers=0,
     )
+    model, _ = select_trainable(model, train, lora_r)
     model.train()
     side = processor.tokenizer.padding_side  # the collator pads on the right; the saved tokenizer keeps its own
     trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=SFTCollator(processor))
     trainer.train()
     processor.tokenizer.padding_side = side
+    if lora_r:
+        model = model.merge_and_unload()
     model.eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
