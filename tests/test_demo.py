@@ -39,3 +39,17 @@ def test_demo_in_uniform_mode_still_analyses_anchors(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "uniform"
     assert 0 < summary["analysis"]["anchor_fraction"] < 1 and 0 <= summary["analysis"]["anchor_precision"] <= 1
+
+
+def test_demo_trains_and_evaluates_the_base_it_is_given(tmp_path, capsys):
+    from atrl.models.zoo import build_tiny_vlm, save_model
+
+    base = save_model(*build_tiny_vlm("idefics3", seed=0), tmp_path / "base")
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(base), "--out", str(out), "--n-eval", "4", "--steps", "1",
+                 "--trl.max_completion_length", "8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["base_model"] == str(base)
+    assert json.loads((out / "run" / "final" / "config.json").read_text())["model_type"] == "idefics3"
+    assert main(["demo", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert str(tmp_path / "none") in capsys.readouterr().err

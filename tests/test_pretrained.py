@@ -129,3 +129,51 @@ def test_smolvlm_names_the_idefics3_family_for_the_tiny_build():
     reference, _ = build_tiny_vlm("idefics3", seed=0)
     assert type(model).__name__ == "Idefics3ForConditionalGeneration"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def _quadrant_colours(example) -> list[str]:
+    """The colour of each cell of a 4 x 4 grid, from the scene description (not from the pixels)."""
+    size = example.scene["image_size"]
+    by_quadrant = {(o["y"] >= size / 2, o["x"] >= size / 2): o["colour"] for o in example.scene["objects"]}
+    return [by_quadrant[(r >= 2, c >= 2)] for r in range(4) for c in range(4)]
+
+
+def test_alignment_makes_each_image_token_read_as_the_colour_under_it(smolvlm):
+    """The aligned features of held-out images lie nearest the embedding of the colour their place shows."""
+    import copy
+
+    from atrl.data.synthetic import DEFAULT_FAMILIES, DEFAULT_KNOBS, build_prompt, generate, knobs_from_mapping, \
+        to_hf_dataset
+    from atrl.rl.align import _image_features, _region_colours, align_vision, colour_words
+
+    model, processor = copy.deepcopy(smolvlm[0]), smolvlm[1]
+    knobs = knobs_from_mapping(DEFAULT_KNOBS)
+    train = to_hf_dataset(generate(64, seed=1, families=list(DEFAULT_FAMILIES), knobs=knobs))
+    held = generate(4, seed=2, families=list(DEFAULT_FAMILIES), knobs=knobs)
+    for ex in held:
+        assert _region_colours(ex.image, (4, 4), colour_words()) == _quadrant_colours(ex)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = align_vision(model, processor, train, steps=40, batch_size=8, progress=False)
+    assert losses[-1] < losses[0] / 10
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and not any("text_model" in k or "lm_head" in k for k in changed)  # the decoder untouched
+    texts = [processor.apply_chat_template(build_prompt(ex.question), add_generation_prompt=True) for ex in held]
+    batch = processor(text=texts, images=[[ex.image] for ex in held], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        features = _image_features(model, batch).reshape(len(held), 16, -1)
+    tok = processor.tokenizer
+    names = list(colour_words())
+    emb = model.get_input_embeddings().weight[[tok(" " + n, add_special_tokens=False).input_ids[0] for n in names]]
+    for ex, f in zip(held, features):
+        nearest = [names[i] for i in torch.cdist(f, emb).argmin(-1).tolist()]
+        assert nearest == _quadrant_colours(ex)
+
+
+def test_alignment_needs_each_colour_word_as_one_token():
+    from atrl.data.synthetic import generate, to_hf_dataset
+    from atrl.models.zoo import TinySize, build_tiny_vlm
+    from atrl.rl.align import align_vision
+
+    model, processor = build_tiny_vlm("qwen2_5_vl", size=TinySize(vocabulary="bytes"), seed=0)
+    with pytest.raises(ValueError, match=r"spells ' red' as 4 tokens"):
+        align_vision(model, processor, to_hf_dataset(generate(2, seed=1)), steps=1, progress=False)

@@ -84,3 +84,15 @@ def test_sft_refuses_an_unknown_choice_of_weights():
         select_trainable(model, "text")
     with pytest.raises(ValueError, match=r"lora_r=-1: must be 0"):
         select_trainable(model, "vision", -1)
+
+
+def test_the_vision_side_takes_its_own_learning_rate(tmp_path):
+    model, processor = build_tiny_vlm("idefics3", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = to_hf_dataset(generate(8, seed=1, families=["quadrant"]))
+    out = run_sft(model, processor, rows, tmp_path / "sft", epochs=1, batch_size=4, progress=False,
+                  learning_rate=0.0, vision_learning_rate=1e-2)  # the decoder's rate 0: only the vision side moves
+    after, _ = load_model(out)
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+    assert any("connector" in k for k in changed) and any("vision_model" in k for k in changed)
+    assert not any("text_model" in k or "lm_head" in k for k in changed)

@@ -230,7 +230,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(out_dir=Path(args.out), seed=args.seed, n_eval=args.n_eval, steps=args.steps, mode=args.mode,
-             overrides=args.overrides)
+             base=args.model, overrides=args.overrides)
     return 0
 
 
@@ -247,8 +247,15 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     families, knobs = _task(args)
     model, processor = load_model(args.model) if args.model else build_tiny_vlm(seed=args.seed)
     rows = to_hf_dataset(generate(args.n, seed=args.data_seed, families=families, knobs=knobs))
+    if args.align_steps:
+        from .rl.align import align_vision
+
+        losses = align_vision(model, processor, rows, steps=args.align_steps, learning_rate=args.align_lr,
+                              seed=args.seed)
+        print(f"aligned the vision side for {args.align_steps} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     out = run_sft(model, processor, rows, args.out, epochs=args.epochs, batch_size=args.batch_size,
-                  learning_rate=args.lr, seed=args.seed, train=args.train, lora_r=args.lora_r)
+                  learning_rate=args.lr, seed=args.seed, train=args.train, lora_r=args.lora_r,
+                  vision_learning_rate=args.vision_lr)
     print(f"supervised on {args.n} synthetic traces for {args.epochs} epochs -> {out}")
     return 0
 
@@ -409,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-eval", type=int, default=200, help="held-out tasks to answer")
     demo.add_argument("--steps", type=int, default=150, help="AT-RL steps")
     demo.add_argument("--mode", default="atrl", help="credit mode (`atrl modes` lists them)")
+    demo.add_argument("--model", default=None,
+                      help="the base to train and evaluate (a checkpoint folder, e.g. a warm-started smolvlm); "
+                           "default: the embedded default base")
     demo.set_defaults(func=_cmd_demo)
 
     sft = sub.add_parser("sft", help="warm-start a VLM on the synthetic tasks' reference traces")
@@ -423,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--seed", type=int, default=0, help="seeds the fresh model's weights and the data order")
     sft.add_argument("--train", choices=("all", "vision"), default="all",
                      help="the weights that learn: all, or the vision tower and connector (language model frozen)")
+    sft.add_argument("--align-steps", type=int, default=0,
+                     help="steps (of 32 images) that first pull each image token's feature towards the embedding "
+                          "of the colour word under it, vision side only (atrl.rl.align; 0: none)")
+    sft.add_argument("--align-lr", type=float, default=3e-3, help="learning rate of the alignment steps")
+    sft.add_argument("--vision-lr", type=float, default=None,
+                     help="learning rate of the vision tower and connector (default: --lr)")
     sft.add_argument("--lora-r", type=int, default=0,
                      help="rank of LoRA adapters on the language model (0: none); merged into the saved weights")
     _add_task_args(sft)

@@ -25,7 +25,7 @@ N_EVAL = 200  # held-out tasks
 
 
 def run_demo(out_dir: Path, seed: int = 0, n_eval: int = N_EVAL, steps: int = 150, mode: str = "atrl",
-             overrides: list[str] | None = None) -> dict:
+             overrides: list[str] | None = None, base: str | Path | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
@@ -44,8 +44,13 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = N_EVAL, steps: int = 15
     out = ensure_writable_dir(out_dir, argument="--out")
     t_start = time.time()
     torch.manual_seed(seed)
-    console.rule("[bold]atrl demo[/bold]: AT-RL on a tiny Qwen2.5-VL, synthetic visual-reasoning tasks, CPU")
-    base_path = ensure_default_base(console=console)
+    subject = "a tiny Qwen2.5-VL" if base is None else str(base)
+    console.rule(f"[bold]atrl demo[/bold]: AT-RL on {subject}, synthetic visual-reasoning tasks")
+    if base is not None:
+        from .models.zoo import check_model_path
+
+        check_model_path(base)
+    base_path = Path(base) if base is not None else ensure_default_base(console=console)
     console.print(f"base model: {base_path}")
     run_dir = out / "run"
     recipe = load_recipe(None, [

@@ -77,10 +77,12 @@ def select_trainable(model, train: str = "all", lora_r: int = 0):
 
 def run_sft(model, processor, train_rows, out_dir: str | Path, *, epochs: float = 3.0, batch_size: int = 16,
             learning_rate: float = 2e-3, seed: int = 0, report_to: list[str] | None = None,
-            progress: bool = True, train: str = "all", lora_r: int = 0) -> Path:
+            progress: bool = True, train: str = "all", lora_r: int = 0,
+            vision_learning_rate: float | None = None) -> Path:
     """Fine-tune `model` on `train_rows` (a datasets.Dataset from `to_hf_dataset`); saves model + processor.
     `train` and `lora_r` choose the weights that learn (`select_trainable`); adapters are merged before saving,
-    so the folder is a plain checkpoint."""
+    so the folder is a plain checkpoint. `vision_learning_rate` (default: `learning_rate`) is the vision tower's
+    and connector's: a random vision side beside a pretrained decoder wants a larger one."""
     from transformers import Trainer, TrainingArguments
 
     from .._io import ensure_writable_dir
@@ -97,7 +99,16 @@ def run_sft(model, processor, train_rows, out_dir: str | Path, *, epochs: float 
     model, _ = select_trainable(model, train, lora_r)
     model.train()
     side = processor.tokenizer.padding_side  # the collator pads on the right; the saved tokenizer keeps its own
-    trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=SFTCollator(processor))
+    optimizer = None
+    if vision_learning_rate is not None:
+        decoder = {id(p) for p in language_model(model).parameters()}
+        decoder |= {id(p) for p in model.get_output_embeddings().parameters()}
+        groups = [[p for p in model.parameters() if p.requires_grad and (id(p) in decoder) == is_decoder]
+                  for is_decoder in (True, False)]
+        optimizer = torch.optim.AdamW([{"params": groups[0], "lr": learning_rate},
+                                       {"params": groups[1], "lr": vision_learning_rate}], weight_decay=0.0)
+    trainer = Trainer(model=model, args=args, train_dataset=train_rows, data_collator=SFTCollator(processor),
+                      optimizers=(optimizer, None))
     trainer.train()
     processor.tokenizer.padding_side = side
     if lora_r:
