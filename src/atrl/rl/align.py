@@ -64,7 +64,7 @@ def align_vision(model, processor, rows: list[dict[str, Any]], *, steps: int, ba
     from rich.progress import Progress
 
     from ..probe.layout import VisionLayout
-    from .sft import language_model
+    from .sft import decoder_parameter_ids, language_model
 
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"align_vision: steps ({steps}) and batch_size ({batch_size}) must be positive")
@@ -78,11 +78,9 @@ def align_vision(model, processor, rows: list[dict[str, Any]], *, steps: int, ba
             raise ValueError(f"align_vision: the tokenizer spells {' ' + name!r} as {len(word)} tokens; the "
                              "alignment needs each colour word as one token (a BPE vocabulary such as SmolLM2's)")
         ids[name] = word[0]
-    with torch.no_grad():
-        targets = {name: language_model(model).get_input_embeddings().weight[i].detach().clone()
-                   for name, i in ids.items()}
-    decoder = {id(p) for p in language_model(model).parameters()}
-    decoder |= {id(p) for p in model.get_output_embeddings().parameters()}
+    embeddings = language_model(model).get_input_embeddings().weight.detach()
+    targets = {name: embeddings[i].clone() for name, i in ids.items()}
+    decoder = decoder_parameter_ids(model)
     params = [p for p in model.parameters() if id(p) not in decoder]
     saved = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():

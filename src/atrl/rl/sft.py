@@ -48,6 +48,12 @@ def language_model(model):
     return decoder
 
 
+def decoder_parameter_ids(model) -> set[int]:
+    """The ids of the language model's parameters and the output head's (tied or not): what `vision` freezes."""
+    ids = {id(p) for p in language_model(model).parameters()}
+    return ids | {id(p) for p in model.get_output_embeddings().parameters()}
+
+
 def select_trainable(model, train: str = "all", lora_r: int = 0):
     """What supervision updates: `all` the weights, or the `vision` side only (tower and connector; the language
     model frozen). `lora_r > 0` adds LoRA adapters of that rank to the language model's linear layers (with
@@ -58,7 +64,7 @@ def select_trainable(model, train: str = "all", lora_r: int = 0):
     if lora_r < 0:
         raise ValueError(f"lora_r={lora_r}: must be 0 (no adapters) or a positive rank")
     decoder = language_model(model)
-    frozen = {id(p) for p in decoder.parameters()} | {id(p) for p in model.get_output_embeddings().parameters()}
+    frozen = decoder_parameter_ids(model)
     for param in model.parameters():
         param.requires_grad_(train == "all" or id(param) not in frozen)
     if lora_r:
@@ -101,8 +107,7 @@ def run_sft(model, processor, train_rows, out_dir: str | Path, *, epochs: float 
     side = processor.tokenizer.padding_side  # the collator pads on the right; the saved tokenizer keeps its own
     optimizer = None
     if vision_learning_rate is not None:
-        decoder = {id(p) for p in language_model(model).parameters()}
-        decoder |= {id(p) for p in model.get_output_embeddings().parameters()}
+        decoder = decoder_parameter_ids(model)
         groups = [[p for p in model.parameters() if p.requires_grad and (id(p) in decoder) == is_decoder]
                   for is_decoder in (True, False)]
         optimizer = torch.optim.AdamW([{"params": groups[0], "lr": learning_rate},
