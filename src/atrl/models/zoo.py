@@ -35,14 +35,15 @@ from .tokenizer import build_tokenizer
 # TRL uses: content is a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
 
 
-def _chatml_template(image: str) -> str:
-    """The ChatML turns of Qwen-based VLMs, an image part written as `image`."""
+def _chatml_template(image: str, video: str | None = None) -> str:
+    """The ChatML turns of Qwen-based VLMs, an image part written as `image` (a video part as `video`)."""
     return (
         "{%- for message in messages -%}"
         "{{ '<|im_start|>' + message['role'] + '\\n' }}"
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for part in message['content'] -%}"
         "{%- if part['type'] == 'image' -%}{{ '" + image + "' }}"
+        + ("{%- elif part['type'] == 'video' -%}{{ '" + video + "' }}" if video else "") +
         "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
         "{{ '<|im_end|>\\n' }}"
@@ -51,7 +52,8 @@ def _chatml_template(image: str) -> str:
     )
 
 
-_QWEN_TEMPLATE = _chatml_template("<|vision_start|><|image_pad|><|vision_end|>")
+_QWEN_TEMPLATE = _chatml_template("<|vision_start|><|image_pad|><|vision_end|>",
+                                  "<|vision_start|><|video_pad|><|vision_end|>")
 # InternVL 3 / 3.5 (Qwen decoders): the processor turns <IMG_CONTEXT> into <img>, one <IMG_CONTEXT> per token of
 # each tile, </img>.
 _INTERNVL_TEMPLATE = _chatml_template("<IMG_CONTEXT>\\n")
@@ -255,10 +257,25 @@ def _qwen_image_processor(size: TinySize, patch: int = 14):
                                     temporal_patch_size=2, merge_size=2)
 
 
+def _qwen_video_processor(size: TinySize, patch: int = 14):
+    """The family's own video processor (torchvision-based), each frame resized to the tiny image's pixels."""
+    if patch == 16:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor as cls
+    else:
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor as cls
+    pixels = size.image_size * size.image_size
+    if patch == 16:  # Qwen3-VL bounds the pixels of all the frames together: here up to 32 frames of the image's
+        return cls(size={"shortest_edge": 2 * pixels, "longest_edge": 32 * pixels}, patch_size=patch,
+                   temporal_patch_size=2, merge_size=2, min_frames=2, cap_pixels_per_frame=False)
+    return cls(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=patch, temporal_patch_size=2,
+               merge_size=2, min_frames=2, cap_pixels_per_frame=False)
+
+
 def _build_qwen(size: TinySize, config_cls, model_cls, processor_cls, vision: dict[str, Any], patch: int = 14,
                 text: dict[str, Any] | None = None):
-    """The Qwen families: same tokenizer, text config and image processor (Qwen3-VL's patches are 16 pixels,
-    Qwen2-VL's and Qwen2.5-VL's 14); the vision towers differ."""
+    """The Qwen families: same tokenizer, text config, image and video processors (Qwen3-VL's patches are 16
+    pixels, Qwen2-VL's and Qwen2.5-VL's 14); the vision towers differ. The processor is the family's stock one,
+    with its video processor."""
     tok = _qwen_tokenizer(size)
     config = config_cls(
         text_config={**_qwen_text_config(size, len(tok), tok), **(text or {})},
@@ -268,16 +285,16 @@ def _build_qwen(size: TinySize, config_cls, model_cls, processor_cls, vision: di
         **_qwen_ids(tok),
     )
     processor = processor_cls(image_processor=_qwen_image_processor(size, patch), tokenizer=tok,
-                              chat_template=_QWEN_TEMPLATE)
+                              video_processor=_qwen_video_processor(size, patch), chat_template=_QWEN_TEMPLATE)
     return model_cls(config), processor
 
 
 def _build_qwen2_5_vl(size: TinySize):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from .processors import Qwen2_5_VLImageProcessorOnly
+    from transformers import Qwen2_5_VLProcessor
 
-    return _build_qwen(size, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageProcessorOnly,
+    return _build_qwen(size, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                        dict(hidden_size=size.vision_hidden_size, intermediate_size=2 * size.vision_hidden_size,
                             out_hidden_size=size.hidden_size, window_size=56,
                             fullatt_block_indexes=[size.vision_layers - 1]))
@@ -286,9 +303,9 @@ def _build_qwen2_5_vl(size: TinySize):
 def _build_qwen2_vl(size: TinySize):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from .processors import Qwen2VLImageProcessorOnly
+    from transformers import Qwen2VLProcessor
 
-    return _build_qwen(size, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorOnly,
+    return _build_qwen(size, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor,
                        dict(embed_dim=size.vision_hidden_size, hidden_size=size.hidden_size, mlp_ratio=2))
 
 
@@ -303,9 +320,9 @@ def _build_qwen3_vl(size: TinySize):
     DeepStack features of the vision tower's early layers added to the decoder's first layers (here: layer 0's)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from .processors import Qwen3VLImageProcessorOnly
+    from transformers import Qwen3VLProcessor
 
-    return _build_qwen(size, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLImageProcessorOnly,
+    return _build_qwen(size, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
                        _qwen3_vision(size), patch=16)
 
 
@@ -313,11 +330,11 @@ def _build_qwen3_vl_moe(size: TinySize):
     """Qwen3-VL-MoE: Qwen3-VL with a mixture-of-experts MLP in every decoder layer (4 experts, 2 per token here)."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
-    from .processors import Qwen3VLImageProcessorOnly
+    from transformers import Qwen3VLProcessor
 
     experts = dict(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=size.hidden_size,
                    decoder_sparse_step=1)
-    return _build_qwen(size, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLImageProcessorOnly,
+    return _build_qwen(size, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor,
                        _qwen3_vision(size), patch=16, text=experts)
 
 
@@ -327,7 +344,7 @@ def _build_qwen3_5(size: TinySize):
     default layer is not the last). The vision side is Qwen3-VL's, without DeepStack."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
-    from .processors import Qwen3VLImageProcessorOnly
+    from transformers import Qwen3VLProcessor
 
     head = size.hidden_size // size.num_heads
     types = (["linear_attention", "full_attention", "full_attention", "linear_attention"]
@@ -335,7 +352,7 @@ def _build_qwen3_5(size: TinySize):
     vision = {k: v for k, v in _qwen3_vision(size).items() if k != "deepstack_visual_indexes"}
     text = dict(layer_types=types, head_dim=head, linear_num_key_heads=2, linear_num_value_heads=2,
                 linear_key_head_dim=head, linear_value_head_dim=head)
-    return _build_qwen(size, Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLImageProcessorOnly, vision,
+    return _build_qwen(size, Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor, vision,
                        patch=16, text=text)
 
 
@@ -738,14 +755,24 @@ def check_model_path(path: str | os.PathLike, *, weights: bool = True) -> None:
         raise FileNotFoundError(f"model path {str(path)!r} does not exist") from None
 
 
-def load_processor(path: str | os.PathLike) -> ProcessorMixin:
-    """Load a processor; the image-only Qwen processors saved by this project load without torchvision."""
+def load_processor(path: str | os.PathLike, backend: str = "pil") -> ProcessorMixin:
+    """Load a processor; the image-only processors saved by this project load without torchvision.
+
+    `backend`: the image processor's implementation. "pil" (the default) is the one the tiny builds are made with
+    and keeps a checkpoint's pixel values the same whether torchvision is installed or not (a checkpoint does not
+    record which one it was saved with, and transformers takes "torchvision" whenever it imports); "torchvision"
+    is faster on large images, with slightly different resizing."""
     check_model_path(path, weights=False)
+    if backend not in ("pil", "torchvision"):
+        raise ValueError(f"image processor backend {backend!r}: use 'pil' or 'torchvision'")
     config_file = Path(path) / "processor_config.json"
+    cls = AutoProcessor
     if config_file.is_file():
         name = json.loads(config_file.read_text()).get("processor_class")
-        if name in IMAGE_ONLY_PROCESSORS:
-            return IMAGE_ONLY_PROCESSORS[name].from_pretrained(path)
-        if name in UPGRADED_PROCESSORS:
-            return UPGRADED_PROCESSORS[name].from_pretrained(path)
-    return AutoProcessor.from_pretrained(path)
+        cls = IMAGE_ONLY_PROCESSORS.get(name) or UPGRADED_PROCESSORS.get(name) or AutoProcessor
+    processor = cls.from_pretrained(path)
+    if getattr(processor, "image_processor", None) is not None:  # the image processor alone takes the backend
+        from transformers import AutoImageProcessor  # (a video processor has only torchvision's)
+
+        processor.image_processor = AutoImageProcessor.from_pretrained(path, backend=backend)
+    return processor
