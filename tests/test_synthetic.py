@@ -7,7 +7,8 @@ from PIL import Image
 from atrl.cli import main
 from atrl.data.synthetic import (
     COLOURS,
-    TASK_FAMILIES,
+    IMAGE_FAMILIES,
+    ColourChangeKnobs,
     ArithmeticKnobs,
     BarKnobs,
     CompareKnobs,
@@ -52,9 +53,28 @@ def _recompute(ex) -> str:
 
 def test_answers_match_an_independent_recomputation_from_the_scene():
     examples = generate(250, seed=7)
-    assert {ex.family for ex in examples} == set(TASK_FAMILIES)
+    assert {ex.family for ex in examples} == set(IMAGE_FAMILIES)  # the video family only when named
     for ex in examples:
         assert ex.answer == _recompute(ex), ex.uid
+
+
+def test_colour_change_answers_the_colour_drawn_in_the_asked_frame():
+    """The answer, from the frames' pixels alone: the colour at the centre of the first or the last frame; the
+    colour changes once, at an even frame, and the trace names both colours as perception spans."""
+    names = {rgb: name for name, rgb in COLOURS.items()}
+    examples = generate(40, seed=5, families=["colour_change"])
+    assert {ex.scene["asked"] for ex in examples} == {"first", "last"}
+    for ex in examples:
+        centre = [names[f.getpixel((f.width // 2, f.height // 2))] for f in ex.frames]
+        change = next(i for i in range(len(centre)) if centre[i] != centre[0])
+        assert change % 2 == 0 and len(set(centre[change:])) == 1 and len(set(centre)) == 2
+        assert ex.answer == (centre[0] if ex.question.endswith("first frame?") else centre[-1]), ex.uid
+        assert ex.perception_texts() == [centre[0], centre[-1]]
+        assert ex.image is ex.frames[-1] and ex.fps == 2.0 and len(ex.frames) == 6
+    long = generate(4, seed=5, families=["colour_change"], knobs={"colour_change": ColourChangeKnobs(frames=10)})
+    assert all(len(ex.frames) == 10 for ex in long)
+    with pytest.raises(ValueError, match="frames=5: an even number"):
+        ColourChangeKnobs(frames=5).validate()
 
 
 def test_drawn_objects_have_the_colour_the_scene_says():
@@ -127,7 +147,7 @@ def test_same_seed_same_data_set_other_seed_other():
     assert a == b
     assert sum(x != y for x, y in zip(a, c)) >= 25
     # Example i does not depend on what was generated before it.
-    names = list(TASK_FAMILIES)
+    names = list(IMAGE_FAMILIES)
     assert a[10:] == _fingerprint([make_example(names[i % len(names)], 11, i) for i in range(10, 30)])
 
 

@@ -10,6 +10,10 @@ Supported shapes (local files only):
     jsonl       generic JSONL: question (or prompt / problem), answer, image or images (paths), optional
                 answer_type, choices, precision.
 
+Any of them may have `videos` (or `video`): a list of videos, each a video file, its bytes, a folder of frame
+images or a list of frame images (`atrl.data.video`), beside or instead of images. `<video>` placeholders in the
+question are read as `<image>` ones are.
+
 Image paths are resolved against `image_root` (default: the data file's folder). Images are loaded lazily
 (`Sample.load_images()` or by `datasets` when a row is read); `verify_images=True` opens each once at load
 time so that a corrupt file is found before training, not in the middle of it.
@@ -35,6 +39,7 @@ from PIL import Image
 from .._io import read_text
 from .answers import ANSWER_TYPES
 from .synthetic import RESPONSE_INSTRUCTION
+from .video import Video, VideoBounds, VideoError, VideoRef
 
 FORMATS = ("mathvista", "geometry3k", "jsonl")
 
@@ -88,6 +93,7 @@ class Sample:
     unit: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # "file:row"
+    videos: list[VideoRef] = field(default_factory=list)
 
     def load_images(self) -> list[Image.Image]:
         out = []
@@ -95,6 +101,15 @@ class Sample:
             try:
                 out.append(ref.load())
             except DataError as err:
+                raise DataError(f"{self.source}: {err}") from err
+        return out
+
+    def load_videos(self, bounds: VideoBounds) -> list[Video]:
+        out = []
+        for ref in self.videos:
+            try:
+                out.append(ref.load(bounds))
+            except VideoError as err:
                 raise DataError(f"{self.source}: {err}") from err
         return out
 
@@ -241,6 +256,49 @@ def _image_ref(value: Any, root: Path, where: str) -> ImageRef:
     raise DataError(f"{where}: no usable image (got {type(value).__name__})")
 
 
+def _video_ref(value: Any, root: Path, where: str) -> VideoRef:
+    """A video item: a path (file or folder of frames), {"path"/"bytes"/"frames"}, bytes, or a list of frame paths."""
+    def resolve(v: str) -> Path:
+        p = Path(v)
+        return p if p.is_absolute() else root / p
+
+    if isinstance(value, (bytes, bytearray)):
+        return VideoRef(data=bytes(value))
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return VideoRef(path=value.get("path"), data=value["bytes"])
+        value = value.get("frames") or value.get("path")
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise DataError(f"{where}: a video given as a list of frames needs one or more frame paths")
+        frames = tuple(str(resolve(v)) for v in value)
+        missing = next((f for f in frames if not Path(f).is_file()), None)
+        if missing is not None:
+            raise DataError(f"{where}: video frame {missing!r} does not exist")
+        return VideoRef(frames=frames)
+    if isinstance(value, str) and value:
+        p = resolve(value)
+        if not p.exists():
+            raise DataError(f"{where}: video file {str(p)!r} does not exist")
+        return VideoRef(path=str(p))
+    raise DataError(f"{where}: no usable video (got {type(value).__name__})")
+
+
+def _row_videos(row: dict, root: Path, where: str) -> list[VideoRef]:
+    """A row's videos: its `videos` list, or its `video` (one video, or a list of them)."""
+    raw = row.get("videos")
+    if raw is None:
+        raw = row.get("video")
+        if raw is None:
+            return []
+        if isinstance(raw, (str, bytes, dict)):
+            raw = [raw]
+    raw = list(raw.tolist() if hasattr(raw, "tolist") else raw)
+    return [_video_ref(v, root, where) for v in raw]
+
+
 def _row_images(row: dict) -> list:
     """A row's images: its `images` list, or its `image`, which ViRL39K-style files also make a list of paths."""
     raw = row.get("images")
@@ -303,42 +361,46 @@ def _mathvista_row(row: dict, root: Path, where: str) -> Sample:
 
 
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+_VIDEO_PLACEHOLDER = re.compile(r"\s*<video>\s*")
 
 
-def _question_text(text: Any, n_images: int, where: str) -> str:
-    """The question without `<image>` placeholders (Geometry3K, ViRL39K and EasyR1-style files mark where an image
-    goes; the prompt puts the images first and the model's own image tokens stand for them). A count of
-    placeholders other than the row's images means a broken row."""
+def _question_text(text: Any, n_images: int, where: str, n_videos: int = 0) -> str:
+    """The question without `<image>` / `<video>` placeholders (Geometry3K, ViRL39K, Video-R1 and EasyR1-style
+    files mark where an image or video goes; the prompt puts the videos and images first and the model's own
+    tokens stand for them). A count of placeholders other than the row's images (videos) means a broken row."""
     text = str(text)
-    placeholders = len(_IMAGE_PLACEHOLDER.findall(text))
-    if placeholders and placeholders != n_images:
-        raise DataError(f"{where}: the question has {placeholders} <image> placeholders but the row has "
-                        f"{n_images} images")
-    return _IMAGE_PLACEHOLDER.sub(" ", text).strip() if placeholders else text
+    for pattern, kind, n in ((_IMAGE_PLACEHOLDER, "image", n_images), (_VIDEO_PLACEHOLDER, "video", n_videos)):
+        placeholders = len(pattern.findall(text))
+        if placeholders and placeholders != n:
+            raise DataError(f"{where}: the question has {placeholders} <{kind}> placeholders but the row has "
+                            f"{n} {kind}s")
+        if placeholders:
+            text = pattern.sub(" ", text).strip()
+    return text
 
 
 def _geometry_row(row: dict, root: Path, where: str) -> Sample:
-    raw = _row_images(row)
-    if not raw:
+    raw, videos = _row_images(row), _row_videos(row, root, where)
+    if not raw and not videos:
         raise DataError(f"{where}: no images")
-    question = _question_text(row.get("problem") or row.get("question") or "", len(raw), where)
+    question = _question_text(row.get("problem") or row.get("question") or "", len(raw), where, len(videos))
     return Sample(uid=str(row.get("id", where)), question=question,
                   answer=row.get("answer"), answer_type=row.get("answer_type") or "math",
                   images=[_image_ref(v, root, where) for v in raw], choices=row.get("choices"),
-                  metadata=_row_labels(row))
+                  metadata=_row_labels(row), videos=videos)
 
 
 def _jsonl_row(row: dict, root: Path, where: str) -> Sample:
-    raw = _row_images(row)
+    raw, videos = _row_images(row), _row_videos(row, root, where)
     question = row.get("question") or row.get("prompt") or row.get("problem")
     if _blank(question):
         raise DataError(f"{where}: no question (expected a 'question', 'prompt' or 'problem' field)")
     precision = row.get("precision")
-    question = _question_text(question, len(raw), where)
+    question = _question_text(question, len(raw), where, len(videos))
     return Sample(uid=str(row.get("id", row.get("uid", where))), question=question, answer=row.get("answer"),
                   answer_type=row.get("answer_type") or "text", images=[_image_ref(v, root, where) for v in raw],
                   choices=row.get("choices") or None, precision=None if _blank(precision) else float(precision),
-                  metadata={**_row_labels(row), **_row_metadata(row)})
+                  metadata={**_row_labels(row), **_row_metadata(row)}, videos=videos)
 
 
 _ROW_READERS = {"mathvista": _mathvista_row, "geometry3k": _geometry_row, "jsonl": _jsonl_row}
@@ -347,7 +409,7 @@ _ROW_READERS = {"mathvista": _mathvista_row, "geometry3k": _geometry_row, "jsonl
 def _reason(err: DataError) -> str:
     msg = str(err)
     for key in ("no answer", "answer_type", "does not exist", "cannot be read", "no image", "no question",
-                "placeholders", "max_image_pixels"):
+                "placeholders", "max_image_pixels", "max_seconds", "no frames", "no video stream", "no usable video"):
         if key in msg:
             return key
     return "other"
@@ -358,7 +420,8 @@ MAX_IMAGE_PIXELS = 50_000_000  # an image over this is a bad row (decoding it co
 
 def load_samples(path: str | Path, format: str = "auto", *, image_root: str | Path | None = None,
                  on_error: str = "raise", verify_images: bool = True,
-                 max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[list[Sample], LoadReport]:
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+                 video: VideoBounds | None = None) -> tuple[list[Sample], LoadReport]:
     """Read a data-set file into `Sample`s.
 
     Args:
@@ -370,6 +433,9 @@ def load_samples(path: str | Path, format: str = "auto", *, image_root: str | Pa
         verify_images: open every image once now, so corrupt files are found before training.
         max_image_pixels: an image with more pixels (read from its header, before decoding) is a bad row
             (None: no bound).
+        video: the bounds videos are read within (default `VideoBounds()`); with `verify_images` each video's
+            header is read now (a missing stream, no frames, longer than `max_seconds`: a bad row), its frames
+            when a row is used.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error={on_error!r}: use 'raise' or 'skip'")
@@ -398,8 +464,9 @@ def load_samples(path: str | Path, format: str = "auto", *, image_root: str | Pa
             if on_error == "raise":
                 raise
             read.append(err)
+    video = video if video is not None else VideoBounds()
     if verify_images:  # decoding runs outside the GIL: threads open the images side by side (ViRL39K: 39k rows)
-        read = _in_threads(lambda item: _verified(item, max_image_pixels), read)
+        read = _in_threads(lambda item: _verified(item, max_image_pixels, video), read)
     samples = []
     for item in read:  # in file order: the first bad row is the one raised
         if isinstance(item, DataError):
@@ -426,7 +493,8 @@ def _duplicates(samples: list[Sample]) -> list[tuple[str, str]]:
     out = []
     for s in samples:
         images = tuple(r.path if r.data is None else hashlib.sha1(r.data).hexdigest() for r in s.images)
-        key = (s.question, s.answer, images)
+        videos = tuple(r.frames or (r.path if r.data is None else hashlib.sha1(r.data).hexdigest()) for r in s.videos)
+        key = (s.question, s.answer, images, videos)
         if key in first:
             out.append((s.source, first[key]))
         else:
@@ -434,10 +502,16 @@ def _duplicates(samples: list[Sample]) -> list[tuple[str, str]]:
     return out
 
 
-def _verified(item: Sample | DataError, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Sample | DataError:
+def _verified(item: Sample | DataError, max_pixels: int | None = MAX_IMAGE_PIXELS,
+              video: VideoBounds | None = None) -> Sample | DataError:
     if isinstance(item, DataError):
         return item
     try:
+        for ref in item.videos:  # the header only: stream, frames, length
+            try:
+                ref.check(video or VideoBounds())
+            except VideoError as err:
+                raise DataError(str(err)) from err
         if max_pixels is not None:
             for ref in item.images:  # from the header, before a huge image is decoded
                 w, h = ref.size()
@@ -470,18 +544,32 @@ def build_prompt_messages(sample: Sample, instruction: str = RESPONSE_INSTRUCTIO
         text += "\nChoices: " + " ".join(f"({chr(65 + k)}) {c}" for k, c in enumerate(sample.choices))
     if instruction:
         text += " " + instruction
-    content = [{"type": "image", "text": None} for _ in sample.images] + [{"type": "text", "text": text}]
+    content = ([{"type": "video", "text": None} for _ in sample.videos]
+               + [{"type": "image", "text": None} for _ in sample.images] + [{"type": "text", "text": text}])
     return [{"role": "user", "content": content}]
 
 
-def to_trl_dataset(samples: Iterable[Sample], instruction: str = RESPONSE_INSTRUCTION):
-    """A `datasets.Dataset` with prompt, images (lazy), answer, answer_type, choices, precision, uid, source."""
+def video_feature():
+    """The `videos` column's feature: per row a list of {path, bytes, frames} (`VideoRef.as_feature`), decoded
+    only when the row is used (`atrl.rl.trainer`)."""
     import datasets
 
+    return [{"path": datasets.Value("string"), "bytes": datasets.Value("binary"),
+             "frames": [datasets.Value("string")]}]
+
+
+def to_trl_dataset(samples: Iterable[Sample], instruction: str = RESPONSE_INSTRUCTION):
+    """A `datasets.Dataset` with prompt, images (lazy), answer, answer_type, choices, precision, uid, source; and
+    `videos` (references, decoded when used) when any sample has a video."""
+    import datasets
+
+    samples = list(samples)
+    with_videos = any(s.videos for s in samples)
     rows = [{"prompt": build_prompt_messages(s, instruction), "images": [r.as_feature() for r in s.images],
              "answer": s.answer, "answer_type": s.answer_type, "choices": s.choices or [],
              "precision": s.precision, "uid": s.uid, "source": s.source,
-             "metadata": json.dumps(s.metadata, default=str)} for s in samples]
+             "metadata": json.dumps(s.metadata, default=str),
+             **({"videos": [r.as_feature() for r in s.videos]} if with_videos else {})} for s in samples]
     features = datasets.Features({
         "prompt": [{"role": datasets.Value("string"),
                     "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
@@ -493,21 +581,62 @@ def to_trl_dataset(samples: Iterable[Sample], instruction: str = RESPONSE_INSTRU
         "uid": datasets.Value("string"),
         "source": datasets.Value("string"),
         "metadata": datasets.Value("string"),
+        **({"videos": video_feature()} if with_videos else {}),
     })
     return datasets.Dataset.from_list(rows, features=features)
 
 
-def _processed_length(processor, sample: Sample, text: str) -> int:
-    """The prompt's tokens as the processor makes them, images decoded and processed (any processor)."""
+def _processed_length(processor, sample: Sample, text: str, video: VideoBounds | None = None) -> int:
+    """The prompt's tokens as the processor makes them, images decoded and processed (any processor). A video is
+    not decoded: blank frames of the size and number its header says stand for it (the token count depends on
+    nothing else)."""
     images = sample.load_images()
-    return processor(text=[text], images=[images] if images else None, return_tensors="pt")["input_ids"].shape[1]
+    kwargs = {}
+    if sample.videos:
+        blanks = [_blank_video(ref, video or VideoBounds(), sample.source) for ref in sample.videos]
+        try:
+            kwargs = video_inputs(processor, blanks)
+        except DataError as err:
+            raise DataError(f"{sample.source}: {err}") from err
+    return processor(text=[text], images=[images] if images else None, return_tensors="pt",
+                     **kwargs)["input_ids"].shape[1]
+
+
+def _blank_video(ref: VideoRef, bounds: VideoBounds, source: str) -> Video:
+    """Black frames in the number and size `ref.load(bounds)` would give, from the header alone."""
+    from .video import fit_pixels, sample_indices
+
+    try:
+        info = ref.check(bounds)
+    except VideoError as err:
+        raise DataError(f"{source}: {err}") from err
+    import numpy as np
+
+    wanted = sample_indices(info, bounds)
+    h, w = fit_pixels(info.height, info.width, bounds.max_pixels)
+    fps = info.fps or bounds.fps
+    return Video(np.zeros((len(wanted), h, w, 3), np.uint8), {
+        "total_num_frames": info.frames, "fps": fps, "duration": info.frames / fps, "frames_indices": wanted,
+        "height": info.height, "width": info.width, "video_backend": "pyav"})
+
+
+def video_inputs(processor, videos: list[Video]) -> dict[str, Any]:
+    """The processor's keyword arguments for decoded videos: the frames, their metadata (the sampled frames'
+    indices and the frame rate, from which Qwen3-VL writes each frame's time), and no sampling of its own (the
+    frames are the ones `data.video` chose). A processor without a video slot is an error that says so."""
+    if getattr(processor, "video_processor", None) is None:
+        raise DataError(f"the processor ({type(processor).__name__}) takes no videos: a video row needs a "
+                        "checkpoint whose processor has a video processor (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
+    return {"videos": [v.frames for v in videos], "video_metadata": [v.metadata for v in videos],
+            "do_sample_frames": False}
 
 
 def _header_only_counter(processor):
     """For Qwen2-VL / Qwen2.5-VL processors: the prompt's tokens from the text and each image's size alone (its
     header: no decoding, ~1000 times faster on large images), as the processor would expand each image
     placeholder: the image resized into the pixel range on the (patch x merge) grid, one token per merged patch.
-    None for other processors (the exact count then processes the images)."""
+    None for other processors (the exact count then processes the images). A row with a video is counted by
+    `_processed_length` (blank frames of the header's size stand for the video's)."""
     from ..models.zoo import pixel_range
 
     image_processor = getattr(processor, "image_processor", None)
@@ -531,18 +660,21 @@ def _header_only_counter(processor):
 
 
 def check_prompt_lengths(samples: Iterable[Sample], processor, max_prompt_length: int, *, on_error: str = "raise",
-                         report: LoadReport | None = None, limit_name: str | None = None) -> list[Sample]:
-    """Keep samples whose processed prompt (text + image tokens) fits `max_prompt_length` tokens.
+                         report: LoadReport | None = None, limit_name: str | None = None,
+                         video: VideoBounds | None = None) -> list[Sample]:
+    """Keep samples whose processed prompt (text + image and video tokens) fits `max_prompt_length` tokens.
 
     A prompt over the limit would be truncated from the left by the trainer, cutting image tokens, so it is an
-    error naming the row (or, with on_error="skip", counted in `report` under "prompt too long").
+    error naming the row (or, with on_error="skip", counted in `report` under "prompt too long"). Videos are
+    counted from their headers as `video` (default `VideoBounds()`) samples them, without decoding.
     """
     kept = []
-    count = _header_only_counter(processor) or _processed_length
+    header_count = _header_only_counter(processor)
     for s in samples:
         text = processor.apply_chat_template(build_prompt_messages(s), add_generation_prompt=True)
         try:
-            n = count(processor, s, text)
+            n = (header_count(processor, s, text) if header_count is not None and not s.videos
+                 else _processed_length(processor, s, text, video))
         except DataError:
             raise
         except ValueError as err:  # the processor refuses an image (e.g. an aspect ratio over 200)
@@ -556,8 +688,10 @@ def check_prompt_lengths(samples: Iterable[Sample], processor, max_prompt_length
             continue
         if n > max_prompt_length:
             limit = limit_name or f"max_prompt_length={max_prompt_length}"
-            msg = (f"{s.source}: prompt is {n} tokens with its image tokens, over {limit}; truncation would cut "
-                   "image tokens (raise the limit or shrink the image)")
+            what = "video" if s.videos else "image"
+            msg = (f"{s.source}: prompt is {n} tokens with its {what} tokens, over {limit}; truncation would cut "
+                   f"{what} tokens (raise the limit or shrink the {what}"
+                   + (": data.video.max_frames, max_pixels, fps)" if s.videos else ")"))
             if on_error == "raise":
                 raise DataError(msg)
             if report is not None:

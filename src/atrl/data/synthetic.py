@@ -17,6 +17,11 @@ Families (each with difficulty knobs, see the `*Knobs` dataclasses):
     arithmetic  evaluate `a op b` drawn as digits
     quadrant    the colour of the shape in a given quadrant
 
+and one video family (`VIDEO_FAMILIES`: its examples also carry `frames`, `image` being the last of them; it is
+left out of "all families" unless named):
+
+    colour_change  a shape changes colour once; its colour in the first or the last frame
+
 Determinism: example `i` of a data set with seed `s` is drawn from `random.Random(f"{family}:{s}:{i}")`,
 so the same seed gives the same data set, byte for byte, whatever else was generated before.
 """
@@ -71,6 +76,8 @@ class Example:
     scene: dict[str, Any]
     choices: list[str] | None = None
     knobs: dict[str, Any] = field(default_factory=dict)
+    frames: list[Image.Image] | None = None  # a video family's frames (`image` is the last)
+    fps: float | None = None  # the frames' rate
 
     def perception_texts(self) -> list[str]:
         return [self.reasoning[a:b] for a, b in self.perception_spans]
@@ -431,6 +438,72 @@ def _text_quadrant(scene: dict[str, Any], rng: random.Random):
 
 
 # ----------------------------------------------------------------------------------------------
+# colour_change (video)
+
+
+@dataclass(frozen=True)
+class ColourChangeKnobs:
+    """Difficulty of `colour_change`: one shape, the same place in every frame, changes colour once; asks for its
+    colour in the first or the last frame.
+
+    Attributes:
+        frames: frames in the video (even, at least 4). The change comes at an even frame, so that each temporal
+            patch of the Qwen towers (two frames) shows one colour.
+        fps: the frames' rate (what the video processors' timestamps read).
+        image_size: a frame's side in pixels.
+        shape_size: the shape's radius as a share of the frame's side.
+        shapes: the shapes drawn from.
+    """
+
+    frames: int = 6
+    fps: float = 2.0
+    image_size: int = 112
+    shape_size: float = 0.3
+    shapes: tuple[str, ...] = ("square",)
+
+    def validate(self) -> None:
+        _check_positive(self, "frames", "image_size")
+        if self.frames < 4 or self.frames % 2:
+            raise ValueError(f"ColourChangeKnobs.frames={self.frames}: an even number of at least 4")
+        if not self.fps > 0:
+            raise ValueError(f"ColourChangeKnobs.fps={self.fps}: must be > 0")
+        if not 0 < self.shape_size <= 0.5:
+            raise ValueError(f"ColourChangeKnobs.shape_size={self.shape_size}: must be in (0, 0.5]")
+        unknown = [sh for sh in self.shapes if sh not in SHAPES]
+        if not self.shapes or unknown:
+            raise ValueError(f"ColourChangeKnobs.shapes={self.shapes}: choose one or more of {SHAPES}")
+
+
+def _make_colour_change(rng: random.Random, k: ColourChangeKnobs) -> dict[str, Any]:
+    before, after = rng.sample(sorted(COLOURS), 2)
+    return {"image_size": k.image_size, "frames": k.frames, "fps": k.fps, "shape": rng.choice(k.shapes),
+            "r": round(k.image_size * k.shape_size, 2), "before": before, "after": after,
+            "change": rng.randrange(2, k.frames - 1, 2), "asked": rng.choice(("first", "last"))}
+
+
+def _render_colour_change_frames(scene: dict[str, Any]) -> list[Image.Image]:
+    frames = []
+    for i in range(scene["frames"]):
+        img = Image.new("RGB", (scene["image_size"],) * 2, BACKGROUND)
+        colour = scene["before"] if i < scene["change"] else scene["after"]
+        c = scene["image_size"] / 2
+        _draw_shape(ImageDraw.Draw(img), scene["shape"], c, c, scene["r"], colour)
+        frames.append(img)
+    return frames
+
+
+def _text_colour_change(scene: dict[str, Any], rng: random.Random):
+    shape, asked = scene["shape"], scene["asked"]
+    answer = scene["before"] if asked == "first" else scene["after"]
+    question = f"What colour is the {shape} in the {asked} frame?"
+    # both colours are read from the video: the first frames' and the last frames'
+    parts = [(f"The {shape} is ", False), (scene["before"], True), (" at first, then ", False),
+             (scene["after"], True), (".", False)]
+    reasoning, spans = _response(parts, answer)
+    return question, answer, "text", None, reasoning, spans
+
+
+# ----------------------------------------------------------------------------------------------
 # registry and data sets
 
 
@@ -440,6 +513,7 @@ class TaskFamily:
     make_scene: Callable[[random.Random, Any], dict[str, Any]]
     render: Callable[[dict[str, Any]], Image.Image]
     text: Callable[[dict[str, Any], random.Random], tuple]
+    frames: Callable[[dict[str, Any]], list[Image.Image]] | None = None  # a video family's frames
 
 
 TASK_FAMILIES: dict[str, TaskFamily] = {
@@ -448,7 +522,12 @@ TASK_FAMILIES: dict[str, TaskFamily] = {
     "compare": TaskFamily(CompareKnobs, _make_compare, _render_compare, _text_compare),
     "arithmetic": TaskFamily(ArithmeticKnobs, _make_arithmetic, _render_arithmetic, _text_arithmetic),
     "quadrant": TaskFamily(QuadrantKnobs, _make_quadrant, _render_objects, _text_quadrant),
+    "colour_change": TaskFamily(ColourChangeKnobs, _make_colour_change,
+                                lambda scene: _render_colour_change_frames(scene)[-1], _text_colour_change,
+                                frames=_render_colour_change_frames),
 }
+VIDEO_FAMILIES: tuple[str, ...] = tuple(name for name, spec in TASK_FAMILIES.items() if spec.frames is not None)
+IMAGE_FAMILIES: tuple[str, ...] = tuple(name for name in TASK_FAMILIES if name not in VIDEO_FAMILIES)
 
 
 def make_example(family: str, seed: int, index: int, knobs: Any | None = None) -> Example:
@@ -463,10 +542,11 @@ def make_example(family: str, seed: int, index: int, knobs: Any | None = None) -
     rng = random.Random(f"{family}:{seed}:{index}")
     scene = spec.make_scene(rng, knobs)
     question, answer, answer_type, choices, reasoning, spans = spec.text(scene, rng)
+    frames = spec.frames(scene) if spec.frames is not None else None
     return Example(
         uid=f"{family}-{seed}-{index}",
         family=family,
-        image=spec.render(scene),
+        image=frames[-1] if frames is not None else spec.render(scene),
         question=question,
         answer=answer,
         answer_type=answer_type,
@@ -475,6 +555,8 @@ def make_example(family: str, seed: int, index: int, knobs: Any | None = None) -
         scene=scene,
         choices=choices,
         knobs=asdict(knobs),
+        frames=frames,
+        fps=scene.get("fps") if frames is not None else None,
     )
 
 
@@ -485,7 +567,7 @@ def generate(
     families: Iterable[str] | None = None,
     knobs: dict[str, Any] | None = None,
 ) -> list[Example]:
-    """`n` examples cycling through `families` (all five by default), deterministic in `seed`.
+    """`n` examples cycling through `families` (the five image families by default), deterministic in `seed`.
 
     Args:
         n: number of examples (non-negative).
@@ -495,7 +577,7 @@ def generate(
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
-    names = list(families) if families is not None else list(TASK_FAMILIES)
+    names = list(families) if families is not None else list(IMAGE_FAMILIES)
     if not names:
         raise ValueError("families is empty; choose from " + ", ".join(TASK_FAMILIES))
     knobs = knobs or {}
@@ -521,11 +603,15 @@ def task_words() -> tuple[str, ...]:
     The tiny models' tokenizers hold each of these as one token (`atrl.models.tokenizer`), as a real VLM's
     vocabulary holds "orange" or "triangle", so that a colour is read from the image by one token, not spelt out
     letter by letter. The words come from the tasks' own vocabularies (colours, shapes, quadrants, bar labels)
-    and from 64 drawn scenes per family with default knobs (the templates' words); numbers stay digits.
+    and from 64 drawn scenes per family with default knobs (the templates' words); numbers stay digits. The
+    video families' templates are left out, so that the tiny vocabularies (and every build from them) stay as
+    they are; their colour words, the words read from the video, are in it all the same.
     """
     texts = [RESPONSE_INSTRUCTION, *COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *QUADRANTS,
              *(chr(c) for c in range(ord("A"), ord("Z") + 1)), "system", "user", "assistant"]
     for name, spec in TASK_FAMILIES.items():
+        if spec.frames is not None:
+            continue
         for index in range(64):
             rng = random.Random(f"{name}:words:{index}")
             question, answer, _, choices, reasoning, _ = spec.text(spec.make_scene(rng, spec.knobs()), rng)
@@ -557,9 +643,10 @@ def knobs_from_mapping(raw: dict[str, dict[str, Any]] | None, where: str = "knob
     return out
 
 
-def build_prompt(question: str) -> list[dict[str, Any]]:
-    """The conversational prompt TRL expects: one user turn with the image then the question."""
-    return [{"role": "user", "content": [{"type": "image"},
+def build_prompt(question: str, kind: str = "image") -> list[dict[str, Any]]:
+    """The conversational prompt TRL expects: one user turn with the image (or the video: `kind="video"`) then
+    the question."""
+    return [{"role": "user", "content": [{"type": kind},
                                          {"type": "text", "text": f"{question} {RESPONSE_INSTRUCTION}"}]}]
 
 
@@ -578,14 +665,27 @@ def _row(ex: Example) -> dict[str, Any]:
 
 
 def to_hf_dataset(examples: list[Example]):
-    """A `datasets.Dataset` in TRL's conversational format: `prompt`, `image`, `answer` and metadata."""
+    """A `datasets.Dataset` in TRL's conversational format: `prompt`, `image`, `answer` and metadata. Video
+    examples have `videos` (one video: its frames and their rate) and no image; a data set of video examples
+    only has no `image` column."""
     import datasets
 
-    rows = [{"prompt": build_prompt(ex.question), "image": ex.image, **_row(ex)} for ex in examples]
+    with_videos = any(ex.frames is not None for ex in examples)
+    with_images = any(ex.frames is None for ex in examples)
+
+    def media(ex: Example) -> dict[str, Any]:
+        out = {"image": ex.image if ex.frames is None else None} if with_images else {}
+        if with_videos:
+            out["videos"] = [] if ex.frames is None else [{"images": ex.frames, "fps": ex.fps}]
+        return out
+
+    rows = [{"prompt": build_prompt(ex.question, "video" if ex.frames is not None else "image"), **media(ex),
+             **_row(ex)} for ex in examples]
     features = datasets.Features({
         "prompt": [{"role": datasets.Value("string"),
                     "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
-        "image": datasets.Image(),
+        **({"image": datasets.Image()} if with_images else {}),
+        **({"videos": [{"images": [datasets.Image()], "fps": datasets.Value("float64")}]} if with_videos else {}),
         "uid": datasets.Value("string"),
         "family": datasets.Value("string"),
         "question": datasets.Value("string"),
@@ -600,17 +700,29 @@ def to_hf_dataset(examples: list[Example]):
 
 
 def export_jsonl(examples: list[Example], out_dir: str | Path) -> Path:
-    """Write `data.jsonl` plus `images/<uid>.png` under `out_dir`; image paths in the JSONL are relative."""
+    """Write `data.jsonl` plus `images/<uid>.png` (a video example: `videos/<uid>.mp4`, H.264 at the task's frame
+    rate) under `out_dir`; image and video paths in the JSONL are relative."""
+    import numpy as np
+
     from .._io import ensure_writable_dir
+    from .video import write_video
 
     out = ensure_writable_dir(out_dir, argument="--out")
     (out / "images").mkdir(exist_ok=True)
+    if any(ex.frames is not None for ex in examples):
+        (out / "videos").mkdir(exist_ok=True)
     path = out / "data.jsonl"
     tmp = path.with_suffix(".jsonl.tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for ex in examples:
-            rel = f"images/{ex.uid}.png"
-            ex.image.save(out / rel)
-            fh.write(json.dumps({"image": rel, **_row(ex)}, ensure_ascii=False) + "\n")
+            if ex.frames is None:
+                rel = f"images/{ex.uid}.png"
+                ex.image.save(out / rel)
+                media = {"image": rel}
+            else:
+                rel = f"videos/{ex.uid}.mp4"
+                write_video(out / rel, np.stack([np.asarray(f.convert("RGB")) for f in ex.frames]), ex.fps)
+                media = {"videos": [rel]}
+            fh.write(json.dumps({**media, **_row(ex)}, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path

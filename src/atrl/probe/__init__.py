@@ -117,7 +117,9 @@ class ConnectivityProbe:
         model: a transformers VLM whose decoder runs SDPA (the default) or a FlashAttention flavour
             (`attn_implementation="flash_attention_2"` etc.; the probe then runs inside that kernel).
         layers: decoder layer indices to probe; default `default_probe_layers`.
-        region_grid: (rows, cols) cells each image's token grid is pooled into.
+        region_grid: (rows, cols) cells each image's token grid (and each video frame's) is pooled into.
+        time_bins: stretches of time each video is cut into, each with its own `region_grid` (the Qwen families'
+            videos): a token's profile then says when, as well as where, it looked.
         pad_qk: on the fused route, zero-pad Q/K to V's widened head size (default). SDPA's fused kernels
             (flash on CUDA and on the CPU) take only equal head sizes; without the padding a probed layer falls
             back to a slower kernel (the math path on the CPU). Always on under FlashAttention.
@@ -128,7 +130,7 @@ class ConnectivityProbe:
     """
 
     def __init__(self, model, layers: Sequence[int] | None = None, region_grid: tuple[int, int] = (4, 4),
-                 pad_qk: bool = True, route: str = "auto", processor=None):
+                 pad_qk: bool = True, route: str = "auto", processor=None, time_bins: int = 4):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.utils.generic import is_flash_attention_requested
 
@@ -147,6 +149,9 @@ class ConnectivityProbe:
                              f"the image tokens to measure; probe full-attention layers: {sorted(attn_modules)}")
         self.layer_of_module = {id(attn_modules[i]): i for i in self.layers}
         self.region_grid = region_grid
+        if not isinstance(time_bins, int) or time_bins < 1:
+            raise ProbeError(f"time_bins={time_bins!r}: must be an integer >= 1")
+        self.time_bins = time_bins
         self.pad_qk = pad_qk
         if route not in ROUTES:
             raise ProbeError(f"route={route!r}: choose from {ROUTES}")
@@ -168,28 +173,32 @@ class ConnectivityProbe:
             self.model.set_attn_implementation({"text_config": "sdpa"})
 
     def _new_state(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                   response_len: int | None, image_sizes: torch.Tensor | None = None) -> ProbeState:
+                   response_len: int | None, image_sizes: torch.Tensor | None = None,
+                   video_grid_thw: torch.Tensor | None = None) -> ProbeState:
         """An empty record keeping the last response_len + 1 rows, with this batch's region indicators deferred to
         the first probed layer (see `VisionLayout.deferred_indicators`: no host sync here)."""
         if response_len is not None and not 0 < response_len < input_ids.shape[1]:
             raise ProbeError(f"response_len={response_len} must be in [1, {input_ids.shape[1] - 1}]")
         dtype = next(self.model.parameters()).dtype
         indicators = self.layout.deferred_indicators(input_ids, image_grid_thw, self.region_grid, dtype=dtype,
-                                                     image_sizes=image_sizes)
+                                                     image_sizes=image_sizes, video_grid_thw=video_grid_thw,
+                                                     time_bins=self.time_bins)
         return ProbeState(indicators, self.layer_of_module, keep_last=response_len + 1 if response_len else None,
                           pad_qk=self.pad_qk, route=self.route, batch_shape=tuple(input_ids.shape))
 
     @contextmanager
     def capture(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
-                response_len: int | None = None, image_sizes: torch.Tensor | None = None) -> Iterator[Capture]:
+                response_len: int | None = None, image_sizes: torch.Tensor | None = None, *,
+                video_grid_thw: torch.Tensor | None = None) -> Iterator[Capture]:
         """Record region masses for one forward of `input_ids` (B, S) run inside the `with` block.
 
-        `image_grid_thw` (the Qwen families, GLM-4.1V) and `image_sizes` (InternVL, LLaVA-OneVision) are the
-        batch's own, as the processor gave them to the forward: they say how each image's tokens are laid out.
+        `image_grid_thw` and `video_grid_thw` (the Qwen families, GLM-4.1V) and `image_sizes` (InternVL,
+        LLaVA-OneVision) are the batch's own, as the processor gave them to the forward: they say how each image's
+        and video's tokens are laid out.
         `response_len` T keeps only the rows the response needs (the last T + 1 positions), which bounds the
         memory at L x B x (T + 1) x H x R floats.
         """
-        state = self._new_state(input_ids, image_grid_thw, response_len, image_sizes)
+        state = self._new_state(input_ids, image_grid_thw, response_len, image_sizes, video_grid_thw)
         token = activate(state)
         try:
             yield Capture(state, self.layers, response_len)
@@ -202,7 +211,8 @@ class ConnectivityProbe:
         """Capture every call of the model inside the block, one `Capture` per call, in order.
 
         For a trainer whose forward passes happen inside library code (e.g. TRL scoring chunks of a batch): the
-        model's own forward hooks read `input_ids`, `image_grid_thw` and `image_sizes` from each call, so nothing
+        model's own forward hooks read `input_ids`, `image_grid_thw`, `video_grid_thw` and `image_sizes` from each
+        call, so nothing
         else changes.
         `on_record(capture)` runs once per call, as soon as the call's last probed layer has recorded (inside
         the forward: the layers after it, the LM head and the next chunk are still to compute), so that its
@@ -216,7 +226,8 @@ class ConnectivityProbe:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
                 raise ProbeError("record_forwards: the model was called without input_ids")
-            state = self._new_state(input_ids, kwargs.get("image_grid_thw"), response_len, kwargs.get("image_sizes"))
+            state = self._new_state(input_ids, kwargs.get("image_grid_thw"), response_len, kwargs.get("image_sizes"),
+                                    kwargs.get("video_grid_thw"))
             capture = Capture(state, self.layers, response_len)
             if on_record is not None:
                 state.on_complete = lambda: on_record(capture)

@@ -1,15 +1,20 @@
 """Where the image tokens are, per model family, and how they pool into regions (the one family adapter).
 
 Shapes: B batch, S sequence, R regions. `region_indicators` returns the (B, S, R) 0/1 matrix whose column r
-marks the image tokens of region r. Regions: each image is cut into a `region_grid` of (rh, rw) rectangles of
-the picture in raster order; the images of a sample come one after another, so R = (most images in one sample)
-x rh x rw, and region r of sample b is rectangle r % (rh*rw) of its image r // (rh*rw). A token whose grid is
-coarser than the regions falls in the region of its top-left corner.
+marks the visual tokens of region r. Regions: each image is cut into a `region_grid` of (rh, rw) rectangles of
+the picture in raster order, a block of rh x rw regions; a video is `time_bins` such blocks, one per stretch of
+its time (temporal patch i of t falls in bin i * time_bins // t), each cut as an image is. A sample's images and
+videos come one after another in prompt order, so R = (most blocks in one sample) x rh x rw, and region r of
+sample b is rectangle r % (rh*rw) of its block r // (rh*rw). A token whose grid is coarser than the regions falls
+in the region of its top-left corner.
 
 Families:
 - Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE) / Qwen3.5 / GLM-4.1V: `image_token_id`; image i has
   `prod(image_grid_thw[i]) / merge_size^2` tokens laid out as (t, h/merge, w/merge) in raster order; images are
-  numbered across the batch in order.
+  numbered across the batch in order. Videos likewise: `video_token_id`, `video_grid_thw`, (t, h/merge,
+  w/merge) with t the temporal patches (frame pairs) in order; Qwen3-VL writes a timestamp between each t's
+  tokens, which changes nothing here (the tokens are taken in order, whatever text is between them). A forward
+  given no `video_grid_thw` reads a video token as text (as the model embeds it then: a generated one, say).
 - LLaVA: `image_token_index`; each image has `image_seq_length` tokens, a square grid.
 - Gemma 3: `image_token_index`; each image has `mm_tokens_per_image` soft tokens (the tower's patches average-pooled
   to a square), a square grid.
@@ -66,6 +71,8 @@ def _check_region_grid(region_grid: tuple[int, int]) -> tuple[int, int]:
 #                                  the picture covering `box` (fractions: top, bottom, left, right) of the h x w
 #   ("base", s, box)               LLaVA-OneVision in a multi-image prompt: an (s, s) view of the picture padded
 #                                  to a square (covering `box`), and a newline
+#   ("video", t, h, w)             the Qwen families' video: t temporal patches of an (h, w) grid, each in raster
+#                                  order
 ImageTokens = tuple
 
 
@@ -73,6 +80,8 @@ def _token_count(image: ImageTokens) -> int:
     kind = image[0]
     if kind == "grid":
         return image[1] * image[2]
+    if kind == "video":
+        return image[1] * image[2] * image[3]
     if kind == "tiles":
         return (image[1] * image[2] + 1) * image[3] ** 2
     if kind == "anyres":
@@ -101,6 +110,7 @@ class VisionLayout:
     anyres: AnyResolution | None = None  # LLaVA-OneVision
     tile_marks: tuple[int, ...] | None = None  # Idefics3: the ids of <row_r_col_c>, r-major over r, c in 1..6
     global_mark: int | None = None  # Idefics3: the id of <global-img>
+    video_token_id: int | None = None  # Qwen families: video tokens, laid out by video_grid_thw
 
     @classmethod
     def from_model(cls, model, processor=None) -> "VisionLayout":
@@ -124,7 +134,9 @@ class VisionLayout:
             raise ProbeError(f"{where}: its config names no image token (image_token_id / image_token_index), so "
                              "image positions are unknown; a vision-language checkpoint's config.json has one")
         if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "glm4v"):
-            return cls(model_type, int(token), merge_size=int(cfg.vision_config.spatial_merge_size))
+            video = getattr(cfg, "video_token_id", None)
+            return cls(model_type, int(token), merge_size=int(cfg.vision_config.spatial_merge_size),
+                       video_token_id=None if video is None else int(video))
         if model_type == "llava":
             return cls(model_type, int(token), tokens_per_image=int(cfg.image_seq_length))
         if model_type == "gemma3":  # a fixed square of soft tokens per image
@@ -155,17 +167,31 @@ class VisionLayout:
                 canvases, tile, tile // _side(cfg.vision_config.patch_size), max_tiles))
         return cls(model_type, int(token))
 
+    def visual_mask(self, input_ids_BS: torch.Tensor, videos: bool = True) -> torch.Tensor:
+        """(B, S) True at the image tokens, and at the video tokens with `videos` (a forward given videos: without
+        them the model embeds a video token as text, e.g. one a policy generated)."""
+        mask = input_ids_BS == self.image_token_id
+        if videos and self.video_token_id is not None:
+            mask = mask | (input_ids_BS == self.video_token_id)
+        return mask
+
     def image_layouts(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
-                      image_sizes: torch.Tensor | None = None) -> list[list[ImageTokens]]:
-        """Per sample, how the tokens of each image are laid out (`ImageTokens`), in order of appearance."""
+                      image_sizes: torch.Tensor | None = None, *,
+                      video_grid_thw: torch.Tensor | None = None) -> list[list[ImageTokens]]:
+        """Per sample, how the tokens of each image and video are laid out (`ImageTokens`), in order of
+        appearance."""
         ids = input_ids_BS.cpu()
-        return self._layouts(ids == self.image_token_id, image_grid_thw, image_sizes, ids)
+        return self._layouts(self.visual_mask(ids, video_grid_thw is not None), image_grid_thw, image_sizes, ids,
+                             video_grid_thw)
 
     def _layouts(self, is_image: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                 image_sizes: torch.Tensor | None, ids: torch.Tensor) -> list[list[ImageTokens]]:
-        """`image_layouts` from the (B, S) image-token mask and ids on the host."""
+                 image_sizes: torch.Tensor | None, ids: torch.Tensor,
+                 video_grid_thw: torch.Tensor | None = None) -> list[list[ImageTokens]]:
+        """`image_layouts` from the (B, S) visual-token mask and ids on the host."""
         if self.tile_marks is not None:
             return self._marked_tiles(is_image, ids)
+        if video_grid_thw is not None and self.video_token_id is not None:
+            return self._with_videos(ids, image_grid_thw, video_grid_thw)
         counts = is_image.sum(dim=1).tolist()
         if self.merge_size is not None:
             if image_grid_thw is None:
@@ -192,6 +218,50 @@ class VisionLayout:
         if self.anyres is not None:
             return self._any_resolution(counts, sizes)
         return [[("grid", 1, n) for n in runs] for runs in _runs(is_image)]
+
+    def _grid_items(self, grid_thw: torch.Tensor | None, kind: str) -> list[ImageTokens]:
+        if kind == "image":
+            return [("grid", int(t) * int(h) // self.merge_size, int(w) // self.merge_size)
+                    for t, h, w in grid_thw.tolist()]
+        return [("video", int(t), int(h) // self.merge_size, int(w) // self.merge_size) for t, h, w in grid_thw.tolist()]
+
+    def _with_videos(self, ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                     video_grid_thw: torch.Tensor | None) -> list[list[ImageTokens]]:
+        """The Qwen families with video tokens in the batch: each sample's images and videos in prompt order, each
+        the next of its kind's grids (the images and the videos are numbered across the batch apart)."""
+        queues = {}
+        for kind, token, grid in (("image", self.image_token_id, image_grid_thw),
+                                  ("video", self.video_token_id, video_grid_thw)):
+            if grid is None:
+                if bool((ids == token).any()):
+                    raise ProbeError(f"{self.family}: {kind} tokens present but {kind}_grid_thw was not given")
+                grid = torch.zeros(0, 3, dtype=torch.long)
+            grid = torch.as_tensor(grid).reshape(-1, 3)
+            queues[kind] = (token, self._grid_items(grid, kind), [0])
+        layouts = []
+        for b, row in enumerate(ids):
+            kinds = [("image" if t == self.image_token_id else "video")
+                     for t in row.tolist() if t == self.image_token_id or t == self.video_token_id]
+            mine, i = [], 0
+            while i < len(kinds):
+                token, items, taken = queues[kinds[i]]
+                if taken[0] >= len(items):
+                    raise ProbeError(f"{self.family}: sample {b} has more {kinds[i]} tokens than {kinds[i]}_grid_thw "
+                                     f"describes ({len(items)} {kinds[i]}s)")
+                item = items[taken[0]]
+                n = _token_count(item)
+                if kinds[i:i + n] != [kinds[i]] * n:
+                    raise ProbeError(f"{self.family}: sample {b}'s {kinds[i]} tokens do not match {kinds[i]}_grid_thw "
+                                     f"({kinds[i]} {taken[0]} has {n} tokens)")
+                mine.append(item)
+                taken[0] += 1
+                i += n
+            layouts.append(mine)
+        for kind, (_, items, taken) in queues.items():
+            if taken[0] != len(items):
+                raise ProbeError(f"{self.family}: the batch has {taken[0]} {kind}s, {kind}_grid_thw describes "
+                                 f"{len(items)}")
+        return layouts
 
     def _consume(self, counts: list[int], images: list[ImageTokens], source: str) -> list[list[ImageTokens]]:
         """The images of the batch, in order, dealt to the samples by their image-token counts."""
@@ -305,7 +375,8 @@ class VisionLayout:
 
     def deferred_indicators(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
                             region_grid: tuple[int, int] = (4, 4), dtype: torch.dtype = torch.float32,
-                            image_sizes: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+                            image_sizes: torch.Tensor | None = None, *, video_grid_thw: torch.Tensor | None = None,
+                            time_bins: int = 1) -> Callable[[], torch.Tensor]:
         """`region_indicators`, built when the returned function is called, without draining the device's queue.
 
         The layout is read on the host. On a CUDA device, `input_ids`, `image_grid_thw` and `image_sizes` start
@@ -316,44 +387,53 @@ class VisionLayout:
         probed step with the device idle).
         A layout that does not match the batch raises its ProbeError when the function is called."""
         _check_region_grid(region_grid)
+        _check_time_bins(time_bins)
         device = input_ids_BS.device
         if device.type != "cuda":
             return functools.partial(self.region_indicators, input_ids_BS, image_grid_thw, region_grid, dtype,
-                                     image_sizes)
+                                     image_sizes, video_grid_thw=video_grid_thw, time_bins=time_bins)
         ids = input_ids_BS.to("cpu", non_blocking=True)
-        grid, sizes = (t.to("cpu", non_blocking=True) if isinstance(t, torch.Tensor) else t
-                       for t in (image_grid_thw, image_sizes))
+        grid, sizes, video = (t.to("cpu", non_blocking=True) if isinstance(t, torch.Tensor) else t
+                              for t in (image_grid_thw, image_sizes, video_grid_thw))
         copied = torch.cuda.Event()
         copied.record(torch.cuda.current_stream(device))
 
         def build() -> torch.Tensor:
             copied.synchronize()
-            return self._host_indicators(ids, grid, region_grid, dtype, sizes, pin=True).to(device, non_blocking=True)
+            return self._host_indicators(ids, grid, region_grid, dtype, sizes, pin=True, video_grid_thw=video,
+                                         time_bins=time_bins).to(device, non_blocking=True)
         return build
 
     def region_indicators(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
                           region_grid: tuple[int, int] = (4, 4), dtype: torch.dtype = torch.float32,
-                          image_sizes: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S, R) 0/1 indicators of each region's image tokens (see the module docstring), on input_ids' device."""
+                          image_sizes: torch.Tensor | None = None, *, video_grid_thw: torch.Tensor | None = None,
+                          time_bins: int = 1) -> torch.Tensor:
+        """(B, S, R) 0/1 indicators of each region's visual tokens (see the module docstring), on input_ids'
+        device."""
         _check_region_grid(region_grid)
-        return self._host_indicators(input_ids_BS, image_grid_thw, region_grid, dtype,
-                                     image_sizes).to(input_ids_BS.device)
+        _check_time_bins(time_bins)
+        return self._host_indicators(input_ids_BS, image_grid_thw, region_grid, dtype, image_sizes,
+                                     video_grid_thw=video_grid_thw, time_bins=time_bins).to(input_ids_BS.device)
 
     def _host_indicators(self, input_ids_BS: torch.Tensor, image_grid_thw: torch.Tensor | None,
                          region_grid: tuple[int, int], dtype: torch.dtype, image_sizes: torch.Tensor | None = None,
-                         pin: bool = False) -> torch.Tensor:
+                         pin: bool = False, video_grid_thw: torch.Tensor | None = None,
+                         time_bins: int = 1) -> torch.Tensor:
         """`region_indicators` built on the host (in pinned memory with `pin`): one scatter of ones at (sample,
-        position, region) for all the image tokens of the batch, which come in the order the images are laid out."""
+        position, region) for all the visual tokens of the batch, which come in the order the images and videos
+        are laid out."""
         rh, rw = region_grid
         input_ids_BS = input_ids_BS.cpu()  # one copy to the host: everything below reads it there
-        image_grid_thw, image_sizes = (t.cpu() if isinstance(t, torch.Tensor) else t
-                                       for t in (image_grid_thw, image_sizes))
-        is_image = input_ids_BS == self.image_token_id
-        layouts = self._layouts(is_image, image_grid_thw, image_sizes, input_ids_BS)
-        R = rh * rw * max(1, max((len(g) for g in layouts), default=0))
+        image_grid_thw, image_sizes, video_grid_thw = (t.cpu() if isinstance(t, torch.Tensor) else t
+                                                       for t in (image_grid_thw, image_sizes, video_grid_thw))
+        is_image = self.visual_mask(input_ids_BS, video_grid_thw is not None)
+        layouts = self._layouts(is_image, image_grid_thw, image_sizes, input_ids_BS, video_grid_thw)
+        blocks = [[time_bins if image[0] == "video" else 1 for image in sample] for sample in layouts]
+        R = rh * rw * max(1, max((sum(g) for g in blocks), default=0))
         B, S = input_ids_BS.shape
         out = torch.zeros(B, S, R, dtype=dtype, pin_memory=pin)
-        cells = [_image_cells(image, rh, rw, i) for sample in layouts for i, image in enumerate(sample)]
+        cells = [_image_cells(image, rh, rw, sum(sizes[:i]), time_bins)
+                 for sample, sizes in zip(layouts, blocks) for i, image in enumerate(sample)]
         if cells:
             b, s = is_image.nonzero(as_tuple=True)
             region = torch.cat(cells)
@@ -361,6 +441,12 @@ class VisionLayout:
                 raise ProbeError(f"{self.family}: {b.numel()} image tokens, the image layouts cover {region.numel()}")
             out[b, s, region] = 1
         return out
+
+
+def _check_time_bins(time_bins: int) -> int:
+    if not isinstance(time_bins, int) or time_bins < 1:
+        raise ProbeError(f"time_bins={time_bins!r}: must be an integer >= 1")
+    return time_bins
 
 
 def _side(value) -> int:
@@ -441,12 +527,18 @@ def _grid_cells(h: int, w: int, rh: int, rw: int, box: tuple[float, float, float
 
 
 @functools.lru_cache(maxsize=1024)
-def _image_cells(image: ImageTokens, rh: int, rw: int, index: int) -> torch.Tensor:
-    """(tokens,) the region of each token of a sample's `index`-th image, in sequence order, its picture cut into
-    (rh, rw) rectangles (cached: a batch's images mostly share a few layouts). Read only."""
+def _image_cells(image: ImageTokens, rh: int, rw: int, index: int, time_bins: int = 1) -> torch.Tensor:
+    """(tokens,) the region of each token of an image or video whose regions start at block `index` of its sample
+    (a block: rh x rw regions), in sequence order, its picture cut into (rh, rw) rectangles and a video's time into
+    `time_bins` blocks (cached: a batch's images mostly share a few layouts). Read only."""
     kind = image[0]
     if kind == "grid":
         cells = _grid_cells(image[1], image[2], rh, rw)
+    elif kind == "video":
+        t, h, w = image[1:]
+        i = torch.arange(t * h * w)
+        within = i % (h * w)
+        cells = (i // (h * w)) * time_bins // t * (rh * rw) + _grid_cells(h, w, rh, rw, y=within // w, x=within % w)
     elif kind == "tiles":
         rows, cols, s = image[1:]
         t = torch.arange(rows * cols * s * s)

@@ -68,6 +68,7 @@ class AnchorConfig:
         probe_layers: decoder layers to probe; default: up to four spread over the second half, not the last
             (atrl.probe.default_probe_layers; the embedded 4-layer default probes layer 2).
         region_grid: (rows, cols) cells each image's token grid is pooled into for region profiles.
+        time_bins: stretches of time each video is cut into for region profiles, each with its own region_grid.
         sink_debias: none | head_baseline | drop_sinks (see atrl.probe.connectivity).
         capture: where connectivity is measured. "auto": on TRL's no-grad old-log-prob pass when TRL makes one
             (num_iterations > 1, vLLM importance sampling, or more generation steps than accumulation steps),
@@ -104,6 +105,7 @@ class AnchorConfig:
     mode: str = "atrl"
     probe_layers: list[int] | None = None
     region_grid: tuple[int, int] = (4, 4)
+    time_bins: int = 4
     sink_debias: str = "head_baseline"
     capture: str = "auto"
     overlap: bool = True
@@ -137,6 +139,8 @@ class AnchorConfig:
         self.region_grid = tuple(self.region_grid)
         if len(self.region_grid) != 2 or min(self.region_grid) < 1:
             raise ValueError(f"anchor.region_grid={self.region_grid}: two positive integers, e.g. [4, 4]")
+        if isinstance(self.time_bins, bool) or not isinstance(self.time_bins, int) or self.time_bins < 1:
+            raise ValueError(f"anchor.time_bins={self.time_bins!r}: a positive integer")
         check_keys(self.credit, CreditOptions, "anchor.credit", exclude=("mode",))
         if self.papo is not None:
             if not isinstance(self.papo, dict):

@@ -111,6 +111,8 @@ class DataSection:
     max_prompt_length: rows whose prompt with image tokens is longer are an error (or skipped). Unset, a data
     file's prompts are checked against the model's positions (max_position_embeddings) all the same.
     max_image_pixels: an image with more pixels (read from the file's header) is a bad row (null: no bound).
+    video: how a `videos` column's videos become frames (`atrl.data.video.VideoBounds`): fps (2.0), max_frames
+    (32), min_frames (2), max_pixels per frame (602,112), max_seconds (600; a longer video is a bad row).
     eval: held-out data scored during training (TRL's evaluation: rewards of sampled completions, logged as
     `eval_reward`, `eval_rewards/<func>/mean`): null (none), "synthetic" (eval_n tasks of the training mix drawn
     with eval_seed, default seed + 10,000, which training never uses) or a data file read like `train`. With an
@@ -127,6 +129,7 @@ class DataSection:
     on_error: str = "raise"
     max_prompt_length: int | None = None
     max_image_pixels: int | None = 50_000_000
+    video: dict[str, Any] = field(default_factory=dict)
     eval: str | None = None
     eval_n: int = 64
     eval_seed: int | None = None
@@ -139,6 +142,18 @@ class DataSection:
             raise ValueError(f"data.eval_seed={self.eval_seed} is the training seed: held-out tasks need another")
         if self.eval_n < 1:
             raise ValueError(f"data.eval_n={self.eval_n} must be at least 1")
+        self.video_bounds()  # unknown keys and bad values fail at load time
+
+    def video_bounds(self):
+        from dataclasses import fields
+
+        from ..data.video import VideoBounds
+
+        known = {f.name for f in fields(VideoBounds)}
+        unknown = sorted(set(self.video or {}) - known)
+        if unknown:
+            raise ValueError(f"data.video has unknown keys {unknown}; known: {sorted(known)}")
+        return VideoBounds(**(self.video or {}))
 
     def held_out_seed(self) -> int:
         return self.seed + 10_000 if self.eval_seed is None else self.eval_seed
