@@ -376,12 +376,12 @@ def build_dataset(recipe: Recipe, processor, split: str = "train"):
     if source == "synthetic":
         return to_hf_dataset(generate(n, seed=seed, families=d.families, knobs=d.synthetic_knobs())), None
     samples, report = load_samples(source, d.format, image_root=d.image_root, on_error=d.on_error,
-                                   max_image_pixels=d.max_image_pixels)
+                                   max_image_pixels=d.max_image_pixels, video=d.video_bounds())
     limit, name = _prompt_limit(recipe)
     if limit is not None:
         processor = processor if processor is not None else _processor(recipe)
         samples = check_prompt_lengths(samples, processor, limit, on_error=d.on_error, report=report,
-                                       limit_name=name)
+                                       limit_name=name, video=d.video_bounds())
     if not samples:
         raise ValueError(f"data.{split}={source!r}: no usable rows ({report})")
     return to_trl_dataset(samples), report
@@ -445,4 +445,4 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
             logger.info("run: %s", line)
     return ATRLTrainer(model=model, processing_class=processor, reward_funcs=rewards, args=args,
                        train_dataset=data["train"][0], eval_dataset=data["eval"][0], peft_config=peft_config,
-                       anchor_config=recipe.anchor, callbacks=callbacks)
+                       anchor_config=recipe.anchor, callbacks=callbacks, video_bounds=recipe.data.video_bounds())

@@ -42,6 +42,7 @@ from .dynamic import GroupFiller
 from .handoff import CreditInFlight
 from .health import StallWatch
 from .rows import learning_rows, loss_scale, pad_rows, rows_to_keep, select_rows, skips_rows
+from .videos import VIDEO_KEYS, VideoForward, WithBatchVideos, decode_video, tokenize_with_videos
 
 logger = logging.getLogger("atrl")
 
@@ -64,6 +65,12 @@ def mixes_images_and_text(dataset, unknown: bool = True) -> bool:
         nulls, n = table.column("image").null_count, len(dataset)
         return 0 < nulls < n
     return False
+
+
+def _has_videos(dataset) -> bool:
+    """Whether a data set has a `videos` column (read from its features, without reading rows)."""
+    features = getattr(dataset, "features", None)
+    return features is not None and "videos" in features
 
 
 def run_loggers(trainer) -> list:
@@ -167,7 +174,7 @@ class ATRLTrainer(GRPOTrainer):
 
     freeze_heap = True
 
-    def __init__(self, *args, anchor_config: AnchorConfig | None = None, **kwargs):
+    def __init__(self, *args, anchor_config: AnchorConfig | None = None, video_bounds=None, **kwargs):
         processing_class = kwargs.get("processing_class")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if tokenizer is not None and getattr(tokenizer, "padding_side", "left") != "left":
@@ -187,7 +194,8 @@ class ATRLTrainer(GRPOTrainer):
         self.probe: ConnectivityProbe | None = None
         if self.anchor.needs_probe:
             self.probe = ConnectivityProbe(self.accelerator.unwrap_model(self.model), layers=self.anchor.probe_layers,
-                                           region_grid=self.anchor.region_grid, processor=self.processing_class)
+                                           region_grid=self.anchor.region_grid, processor=self.processing_class,
+                                           time_bins=self.anchor.time_bins)
         self._scoring = False
         self._scored: CreditInFlight | None = None  # rows scored on the old-log-prob pass, being partitioned
         self._pending: dict[str, Any] | None = None  # the micro-batch whose training forward is being probed
@@ -213,6 +221,15 @@ class ATRLTrainer(GRPOTrainer):
         if self.anchor.dynamic_sampling:
             self.dynamic = self._group_filler()
         self.recipe_yaml: str | None = None  # set by atrl.rl.run.run_training: saved into each checkpoint
+        # video prompts (atrl.rl.videos): the bounds they are decoded within, this batch's decoded videos, and the
+        # video inputs of the rows being scored or trained
+        from ..data.video import VideoBounds
+
+        self.video_bounds = video_bounds or VideoBounds()
+        self._batch_videos: list | None = None
+        self._video_rows: list | None = None
+        if any(_has_videos(d) for d in (self.train_dataset, self.eval_dataset) if d is not None):
+            self._check_video_support()
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if self.accelerator.num_processes > 1 and plugin is not None and plugin.zero_stage == 3 and any(
                 mixes_images_and_text(d, unknown=False) for d in (self.train_dataset, self.eval_dataset)
@@ -230,6 +247,24 @@ class ATRLTrainer(GRPOTrainer):
             if self.accelerator.is_main_process:
                 logger.info("trl.log_multimodal off: the data mix prompts with and without images, and TRL's "
                             "image logging would hang a multi-process run on a batch without images on one rank")
+
+    def _check_video_support(self) -> None:
+        """A data set with videos: the processor must take them, and the run must use only the paths that carry
+        them (not yet: dynamic sampling, vLLM, tools, the masked- or blank-image measures, PAPO)."""
+        if getattr(self.processing_class, "video_processor", None) is None:
+            raise ValueError(f"the data has videos, and the processor ({type(self.processing_class).__name__}) takes "
+                             "none: use a checkpoint whose processor has a video processor (Qwen2-VL, Qwen2.5-VL, "
+                             "Qwen3-VL families)")
+        if getattr(self.model.config, "video_token_id", None) is None:
+            raise ValueError("the data has videos, and the model's config names no video_token_id")
+        unsupported = [name for name, on in (
+            ("anchor.dynamic_sampling", self.anchor.dynamic_sampling), ("trl.use_vllm", self.use_vllm),
+            ("tools", bool(self.tools)), ("anchor.papo", self.papo is not None),
+            (f"anchor.mode {self.anchor.mode!r} (it masks or blanks images)",
+             self.anchor.credit_mode.measure in ("blank_image_kl", "masked_image"))) if on]
+        if unsupported:
+            raise ValueError(f"video rows do not run with {', '.join(unsupported)} yet: turn it off, or train on "
+                             "image rows")
 
     def _group_filler(self) -> GroupFiller:
         """Dynamic sampling's state, after checking the run can have it."""
@@ -263,13 +298,13 @@ class ATRLTrainer(GRPOTrainer):
     def _measured_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args,
                                       compute_entropy: bool = False, **kwargs):
         if not self._records_here(model):
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args,
-                                                               compute_entropy=compute_entropy, **kwargs)
+            return self._scoring_forward(model, input_ids, attention_mask, logits_to_keep, *args,
+                                         compute_entropy=compute_entropy, **kwargs)
         want_entropy = compute_entropy or self.anchor.credit_mode.needs_entropy
         mask = attention_mask[:, -logits_to_keep:].bool()
         credit = CreditInFlight(self.credit_options)
         if self.probe is None:  # entropy mode: no probes, the entropies decide
-            logps, ent, aux = super()._get_per_token_logps_and_entropies(
+            logps, ent, aux = self._scoring_forward(
                 model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=want_entropy, **kwargs)
             with self._credit_clock():
                 credit.submit_now(0, mask.cpu(), None, None, ent.detach().cpu())
@@ -289,7 +324,7 @@ class ATRLTrainer(GRPOTrainer):
                 records.append(capture)
 
             with self.probe.record_forwards(logits_to_keep, on_record=hand_on):
-                logps, ent, aux = super()._get_per_token_logps_and_entropies(
+                logps, ent, aux = self._scoring_forward(
                     model, input_ids, attention_mask, logits_to_keep, *args, compute_entropy=want_entropy, **kwargs)
             if sum(c.batch_size for c in records) != mask.shape[0]:
                 raise ProbeError(f"the probes recorded {sum(c.batch_size for c in records)} rows in "
@@ -306,6 +341,19 @@ class ATRLTrainer(GRPOTrainer):
             self._pending["advantages"] = self._weighted_advantages(self._pending["advantages"], credit,
                                                                     completion_ids=input_ids[:, -logits_to_keep:])
         return logps, (ent if compute_entropy else None), aux
+
+    def _scoring_forward(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """TRL's scoring loop, the model called with the rows' video inputs when the batch has videos."""
+        for key in VIDEO_KEYS:  # TRL's own processing of a mixed batch made them for the whole batch: by row below
+            kwargs.pop(key, None)
+        if self._video_rows is not None:
+            if len(self._video_rows) != input_ids.shape[0]:
+                raise RuntimeError(f"video inputs for {len(self._video_rows)} rows, a forward of {input_ids.shape[0]}")
+            config = self.accelerator.unwrap_model(self.model).config
+            model = VideoForward(model, self._video_rows, getattr(config, "image_token_id", None),
+                                 config.video_token_id)
+        return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args,
+                                                          **kwargs)
 
     @contextmanager
     def _credit_clock(self) -> Iterator[None]:
@@ -475,6 +523,33 @@ class ATRLTrainer(GRPOTrainer):
             images = [[] if imgs is None else imgs for imgs in images]
         return (*head, images, tool_images)
 
+    def _tokenize_prompts(self, prompts: list):
+        """TRL's, or for a batch with videos the prompts processed with their images and videos together
+        (`atrl.rl.videos.tokenize_with_videos`); the rows' video inputs are kept for the forwards that score them."""
+        if self._batch_videos is None:
+            return super()._tokenize_prompts(prompts)
+        if len(self._batch_videos) != len(prompts):
+            raise RuntimeError(f"{len(self._batch_videos)} rows of videos for {len(prompts)} prompts")
+        processor = getattr(self.processing_class, "_processor", self.processing_class)
+        prompt_ids, images, fields, self._video_rows = tokenize_with_videos(
+            processor, prompts, self._batch_videos, chat_template=self.chat_template, **self.chat_template_kwargs)
+        return prompt_ids, images, fields
+
+    def _decode_batch_videos(self, inputs: list[dict]) -> list[list] | None:
+        """The batch's videos, decoded within `video_bounds` (None when no row has one); a row's repeats (TRL's
+        num_generations) share one decoding."""
+        if not inputs or "videos" not in inputs[0] or not any(x.get("videos") for x in inputs):
+            return None
+        decoded: dict[int, list] = {}
+        out = []
+        for x in inputs:
+            key = id(x["videos"])
+            if key not in decoded:
+                where = x.get("source") or x.get("uid") or "a training row"
+                decoded[key] = [decode_video(v, self.video_bounds, where) for v in x["videos"] or []]
+            out.append(decoded[key])
+        return out
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if self._prescored is not None:  # dynamic sampling scored these rows already: gathered as TRL gathers
             local, self._prescored = self._prescored, None
@@ -493,10 +568,18 @@ class ATRLTrainer(GRPOTrainer):
             for name, value in zip(counts, totals.tolist()):
                 self._metrics["train"][f"atrl/dynamic/{name}"].append(value)
         self._scoring, self._scored = True, None
+        self._batch_videos = self._decode_batch_videos(inputs)
+        processor = self.processing_class
+        if self._batch_videos is not None:
+            self.processing_class = WithBatchVideos(processor, [v for row in self._batch_videos for v in row])
         try:
             output = super()._generate_and_score_completions(inputs)
+            if self._batch_videos is not None:
+                output["atrl_videos"] = self._video_rows  # one entry per row: TRL's buffer cuts it with the rows
         finally:
             self._scoring = False
+            self.processing_class = processor
+            self._batch_videos = self._video_rows = None
         if self._skip_rows and self.model.training:  # read back here, where TRL has just read the rewards back
             output["atrl_learns"] = learning_rows(output["advantages"]).cpu()
         scorer = {"blank_image_kl": self._blank_image_kl,
@@ -540,6 +623,13 @@ class ATRLTrainer(GRPOTrainer):
         return self._whole_loss(model, kept) * loss_scale(self.loss_type, inputs, kept)
 
     def _whole_loss(self, model, inputs):
+        if "atrl_videos" in inputs:  # the micro-batch's video inputs, for the forward through VideoForward
+            inputs = dict(inputs)
+            self._video_rows = inputs.pop("atrl_videos")
+            try:
+                return self._whole_loss(model, inputs)
+            finally:
+                self._video_rows = None
         if self.papo is None:
             return self._policy_loss(model, inputs)
         self._papo_capture = []
