@@ -245,6 +245,10 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         print(f"default base built with {DEFAULT_BASE_RECIPE} -> {out}")
         return 0
     families, knobs = _task(args)
+    if args.model == "default":
+        from .models.default import ensure_default_base
+
+        args.model = str(ensure_default_base())
     model, processor = load_model(args.model) if args.model else build_tiny_vlm(seed=args.seed)
     rows = to_hf_dataset(generate(args.n, seed=args.data_seed, families=families, knobs=knobs))
     if args.align_steps:
@@ -424,7 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="warm-start a VLM on the synthetic tasks' reference traces")
     sft.add_argument("--out", required=True, help="output checkpoint folder")
     sft.add_argument("--default", action="store_true", help="rebuild the embedded default base (recorded recipe)")
-    sft.add_argument("--model", default=None, help="checkpoint to start from (default: a fresh tiny Qwen2.5-VL)")
+    sft.add_argument("--model", default=None,
+                     help="checkpoint to start from, or `default` for the embedded default base (default: a fresh "
+                          "tiny Qwen2.5-VL)")
     sft.add_argument("--n", type=int, default=3000, help="synthetic training examples")
     sft.add_argument("--data-seed", type=int, default=1, help="seed of the synthetic training examples")
     sft.add_argument("--epochs", type=float, default=3.0, help="passes over the examples")

@@ -40,6 +40,8 @@ class TokenView:
     perception: np.ndarray  # (T,) bool: token overlaps a perception span
     image: Any = None
     grid: tuple[int, int] | None = None  # region grid of the (first) image
+    frames: Any = None  # a video's frames (T, H, W, 3), when the prompt's first visual input is a video
+    time_bins: int | None = None  # the video's stretches of time: its regions are time_bins blocks of the grid
 
 
 @dataclass
@@ -77,6 +79,7 @@ class _Item:
     images: list
     response: str
     perception_spans: list[tuple[int, int]] | None  # character spans in `response`; None: unknown
+    videos: list = field(default_factory=list)  # `videos` column items (decoded when analysed)
 
 
 def _items(examples: Sequence[Any], responses: Sequence[str] | None) -> list[_Item]:
@@ -93,11 +96,15 @@ def _items(examples: Sequence[Any], responses: Sequence[str] | None) -> list[_It
             if responses is None:
                 raise ValueError(f"analyze: row {i} ({ex.get('uid')}) is a data-set row, which has no reference "
                                  "trace: pass the responses to analyse (e.g. the model's own)")
-            items.append(_Item(str(ex.get("uid", i)), _category(ex), ex["prompt"], _images(ex), responses[i], None))
+            items.append(_Item(str(ex.get("uid", i)), _category(ex), ex["prompt"], _images(ex), responses[i], None,
+                               list(ex.get("videos") or [])))
         else:
             own = responses is None
-            items.append(_Item(ex.uid, ex.family, build_prompt(ex.question), [ex.image],
-                               ex.reasoning if own else responses[i], list(ex.perception_spans) if own else None))
+            video = getattr(ex, "frames", None) is not None
+            items.append(_Item(ex.uid, ex.family, build_prompt(ex.question, "video" if video else "image"),
+                               [] if video else [ex.image], ex.reasoning if own else responses[i],
+                               list(ex.perception_spans) if own else None,
+                               [{"images": ex.frames, "fps": ex.fps}] if video else []))
     return items
 
 
@@ -107,6 +114,13 @@ def _analyse_one(model, processor, probe, item: _Item, device, credit: CreditOpt
     response = item.response
     prompt = processor.apply_chat_template(item.messages, add_generation_prompt=True)
     kwargs = {"images": [item.images]} if item.images else {}
+    videos = []
+    if item.videos:
+        from ..data.formats import video_inputs
+        from ..data.video import VideoBounds, decode_video
+
+        videos = [decode_video(v, VideoBounds(), item.uid) for v in item.videos]
+        kwargs.update(video_inputs(processor, videos))
     batch = processor(text=[prompt + response], return_tensors="pt", **kwargs)
     batch = {k: v.to(device) for k, v in batch.items()}
     ids, spans = _token_spans(processor.tokenizer, response)
@@ -116,7 +130,7 @@ def _analyse_one(model, processor, probe, item: _Item, device, credit: CreditOpt
     if batch["input_ids"][0, -T:].tolist() != ids:
         return f"{item.uid}: the response does not tokenize the same inside the prompt"
     with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=T,
-                       image_sizes=batch.get("image_sizes")) as cap:
+                       image_sizes=batch.get("image_sizes"), video_grid_thw=batch.get("video_grid_thw")) as cap:
         model(**batch, use_cache=False)
     mask = torch.ones(1, T, dtype=torch.bool)
     conn, prof = cap.connectivity(mask, sink_debias=sink_debias)
@@ -125,9 +139,21 @@ def _analyse_one(model, processor, probe, item: _Item, device, credit: CreditOpt
     for a, b in item.perception_spans or ():
         perception_chars[a:b] = True
     perception = np.array([perception_chars[a:b].any() for a, b in spans])
+    first_is_video = bool(videos) and _first_visual_is_video(item.messages)
     return TokenView(item.uid, item.family, response, [response[a:b] for a, b in spans], spans, conn[0].numpy(),
                      prof[0].numpy(), result.boosted_mask[0].numpy(), perception,
-                     item.images[0] if item.images else None, tuple(region_grid))
+                     item.images[0] if item.images else None, tuple(region_grid),
+                     frames=videos[0].frames if first_is_video else None,
+                     time_bins=probe.time_bins if first_is_video else None)
+
+
+def _first_visual_is_video(messages: list) -> bool:
+    """Whether the prompt's first image-or-video part is a video (its regions come first in a profile)."""
+    for message in messages:
+        for part in message.get("content") if isinstance(message.get("content"), list) else []:
+            if part.get("type") in ("image", "video"):
+                return part["type"] == "video"
+    return False
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-_IMAGE_COLUMNS = ("image", "images")
+_IMAGE_COLUMNS = ("image", "images", "videos")
 
 
 def label_rows(rows: Sequence[dict]) -> list[dict]:

@@ -143,8 +143,10 @@ def _category(row: dict) -> str:
 @torch.no_grad()
 def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens: int = 64, batch_size: int = 16,
                        temperature: float | None = None, samples: int = 1, seed: int | None = 0,
-                       repetition_penalty: float = 1.0, progress=None, cut: list[bool] | None = None) -> list[str]:
-    """Responses for `rows` (left-padded batches): greedy, or `samples` per row drawn at `temperature`.
+                       repetition_penalty: float = 1.0, progress=None, cut: list[bool] | None = None,
+                       video_bounds=None) -> list[str]:
+    """Responses for `rows` (left-padded batches): greedy, or `samples` per row drawn at `temperature`. A row's
+    `videos` are decoded within `video_bounds` (default `VideoBounds()`), as training decodes them.
 
     Sampled responses come row by row (row 0's samples first) and are seeded by `seed` (None: drawn from torch's
     random state as it is, for a caller that seeds once and generates in several calls). `cut`, when given, gets
@@ -178,6 +180,7 @@ def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens
         texts = [processor.apply_chat_template(r["prompt"], add_generation_prompt=True) for r in chunk]
         images = [_images(r) for r in chunk]
         kwargs = {"images": images} if any(images) else {}
+        kwargs.update(_video_kwargs(processor, chunk, video_bounds))
         batch = processor(text=texts, return_tensors="pt", padding=True, **kwargs).to(device)
         ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                              **decoding)
@@ -191,6 +194,19 @@ def generate_responses(model, processor, rows: Sequence[dict], *, max_new_tokens
     if was_training:
         model.train()
     return out
+
+
+def _video_kwargs(processor, rows: Sequence[dict], bounds) -> dict:
+    """The processor's video arguments for the rows' `videos` (none when they have none)."""
+    if not any(r.get("videos") for r in rows):
+        return {}
+    from ..data.formats import video_inputs
+    from ..data.video import VideoBounds, decode_video
+
+    bounds = bounds or VideoBounds()
+    videos = [decode_video(v, bounds, str(r.get("source") or r.get("uid") or "")) for r in rows
+              for v in r.get("videos") or []]
+    return video_inputs(processor, videos)
 
 
 def _end_token_ids(model, tok) -> list[int]:

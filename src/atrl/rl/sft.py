@@ -20,18 +20,31 @@ TRAIN_CHOICES = ("all", "vision")
 
 @dataclass
 class SFTCollator:
-    """Turns examples (dicts with `prompt`, `image`, `reasoning`) into a padded batch with response-only labels."""
+    """Turns examples (dicts with `prompt`, `image` or `videos`, `reasoning`) into a padded batch with
+    response-only labels. Videos are decoded within `video_bounds` (default `VideoBounds()`)."""
 
     processor: Any
+    video_bounds: Any = None
+
+    def _media(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if not any(r.get("videos") for r in rows):
+            return {"images": [[r["image"]] for r in rows]}
+        from ..data.formats import video_inputs
+        from ..data.video import VideoBounds, decode_video
+
+        bounds = self.video_bounds or VideoBounds()
+        images = [r["image"] for r in rows if r.get("image") is not None]  # a flat list: some rows have none
+        videos = [decode_video(v, bounds, str(r.get("uid", ""))) for r in rows for v in r.get("videos") or []]
+        return {**({"images": images} if images else {}), **video_inputs(self.processor, videos)}
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         tok = self.processor.tokenizer
         tok.padding_side = "right"
         prompts = [self.processor.apply_chat_template(r["prompt"], add_generation_prompt=True) for r in rows]
         texts = [p + r["reasoning"] + tok.eos_token for p, r in zip(prompts, rows)]
-        images = [[r["image"]] for r in rows]
-        batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
-        prompt_lens = [len(x) for x in self.processor(text=prompts, images=images)["input_ids"]]
+        media = self._media(rows)
+        batch = self.processor(text=texts, return_tensors="pt", padding=True, **media)
+        prompt_lens = [len(x) for x in self.processor(text=prompts, **media)["input_ids"]]
         labels = batch["input_ids"].clone()
         labels[batch["attention_mask"] == 0] = -100
         for i, n in enumerate(prompt_lens):

@@ -247,7 +247,7 @@ def highlighted_html(views: Sequence, out: str | Path, title: str = "Anchor toke
         parts.append(f"<h3>{html.escape(v.family)} &middot; {html.escape(v.uid)}</h3><div class='resp'>")
         for i, (t, c, a, p) in enumerate(zip(v.tokens, v.conn, v.anchor, v.perception)):
             cls = "tok" + (" anchor" if a else "") + (" percep" if p else "")
-            hover = f"c={c:.4f}" + (f" w={weights[i]:.3f}" if weights is not None else "")
+            hover = f"c={c:.4f}" + (f" w={weights[i]:.3f}" if weights is not None else "") + _looked(v, i)
             parts.append(f"<span class='{cls}' style='background:{_colour(c / top)}' "
                          f"title='{hover}'>{html.escape(t)}</span>")
         parts.append("</div>")
@@ -255,6 +255,19 @@ def highlighted_html(views: Sequence, out: str | Path, title: str = "Anchor toke
     path = Path(out)
     path.write_text("".join(parts), encoding="utf-8")
     return path
+
+
+def _looked(view, i: int) -> str:
+    """For a response to a video: where token i's visual attention peaks (its stretch of time, its frames and its
+    cell of the region grid), for the token's hover text."""
+    if getattr(view, "frames", None) is None or view.profile[i].sum() <= 0:
+        return ""
+    rh, rw = view.grid
+    region = int(np.argmax(view.profile[i][: rh * rw * view.time_bins]))
+    k, cell = divmod(region, rh * rw)
+    frames = _bin_frames(len(view.frames), view.time_bins)[k]
+    span = f"frames {frames[0]}-{frames[-1]}" if frames else "no frames"
+    return f" looked most at {span}, cell {divmod(cell, rw)}"
 
 
 @dataclass
@@ -369,8 +382,48 @@ def highlighted_png(views: Sequence, out: str | Path, max_views: int = 6, per_li
     return _save(fig, out)
 
 
+def _bin_frames(n_frames: int, time_bins: int) -> list[list[int]]:
+    """The frames of each stretch of time: temporal patches of two frames, patch i of t in bin i * bins // t."""
+    t = max(1, (n_frames + 1) // 2)
+    bins: list[list[int]] = [[] for _ in range(time_bins)]
+    for frame in range(n_frames):
+        bins[(frame // 2) * time_bins // t].append(frame)
+    return bins
+
+
+def video_heatmap(view, token_index: int, out: str | Path) -> Path:
+    """A video's frame strip, one panel per stretch of time (its middle frame), with one token's attention over
+    that stretch's regions laid over it; each panel's title gives the stretch's share of the token's visual
+    attention and its frames."""
+    plt = _plt()
+    rh, rw = view.grid
+    block = rh * rw
+    bins = _bin_frames(len(view.frames), view.time_bins)
+    profile = view.profile[token_index][: block * view.time_bins].reshape(view.time_bins, rh, rw)
+    share = profile.sum(axis=(1, 2)) / max(float(profile.sum()), 1e-12)
+    top = float(profile.max()) or 1.0
+    used = [k for k, frames in enumerate(bins) if frames]
+    fig, axes = plt.subplots(1, len(used), figsize=(2.6 * len(used), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], used):
+        frame = view.frames[bins[k][len(bins[k]) // 2]]
+        ax.imshow(frame)
+        ax.imshow(profile[k], cmap="magma", alpha=0.6, vmin=0, vmax=top, interpolation="nearest",
+                  extent=(0, frame.shape[1], frame.shape[0], 0))
+        ax.set_title(f"frames {bins[k][0]}-{bins[k][-1]}: {share[k]:.0%}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    token = view.tokens[token_index].replace("\n", "\\n")
+    fig.suptitle(f"where and when token {token_index} {token!r} looked (c={view.conn[token_index]:.3f})",
+                 fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def token_heatmap(view, token_index: int, out: str | Path) -> Path:
-    """The image with one token's attention over its regions (its region profile) laid over it."""
+    """The image with one token's attention over its regions (its region profile) laid over it; for a video, the
+    frame strip of `video_heatmap`."""
+    if getattr(view, "frames", None) is not None:
+        return video_heatmap(view, token_index, out)
     plt = _plt()
     rh, rw = view.grid
     profile = view.profile[token_index][: rh * rw].reshape(rh, rw)
@@ -408,7 +461,8 @@ def write_analysis_report(result, out_dir: str | Path, *, html_views: int | None
         "responses_html": highlighted_html(views[:html_views], out / "anchors.html", note=note),
         "responses_png": highlighted_png(views, out / "anchors.png", max_views=png_views),
     }
-    view = next((v for v in views if v.image is not None), None)  # the first response to an image (rows may have none)
+    # the first response to an image or a video (rows may have neither)
+    view = next((v for v in views if v.image is not None or getattr(v, "frames", None) is not None), None)
     if view is not None:
         written["heatmap"] = token_heatmap(view, int(view.conn.argmax()), out / "token_heatmap.png")
     return written
