@@ -53,3 +53,26 @@ def test_demo_trains_and_evaluates_the_base_it_is_given(tmp_path, capsys):
     assert json.loads((out / "run" / "final" / "config.json").read_text())["model_type"] == "idefics3"
     assert main(["demo", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert str(tmp_path / "none") in capsys.readouterr().err
+
+
+def test_the_video_demo_warm_starts_a_video_base_once_and_trains_on_video(tmp_path, monkeypatch, capsys):
+    """`atrl demo --video`: the default base supervised on video traces (a short recipe here), cached under
+    $ATRL_CACHE and reused; held-out video tasks before and after, the analysis on video prompts."""
+    import atrl.models.default as default
+
+    monkeypatch.setenv("ATRL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(default.VIDEO_BASE_RECIPE, "train_examples", 32)
+    monkeypatch.setitem(default.VIDEO_BASE_RECIPE, "epochs", 1)
+    out = tmp_path / "demo"
+    assert main(["demo", "--video", "--out", str(out), "--n-eval", "6", "--steps", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["base_model"] == str(tmp_path / "cache" / "video-base")
+    assert list(summary["by_family_before"]) == ["colour_change"]
+    assert 0 < summary["analysis"]["anchor_fraction"] < 1
+    assert Image.open(out / "token_heatmap.png").format == "PNG"
+    assert "looked most at frames" in (out / "anchors.html").read_text()
+    recipe = (out / "run" / "recipe.yaml").read_text()
+    assert "colour_change" in recipe and "time_bins: 3" in recipe
+    built = (tmp_path / "cache" / "video-base" / "model.safetensors").stat().st_mtime
+    assert main(["demo", "--video", "--out", str(tmp_path / "again"), "--n-eval", "2", "--steps", "1"]) == 0
+    assert (tmp_path / "cache" / "video-base" / "model.safetensors").stat().st_mtime == built  # reused

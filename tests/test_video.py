@@ -421,3 +421,30 @@ def test_analyze_a_video_task_says_when_and_where_each_token_looked(tmp_path):
     assert written["heatmap"].is_file()
     page = written["responses_html"].read_text()
     assert "looked most at frames" in page
+
+
+def test_rollouts_never_sample_a_video_token(tmp_path):
+    """TRL suppresses the image token in its rollouts; a sampled video token would break every forward given the
+    video at some later step: it is suppressed as well."""
+    from atrl.data.synthetic import generate, to_hf_dataset
+    from atrl.rl.config import AnchorConfig
+    from atrl.rl.trainer import ATRLTrainer
+
+    model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
+    trainer = ATRLTrainer(model=model, processing_class=processor, reward_funcs=[_reward], args=_grpo_args(tmp_path),
+                          train_dataset=to_hf_dataset(generate(2, families=["colour_change"])),
+                          anchor_config=AnchorConfig())
+    suppressed = set(trainer.generation_config.suppress_tokens)
+    assert {model.config.image_token_id, model.config.video_token_id} <= suppressed
+    assert set(trainer.generation_kwargs["suppress_tokens"]) == suppressed
+    # and generation obeys it: a video token made the likeliest by its bias is never drawn
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        if head.bias is None:
+            model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+            model.lm_head.weight.copy_(head.weight)
+            model.lm_head.bias.zero_()
+        model.lm_head.bias[model.config.video_token_id] = 50.0
+    batch = processor(text=["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    out = model.generate(**batch, generation_config=trainer.generation_config, max_new_tokens=6)
+    assert model.config.video_token_id not in out[0, batch["input_ids"].shape[1]:].tolist()

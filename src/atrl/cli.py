@@ -230,7 +230,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(out_dir=Path(args.out), seed=args.seed, n_eval=args.n_eval, steps=args.steps, mode=args.mode,
-             base=args.model, overrides=args.overrides)
+             base=args.model, overrides=args.overrides, video=args.video)
     return 0
 
 
@@ -353,7 +353,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     with _progress("probing", len(examples), "responses") as advance:
         result = analyze(model, processor, examples, responses=responses,
                          sink_debias=args.sink_debias or anchor.sink_debias, layers=layers, region_grid=grid,
-                         credit=CreditOptions(**anchor.credit), progress=advance)
+                         credit=CreditOptions(**anchor.credit), progress=advance,
+                         time_bins=args.time_bins if args.time_bins is not None else anchor.time_bins)
     write_analysis_report(result, out)
     summary = result.summary()
     unscored = [key for key, value in summary.items() if isinstance(value, float) and math.isnan(value)]
@@ -418,11 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seeds the training data and rollouts; the held-out tasks "
                       "are seed 10000 + this")
     demo.add_argument("--n-eval", type=int, default=200, help="held-out tasks to answer")
-    demo.add_argument("--steps", type=int, default=150, help="AT-RL steps")
+    demo.add_argument("--steps", type=int, default=None, help="AT-RL steps (default: 150; 60 with --video)")
     demo.add_argument("--mode", default="atrl", help="credit mode (`atrl modes` lists them)")
     demo.add_argument("--model", default=None,
                       help="the base to train and evaluate (a checkpoint folder, e.g. a warm-started smolvlm); "
                            "default: the embedded default base")
+    demo.add_argument("--video", action="store_true",
+                      help="the synthetic video task (colour_change) from the video base: the default base "
+                           "supervised on video traces once, cached (configs/demo-video.yaml's settings)")
     demo.set_defaults(func=_cmd_demo)
 
     sft = sub.add_parser("sft", help="warm-start a VLM on the synthetic tasks' reference traces")
@@ -516,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "atrl.probe.default_probe_layers)")
             p.add_argument("--region-grid", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"),
                            help=f"cells each image is pooled into, as anchor.region_grid ({run_default}4 4)")
+            p.add_argument("--time-bins", type=int, default=None,
+                           help=f"stretches of time each video is cut into, as anchor.time_bins ({run_default}4)")
             p.set_defaults(func=_cmd_analyze)
 
     train = sub.add_parser("train", help="AT-RL training from a YAML recipe (no config: the embedded default)",

@@ -24,8 +24,14 @@ SAMPLES = 4  # responses sampled per held-out task for the sampled accuracy
 N_EVAL = 200  # held-out tasks
 
 
-def run_demo(out_dir: Path, seed: int = 0, n_eval: int = N_EVAL, steps: int = 150, mode: str = "atrl",
-             overrides: list[str] | None = None, base: str | Path | None = None) -> dict:
+# `atrl demo --video`: the synthetic video task, from the video base (atrl.models.default.VIDEO_BASE_RECIPE), with
+# configs/demo-video.yaml's settings over the embedded default's
+VIDEO_OVERRIDES = ["--data.families", "[colour_change]", "--data.knobs", "null", "--anchor.time_bins", "3"]
+VIDEO_STEPS = 60
+
+
+def run_demo(out_dir: Path, seed: int = 0, n_eval: int = N_EVAL, steps: int | None = None, mode: str = "atrl",
+             overrides: list[str] | None = None, base: str | Path | None = None, video: bool = False) -> dict:
     from rich.console import Console
     from rich.table import Table
 
@@ -41,22 +47,32 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = N_EVAL, steps: int = 15
     from .viz.plots import training_curves, write_analysis_report
 
     console = Console()
+    steps = steps if steps is not None else (VIDEO_STEPS if video else 150)
     out = ensure_writable_dir(out_dir, argument="--out")
     t_start = time.time()
     torch.manual_seed(seed)
     subject = "a tiny Qwen2.5-VL" if base is None else str(base)
-    console.rule(f"[bold]atrl demo[/bold]: AT-RL on {subject}, synthetic visual-reasoning tasks")
+    console.rule(f"[bold]atrl demo[/bold]: AT-RL on {subject}, synthetic "
+                 + ("video tasks" if video else "visual-reasoning tasks"))
     if base is not None:
         from .models.zoo import check_model_path
 
         check_model_path(base)
-    base_path = Path(base) if base is not None else ensure_default_base(console=console)
+    if base is not None:
+        base_path = Path(base)
+    elif video:
+        from .models.default import ensure_video_base
+
+        base_path = ensure_video_base(console=console)
+    else:
+        base_path = ensure_default_base(console=console)
     console.print(f"base model: {base_path}")
     run_dir = out / "run"
     recipe = load_recipe(None, [
         "--model.path", str(base_path), "--anchor.mode", mode, "--trl.output_dir", str(run_dir),
         "--trl.max_steps", str(steps), "--trl.seed", str(seed), "--data.seed", str(seed + 1), "--resume", "false",
-        "--trl.save_steps", str(max(steps, 1)), "--trl.report_to", "[tensorboard]", *(overrides or [])])
+        "--trl.save_steps", str(max(steps, 1)), "--trl.report_to", "[tensorboard]",
+        *(VIDEO_OVERRIDES if video else []), *(overrides or [])])
     # Held-out tasks: the training mix (families and knobs), drawn with a seed that training never uses.
     held_out = generate(n_eval, seed=10_000 + seed, families=recipe.data.families, knobs=recipe.data.synthetic_knobs())
     held_rows = [dict(r) for r in to_hf_dataset(held_out)]
@@ -116,7 +132,8 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = N_EVAL, steps: int = 15
         credit = dataclasses.replace(credit, mode="atrl")
     t0 = time.perf_counter()
     analysis = analyze(trained, processor, held_out[:40], credit=credit, sink_debias=recipe.anchor.sink_debias,
-                       region_grid=recipe.anchor.region_grid, layers=recipe.anchor.probe_layers)
+                       region_grid=recipe.anchor.region_grid, layers=recipe.anchor.probe_layers,
+                       time_bins=recipe.anchor.time_bins)
     phases["analysis and figures"] = time.perf_counter() - t0
     files = {"training_curves": training_curves(history, out / "training_curves.png"),
              "training_report": run_dir / "training_report.png",  # written by run_training: every logged metric

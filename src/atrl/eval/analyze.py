@@ -160,7 +160,7 @@ def _first_visual_is_video(messages: list) -> bool:
 def analyze(model, processor, examples: Sequence[Any], *, responses: Sequence[str] | None = None,
             credit: CreditOptions | None = None, sink_debias: str = "head_baseline",
             region_grid: tuple[int, int] = (4, 4), layers: Sequence[int] | None = None,
-            progress: Callable[[int], None] | None = None) -> AnalysisResult:
+            progress: Callable[[int], None] | None = None, time_bins: int = 4) -> AnalysisResult:
     """Probe each example's response and score anchors against perception spans where they are known.
 
     Args:
@@ -169,10 +169,11 @@ def analyze(model, processor, examples: Sequence[Any], *, responses: Sequence[st
         responses: responses to analyse instead of the reference traces (perception spans then do not apply);
             required for data-set rows.
         progress: called with 1 after each example (analysed or skipped).
+        time_bins: stretches of time a video's regions are cut into (each with `region_grid` cells).
     """
     credit = credit or CreditOptions()
     items = _items(examples, responses)
-    probe = ConnectivityProbe(model, layers=layers, region_grid=region_grid, processor=processor)
+    probe = ConnectivityProbe(model, layers=layers, region_grid=region_grid, processor=processor, time_bins=time_bins)
     device = next(model.parameters()).device
     views: list[TokenView] = []
     skipped: list[str] = []

@@ -183,6 +183,7 @@ class ATRLTrainer(GRPOTrainer):
             # M-RoPE positions are wrong (or get_rope_index fails when an image's tokens are cut).
             tokenizer.padding_side = "left"
         super().__init__(*args, **kwargs)
+        self._suppress_video_tokens()
         self.anchor = anchor_config or AnchorConfig()
         self.credit_options = self.anchor.credit_options()
         self.papo = self.anchor.papo_options()
@@ -247,6 +248,18 @@ class ATRLTrainer(GRPOTrainer):
             if self.accelerator.is_main_process:
                 logger.info("trl.log_multimodal off: the data mix prompts with and without images, and TRL's "
                             "image logging would hang a multi-process run on a batch without images on one rank")
+
+    def _suppress_video_tokens(self) -> None:
+        """Rollouts never sample a video token, as TRL's never sample an image token: a sampled one would count
+        against the video's features in every forward given the video ("video features and video tokens do not
+        match" at some step N)."""
+        video = getattr(self.accelerator.unwrap_model(self.model).config, "video_token_id", None)
+        config = getattr(self, "generation_config", None)
+        if video is None or config is None or getattr(config, "suppress_tokens", None) is None:
+            return
+        if video not in config.suppress_tokens:
+            config.suppress_tokens = [*config.suppress_tokens, video]
+            self.generation_kwargs["suppress_tokens"] = list(config.suppress_tokens)
 
     def _check_video_support(self) -> None:
         """A data set with videos: the processor must take them, and the run must use only the paths that carry
