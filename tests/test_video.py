@@ -1,6 +1,8 @@
 """Videos: decoding within bounds (PyAV), the families' video processors, and the probes over time and space
 against the model's own M-RoPE positions and an explicit softmax of eager attention."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -152,7 +154,7 @@ def _rope_cells(model, batch, video_token, rh, rw, time_bins):
         t_pos = pos[0, b, where]
         times = sorted(set(t_pos.tolist()))
         if len(times) == 1:  # Qwen3-VL: a timestamp between temporal patches; each patch's positions restart
-            starts = [where[0]] + [q for p, q in zip(where, where[1:]) if q != p + 1]
+            starts = [where[0]] + [q for p, q in itertools.pairwise(where) if q != p + 1]
             groups = [sum(1 for s in starts if s <= q) - 1 for q in where]
         else:
             groups = [times.index(t) for t in t_pos.tolist()]
@@ -374,7 +376,7 @@ def test_bad_video_rows_are_named_or_skipped_and_counted(tmp_path):
         fh.write("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"train.jsonl:5: video file .*missing.mp4' does not exist"):
         load_samples(path)
-    samples, report = load_samples(path, on_error="skip", video=VideoBounds(max_seconds=20))
+    _, report = load_samples(path, on_error="skip", video=VideoBounds(max_seconds=20))
     assert report.kept == 4
     assert report.skipped == {"does not exist": 1, "cannot be read": 1, "max_seconds": 1, "placeholders": 1}
     assert "train.jsonl:7" in report.first_rows["max_seconds"][0]
@@ -448,3 +450,56 @@ def test_rollouts_never_sample_a_video_token(tmp_path):
     batch = processor(text=["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
     out = model.generate(**batch, generation_config=trainer.generation_config, max_new_tokens=6)
     assert model.config.video_token_id not in out[0, batch["input_ids"].shape[1]:].tolist()
+
+
+def test_video_forward_gives_the_token_types_the_processor_gives():
+    """The M-RoPE token types VideoForward makes from the ids (1 image, 2 video) are the processor's own, and the
+    model's positions from them are its get_rope_index's."""
+    from atrl.rl.videos import VideoForward, split_video_rows
+
+    model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
+    batch = _video_batch(processor)
+    seen = {}
+
+    def record(**kwargs):
+        seen.update(kwargs)
+
+    rows = split_video_rows(batch, [1, 0])
+    forward = VideoForward(record, rows, model.config.image_token_id, model.config.video_token_id)
+    forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], mm_token_type_ids=None)
+    assert torch.equal(seen["mm_token_type_ids"], batch["mm_token_type_ids"])
+    assert torch.equal(seen["pixel_values_videos"], batch["pixel_values_videos"])
+    assert torch.equal(seen["video_grid_thw"], batch["video_grid_thw"])
+    with pytest.raises(RuntimeError, match="a forward of 2 rows at row 2"):
+        forward(input_ids=batch["input_ids"])
+
+
+def test_a_multi_image_prompt_trains(tmp_path):
+    """A row with two images (and one with one) trains: each image's tokens in their own regions."""
+    import io
+
+    from atrl.data.formats import ImageRef, Sample, to_trl_dataset
+    from atrl.data.synthetic import generate
+    from atrl.rl.config import AnchorConfig
+    from atrl.rl.trainer import ATRLTrainer
+
+    def png(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return ImageRef(data=buffer.getvalue())
+
+    tiles = generate(3, seed=0)
+    samples = [Sample("two", "Which colour is in both images?", "red", "text", [png(tiles[0].image),
+                                                                             png(tiles[1].image)]),
+               Sample("one", tiles[2].question, tiles[2].answer, "text", [png(tiles[2].image)])]
+    torch.manual_seed(0)
+    model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
+    trainer = ATRLTrainer(model=model, processing_class=processor, reward_funcs=[_reward],
+                          args=_grpo_args(tmp_path), train_dataset=to_trl_dataset(samples),
+                          anchor_config=AnchorConfig(overlap=False))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    profile, mask = trainer.last_credit["profile"], trainer.last_credit["mask"]
+    assert profile.shape[-1] == 2 * 16  # two images' blocks of regions
+    two = [b for b in range(mask.shape[0]) if profile[b, :, 16:].sum() > 0]
+    assert len(two) == 4  # the 4 generations of the two-image prompt read their second image

@@ -230,7 +230,7 @@ class VideoRef:
         return {"path": self.path, "bytes": self.data, "frames": list(self.frames) if self.frames else None}
 
     @classmethod
-    def from_feature(cls, value: dict[str, Any]) -> "VideoRef":
+    def from_feature(cls, value: dict[str, Any]) -> VideoRef:
         frames = value.get("frames")
         return cls(path=value.get("path"), data=value.get("bytes"), frames=tuple(frames) if frames else None)
 

@@ -18,8 +18,6 @@ A row's `videos` column (`atrl.data.formats.to_trl_dataset`: references to files
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..data.formats import DataError, video_inputs
