@@ -10,6 +10,7 @@
 #   smoke        the tiny trainer on CUDA, every mode, both credit sites, synchronisations named (~1 min)
 #   probe        3B and 7B probe overhead at batch 1, decoder scope, 7 configurations, a profiled step (~4 min)
 #   probe-batch  the same at batch 4, a trainer's micro-batch (~4.5 min)
+#   probe-video  7B probe overhead on a video prompt: 16 frames of 256 merged tokens (8 x 256), decoder scope (~2.5 min)
 #   vision       the vision tower's attention: a call per window against one per segment length (~1.5 min)
 #   probe-alloc  the decoder scope with expandable allocator segments (~2-3 min)
 #   aligned      3B trainer, probes on the training forward, generation replayed, one profiled cycle (~4 min)
@@ -76,6 +77,13 @@ case $phase in
         --format=csv | sed "s/^/after $shape batch 4: /" | tee -a "$out/device.txt"
     done
     grep -h "^#\|^|\|^allocator\|rounds fit" "$out"/probe-*-batch4.txt ;;
+  probe-video)
+    # a Qwen2.5-VL-7B video prompt as the video recipe makes it: 16 frames at a 32 x 32 patch grid (448 x 448),
+    # 8 temporal patches of 256 merged tokens; the video's regions are 4 stretches of time x 16 cells
+    timeout 240 python3 benchmarks/probe_overhead.py --shape 7b --frames 16 --grid 32 --reps 0 --decoder-reps 120 \
+      --seconds 70 --layer-reps 100 --profile-steps 2 --out "$out/probe-7b-video.json" 2>&1 \
+      | tee "$out/probe-7b-video.txt"
+    grep -h "^#\|^|\|^allocator\|rounds fit" "$out"/probe-7b-video.txt ;;
   vision)
     # the 3B/7B vision tower, 4 images of ~1,024 merged tokens (the recipes' max_pixels), forward + backward:
     # transformers' SDPA loop (a call per window: the 3B step's top host cost) against a call per segment length

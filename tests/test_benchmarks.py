@@ -67,6 +67,21 @@ def test_probe_overhead_smoke(tmp_path):
                      stdout, re.MULTILINE)  # 16 regions: V the indicator channels alone
 
 
+def test_probe_overhead_on_a_video_prompt(tmp_path):
+    """`--frames`: the prompt holds a video (frames / 2 temporal patches of the grid) instead of the image; the
+    eager check covers its video tokens, and both scopes time it (the decoder scope with the video's features
+    passed in)."""
+    out = tmp_path / "probe.json"
+    stdout = _run("probe_overhead.py", "--shape", "tiny", "--device", "cpu", "--reps", "2", "--decoder-reps", "2",
+                  "--layer-reps", "2", "--warmup", "1", "--grid", "8", "--response", "16", "--frames", "4",
+                  "--profile-steps", "0", "--out", str(out))
+    errors = [float(e) for e in re.findall(r"probe vs eager softmax .*: max abs error (\S+)", stdout)]
+    assert len(errors) == 5 and max(errors) <= 1e-5
+    assert "a video of 4 frames, 32 video + 16 response tokens" in stdout
+    result = json.loads(out.read_text())
+    assert result["scopes"]["decoder"]["vision_calls"] == 0 and result["scopes"]["model"]["vision_calls"] > 0
+
+
 def test_probe_overhead_decoder_scope_alone(tmp_path):
     out = tmp_path / "probe.json"
     stdout = _run("probe_overhead.py", "--shape", "tiny", "--device", "cpu", "--reps", "0", "--decoder-reps", "9",

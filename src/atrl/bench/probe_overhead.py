@@ -40,6 +40,7 @@ the model upcast to float32 at the middle layer, where the probe must match to ~
     python benchmarks/probe_overhead.py --shape 3b --reps 30 [--attn flash_attention_2] [--out results.json]
     python benchmarks/probe_overhead.py --shape 7b --reps 0 --decoder-reps 120 --seconds 75   # fits the device
     python benchmarks/probe_overhead.py --shape tiny --device cpu --reps 3      # smoke run on a CPU
+    python benchmarks/probe_overhead.py --shape 7b --frames 16 --grid 32 --reps 0 --decoder-reps 120   # a video
     python benchmarks/probe_overhead.py --shape demo --device cpu --grid 8 --response 96 --reps 20
 """
 
@@ -92,23 +93,34 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, attn: str = "sdp
     return model
 
 
-def make_inputs(model, grid: int, response: int, prompt_text: int, device, dtype, seed: int = 0, batch: int = 1):
-    """One sequence (text, a `grid` x `grid` patch image, `response` tokens), `batch` copies of it."""
+def make_inputs(model, grid: int, response: int, prompt_text: int, device, dtype, seed: int = 0, batch: int = 1,
+                frames: int = 0):
+    """One sequence (text, a `grid` x `grid` patch image, `response` tokens), `batch` copies of it. With `frames`,
+    a video of that many frames of `grid` x `grid` patches instead of the image (frames / 2 temporal patches of
+    (grid / 2)^2 tokens each)."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
-    n_image = (grid // 2) ** 2
+    t = max(1, frames // 2)
+    n_image = t * (grid // 2) ** 2
     vocab = cfg.text_config.vocab_size
+    token = cfg.video_token_id if frames else cfg.image_token_id
     ids = torch.randint(0, vocab - 10, (1, prompt_text + n_image + 2 + response), generator=g)
     ids[0, prompt_text] = cfg.vision_start_token_id
-    ids[0, prompt_text + 1: prompt_text + 1 + n_image] = cfg.image_token_id
+    ids[0, prompt_text + 1: prompt_text + 1 + n_image] = token
     ids[0, prompt_text + 1 + n_image] = cfg.vision_end_token_id
     ids = ids.expand(batch, -1).clone()
-    mm = (ids == cfg.image_token_id).int()
+    mm = (ids == token).int() * (2 if frames else 1)
     patch_dim = 3 * 2 * 14 * 14
-    pixel_values = torch.randn(grid * grid, patch_dim, generator=g).to(dtype).repeat(batch, 1)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "mm_token_type_ids": mm.to(device), "pixel_values": pixel_values.to(device),
-            "image_grid_thw": torch.tensor([[1, grid, grid]] * batch).to(device)}
+    pixel_values = torch.randn(t * grid * grid, patch_dim, generator=g).to(dtype).repeat(batch, 1)
+    out = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+           "mm_token_type_ids": mm.to(device)}
+    if not frames:
+        return {**out, "pixel_values": pixel_values.to(device),
+                "image_grid_thw": torch.tensor([[1, grid, grid]] * batch).to(device)}
+    return {**out, "pixel_values_videos": pixel_values.to(device),
+            "video_grid_thw": torch.tensor([[t, grid, grid]] * batch).to(device),
+            "second_per_grid_ts": torch.ones(batch).to(device)}
+
 
 
 def step(model, batch, response: int, probe=None):
@@ -120,7 +132,8 @@ def step(model, batch, response: int, probe=None):
     if probe is None:
         out = model(**batch, use_cache=False, logits_to_keep=response + 1)
     else:
-        with probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len=response) as cap:
+        with probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len=response,
+                           video_grid_thw=batch.get("video_grid_thw")) as cap:
             out = model(**batch, use_cache=False, logits_to_keep=response + 1)
         if probe.layers:  # a capture with no probed layer records nothing to reduce
             mask = torch.ones(labels.shape, dtype=torch.bool)
@@ -146,12 +159,14 @@ def check_against_eager(model, batch, layer: int, route: str = "auto", response_
     impl = model.config.text_config._attn_implementation
     probe = ConnectivityProbe(model, layers=[layer], route=route)
     try:
-        with torch.no_grad(), probe.capture(batch["input_ids"], batch["image_grid_thw"], response_len) as cap:
+        with torch.no_grad(), probe.capture(batch["input_ids"], batch.get("image_grid_thw"), response_len,
+                                            video_grid_thw=batch.get("video_grid_thw")) as cap:
             model(**batch, use_cache=False, logits_to_keep=1)
     finally:
         probe.detach()
-    ind = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid,
-                                         dtype=torch.float32)
+    ind = probe.layout.region_indicators(batch["input_ids"], batch.get("image_grid_thw"), probe.region_grid,
+                                         dtype=torch.float32, video_grid_thw=batch.get("video_grid_thw"),
+                                         time_bins=probe.time_bins)
     model.set_attn_implementation({"text_config": "eager"})
     try:
         with torch.no_grad():
@@ -209,8 +224,9 @@ def layer_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
     from atrl.probe.attention import ProbeState, activate, deactivate, probed_attention
 
     probe = ConnectivityProbe(model)
-    ind = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid,
-                                         dtype=torch.float32)
+    ind = probe.layout.region_indicators(batch["input_ids"], batch.get("image_grid_thw"), probe.region_grid,
+                                         dtype=torch.float32, video_grid_thw=batch.get("video_grid_thw"),
+                                         time_bins=probe.time_bins)
     probe.detach()
     device, dtype, (B, n_tokens) = ind.device, model.dtype, ind.shape[:2]
     cfg = model.config.text_config
@@ -280,13 +296,15 @@ def fixed_costs(model, batch, response: int, reps: int) -> dict[str, list[float]
 
     probe = ConnectivityProbe(model)  # the default layers: 4 of them
     probe.detach()
-    R = probe.layout.region_indicators(batch["input_ids"], batch["image_grid_thw"], probe.region_grid).shape[-1]
+    R = probe.layout.region_indicators(batch["input_ids"], batch.get("image_grid_thw"), probe.region_grid,
+                                       video_grid_thw=batch.get("video_grid_thw"), time_bins=probe.time_bins).shape[-1]
     device, B = batch["input_ids"].device, batch["input_ids"].shape[0]
     masses = torch.rand(len(probe.layers), B, response, model.config.text_config.num_attention_heads, R,
                         device=device)
     mask = torch.ones(B, response, dtype=torch.bool, device=device)
     def new_state():
-        return probe._new_state(batch["input_ids"], batch["image_grid_thw"], response)
+        return probe._new_state(batch["input_ids"], batch.get("image_grid_thw"), response,
+                                video_grid_thw=batch.get("video_grid_thw"))
 
     host_parts = connectivity_parts(masses, mask).to("cpu")
     host_mask = mask.cpu()
@@ -503,7 +521,7 @@ class ProbeBench:
     one timed step per configuration (`step_ms`)."""
 
     def __init__(self, shape: str, device: str, attn: str = "sdpa", grid: int = 64, response: int = 1000,
-                 batch: int = 1):
+                 batch: int = 1, frames: int = 0):
         from atrl.probe import default_probe_layers
 
         self.device = torch.device(device)
@@ -511,13 +529,14 @@ class ProbeBench:
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.shape, self.attn, self.grid, self.response, self.batch_size = shape, attn, grid, response, batch
         self.model = build(shape, self.device, self.dtype, attn)
-        self.small = make_inputs(self.model, 16, 64, 16, self.device, self.dtype, seed=1)
-        self.batch = make_inputs(self.model, grid, response, 64, self.device, self.dtype, batch=batch)
+        self.small = make_inputs(self.model, 16, 64, 16, self.device, self.dtype, seed=1, frames=min(frames, 4))
+        self.batch = make_inputs(self.model, grid, response, 64, self.device, self.dtype, batch=batch, frames=frames)
+        kind, pixels = ("video", "pixel_values_videos") if frames else ("image", "pixel_values")
         with torch.no_grad():  # the vision tower's output, for the decoder-only scope
-            vision = self.model.model.get_image_features(self.batch["pixel_values"], self.batch["image_grid_thw"],
-                                                         return_dict=True)
-        self.decoder_batch = ({k: v for k, v in self.batch.items() if k != "pixel_values"}
-                              | {"mm_encoder_outputs": {"image": vision}})
+            encode = self.model.model.get_video_features if frames else self.model.model.get_image_features
+            vision = encode(self.batch[pixels], self.batch[f"{kind}_grid_thw"], return_dict=True)
+        self.decoder_batch = ({k: v for k, v in self.batch.items() if k != pixels}
+                              | {"mm_encoder_outputs": {kind: vision}})
         self.layers4 = default_probe_layers(self.model.config.text_config.num_hidden_layers, 4)
         self.vision_calls = 0  # calls of the vision tower since the last reset: none in the decoder scope
         self.model.model.visual.register_forward_pre_hook(lambda *_: setattr(self, "vision_calls",
@@ -583,13 +602,15 @@ def measure_scope(bench: ProbeBench, scope: str, reps: int, warmup: int = 3, sec
     return {"rows": rows, "raw_ms": times, "vision_calls": bench.vision_calls, "allocator": allocator}
 
 
-def scope_table(r: ProbeResults, scope: str, grid: int, response: int, cuda: bool) -> list[str]:
+def scope_table(r: ProbeResults, scope: str, grid: int, response: int, cuda: bool, frames: int = 0) -> list[str]:
     """The scope's table and its allocator line, as printed."""
     data = r.scopes[scope]
     rows, reps = data["rows"], len(data["raw_ms"]["off"])
     what = "whole model, vision tower included" if scope == "model" else "decoder only, vision output cached"
     lines = [f"# probe overhead ({scope}: {what}), Qwen2.5-VL-{r.shape} shape, {r.attn}, bf16={cuda}, "
-             f"{(grid // 2) ** 2} image + {response} response tokens, batch {r.batch}, {reps} interleaved reps, "
+             + (f"a video of {frames} frames, {max(1, frames // 2) * (grid // 2) ** 2} video" if frames else
+                f"{(grid // 2) ** 2} image")
+             + f" + {response} response tokens, batch {r.batch}, {reps} interleaved reps, "
              f"device {r.device}",
              "| configuration | median ms | IQR ms | time ratio | paired ratio (IQR) | peak GiB | memory ratio |",
              "|---|---|---|---|---|---|---|"]
@@ -643,6 +664,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="3b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--grid", type=int, default=64, help="patch grid side (tokens = (grid/2)^2)")
+    ap.add_argument("--frames", type=int, default=0,
+                    help="a video of this many frames of --grid patches instead of the image (frames/2 temporal "
+                         "patches; 16 frames at --grid 32 is Qwen2.5-VL-7B's 8 x 256 tokens)")
     ap.add_argument("--response", type=int, default=1000, help="response tokens per sequence")
     ap.add_argument("--batch", type=int, default=1,
                     help="copies of the sequence per step (a trainer's micro-batch; the recipes' is 4): at batch 1 "
@@ -663,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
     def say(*lines: str) -> None:
         print("\n".join(lines), flush=True)
 
-    bench = ProbeBench(args.shape, args.device, args.attn, args.grid, args.response, args.batch)
+    bench = ProbeBench(args.shape, args.device, args.attn, args.grid, args.response, args.batch, args.frames)
     say(*eager_checks(bench.model, bench.small))
     say(f"# SDPA backends at one probed layer's shapes ({bench.tokens} tokens, causal, GQA, forward only; "
         "`refused`: the backend does not take these shapes)",
@@ -674,7 +698,7 @@ def main(argv: list[str] | None = None) -> None:
     for scope, reps in (("model", args.reps), ("decoder", args.decoder_reps)):
         if reps:
             result.scopes[scope] = measure_scope(bench, scope, reps, args.warmup, args.seconds, say)
-            say(*scope_table(result, scope, args.grid, args.response, bench.cuda))
+            say(*scope_table(result, scope, args.grid, args.response, bench.cuda, args.frames))
     result.layer_raw_ms = layer_costs(bench.model, bench.batch, args.response, args.layer_reps)
     result.layer = summary(result.layer_raw_ms, "plain")
     say(*layer_table(result, len(bench.layers4), bench.tokens, args.layer_reps))
