@@ -267,7 +267,13 @@ def _video_ref(value: Any, root: Path, where: str) -> VideoRef:
     if isinstance(value, dict):
         if value.get("bytes"):
             return VideoRef(path=value.get("path"), data=value["bytes"])
-        value = value.get("frames") or value.get("path")
+        images = value.get("images")  # a synthetic data set saved with its frames (`atrl data export --format hf`)
+        if images and all(isinstance(i, dict) and i.get("bytes") for i in images):
+            return VideoRef(frame_data=tuple(i["bytes"] for i in images), fps=value.get("fps"))
+        if value.get("frame_bytes"):
+            return VideoRef(frame_data=tuple(value["frame_bytes"]), fps=value.get("fps"))
+        value = value.get("frames") or (images if images and all(isinstance(i, str) for i in images) else None) \
+            or value.get("path")
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
@@ -555,7 +561,8 @@ def video_feature():
     import datasets
 
     return [{"path": datasets.Value("string"), "bytes": datasets.Value("binary"),
-             "frames": [datasets.Value("string")]}]
+             "frames": [datasets.Value("string")], "frame_bytes": [datasets.Value("binary")],
+             "fps": datasets.Value("float64")}]
 
 
 def to_trl_dataset(samples: Iterable[Sample], instruction: str = RESPONSE_INSTRUCTION):

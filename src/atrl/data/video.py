@@ -102,26 +102,37 @@ def fit_pixels(height: int, width: int, max_pixels: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class VideoRef:
-    """A video to read later: a file `path` (or its bytes, `data`), a folder of frames (`path`), or `frames`, a
-    list of frame image paths."""
+    """A video to read later: a file `path` (or its bytes, `data`), a folder of frames (`path`), `frames`, a list
+    of frame image paths, or `frame_data`, the frames' encoded images (a data set saved with its frames). Frames
+    given one by one are taken at their rate `fps` (default: the bounds' fps)."""
 
     path: str | None = None
     data: bytes | None = None
     frames: tuple[str, ...] | None = None
+    frame_data: tuple[bytes, ...] | None = None
+    fps: float | None = None
 
     @property
     def name(self) -> str:
         if self.frames is not None:
             return f"frames {self.frames[0]!r}..." if self.frames else "an empty list of frames"
+        if self.frame_data is not None:
+            return f"<{len(self.frame_data)} embedded frames>"
         return repr(self.path) if self.path else "<embedded bytes>"
 
-    def _frame_files(self) -> list[str]:
+    def _frame_files(self) -> list:
         if self.frames is not None:
             return list(self.frames)
+        if self.frame_data is not None:
+            return [io.BytesIO(b) for b in self.frame_data]
         return sorted(str(p) for p in Path(self.path).iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
 
+    def _frame_label(self, files: list, i: int) -> str:
+        return repr(files[i]) if isinstance(files[i], str) else f"{i} of {self.name}"
+
     def _is_frames(self) -> bool:
-        return self.frames is not None or (self.data is None and Path(self.path).is_dir())
+        return (self.frames is not None or self.frame_data is not None
+                or (self.data is None and Path(self.path).is_dir()))
 
     def _open(self):
         import av
@@ -147,7 +158,7 @@ class VideoRef:
                 with Image.open(files[0]) as first:
                     width, height = first.size
             except (OSError, ValueError) as err:
-                raise VideoError(f"video frame {files[0]!r} cannot be read: {err}") from err
+                raise VideoError(f"video frame {self._frame_label(files, 0)} cannot be read: {err}") from err
             return VideoInfo(len(files), None, height, width)
         import av
 
@@ -191,11 +202,11 @@ class VideoRef:
                     with Image.open(files[i]) as img:
                         frames.append(_fit(img.convert("RGB"), bounds.max_pixels))
                 except (OSError, ValueError) as err:
-                    raise VideoError(f"video frame {files[i]!r} cannot be read: {err}") from err
+                    raise VideoError(f"video frame {self._frame_label(files, i)} cannot be read: {err}") from err
             sizes = {f.shape for f in frames}
             if len(sizes) > 1:
                 raise VideoError(f"video {self.name}: its frames differ in size ({sorted(sizes)[:3]})")
-            fps = bounds.fps
+            fps = self.fps or bounds.fps
         else:
             frames = self._decode(wanted, bounds.max_pixels)
             fps = info.fps
@@ -227,12 +238,14 @@ class VideoRef:
 
     def as_feature(self) -> dict[str, Any]:
         """The value for the training set's `videos` column (decoded only when a row is used)."""
-        return {"path": self.path, "bytes": self.data, "frames": list(self.frames) if self.frames else None}
+        return {"path": self.path, "bytes": self.data, "frames": list(self.frames) if self.frames else None,
+                "frame_bytes": list(self.frame_data) if self.frame_data else None, "fps": self.fps}
 
     @classmethod
     def from_feature(cls, value: dict[str, Any]) -> VideoRef:
-        frames = value.get("frames")
-        return cls(path=value.get("path"), data=value.get("bytes"), frames=tuple(frames) if frames else None)
+        frames, frame_data = value.get("frames"), value.get("frame_bytes")
+        return cls(path=value.get("path"), data=value.get("bytes"), frames=tuple(frames) if frames else None,
+                   frame_data=tuple(frame_data) if frame_data else None, fps=value.get("fps"))
 
 
 def decode_video(value: Any, bounds: VideoBounds, where: str = "") -> Video:
