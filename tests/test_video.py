@@ -526,3 +526,22 @@ def test_a_synthetic_video_data_set_round_trips_through_its_exports(tmp_path):
             centre = video.frames[:, 56, 56].astype(int)
             seen = [min(names, key=lambda n: np.abs(names[n] - c).sum()) for c in centre]
             assert seen[0] == ex.scene["before"] and seen[-1] == ex.scene["after"], (fmt, seen)
+
+
+def test_a_rows_repeats_share_one_decoding(tmp_path, monkeypatch):
+    """TRL fetches each of a row's num_generations repeats from the data set anew; the trainer decodes the row's
+    videos once for all of them."""
+    import atrl.rl.trainer as trainer_module
+    from atrl.data.synthetic import generate, to_hf_dataset
+    from atrl.rl.config import AnchorConfig
+
+    decoded = []
+    original = trainer_module.decode_row_videos
+    monkeypatch.setattr(trainer_module, "decode_row_videos",
+                        lambda row, bounds: decoded.append(row["uid"]) or original(row, bounds))
+    model, processor = build_tiny_vlm("qwen2_5_vl", seed=0)
+    trainer = trainer_module.ATRLTrainer(
+        model=model, processing_class=processor, reward_funcs=[_reward], args=_grpo_args(tmp_path, max_steps=1),
+        train_dataset=to_hf_dataset(generate(2, families=["colour_change"])), anchor_config=AnchorConfig())
+    trainer.train()
+    assert sorted(decoded) == ["colour_change-0-0", "colour_change-0-1"]  # 2 rows x 4 generations: 2 decodings

@@ -600,31 +600,12 @@ def _processed_length(processor, sample: Sample, text: str, video: VideoBounds |
     images = sample.load_images()
     kwargs = {}
     if sample.videos:
-        blanks = [_blank_video(ref, video or VideoBounds(), sample.source) for ref in sample.videos]
         try:
-            kwargs = video_inputs(processor, blanks)
-        except DataError as err:
+            kwargs = video_inputs(processor, [ref.blank(video or VideoBounds()) for ref in sample.videos])
+        except (DataError, VideoError) as err:
             raise DataError(f"{sample.source}: {err}") from err
     return processor(text=[text], images=[images] if images else None, return_tensors="pt",
                      **kwargs)["input_ids"].shape[1]
-
-
-def _blank_video(ref: VideoRef, bounds: VideoBounds, source: str) -> Video:
-    """Black frames in the number and size `ref.load(bounds)` would give, from the header alone."""
-    from .video import fit_pixels, sample_indices
-
-    try:
-        info = ref.check(bounds)
-    except VideoError as err:
-        raise DataError(f"{source}: {err}") from err
-    import numpy as np
-
-    wanted = sample_indices(info, bounds)
-    h, w = fit_pixels(info.height, info.width, bounds.max_pixels)
-    fps = info.fps or bounds.fps
-    return Video(np.zeros((len(wanted), h, w, 3), np.uint8), {
-        "total_num_frames": info.frames, "fps": fps, "duration": info.frames / fps, "frames_indices": wanted,
-        "height": info.height, "width": info.width, "video_backend": "pyav"})
 
 
 def video_inputs(processor, videos: list[Video]) -> dict[str, Any]:

@@ -92,6 +92,13 @@ def sample_indices(info: VideoInfo, bounds: VideoBounds) -> list[int]:
     return [int((i + 0.5) * n / k) for i in range(k)]
 
 
+def _video(frames: np.ndarray, info: VideoInfo, fps: float, wanted: list[int], backend: str) -> Video:
+    """Frames sampled from a video described by `info`, with the metadata the processors read."""
+    return Video(frames, {"total_num_frames": info.frames, "fps": fps, "duration": info.frames / fps,
+                          "frames_indices": wanted, "height": info.height, "width": info.width,
+                          "video_backend": backend})
+
+
 def fit_pixels(height: int, width: int, max_pixels: int) -> tuple[int, int]:
     """(height, width) scaled down, aspect kept, to at most `max_pixels` pixels (unchanged when within it)."""
     if height * width <= max_pixels:
@@ -190,6 +197,18 @@ class VideoRef:
                              f"{bounds.max_seconds:g} (raise it, or cut the video)")
         return info
 
+    def _rate(self, info: VideoInfo, bounds: VideoBounds) -> float:
+        """The frame rate the processors are told: a file's own, else the frames' given rate or the bounds'."""
+        return info.fps if info.fps is not None else (self.fps or bounds.fps)
+
+    def blank(self, bounds: VideoBounds) -> Video:
+        """Black frames in the number and size `load(bounds)` gives, with its metadata, from the header alone: what
+        a prompt's token count needs (`atrl train --dry-run`), without decoding a frame."""
+        info = self.check(bounds)
+        wanted = sample_indices(info, bounds)
+        h, w = fit_pixels(info.height, info.width, bounds.max_pixels)
+        return _video(np.zeros((len(wanted), h, w, 3), np.uint8), info, self._rate(info, bounds), wanted, "pyav")
+
     def load(self, bounds: VideoBounds) -> Video:
         """The sampled frames, decoded and scaled to the bounds."""
         info = self.check(bounds)
@@ -206,13 +225,9 @@ class VideoRef:
             sizes = {f.shape for f in frames}
             if len(sizes) > 1:
                 raise VideoError(f"video {self.name}: its frames differ in size ({sorted(sizes)[:3]})")
-            fps = self.fps or bounds.fps
         else:
             frames = self._decode(wanted, bounds.max_pixels)
-            fps = info.fps
-        return Video(np.stack(frames), {
-            "total_num_frames": info.frames, "fps": fps, "duration": info.frames / fps, "frames_indices": wanted,
-            "height": info.height, "width": info.width, "video_backend": "pyav"})
+        return _video(np.stack(frames), info, self._rate(info, bounds), wanted, "pyav")
 
     def _decode(self, wanted: list[int], max_pixels: int) -> list[np.ndarray]:
         import av
@@ -252,18 +267,11 @@ def decode_video(value: Any, bounds: VideoBounds, where: str = "") -> Video:
     """One item of a `videos` column: {"images": frames, "fps"} (frames already sampled) or a `VideoRef`'s
     feature ({"path", "bytes", "frames"})."""
     if isinstance(value, dict) and value.get("images"):
-        frames = value["images"]
-        keep = list(range(len(frames)))
-        if len(keep) > bounds.max_frames:
-            keep = [int((i + 0.5) * len(frames) / bounds.max_frames) for i in range(bounds.max_frames)]
-        arrays = []
-        for i in keep:
-            img = (frames[i] if isinstance(frames[i], Image.Image) else Image.open(frames[i])).convert("RGB")
-            h, w = fit_pixels(img.height, img.width, bounds.max_pixels)
-            arrays.append(np.asarray(img if (h, w) == (img.height, img.width) else img.resize((w, h), Image.BICUBIC)))
-        fps = float(value.get("fps") or bounds.fps)
-        return Video(np.stack(arrays), {"total_num_frames": len(frames), "fps": fps, "duration": len(frames) / fps,
-                                        "frames_indices": keep, "video_backend": "frames"})
+        images = [f if isinstance(f, Image.Image) else Image.open(f) for f in value["images"]]
+        info = VideoInfo(len(images), None, images[0].height, images[0].width)
+        keep = sample_indices(info, bounds)  # frames given one by one: thinned to max_frames
+        frames = np.stack([_fit(images[i], bounds.max_pixels) for i in keep])
+        return _video(frames, info, float(value.get("fps") or bounds.fps), keep, "frames")
     if isinstance(value, dict):
         try:
             return VideoRef.from_feature(value).load(bounds)
@@ -271,6 +279,12 @@ def decode_video(value: Any, bounds: VideoBounds, where: str = "") -> Video:
             raise VideoError(f"{where}: {err}" if where else str(err)) from err
     raise VideoError(f"{where}: a video of type {type(value).__name__}; expected a mapping (path / bytes / frames, or "
                     "images and fps)")
+
+
+def decode_row_videos(row: dict[str, Any], bounds: VideoBounds) -> list[Video]:
+    """A data-set row's `videos`, decoded within `bounds`; a failure names the row (its source, else its uid)."""
+    where = str(row.get("source") or row.get("uid") or "a row")
+    return [decode_video(v, bounds, where) for v in row.get("videos") or []]
 
 
 def _fit(img: Image.Image, max_pixels: int) -> np.ndarray:

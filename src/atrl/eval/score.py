@@ -201,12 +201,9 @@ def _video_kwargs(processor, rows: Sequence[dict], bounds) -> dict:
     if not any(r.get("videos") for r in rows):
         return {}
     from ..data.formats import video_inputs
-    from ..data.video import VideoBounds, decode_video
+    from ..data.video import VideoBounds, decode_row_videos
 
-    bounds = bounds or VideoBounds()
-    videos = [decode_video(v, bounds, str(r.get("source") or r.get("uid") or "")) for r in rows
-              for v in r.get("videos") or []]
-    return video_inputs(processor, videos)
+    return video_inputs(processor, [v for r in rows for v in decode_row_videos(r, bounds or VideoBounds())])
 
 
 def _end_token_ids(model, tok) -> list[int]:

@@ -30,11 +30,11 @@ class SFTCollator:
         if not any(r.get("videos") for r in rows):
             return {"images": [[r["image"]] for r in rows]}
         from ..data.formats import video_inputs
-        from ..data.video import VideoBounds, decode_video
+        from ..data.video import VideoBounds, decode_row_videos
 
         bounds = self.video_bounds or VideoBounds()
         images = [r["image"] for r in rows if r.get("image") is not None]  # a flat list: some rows have none
-        videos = [decode_video(v, bounds, str(r.get("uid", ""))) for r in rows for v in r.get("videos") or []]
+        videos = [v for r in rows for v in decode_row_videos(r, bounds)]
         return {**({"images": images} if images else {}), **video_inputs(self.processor, videos)}
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -42,7 +42,8 @@ from .dynamic import GroupFiller
 from .handoff import CreditInFlight
 from .health import StallWatch
 from .rows import learning_rows, loss_scale, pad_rows, rows_to_keep, select_rows, skips_rows
-from .videos import VIDEO_KEYS, VideoForward, WithBatchVideos, decode_video, tokenize_with_videos
+from ..data.video import decode_row_videos
+from .videos import VIDEO_KEYS, VideoForward, WithBatchVideos, tokenize_with_videos
 
 logger = logging.getLogger("atrl")
 
@@ -550,16 +551,18 @@ class ATRLTrainer(GRPOTrainer):
 
     def _decode_batch_videos(self, inputs: list[dict]) -> list[list] | None:
         """The batch's videos, decoded within `video_bounds` (None when no row has one); a row's repeats (TRL's
-        num_generations) share one decoding."""
+        num_generations, each fetched from the data set anew) share one decoding, found by the row's source and
+        uid (a row without either is decoded for each repeat)."""
         if not inputs or "videos" not in inputs[0] or not any(x.get("videos") for x in inputs):
             return None
-        decoded: dict[int, list] = {}
+        decoded: dict[Any, list] = {}
         out = []
         for x in inputs:
-            key = id(x["videos"])
+            key = (x.get("source"), x.get("uid"))
+            if key == (None, None):
+                key = id(x)
             if key not in decoded:
-                where = x.get("source") or x.get("uid") or "a training row"
-                decoded[key] = [decode_video(v, self.video_bounds, where) for v in x["videos"] or []]
+                decoded[key] = decode_row_videos(x, self.video_bounds)
             out.append(decoded[key])
         return out
 

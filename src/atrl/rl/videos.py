@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 
 from ..data.formats import DataError, video_inputs
-from ..data.video import Video, decode_video
+from ..data.video import Video
 
-__all__ = ["VIDEO_KEYS", "VideoForward", "WithBatchVideos", "decode_video", "tokenize_with_videos"]
+__all__ = ["VIDEO_KEYS", "VideoForward", "WithBatchVideos", "tokenize_with_videos"]
 
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
