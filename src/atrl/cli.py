@@ -150,6 +150,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print("recipe checked: nothing trained")
         return 0
     trainer = run_training(recipe)
+    trainer.close_rollouts()
     out = recipe.trl["output_dir"]
     steps = trainer.state.global_step
     if trainer.stopped_by_signal:

@@ -100,6 +100,7 @@ def run_demo(out_dir: Path, seed: int = 0, n_eval: int = N_EVAL, steps: int | No
     console.print(f"RL: {steps} steps, credit mode {mode} (recipe: {run_dir / 'recipe.yaml'})")
     t0 = time.perf_counter()
     trainer = run_training(recipe)
+    trainer.close_rollouts()
     phases["training"] = time.perf_counter() - t0
     history = trainer.state.log_history
     trained = trainer.accelerator.unwrap_model(trainer.model)

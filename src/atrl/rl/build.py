@@ -183,6 +183,15 @@ def _run_inputs(recipe: Recipe) -> tuple[Any, list, dict[str, tuple[Any, Any]], 
             raise FileNotFoundError(f"{name}: {err}") from err
     processor = _data_processor(recipe)
     data = {split: build_dataset(recipe, processor, split) for split in ("train", "eval")}
+    if args.use_vllm:
+        from .vllm_rollouts import check_vllm
+
+        features = [getattr(d, "features", None) or {} for d, _ in data.values() if d is not None]
+        if _model_path(recipe) is None:
+            raise ValueError("trl.use_vllm=true: vLLM loads the model from a checkpoint folder, and model.path is "
+                             "null with no embedded default base on this machine: set model.path")
+        check_vllm(args, _model_config(recipe), processor if processor is not None else _processor(recipe),
+                   has_videos=any("videos" in f for f in features))
     return args, rewards, data, peft_config
 
 
@@ -351,16 +360,18 @@ def _check_packages(recipe: Recipe, args) -> None:
     checked, not once the weights have loaded."""
     import importlib.util
 
-    from trl.import_utils import is_vllm_available
-
     package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(
         recipe.model.attn_implementation)
     if package is not None and importlib.util.find_spec(package) is None:
         raise ValueError(f"model.attn_implementation={recipe.model.attn_implementation!r} needs the {package} "
                          "package, which is not installed: install it, or use sdpa (the probes run inside either)")
-    if args.use_vllm and not is_vllm_available():
-        raise ValueError("trl.use_vllm=true needs vLLM, which is not installed (pip install 'trl[vllm]'), or set "
-                         "trl.use_vllm: false to generate with the training model")
+    if args.use_vllm:
+        from .vllm_rollouts import vllm_version
+
+        if vllm_version() is None:  # the rest of what vLLM rollouts need is checked with the data (check_vllm)
+            raise ValueError("trl.use_vllm=true needs vLLM, which is not installed (pip install vllm on a GPU; "
+                             "on the CPU see the README's vLLM section), or set trl.use_vllm: false to generate "
+                             "with the training model")
 
 
 def build_dataset(recipe: Recipe, processor, split: str = "train"):

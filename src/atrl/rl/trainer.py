@@ -32,6 +32,7 @@ from accelerate.utils import gather
 from torch.nn.utils import get_total_norm
 from transformers import TrainerCallback
 from trl import GRPOTrainer
+from trl.data_utils import is_conversational
 
 from ..models.masking import mask_image_patches
 from ..probe import ConnectivityParts, ConnectivityProbe, ProbeError
@@ -44,6 +45,7 @@ from .health import StallWatch
 from .rows import learning_rows, loss_scale, pad_rows, rows_to_keep, select_rows, skips_rows
 from ..data.video import decode_row_videos
 from .videos import VIDEO_KEYS, VideoForward, WithBatchVideos, tokenize_with_videos
+from .vllm_rollouts import template_ids
 
 logger = logging.getLogger("atrl")
 
@@ -183,7 +185,19 @@ class ATRLTrainer(GRPOTrainer):
             # padding side; with right padding, mm_token_type_ids no longer line up with the prompt and Qwen's
             # M-RoPE positions are wrong (or get_rope_index fails when an image's tokens are cut).
             tokenizer.padding_side = "left"
-        super().__init__(*args, **kwargs)
+        args_ = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if getattr(args_, "use_vllm", False):  # vLLM rollouts from the trainer's exact prompts (atrl.rl.vllm_rollouts)
+            from .vllm_rollouts import generation_class, llm_kwargs_for, make_generation_class, media_token_ids
+
+            model = kwargs.get("model", args[0] if args else None)
+            if isinstance(model, str):
+                raise ValueError("ATRLTrainer with trl.use_vllm=true takes a loaded model, not a path")
+            media = media_token_ids(processing_class, model.config)
+            device = "cpu" if getattr(args_, "use_cpu", False) or not torch.cuda.is_available() else "cuda"
+            with generation_class(make_generation_class(llm_kwargs_for(model, device), media)):
+                super().__init__(*args, **kwargs)
+        else:
+            super().__init__(*args, **kwargs)
         self._suppress_video_tokens()
         self.anchor = anchor_config or AnchorConfig()
         self.credit_options = self.anchor.credit_options()
@@ -541,7 +555,12 @@ class ATRLTrainer(GRPOTrainer):
         """TRL's, or for a batch with videos the prompts processed with their images and videos together
         (`atrl.rl.videos.tokenize_with_videos`); the rows' video inputs are kept for the forwards that score them."""
         if self._batch_videos is None:
-            return super()._tokenize_prompts(prompts)
+            prompt_ids, images, fields = super()._tokenize_prompts(prompts)
+            if self.use_vllm and self.vllm_mode == "colocate" and is_conversational({"prompt": prompts[0]}):
+                self.vllm_generation.template_prompts = dict(zip(map(tuple, prompt_ids), template_ids(
+                    self.processing_class, prompts, tools=self.tools or None, chat_template=self.chat_template,
+                    **self.chat_template_kwargs)))
+            return prompt_ids, images, fields
         if len(self._batch_videos) != len(prompts):
             raise RuntimeError(f"{len(self._batch_videos)} rows of videos for {len(prompts)} prompts")
         processor = getattr(self.processing_class, "_processor", self.processing_class)
@@ -767,6 +786,16 @@ class ATRLTrainer(GRPOTrainer):
         with heap_frozen(self.freeze_heap):
             return super().train(*args, **kwargs)
 
+    def close_rollouts(self) -> None:
+        """Shut a colocated vLLM engine down, all processes together, while the process group it joined is still
+        open (its own shutdown at exit finds the group closed and raises)."""
+        generation = getattr(self, "vllm_generation", None)
+        if generation is None or generation.mode != "colocate" or getattr(generation, "llm", None) is None:
+            return
+        self.accelerator.wait_for_everyone()
+        generation.llm.llm_engine.engine_core.shutdown()
+        generation.llm = None
+
     # ---------------------------------------------------------------------------------------------- robustness
 
     def training_step(self, model, inputs, num_items_in_batch):
@@ -775,6 +804,9 @@ class ATRLTrainer(GRPOTrainer):
             # the rollouts' share of the step: generation runs inside the step that needs a new batch
             self._metrics["train"]["time/generation_s"].append(self._generation_seconds)
             self._generation_seconds = 0.0
+            if self.use_vllm:  # rollouts cut before an image/video pad token vLLM sampled despite its mask
+                self._metrics["train"]["atrl/vllm/cut_completions"].append(float(self.vllm_generation.cut))
+                self.vllm_generation.cut = 0
         # Gradients are checked too: under data parallelism one process's NaN reaches every process through the
         # gradient all-reduce while their own losses stay finite, and all must skip the step alike. (Under
         # DeepSpeed ZeRO the gradients live in DeepSpeed's partitions, not in `p.grad`: only the loss is checked.)
