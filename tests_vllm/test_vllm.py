@@ -70,7 +70,7 @@ def _vllm_rollouts(trainer, prompts, temperature=None):
 
 def test_greedy_vllm_rollout_equals_hf_generate(trainer):
     prompts = _prompts()
-    prompt_ids, images, (vllm_prompt_ids, completions, logprobs, _) = _vllm_rollouts(trainer, prompts, 0.0)
+    prompt_ids, _, (_, completions, logprobs, _) = _vllm_rollouts(trainer, prompts, 0.0)
     model = trainer.accelerator.unwrap_model(trainer.model)
     max_new = trainer.args.max_completion_length
     for i in range(len(prompts)):
@@ -241,7 +241,7 @@ def test_bad_vllm_settings_fail_at_the_recipe_check(tmp_path, monkeypatch):
         vr.check_vllm(args, odd, processor)
     no_video = copy.copy(processor)
     no_video.video_processor = None
-    with pytest.raises(ValueError, match="this checkpoint's processor .* has none"):
+    with pytest.raises(ValueError, match=r"as Qwen2_5_VLProcessor, which needs a video_processor, and this "):
         vr.check_vllm(args, config, no_video)
     server = type("Args", (), {"vllm_mode": "server", "vllm_server_base_url": None, "vllm_server_host": "127.0.0.1",
                                "vllm_server_port": 9, "vllm_server_timeout": 1.0})()
@@ -253,3 +253,4 @@ def test_bad_vllm_settings_fail_at_the_recipe_check(tmp_path, monkeypatch):
     recipe = _recipe(tmp_path, "--trl.vllm_mode", "server")
     with pytest.raises(ValueError, match="trl.vllm_mode=server needs a GPU"):
         check_recipe(recipe)
+

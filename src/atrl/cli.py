@@ -613,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     # site in the middle of the progress bar, about code that is not the user's (recipes use the new name)
     old_names = r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated"
     warnings.filterwarnings("ignore", category=FutureWarning, message=old_names)
+    # TRL 1.16 warns at import, several times over, that it names vLLM up to 0.31; atrl checks its own range
+    # (atrl.rl.vllm_rollouts.VLLM_VERSIONS) when a recipe asks for vLLM
+    warnings.filterwarnings("ignore", category=UserWarning, message="TRL currently supports vLLM versions")
     from .rl.run import TrainingStopped
 
     try:

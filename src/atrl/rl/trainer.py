@@ -792,7 +792,9 @@ class ATRLTrainer(GRPOTrainer):
         generation = getattr(self, "vllm_generation", None)
         if generation is None or generation.mode != "colocate" or getattr(generation, "llm", None) is None:
             return
-        self.accelerator.wait_for_everyone()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
         generation.llm.llm_engine.engine_core.shutdown()
         generation.llm = None
 

@@ -67,10 +67,16 @@ def check_vllm(args, config, processor, has_videos: bool = False) -> None:
     if architectures and not any(a in supported for a in architectures):
         raise ValueError(f"trl.use_vllm=true: vLLM {version} has no model for {architectures} (model_type "
                          f"{config.model_type!r}); set trl.use_vllm: false to generate with the training model")
-    if getattr(config, "video_token_id", None) is not None and getattr(processor, "video_processor", None) is None:
-        raise ValueError(f"trl.use_vllm=true: vLLM's processor for {config.model_type} loads a video processor "
-                         f"from the checkpoint, and this checkpoint's processor ({type(processor).__name__}) has "
-                         "none: save the processor with one (atrl model build does), or set trl.use_vllm: false")
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    stock = PROCESSOR_MAPPING.get(type(config), None)  # the class vLLM loads the checkpoint's processor as
+    missing = [slot for slot in (stock.get_attributes() if stock is not None else [])
+               if slot.endswith("_processor") and getattr(processor, slot, None) is None]
+    if missing:
+        raise ValueError(f"trl.use_vllm=true: vLLM loads the checkpoint's processor as {stock.__name__}, which "
+                         f"needs a {' and a '.join(missing)}, and this checkpoint's processor "
+                         f"({type(processor).__name__}) has none: save the processor with one, or set "
+                         "trl.use_vllm: false")
     if args.vllm_mode == "server":
         import torch
 
