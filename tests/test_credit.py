@@ -423,3 +423,12 @@ def test_a_stop_signal_while_a_worker_starts_up_does_not_kill_it(blocked):
                 future.result(timeout=120)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_anchor_credit_sums_by_hand():
+    from atrl.credit import anchor_credit_sums
+
+    credit = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.0, -3.0, 1.0, 0.0]])  # W * A, zero on padding
+    anchors = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    sums = anchor_credit_sums(credit, anchors)
+    assert sums.tolist() == [5.0, 7.5]  # |2| + |-3| on anchors; 2 + 1 + 0.5 + 3 + 1 in all

@@ -77,6 +77,13 @@ def test_every_mode_trains_a_few_steps(tmp_path, mode):
         assert all("atrl/anchor_fraction" in h and 0 < h["atrl/anchor_fraction"] <= 1 for h in logs)
         assert trainer.last_credit["result"].weights.shape == trainer.last_credit["mask"].shape
         assert reports == ["step-000000.html", "step-000001.html"]  # anchor.report_steps=1: every step
+        # the anchors' share of the credit, logged per step: here one micro-batch a step, the last one's inputs
+        last = trainer.last_credit
+        adv = last["advantages_in"].float()
+        magnitude = (last["result"].weights * (adv if adv.dim() == 2 else adv[:, None])).abs()
+        if magnitude.sum() > 0:
+            expected = float((magnitude * last["result"].boosted_mask).sum() / magnitude.sum())
+            assert logs[-1]["atrl/anchor_credit_share"] == pytest.approx(expected, rel=1e-5)
     else:
         assert {k for h in logs for k in h if k.startswith("atrl/")} == {"atrl/skipped_rows"}  # no credit metrics
         assert reports == []  # nothing weighted, nothing to show

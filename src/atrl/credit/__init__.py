@@ -7,9 +7,10 @@ Pure functions on tensors / arrays; see `assign_credit` for the batched entry po
 from .assign import CreditOptions, CreditResult, PendingCredit, assign_credit
 from .graph import PARTITION_METHODS, CSRGraph, num_parts, partition_tokens, token_graph
 from .modes import Choice, CreditMode, ResponseScores, credit_mode, credit_mode_names, register_credit_mode
-from .weights import bimodality_coefficient, cluster_densities, otsu_threshold, select_anchor_clusters
+from .weights import (anchor_credit_sums, bimodality_coefficient, cluster_densities, otsu_threshold,
+                      select_anchor_clusters)
 
 __all__ = ["PARTITION_METHODS", "CSRGraph", "Choice", "CreditMode", "CreditOptions", "CreditResult", "PendingCredit",
-           "ResponseScores", "assign_credit", "bimodality_coefficient", "cluster_densities", "credit_mode",
-           "credit_mode_names", "num_parts", "otsu_threshold", "partition_tokens", "register_credit_mode",
+           "ResponseScores", "anchor_credit_sums", "assign_credit", "bimodality_coefficient", "cluster_densities",
+           "credit_mode", "credit_mode_names", "num_parts", "otsu_threshold", "partition_tokens", "register_credit_mode",
            "select_anchor_clusters", "token_graph"]

@@ -8,6 +8,7 @@ weightings and the mean-one rescaling below are this project's reconstruction.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def cluster_densities(conn_n: np.ndarray, parts_n: np.ndarray) -> np.ndarray:
@@ -93,3 +94,13 @@ def mean_one(weights_n: np.ndarray) -> np.ndarray:
     """Rescale so that the mean over the response's tokens is 1 (all-zero stays zero)."""
     m = weights_n.mean() if weights_n.size else 0.0
     return weights_n / m if m > 0 else weights_n
+
+
+
+def anchor_credit_sums(credit_BT, boosted_mask):
+    """(2,) tensor: sum over anchor tokens (`boosted_mask`, bool (B, T)) of |credit|, and the sum over all tokens,
+    for `credit_BT` = W(C_k(t)) * A(i) (zero on padding). A token's policy gradient is its log-prob gradient
+    scaled by its credit, so their ratio is the share of the gradient's scale the anchors get (uniform weights
+    give the anchors' token share among rows with A != 0). On the device of `credit_BT`; nothing is read back."""
+    magnitude = credit_BT.detach().abs().float()
+    return torch.stack([(magnitude * boosted_mask).sum(), magnitude.sum()])

@@ -34,6 +34,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 
+from ..credit import anchor_credit_sums
 from ..models.masking import mask_image_patches
 from ..probe import ConnectivityParts, ConnectivityProbe, ProbeError
 from ..probe.dependency import blank_image_kl, perception_kl, sampled_token_dependency
@@ -219,6 +220,7 @@ class ATRLTrainer(GRPOTrainer):
         self._credit_batches: dict[str, tuple[int, CreditInFlight]] = {}  # "train" / "eval" -> (number, credit)
         self._credit_seconds = 0.0  # trainer time in credit since the last weights were applied
         self.last_credit: dict[str, Any] | None = None  # the latest micro-batch's credit inputs and outputs
+        self._credit_share: list[torch.Tensor] = []  # (2,) per micro-batch since the last log: anchors', all
         self.nonfinite_losses = 0
         self.stall_watch = StallWatch(self.args.max_completion_length, self.args.num_generations)  # warns a run
         # whose completions are all cut, or whose groups all score alike, for STALL_STEPS steps
@@ -456,7 +458,11 @@ class ATRLTrainer(GRPOTrainer):
         if completion_ids is not None and self._report_due():
             self._anchor_report(completion_ids, advantages, conn, mask, result)
         base = advantages if advantages.dim() == 2 else advantages[:, None]
-        return weights * base
+        weighted = weights * base
+        if self.model.training:  # the anchors' share of the credit, read back at the next log (no sync here)
+            self._credit_share.append(anchor_credit_sums(
+                weighted, result.boosted_mask.to(weighted.device, non_blocking=True)))
+        return weighted
 
     def _report_due(self) -> bool:
         every, step = self.anchor.report_steps, self.state.global_step
@@ -886,6 +892,15 @@ class ATRLTrainer(GRPOTrainer):
         if step_time and credit and sum(step_time) > 0:
             # credit time summed over the logging window over step time summed over the same window
             metrics["atrl/time/credit_share"] = [sum(credit) / sum(step_time)]
+        if self.model.training and self.anchor.credit_mode.weighs:
+            # a collective under several processes: every rank logs at the same steps, with or without sums
+            sums = torch.stack(self._credit_share).sum(0) if self._credit_share else torch.zeros(2)
+            self._credit_share = []
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum")
+            anchors, total = sums.tolist()
+            if total > 0:
+                logs["atrl/anchor_credit_share"] = anchors / total
         training = self.model.training
         super().log(logs, start_time)
         if training and self.state.is_world_process_zero and self.state.log_history:
