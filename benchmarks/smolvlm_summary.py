@@ -29,12 +29,15 @@ def _se(xs: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
-def _trajectory(run: Path, key: str) -> tuple[float, float]:
-    """Means of `key` over the first and the last 10 logged steps of the run's trainer_state.json."""
+def _log_history(run: Path) -> list[dict]:
+    """The run's logged steps (trainer_state.json's log_history); none when the run wrote no state."""
     state = run / "run" / "trainer_state.json"
-    if not state.is_file():
-        return float("nan"), float("nan")
-    values = [h[key] for h in json.loads(state.read_text())["log_history"] if key in h]
+    return json.loads(state.read_text())["log_history"] if state.is_file() else []
+
+
+def _trajectory(history: list[dict], key: str) -> tuple[float, float]:
+    """Means of `key` over the first and the last 10 logged steps."""
+    values = [h[key] for h in history if key in h]
     return _mean(values[:10]), _mean(values[-10:])
 
 
@@ -54,9 +57,10 @@ def main(out: str) -> None:
             line += (f"; anchors {a['anchor_fraction']:.2f}, precision {a['anchor_precision']:.2f} (random "
                      f"{a['random_precision']:.2f}), recall {a['anchor_recall']:.2f}, AUC {a['perception_auc']:.2f}, "
                      f"bimodality {a['bimodality']:.2f}")
+        history = _log_history(summary.parent)
         for key, name in (("atrl/anchor_conn", "anchor conn"), ("atrl/other_conn", "other conn"),
                           ("atrl/anchor_credit_share", "anchors' credit share")):
-            first, last = _trajectory(summary.parent, key)
+            first, last = _trajectory(history, key)
             if not math.isnan(first):
                 line += f"; {name} {first:.3f} -> {last:.3f}"
         print(line + f"; {s['seconds']:.0f} s")
