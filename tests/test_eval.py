@@ -226,7 +226,8 @@ def test_training_report_overlays_runs_and_says_what_was_not_logged(tmp_path, mo
 
     figures = _figures_saved(monkeypatch)
     atrl = [{"step": i, "reward": 0.1 * i, "rewards/accuracy_reward/mean": 0.05 * i, "rewards/len_penalty/mean": -0.1,
-             "atrl/anchor_fraction": 0.15, "atrl/anchor_conn": 0.2, "atrl/other_conn": 0.01,
+             "atrl/anchor_fraction": 0.15, "atrl/anchor_credit_share": 0.4, "atrl/anchor_conn": 0.2,
+             "atrl/other_conn": 0.01,
              "atrl/bimodality": 0.6 + 0.01 * i, "atrl/weight_max": 3.0, "atrl/weight_min": 0.5, "atrl/weight_std": 0.8,
              "completions/mean_length": 40 + i, "completions/clipped_ratio": 0.1 * i, "entropy": 0.5,
              "step_time": 2.0 + i,
@@ -259,8 +260,10 @@ def test_training_report_overlays_runs_and_says_what_was_not_logged(tmp_path, mo
     assert set(held_out) == {"a (atrl): total reward", "a (atrl): accuracy reward"}  # the uniform run had no eval
     assert held_out["a (atrl): total reward"][:, 0].tolist() == [3, 6]
     assert np.allclose(held_out["a (atrl): total reward"][:, 1], [0.3, 0.4])  # smoothed over what was logged
-    anchors = by_title["Anchor fraction"]["lines"]
-    assert list(anchors) == ["a (atrl): anchor fraction"] and not by_title["Anchor fraction"]["texts"]
+    anchors = by_title["Anchors' share"]["lines"]  # the tokens' and the credit's, for the run that logged them
+    assert list(anchors) == ["a (atrl): anchor fraction of tokens", "a (atrl): anchors' credit share"]
+    assert np.allclose(anchors["a (atrl): anchors' credit share"][:, 1], 0.4)
+    assert not by_title["Anchors' share"]["texts"]
     entropy = by_title["Policy entropy"]["lines"]["u (uniform): entropy"]
     assert entropy[:, 0].tolist() == [1, 3, 4, 5, 6]  # the NaN step is left out, not drawn as zero
     # credit per optimizer step: the logged share times the step time, for the run that logged them

@@ -110,7 +110,8 @@ REPORT_PANELS = (
     ("Reward", "mean reward per completion", _reward_keys),
     ("Held-out reward (data.eval)", "mean reward per completion", _held_out_reward_keys),
     ("Completion length", "tokens per completion", [("completions/mean_length", "mean length")]),
-    ("Anchor fraction", "share of tokens in anchor clusters", [("atrl/anchor_fraction", "anchor fraction")]),
+    ("Anchors' share", "share of the tokens / of the credit",
+     [("atrl/anchor_fraction", "anchor fraction of tokens"), ("atrl/anchor_credit_share", "anchors' credit share")]),
     ("Connectivity", "mean connectivity c_t (debiased)",
      [("atrl/anchor_conn", "anchor tokens"), ("atrl/other_conn", "other tokens")]),
     ("Bimodality of connectivity", "Sarle's coefficient (> 5/9: bimodal)", [("atrl/bimodality", "bimodality")]),
@@ -150,7 +151,7 @@ def training_report(runs: dict[str, Sequence[dict]], out: str | Path, smooth: in
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
-        if title == "Anchor fraction":
+        if title == "Anchors' share":
             ax.set_ylim(0, 1)
         if title.startswith("Bimodality"):
             ax.axhline(5 / 9, color="grey", linewidth=0.8, linestyle="--")
