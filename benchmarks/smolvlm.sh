@@ -8,12 +8,14 @@ OUT=${1:-smolvlm-miniature}
 SEEDS=${2:-0}
 MODES=${3:-atrl uniform low_only}
 mkdir -p "$OUT"
-[ -d "$OUT/base" ] || atrl model build --family smolvlm --text-model smollm2-135m --out "$OUT/base"
+# a stage is done once its folder holds the processor, which is saved after the weights
+saved() { [ -f "$1/processor_config.json" ]; }
+saved "$OUT/base" || atrl model build --family smolvlm --text-model smollm2-135m --out "$OUT/base"
 # the response format (LoRA) with the vision side at chance
-[ -d "$OUT/fmt" ] || atrl sft --model "$OUT/base" --out "$OUT/fmt" --train vision --lora-r 8 --n 1600 --epochs 1 \
+saved "$OUT/fmt" || atrl sft --model "$OUT/base" --out "$OUT/fmt" --train vision --lora-r 8 --n 1600 --epochs 1 \
     --batch-size 16 --lr 1e-3
 # colour alignment of the vision side, then the traces
-[ -d "$OUT/sft" ] || atrl sft --model "$OUT/fmt" --out "$OUT/sft" --align-steps 300 --train vision --lora-r 16 \
+saved "$OUT/sft" || atrl sft --model "$OUT/fmt" --out "$OUT/sft" --align-steps 300 --train vision --lora-r 16 \
     --n 800 --data-seed 2 --epochs 1 --batch-size 8 --lr 1e-3 --vision-lr 1e-4
 # RL on harder tiles than the warm start's (smaller shapes of three kinds, a little off centre)
 for seed in $SEEDS; do
