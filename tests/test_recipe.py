@@ -334,6 +334,24 @@ def test_cli_train_runs_and_writes_final_model(tmp_path, capsys, monkeypatch, ca
     assert "no trainer_state.json" in capsys.readouterr().err
 
 
+def test_plot_labels_tell_runs_of_the_same_folder_name_apart(tmp_path):
+    """Runs that are all `.../<name>/run` (a demo's, benchmarks/smolvlm.sh's) are labelled by as many trailing
+    parts of their paths as tell them apart, with the credit mode where a recipe names it."""
+    from atrl.rl.run import run_labels
+
+    for name, mode in (("rl-atrl-s3", "atrl"), ("rl-random-s3", "random")):
+        (tmp_path / "a" / name / "run").mkdir(parents=True)
+        (tmp_path / "a" / name / "run" / "recipe.yaml").write_text(f"anchor: {{mode: {mode}}}\n")
+    (tmp_path / "b" / "rl-atrl-s3" / "run").mkdir(parents=True)
+    runs = [tmp_path / "a" / "rl-atrl-s3" / "run", tmp_path / "a" / "rl-random-s3" / "run"]
+    assert run_labels(runs) == ["rl-atrl-s3/run (atrl)", "rl-random-s3/run (random)"]
+    assert run_labels(runs[:1]) == ["run (atrl)"]  # one run: its folder's name
+    # the same trailing two parts in two places: the third tells them apart
+    assert run_labels([runs[0], tmp_path / "b" / "rl-atrl-s3" / "run"]) == ["a/rl-atrl-s3/run (atrl)",
+                                                                            "b/rl-atrl-s3/run"]
+    assert run_labels([runs[0], runs[0]]) == ["run (atrl)", "run (atrl)"]  # the same folder twice
+
+
 def test_an_error_inside_training_names_the_step_and_the_checkpoint(tmp_path, monkeypatch):
     """A reward function's bug at its third call (step 3): not a one-line "error:" as for bad input, but the
     cause's traceback, the step it stopped at and the checkpoint `resume: auto` continues from."""

@@ -177,14 +177,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .rl.checkpoints import run_history
-    from .rl.run import run_label
+    from .rl.run import run_labels
     from .viz.plots import training_report
 
     runs = {}
-    for folder in args.runs:
+    for folder, label in zip(args.runs, run_labels(args.runs)):
         history, source = run_history(folder)
-        label = run_label(folder)
-        if label in runs:  # two runs with the same folder name: tell them apart by the path as given
+        if label in runs:  # the same run given twice
             label = f"{label} [{folder}]"
         runs[label] = history
         steps = max((h.get("step", 0) for h in history), default=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +160,20 @@ def run_training(recipe: Recipe, callbacks: list | None = None, progress: bool =
     return trainer
 
 
-def run_label(folder: str | Path) -> str:
-    """A run's name in plots: its folder's name, with the credit mode its recipe.yaml names (a checkpoint folder's
-    recipe is its run's)."""
-    name, recipe_file = Path(folder).resolve().name, run_recipe_file(folder)
+def run_label(folder: str | Path, depth: int = 1) -> str:
+    """A run's name in plots: the last `depth` parts of its folder's path, with the credit mode its recipe.yaml
+    names (a checkpoint folder's recipe is its run's)."""
+    name, recipe_file = "/".join(Path(folder).resolve().parts[-depth:]), run_recipe_file(folder)
     mode = ((yaml.safe_load(recipe_file.read_text()) or {}).get("anchor") or {}).get("mode") if recipe_file else None
     return f"{name} ({mode})" if mode else name
+
+
+def run_labels(folders: Sequence[str | Path]) -> list[str]:
+    """`run_label` of each folder, with as many trailing parts of the paths as tell them apart: runs that are
+    all `.../<name>/run` are labelled `<name>/run`. The same folder given twice keeps the full path twice."""
+    resolved = [Path(f).resolve() for f in folders]
+    depth = 1
+    while depth < max(len(p.parts) for p in resolved) and \
+            len({p.parts[-depth:] for p in resolved}) < len(set(resolved)):
+        depth += 1
+    return [run_label(folder, depth) for folder in folders]
