@@ -5,7 +5,8 @@
 OUT holds `rl-<mode>-s<seed>/` folders written by benchmarks/smolvlm.sh. Prints, per run, the held-out accuracies
 before and after, the analysis of the trained model, and over training the anchors' and the other tokens'
 connectivity and the anchors' share of the credit (means of the first and last 10 logged steps); then, per mode,
-the mean gain over seeds with its standard error, and each mode's gain against `uniform` paired by seed.
+the mean gain over seeds with its standard error, and each mode's gain against `uniform` (AT-RL's also against
+`random`) paired by seed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+
+# The comparisons paired by seed: every mode against uniform credit (plain DAPO), and AT-RL also against
+# `random`, which re-weights as many tokens as AT-RL's anchors but chosen at random.
+AGAINST = {"atrl": ("uniform", "random"), "low_only": ("uniform",), "anchors_only": ("uniform",),
+           "random": ("uniform",)}
 
 
 def _mean(xs: list[float]) -> float:
@@ -69,12 +76,12 @@ def main(out: str) -> None:
         g, sm = [v[0] for v in by_seed.values()], [v[1] for v in by_seed.values()]
         line = (f"{mode}: seeds {sorted(by_seed)}, mean gain greedy {_mean(g):+.1f} ± {_se(g):.1f}, sampled "
                 f"{_mean(sm):+.1f} ± {_se(sm):.1f}")
-        if mode != "uniform" and "uniform" in gains:
-            paired = [seed for seed in by_seed if seed in gains["uniform"]]
-            dg = [by_seed[k][0] - gains["uniform"][k][0] for k in paired]
-            ds = [by_seed[k][1] - gains["uniform"][k][1] for k in paired]
+        for other in AGAINST.get(mode, ()):
+            paired = sorted(seed for seed in by_seed if seed in gains.get(other, {}))
+            dg = [by_seed[k][0] - gains[other][k][0] for k in paired]
+            ds = [by_seed[k][1] - gains[other][k][1] for k in paired]
             if paired:
-                line += (f"; against uniform, paired over seeds {sorted(paired)}: greedy {_mean(dg):+.1f} ± "
+                line += (f"; against {other}, paired over seeds {paired}: greedy {_mean(dg):+.1f} ± "
                          f"{_se(dg):.1f}, sampled {_mean(ds):+.1f} ± {_se(ds):.1f}")
         print(line)
 
