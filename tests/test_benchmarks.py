@@ -294,3 +294,33 @@ def test_bench_credit_times_several_lengths_and_shows_the_growth(capsys):
     assert growth[1] == "| partition | 64 tokens | 128 tokens |"
     rows = [r for r in growth[3:] if r.startswith("| ")]
     assert len(rows) == 5 and all(float(c) > 0 for r in rows for c in r.strip("| ").split(" | ")[1:])
+
+
+def test_smolvlm_summary_pairs_the_committed_runs_by_seed():
+    """benchmarks/smolvlm_summary.py on the SmolLM2 miniature's committed runs: each mode's mean gain and its gain
+    against `uniform` (AT-RL's also against `random`), paired by seed, as computed here from the summary files."""
+    import statistics
+
+    root = Path(__file__).resolve().parents[1]
+    runs = root / "docs" / "results" / "2026-12-03-cpu" / "smolvlm"
+    printed = subprocess.run([sys.executable, str(root / "benchmarks" / "smolvlm_summary.py"), str(runs)],
+                             capture_output=True, text=True, check=True).stdout
+    greedy = {}
+    for f in runs.glob("rl-*-s*/summary.json"):
+        mode, seed = re.fullmatch(r"rl-(.+)-s(\d+)", f.parent.name).groups()
+        s = json.loads(f.read_text())
+        greedy.setdefault(mode, {})[int(seed)] = 100 * (s["accuracy_after"] - s["accuracy_before"])
+    assert set(greedy) == {"atrl", "uniform", "low_only", "anchors_only", "random"}
+
+    def stat(xs):
+        return f"{statistics.mean(xs):+.1f} ± {statistics.stdev(xs) / len(xs) ** 0.5:.1f}"
+
+    lines = {line.split(":")[0]: line for line in printed.splitlines() if ": seeds " in line}
+    for mode, by_seed in greedy.items():
+        assert f"mean gain greedy {stat(list(by_seed.values()))}," in lines[mode]
+    pairs = [("atrl", "uniform"), ("atrl", "random"), ("low_only", "uniform"), ("random", "uniform")]
+    for mode, other in pairs:
+        diff = [greedy[mode][k] - greedy[other][k] for k in sorted(greedy[mode])]
+        assert f"against {other}, paired over seeds [3, 4, 5]: greedy {stat(diff)}," in lines[mode]
+    assert "against" not in lines["uniform"]
+    assert len([line for line in printed.splitlines() if line.startswith("rl-")]) == 15
