@@ -170,7 +170,7 @@ def run_label(folder: str | Path, depth: int = 1) -> str:
 
 def run_labels(folders: Sequence[str | Path]) -> list[str]:
     """`run_label` of each folder, with as many trailing parts of the paths as tell them apart: runs that are
-    all `.../<name>/run` are labelled `<name>/run`. The same folder given twice keeps the full path twice."""
+    all `.../<name>/run` are labelled `<name>/run`. The same folder given twice gets the same label twice."""
     resolved = [Path(f).resolve() for f in folders]
     depth = 1
     while depth < max(len(p.parts) for p in resolved) and \
